@@ -1,0 +1,133 @@
+"""Typed configuration: pydantic models loaded from YAML and overridden with ``--set key=value``.
+
+Every stage has one config model. A run's config is built from, in order of precedence:
+``--set key=value`` overrides (dotted keys, values parsed as YAML), then command-line flags, then the
+YAML file given with ``--config`` (a local path or an S3 URI), then the model's defaults. Validation
+errors name the offending key and what is allowed. The resolved config is written beside the outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ambient_ray import storage
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or does not validate; the message names the key."""
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (['a', 'b'], 3). Values are parsed as YAML (so ``x=[1,2]`` is a list)."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set seed=1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [k.strip() for k in key.strip().split(".")], value
+
+
+def set_path(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[: i + 1])}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section at ``loc`` (the parent of an unknown key)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+        for arg in getattr(cls, "__args__", ()) or ():  # Optional[Section]
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                cls = arg
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def format_errors(model: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not str(p).startswith("function-"))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"config key '{key}': unknown key; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"config key '{key}': required but not given")
+        else:
+            msg = e["msg"].replace("Value error, ", "")
+            lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build(model: type[M], path: str | None = None, sets: list[str] | None = None, flags: dict | None = None) -> M:
+    """Build and validate a config of type ``model`` from a YAML file, flags and ``--set`` items."""
+    data: dict = {}
+    if path:
+        try:
+            text = storage.read_bytes(path).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            set_path(data, dotted.split("."), value)
+    for item in sets or []:
+        keys, value = parse_set(item)
+        set_path(data, keys, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(model, e)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(cfg: BaseModel, out_uri: str, name: str = "config.yaml") -> str:
+    """Write the resolved config beside a run's outputs; returns its URI."""
+    uri = storage.join(out_uri, name)
+    storage.write_bytes(uri, to_yaml(cfg).encode())
+    return uri
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (for MLflow params)."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
