@@ -104,6 +104,8 @@ class Corruption:
 
     name: str
     params: tuple[tuple[str, Any], ...]
+    # the function travels with the spec, so workers need not have imported the plugin that registered it
+    fn: Callable[..., np.ndarray] = field(compare=False, repr=False, default=None)
 
     @property
     def spec(self) -> str:
@@ -115,7 +117,7 @@ class Corruption:
     def __call__(self, x: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
         if x.ndim != 4:
             raise ValueError(f"corruption {self.spec}: expected a (N, H, W, C) batch, got shape {x.shape}")
-        out = _REGISTRY[self.name].fn(x.astype(np.float32, copy=False), rngs, **dict(self.params))
+        out = self.fn(x.astype(np.float32, copy=False), rngs, **dict(self.params))
         return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -148,7 +150,7 @@ def parse(spec: str) -> Corruption:
             raise CorruptionError(f"corruption '{name}' needs parameter '{key}' ({p.describe()}), e.g. '{name}:{key}=...'")
         else:
             values[key] = p.default
-    return Corruption(name, tuple(sorted(values.items())))
+    return Corruption(name, tuple(sorted(values.items())), ctype.fn)
 
 
 def apply(corruption: Corruption, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:

@@ -1,0 +1,78 @@
+"""Config loading, --set overrides and validation messages that name the key."""
+
+import pytest
+import yaml
+
+from ambient_ray import cli
+from ambient_ray import config as C
+from ambient_ray.corrupt import CorruptConfig
+
+
+def build(**kw):
+    return C.build(CorruptConfig, **kw)
+
+
+def test_yaml_then_flags_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"out": "/tmp/a", "seed": 3, "source": {"dataset": "faces"}, "corruptions": ["jpeg:quality=10"]}))
+    cfg = build(path=str(f), flags={"seed": 5, "clean_fraction": None}, sets=["source.image_size=16", "corruptions=[blur:sigma=1, mask:p=0.2]"])
+    assert cfg.seed == 5 and cfg.out == "/tmp/a" and cfg.source.dataset == "faces"
+    assert cfg.source.image_size == 16 and cfg.corruptions == ["blur:sigma=1", "mask:p=0.2"]
+    assert cfg.clean_fraction == 0.1  # default kept when the flag is not given
+    assert build(path=str(f), flags={"seed": 5}, sets=["seed=7"]).seed == 7
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["out=/x", "sede=1"], ["config key 'sede'", "unknown key", "seed", "clean_fraction"]),
+        (["out=/x", "source.datset=digits"], ["config key 'source.datset'", "unknown key", "dataset", "image_size"]),
+        (["out=/x", "seed=abc"], ["config key 'seed'", "integer", "'abc'"]),
+        (["out=/x", "clean_fraction=1.5"], ["config key 'clean_fraction'", "less than or equal to 1"]),
+        (["out=/x", "source.channels=2"], ["config key 'source.channels'", "1", "3"]),
+        (["out=/x", "source.format=zip"], ["config key 'source.format'", "'folder'", "'parquet'"]),
+        (["out=/x", "shard_size=0"], ["config key 'shard_size'", "greater than or equal to 1"]),
+        ([], ["config key 'out'", "required"]),
+        (["out=/x", "seed=1", "seed.x=1"], ["'seed' is not a section"]),
+        (["out=/x", "seed.x=1"], ["config key 'seed'", "integer"]),
+        (["noequals"], ["expected key=value"]),
+    ],
+)
+def test_errors_name_the_key(sets, words):
+    with pytest.raises(C.ConfigError) as e:
+        build(sets=sets)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        build(path=str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(C.ConfigError, match="mapping"):
+        build(path=str(tmp_path / "list.yaml"))
+    (tmp_path / "bad.yaml").write_text("a: [unclosed\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        build(path=str(tmp_path / "bad.yaml"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = build(sets=["out=/x", "source.image_size=32", "corruptions=[jpeg:quality=18]"])
+    uri = C.save_resolved(cfg, str(tmp_path))
+    again = C.build(CorruptConfig, path=uri)
+    assert again == cfg
+    assert C.flatten(cfg)["source.image_size"] == 32
+
+
+def test_config_from_s3(s3_prefix):
+    from ambient_ray import storage
+
+    storage.write_bytes(f"{s3_prefix}/c.yaml", b"out: /tmp/y\nseed: 9\n")
+    assert build(path=f"{s3_prefix}/c.yaml").seed == 9
+
+
+def test_cli_reports_the_key_and_exits_2(capsys):
+    code = cli.main(["corrupt", "--dataset", "digits", "--out", "/tmp/never", "--set", "clean_fractoin=0.2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "clean_fractoin" in err and "unknown key" in err
