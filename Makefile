@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# A CPU build of torch keeps the venv small where no GPU is used; override with TORCH_SPEC=torch.
-TORCH_SPEC ?= $(shell ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 && echo torch==2.13.0 || echo torch)
+# timm needs torchvision, and torchvision pins its torch: install the matching pair first.
+# Override with e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" (aarch64) or a CPU-only index.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
@@ -14,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24" setuptools wheel
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet $(TORCH_SPEC)
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -22,7 +23,7 @@ demo: setup
 	$(PY) -m jobs.demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 bench: setup
 	$(PY) benchmarks/corrupt_throughput.py

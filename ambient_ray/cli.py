@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"ambient-ray {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a stage that failed part-way reports what it kept
+        print(f"ambient-ray {args.stage}: failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ class CorruptConfig(Strict):
         return v
 
 
+class StageFailed(RuntimeError):
+    """A stage that stopped part-way; the message says what finished and how to resume."""
+
+
 @dataclass
 class CorruptResult:
     out: str
@@ -305,14 +309,27 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
     t0 = time.perf_counter()
     if rows:
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            process_shard,
-            batch_size=1,
-            num_cpus=cfg.num_cpus_per_task,
-            fn_kwargs={"source": source, "source_cfg": cfg.source, "specs": specs, "out": out},
-        )
-        new = ds.take_all()
+        saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
+        # One map operator and nothing downstream: Ray Data's per-operator reservation would hold back
+        # half the CPUs for operators that do not exist (measured: 1 task at a time on 2 CPUs).
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = progress, False
+        try:
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                process_shard,
+                batch_size=1,
+                num_cpus=cfg.num_cpus_per_task,
+                fn_kwargs={"source": source, "source_cfg": cfg.source, "specs": specs, "out": out},
+            )
+            new = ds.take_all()
+        except Exception as e:
+            finished = len(done_shards(out))
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise StageFailed(
+                f"corrupt stage failed with {finished} of {n_shards} shards complete in {out}: {cause}\n"
+                "completed shards are kept; re-run the same command to resume"
+            ) from e
+        finally:
+            ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
     seconds = time.perf_counter() - t0
 
     all_done = done_shards(out)
@@ -331,7 +348,7 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
         images_per_s=rows_run / seconds if seconds > 0 and rows_run else 0.0,
     )  # fmt: skip
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(asdict(result), indent=1).encode())
-    if cfg.preview and new:
+    if cfg.preview:
         from ambient_ray.plots import corruption_preview
 
         corruption_preview(out, source, cfg, items, roles, specs, per_spec=cfg.preview)

@@ -9,3 +9,11 @@ from ambient_ray.corruptions import Param, register
 def slow(x, rngs, seconds):
     time.sleep(seconds)
     return 1.0 - x
+
+
+@register("crash")
+def crash(x, rngs):
+    """Kills the worker process: a task failure that Ray cannot recover from."""
+    import os
+
+    os._exit(3)

@@ -161,3 +161,12 @@ def test_resume_after_kill_gives_each_id_once(ray_cluster, tmp_path):
     assert Counter(ids) == Counter(f"digits-{i:06d}" for i in range(1797))
     corrupted = [row for row in read_rows(str(out)) if row["quality"] == "corrupted"]
     assert corrupted and all(row["corruption"] == "slow:seconds=1.5" for row in corrupted)
+
+
+def test_a_failing_run_reports_what_it_kept(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    r = cli("--dataset", "faces", "--corruption", "crash", "--plugin", "tests.slow_corruption", "--out", str(out),
+            env=dict(os.environ, RAY_ADDRESS=ray_cluster))  # fmt: skip
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "corrupt stage failed with 0 of 1 shards complete" in r.stderr
+    assert "re-run the same command to resume" in r.stderr

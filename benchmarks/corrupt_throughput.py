@@ -1,0 +1,79 @@
+"""Corrupt-stage throughput: Ray Data vs a plain single-process loop over the same work.
+
+For each image size, the same plan (built-in digits tiled to >= 20,000 images and resized) is run
+(a) by the corrupt stage on a local Ray cluster with N CPUs and (b) by a plain Python loop that calls
+the very same per-shard function (load, decode, corrupt, PNG-encode, write Parquet) one shard after
+another in this process. Both write to a local temporary folder. Printed: images/s of each and the
+ratio to ideal scaling, ray / (single x N). Ray start-up and a warm-up run are not timed.
+
+    python benchmarks/corrupt_throughput.py [--cpus 2] [--images 20000] [--sizes 32,64] [--corruption blur:sigma=1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import ray
+
+from ambient_ray import corrupt as stage
+from ambient_ray import corruptions
+from ambient_ray.datasets import SourceConfig, list_items, make_source
+
+
+def plain_loop(cfg: stage.CorruptConfig) -> float:
+    """Seconds for the same shards, processed one after another in this process."""
+    source = make_source(cfg.source)
+    items = list_items(source, cfg.source)
+    ids = [i for i, _ in items]
+    specs = [corruptions.parse(s) for s in cfg.corruptions]
+    roles, seeds = stage.plan_rows(ids, len(specs), cfg.clean_fraction, cfg.seed)
+    t0 = time.perf_counter()
+    for k in range(math.ceil(len(items) / cfg.shard_size)):
+        s = slice(k * cfg.shard_size, (k + 1) * cfg.shard_size)
+        payload = {"ids": ids[s], "locs": [loc for _, loc in items[s]], "roles": roles[s], "seeds": seeds[s]}
+        stage.process_shard({"shard": [k], "payload": [json.dumps(payload)]}, source=source, source_cfg=cfg.source, specs=specs, out=cfg.out)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--sizes", default="32,64")
+    ap.add_argument("--corruption", default="blur:sigma=1")
+    ap.add_argument("--shard-size", type=int, default=1024)
+    args = ap.parse_args()
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = tempfile.mkdtemp(prefix="ambient-bench-")
+    repeat = math.ceil(args.images / 1797)
+    rows = []
+    try:
+        # warm-up: start the worker processes and import everything once
+        stage.run(stage.CorruptConfig(out=f"{tmp}/warm", corruptions=[args.corruption], shard_size=256, preview=0), progress=False)
+        for size in (int(s) for s in args.sizes.split(",")):
+            src = SourceConfig(dataset="digits", image_size=size, repeat=repeat, limit=args.images)
+            common = dict(source=src, corruptions=[args.corruption], shard_size=args.shard_size, preview=0)
+            single_s = plain_loop(stage.CorruptConfig(out=f"{tmp}/plain{size}", **common))
+            res = stage.run(stage.CorruptConfig(out=f"{tmp}/ray{size}", **common), progress=False)
+            n = res.rows_run
+            single_ips, ray_ips = n / single_s, n / res.seconds
+            rows.append((size, n, single_ips, ray_ips, ray_ips / (single_ips * args.cpus)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+    print(f"corrupt stage throughput, {args.corruption}, {args.cpus} CPUs, shards of {args.shard_size}")
+    print(f"{'size':>6} {'images':>7} {'single img/s':>13} {'ray img/s':>10} {'ray/(single*cpus)':>18}")
+    for size, n, s_ips, r_ips, ratio in rows:
+        print(f"{size:>4}px {n:>7} {s_ips:>13.0f} {r_ips:>10.0f} {ratio:>18.2f}")
+
+
+if __name__ == "__main__":
+    main()
