@@ -75,6 +75,7 @@ class CorruptConfig(Strict):
     plugins: list[str] = Field(default_factory=list, description="modules that register extra corruptions")
     overwrite: bool = False
     num_cpus_per_task: float = Field(1.0, gt=0)
+    task_retries: int = Field(3, ge=0, description="retries of a shard whose worker died (Ray's own default retries forever)")
     preview: int = Field(8, ge=0, description="rows per corruption shown in preview.png (0: none)")
 
     @field_validator("corruptions")
@@ -244,7 +245,7 @@ def _write_table(uri: str, rows: list[dict], schema: pa.Schema) -> None:
 
 
 def _fingerprint(cfg: CorruptConfig, ids: list[str]) -> str:
-    keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "preview"})
+    keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "task_retries", "preview"})
     h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
     for rid in ids:
         h.update(rid.encode() + b"\0")
@@ -318,6 +319,7 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
                 process_shard,
                 batch_size=1,
                 num_cpus=cfg.num_cpus_per_task,
+                max_retries=cfg.task_retries,
                 fn_kwargs={"source": source, "source_cfg": cfg.source, "specs": specs, "out": out},
             )
             new = ds.take_all()

@@ -166,7 +166,7 @@ def test_resume_after_kill_gives_each_id_once(ray_cluster, tmp_path):
 def test_a_failing_run_reports_what_it_kept(ray_cluster, tmp_path):
     out = tmp_path / "out"
     r = cli("--dataset", "faces", "--corruption", "crash", "--plugin", "tests.slow_corruption", "--out", str(out),
-            env=dict(os.environ, RAY_ADDRESS=ray_cluster))  # fmt: skip
+            "--set", "task_retries=1", env=dict(os.environ, RAY_ADDRESS=ray_cluster))  # fmt: skip
     assert r.returncode == 1, r.stderr[-2000:]
     assert "corrupt stage failed with 0 of 1 shards complete" in r.stderr
     assert "re-run the same command to resume" in r.stderr
