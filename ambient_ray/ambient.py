@@ -61,7 +61,10 @@ def ambient_weight(sigma: torch.Tensor, sigma_n: torch.Tensor) -> torch.Tensor:
 def buffer_sigma(sigma_n: torch.Tensor | float, lambda_max: float) -> torch.Tensor:
     """The smallest usable σ for a sample annotated σ_n: sqrt(1 + 1/(λ_max − 1))·σ_n (Ambient-o Eq. D.2).
 
-    Above it λ_amb(σ, σ_n) ≤ λ_max. ``lambda_max = inf`` gives σ_n itself (no buffer).
+    Above it 1/α = σ²/(σ² − σ_n²) ≤ λ_max. Note: the paper says this keeps λ_amb ≤ λ_max, but with
+    λ_amb = σ⁴/(σ² − σ_n²)² (Eq. D.1) the bound that Eq. D.2 and its examples (λ_max = 2 -> σ > √2·σ_n,
+    λ_max = 4 -> σ > (2/√3)·σ_n) give is λ_amb ≤ λ_max². We implement Eq. D.2 as written, so λ_max
+    means what the paper's ablation (best: 4) meant. ``lambda_max = inf`` gives σ_n itself (no buffer).
     """
     if not lambda_max > 1.0:
         raise ValueError(f"lambda_max must be > 1 (got {lambda_max}): λ_amb ≥ 1 everywhere")
