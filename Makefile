@@ -27,6 +27,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/corrupt_throughput.py
+	$(PY) benchmarks/train_overhead.py
 
 clean:
-	rm -rf $(VENV) runs demo_out .pytest_cache
+	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db

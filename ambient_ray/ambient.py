@@ -284,9 +284,10 @@ class SigmaSampler:
             for i in range(len(e) - 1)
         ]
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The coverage counters, as tensors (safetensors-friendly)."""
         c = self.coverage
-        return {"draws": c.draws.clone(), "full_draws": c.full_draws.clone(), "crop_draws": c.crop_draws.clone(), "redraws": c.redraws}
+        return {"draws": c.draws.clone(), "full_draws": c.full_draws.clone(), "crop_draws": c.crop_draws.clone(), "redraws": torch.tensor(c.redraws)}
 
     def load_state_dict(self, state: dict) -> None:
         c = self.coverage
@@ -310,3 +311,44 @@ def random_crop_mask(shape: tuple[int, int, int, int], crop_size: torch.Tensor, 
         mask[i] = 0.0
         mask[i, :, top : top + s, left : left + s] = 1.0
     return mask
+
+
+# ------------------------------------------------------------------------------ one training batch
+
+
+@dataclass
+class Batch:
+    """One micro-batch of the ambient objective, built by :func:`ambient_batch`."""
+
+    x_sigma: torch.Tensor  # (B, C, H, W) the network input x_σ
+    x_sigma_n: torch.Tensor  # (B, C, H, W) the sample as observed, x_{σ_n} = y + σ_n·z
+    sigma: torch.Tensor  # (B,) training noise level
+    sigma_n: torch.Tensor  # (B,) the sample's annotation used here (0 for crops below σ_max)
+    mask: torch.Tensor  # (B, 1, H, W) pixels that count in the loss (a crop, or all)
+    index: torch.Tensor  # (B,) rows of the dataset
+
+
+def ambient_batch(
+    sampler: SigmaSampler, images: torch.Tensor, sigma_min: torch.Tensor, batch: int, generator: torch.Generator | None = None
+) -> Batch:
+    """Draw σ first and pair it with eligible rows (:meth:`SigmaSampler.sample`), then noise them.
+
+    ``images`` are uint8 (N, C, H, W), mapped to [-1, 1]. A row annotated σ_n is first noised to
+    x_{σ_n} = y + σ_n·z (all the model may see of it), then to x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z'
+    (Ambient-o Sec. 3.1). Rows drawn through a crop (σ ≤ σ_max) count as clean inside the crop.
+    """
+    sigma, idx, crop_size = sampler.sample(batch, generator)
+    y = images[idx].float() / 127.5 - 1.0
+    sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min[idx])
+    x_n = y + _bcast(sn, y) * torch.randn(y.shape, generator=generator)
+    x_s = x_n + _bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
+    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), idx)
+
+
+def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels)."""
+    dev = x0_pred.device
+    per = ambient_loss(x0_pred, b.x_sigma.to(dev), b.x_sigma_n.to(dev), b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
+    m = b.mask.to(dev)
+    per_sample = (per * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * per.shape[1])
+    return per_sample.mean(), per_sample

@@ -63,7 +63,59 @@ def _run_corrupt(args) -> int:
     return 0
 
 
-STAGES = {"corrupt": (_corrupt_parser, _run_corrupt)}
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an ambient diffusion model (Ray Train + DeepSpeed ZeRO, MLflow)")
+    _common(p)
+    p.add_argument("--data", help="dataset URI: a corrupt/annotate output folder or Parquet shards")
+    p.add_argument("--out", help="output URI for checkpoints, weights and plots")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint")
+
+
+def _run_train(args) -> int:
+    from ambient_ray import train
+
+    flags = {"data": args.data, "out": args.out, "steps": args.steps, "num_workers": args.num_workers,
+             "zero_stage": args.zero_stage, "resume": args.resume}  # fmt: skip
+    cfg = cfgmod.build(train.TrainConfig, args.config, args.sets, flags)
+    s = train.run(cfg)
+    print(f"train: done in {s['seconds']:.0f}s; final loss {s['metrics'].get('loss', float('nan')):.4f}")
+    print(f"  weights (safetensors): {s['out']}/model/   checkpoint: {s['checkpoint']}")
+    print(f"  σ coverage: {s['out']}/coverage.png   samples: {s['out']}/samples.png")
+    if s["mlflow_run_id"]:
+        print(f"  MLflow run {s['mlflow_run_id']} at {s['mlflow_uri']}")
+    return 0
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="draw images from a trained model (EDM Heun sampler)")
+    _common(p)
+    p.add_argument("--checkpoint", help="training output folder (or its model/ folder)")
+    p.add_argument("--num", type=int, help="number of images")
+    p.add_argument("--out", help="output URI")
+    p.add_argument("--steps", type=int, help="sampler steps (default 18)")
+    p.add_argument("--stochastic", action="store_true", default=None, help="stochastic EDM sampler")
+    p.add_argument("--seed", type=int)
+
+
+def _run_sample(args) -> int:
+    from ambient_ray import sample
+
+    flags = {"checkpoint": args.checkpoint, "num": args.num, "out": args.out, "steps": args.steps,
+             "stochastic": args.stochastic, "seed": args.seed}  # fmt: skip
+    cfg = cfgmod.build(sample.SampleConfig, args.config, args.sets, flags)
+    s = sample.run(cfg)
+    print(f"sample: {cfg.num} images -> {s['samples']}  grid: {s['grid']}")
+    return 0
+
+
+STAGES = {
+    "corrupt": (_corrupt_parser, _run_corrupt),
+    "train": (_train_parser, _run_train),
+    "sample": (_sample_parser, _run_sample),
+}
 
 
 def parser() -> argparse.ArgumentParser:

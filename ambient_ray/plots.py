@@ -73,3 +73,49 @@ def corruption_preview(out: str, source, cfg, items, roles, specs, per_spec: int
     if rows:
         storage.write_bytes(uri, image_rows(rows, title=f"clean vs corrupted ({cfg.source.dataset})"))
     return uri
+
+
+def image_grid_png(images: np.ndarray, ncols: int | None = None) -> bytes:
+    """A PNG of uint8 (N, H, W, C) images tiled in a grid (no axes), upscaled for small images."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    pad = 1
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[i]
+    im = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, 256 // max(grid.shape[:2]))
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def coverage_plot(donut: list[dict], title: str = "σ coverage") -> bytes:
+    """The σ "donut" (Ambient-o Fig. 10): per σ bucket, samples eligible whole / via crops, and draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{d['sigma_lo']:g}–{d['sigma_hi']:g}" for d in donut]
+    x = np.arange(len(donut))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a1.bar(x, [d["eligible_full"] for d in donut], label="whole samples", color="tab:blue")
+    a1.bar(x, [d["eligible_crops"] for d in donut], bottom=[d["eligible_full"] for d in donut], label="crops", color="tab:orange")
+    a1.set_title("samples eligible at the bucket's lower σ")
+    a2.bar(x, [d["full_draws"] for d in donut], label="whole", color="tab:blue")
+    a2.bar(x, [d["crop_draws"] for d in donut], bottom=[d["full_draws"] for d in donut], label="crops", color="tab:orange")
+    a2.set_title("training draws per σ bucket")
+    for a in (a1, a2):
+        a.set_xticks(x)
+        a.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        a.set_xlabel("σ bucket")
+        a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _figure_png(fig)

