@@ -130,6 +130,9 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     else:
         smin = np.zeros(n)
         origin = "no sigma_min column: every row treated as clean (plain EDM)"
+        n_bad = int((meta["quality"] == "corrupted").sum()) if "quality" in meta else 0
+        if n_bad:
+            origin += f"; warning: {n_bad} rows marked corrupted train as clean (annotate them, or set ambient.corrupted_sigma_min)"
     bad = ~np.isfinite(smin) | (smin < 0)
     if bad.any():
         rows = meta["id"][bad].head(5).tolist()
@@ -319,15 +322,25 @@ def train_loop(config: dict) -> None:
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last or step % cfg.checkpoint_every == 0:
             now = time.perf_counter()
+            # loss: the mean over the interval's samples on all ranks, overall and per σ bucket
+            sums = torch.cat([bucket_loss, bucket_n])
+            if world > 1:
+                import torch.distributed as dist
+
+                sums = sums.to(device)
+                dist.all_reduce(sums)
+                sums = sums.cpu()
+            b_loss, b_n = sums[:n_buckets], sums[n_buckets:]
             metrics = {
-                "step": step, "loss": float(loss.detach()), "lr": float(scheduler.get_last_lr()[0]),
+                "step": step, "loss": float(b_loss.sum() / b_n.sum().clamp(min=1)), "lr": float(scheduler.get_last_lr()[0]),
                 "images_per_s": seen * world / max(now - t_last, 1e-9),
             }  # fmt: skip
-            for i in range(n_buckets):
-                if bucket_n[i] > 0:
-                    metrics[f"loss_bucket_{i:02d}"] = float(bucket_loss[i] / bucket_n[i])
+            buckets = {f"loss_bucket_{i:02d}": float(b_loss[i] / b_n[i]) for i in range(n_buckets) if b_n[i] > 0}
+            if rank == 0:  # the job's progress line (Ray forwards worker output to the driver)
+                print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                      f"{metrics['images_per_s']:.0f} images/s", flush=True)  # fmt: skip
             if mlflow_client is not None:
-                _log_metrics(mlflow_client, config["mlflow_run_id"], metrics, step, sampler)
+                _log_metrics(mlflow_client, config["mlflow_run_id"], {**metrics, **buckets}, step, sampler)
             bucket_loss.zero_()
             bucket_n.zero_()
             t_last, seen = now, 0
@@ -438,7 +451,7 @@ def run(cfg: TrainConfig) -> dict:
         ray.init(logging_level="WARNING")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
     run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": "train", "sigma_min": origin})
-    print(f"train: {len(meta)} rows ({origin}); MLflow run {run_id} at {uri}")
+    print(f"train: {len(meta)} rows ({origin})" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
 
     fs, path = storage.filesystem(storage.join(out, "ray"))
     data_fs, data_path = storage.filesystem(data_dir(cfg.data))

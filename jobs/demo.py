@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Parquet shards: {result.out}/data/   clean vs corrupted (PNG): {result.out}/preview.png")
 
     print("== ambient-ray demo: 2/3 train (Ray Train + DeepSpeed ZeRO-2, CPU) ==")
-    tcfg = cfgmod.build(train.TrainConfig, flags=dict(spec["train"], data=result.out, out=f"{out}/train", mlflow=mlflow))
+    tspec = dict(spec["train"], data=result.out, out=f"{out}/train", mlflow=mlflow)
+    tspec["cpus_per_worker"] = min(float(tspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
+    tcfg = cfgmod.build(train.TrainConfig, flags=tspec)
     s = train.run(tcfg)
     print(f"  done in {s['seconds']:.0f}s, final loss {s['metrics'].get('loss', float('nan')):.4f}")
     print(f"  σ coverage (PNG): {s['out']}/coverage.png   samples during training: {s['out']}/samples.png")

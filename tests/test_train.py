@@ -163,3 +163,25 @@ def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
     (bad / "ema.safetensors").write_bytes(storage.read_bytes(storage.join(cfg.out, "model", "ema.safetensors")))
     with pytest.raises(ValueError, match="do not fit"):
         load_denoiser(str(bad))
+
+
+def test_cli_train_then_sample(digits, tmp_path, capsys):
+    from ambient_ray.cli import main
+
+    out = str(tmp_path / "cli")
+    common = ["--set", "model.img_resolution=8", "--set", "model.model_channels=16", "--set", "batch_size=16",
+              "--set", "mlflow.enabled=false", "--set", "sample_grid=0", "--set", "checkpoint_every=4"]  # fmt: skip
+    # a misspelt key is refused with its name, before any work
+    assert main(["train", "--data", digits, "--out", out, *common, "--set", "optim.lr_rate=1"]) == 2
+    assert "optim.lr_rate" in capsys.readouterr().err
+    assert not storage.exists(storage.join(out, "ray"))
+    assert main(["train", "--data", digits, "--out", out, "--steps", "4", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "every row treated as clean" in printed and "rows marked corrupted train as clean" in printed
+    assert storage.exists(storage.join(out, "model", "ema.safetensors"))
+    # running again into the same --out without --resume is refused (exit 2, names the flag)
+    assert main(["train", "--data", digits, "--out", out, "--steps", "4", *common]) == 2
+    assert "--resume" in capsys.readouterr().err
+    samples = str(tmp_path / "samples")
+    assert main(["sample", "--checkpoint", out, "--num", "5", "--steps", "3", "--out", samples, "--set", "mlflow.enabled=false"]) == 0
+    assert np.load(storage.join(samples, "samples.npy")).shape == (5, 8, 8, 1)
