@@ -252,7 +252,13 @@ def train_loop(config: dict) -> None:
 
     ids, images, smin, smax, labels = _load_rows(rank, world, config["sigma_min"], config["sigma_max"], cfg.model.label_dim)
     crop = ambient.CropTable(cfg.ambient.crop_sigmas, cfg.ambient.crop_sizes) if cfg.ambient.crop_sigmas else None
-    sampler = ambient.SigmaSampler(smin, smax, lambda_max=cfg.ambient.lambda_max, p_mean=cfg.ambient.p_mean, p_std=cfg.ambient.p_std, crop=crop)
+    a = cfg.ambient
+    sampler = ambient.SigmaSampler(smin, smax, lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std, crop=crop)
+    # rank 0's dataset-wide view for the σ donut: eligible counts over all rows, draws summed over ranks
+    view = None
+    if rank == 0:
+        all_min, all_max = (torch.tensor(list(config[k].values())) for k in ("sigma_min", "sigma_max"))
+        view = ambient.SigmaSampler(all_min, all_max, lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std, crop=crop)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_denoiser(cfg.model, sigma_data=cfg.ambient.sigma_data)
@@ -291,7 +297,7 @@ def train_loop(config: dict) -> None:
             _save_weights(d, net, ema, engine, zero3, cfg, write=rank == 0)  # a collective under ZeRO-3
             if rank == 0:
                 with open(os.path.join(d, "coverage.json"), "w") as f:
-                    json.dump({"donut": sampler.donut(), "redraws": sampler.coverage.redraws, "rows": len(ids)}, f)
+                    json.dump({"donut": view.donut(), "redraws": view.coverage.redraws, "rows": view.n}, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     mlflow_client = _mlflow_client(config) if rank == 0 else None
@@ -322,15 +328,20 @@ def train_loop(config: dict) -> None:
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last or step % cfg.checkpoint_every == 0:
             now = time.perf_counter()
-            # loss: the mean over the interval's samples on all ranks, overall and per σ bucket
-            sums = torch.cat([bucket_loss, bucket_n])
+            # summed over ranks: the interval's loss per σ bucket, and the σ-coverage counters
+            c = sampler.coverage
+            sums = torch.cat([bucket_loss, bucket_n, c.draws, c.full_draws, c.crop_draws, torch.tensor([c.redraws])]).double()
             if world > 1:
                 import torch.distributed as dist
 
                 sums = sums.to(device)
                 dist.all_reduce(sums)
                 sums = sums.cpu()
-            b_loss, b_n = sums[:n_buckets], sums[n_buckets:]
+            b_loss, b_n, draws, full_draws, crop_draws, redraws = sums.split([n_buckets] * 5 + [1])
+            if view is not None:
+                vc = view.coverage
+                vc.draws, vc.full_draws, vc.crop_draws = draws.long(), full_draws.long(), crop_draws.long()
+                vc.redraws = int(redraws)
             metrics = {
                 "step": step, "loss": float(b_loss.sum() / b_n.sum().clamp(min=1)), "lr": float(scheduler.get_last_lr()[0]),
                 "images_per_s": seen * world / max(now - t_last, 1e-9),
@@ -340,7 +351,7 @@ def train_loop(config: dict) -> None:
                 print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                       f"{metrics['images_per_s']:.0f} images/s", flush=True)  # fmt: skip
             if mlflow_client is not None:
-                _log_metrics(mlflow_client, config["mlflow_run_id"], {**metrics, **buckets}, step, sampler)
+                _log_metrics(mlflow_client, config["mlflow_run_id"], {**metrics, **buckets}, step, view)
             bucket_loss.zero_()
             bucket_n.zero_()
             t_last, seen = now, 0

@@ -51,16 +51,46 @@ def zero2_run(digits, mlflow_server, s3, tmp_path_factory):
     return cfg, run(cfg)
 
 
-def loss_history(run_id):
-    hist = MlflowClient().get_metric_history(run_id, "loss")
+def loss_history(run_id, key="loss"):
+    hist = MlflowClient().get_metric_history(run_id, key)
     return [m.value for m in sorted(hist, key=lambda m: m.step)]
+
+
+def denoising_loss(data, out=None, model=None, sigmas=(0.3, 0.6, 1.0, 2.0, 4.0), n=256):
+    """EDM loss of a model on the dataset's clean rows at fixed σ's and noise (seeded): the trained
+    raw weights in ``out``, or a fresh network of ``model`` (the initial weights of every run)."""
+    import torch
+
+    from ambient_ray.ambient import edm_loss
+    from ambient_ray.datasets import decode_png
+    from ambient_ray.sample import load_denoiser
+    from ambient_ray.unet import UNetConfig, build_denoiser
+
+    if out is not None:
+        net = load_denoiser(out, weights="raw")
+    else:
+        torch.manual_seed(0)
+        net = build_denoiser(UNetConfig(**model)).eval()
+    rows = [r for f in storage.list_files(storage.join(data, "data"), (".parquet",))
+            for r in pq.read_table(f, columns=["image", "quality"]).to_pylist() if r["quality"] == "clean"]  # fmt: skip
+    y = torch.from_numpy(np.stack([decode_png(r["image"]).transpose(2, 0, 1) for r in rows[:n]])).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        for s in sigmas:
+            sig = torch.full((len(y),), s)
+            x = y + s * torch.randn(y.shape, generator=g)
+            total += float(edm_loss(net(x, sig), y, sig).mean())
+    return total / len(sigmas)
 
 
 def test_two_workers_zero2_loss_falls(zero2_run):
     cfg, summary = zero2_run
     losses = loss_history(summary["mlflow_run_id"])
-    assert len(losses) == 6
-    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    before, after = denoising_loss(cfg.data, model=cfg.model.model_dump()), denoising_loss(cfg.data, cfg.out)
+    print(f"zero2 denoising loss: {before:.3f} -> {after:.3f}")
+    assert after < 0.7 * before, (before, after)
 
 
 def test_two_workers_zero3_loss_falls(digits, mlflow_server, tmp_path):
@@ -68,12 +98,15 @@ def test_two_workers_zero3_loss_falls(digits, mlflow_server, tmp_path):
                mlflow=dict(enabled=True, experiment="tests-train"))  # fmt: skip
     summary = run(cfg)
     losses = loss_history(summary["mlflow_run_id"])
-    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    before, after = denoising_loss(digits, model=cfg.model.model_dump()), denoising_loss(digits, cfg.out)
+    print(f"zero3 denoising loss: {before:.3f} -> {after:.3f}")
+    assert after < 0.7 * before, (before, after)
     w = weights(str(tmp_path / "z3"))
     assert all(np.isfinite(v).all() for v in w.values()) and len(w) > 10  # ZeRO-3 shards were gathered
 
 
-def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run):
+def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run, digits):
     cfg, summary = zero2_run
     client = MlflowClient()
     r = client.get_run(summary["mlflow_run_id"])
@@ -92,6 +125,12 @@ def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run):
     assert storage.exists(storage.join(cfg.out, "model", "ema.safetensors"))
     cov = json.loads(storage.read_bytes(storage.join(cfg.out, "coverage.json")))
     assert cov["donut"][0]["eligible_full"] < cov["donut"][-1]["eligible_full"]
+    # dataset-wide, over both workers: every row is eligible at the top, only the clean ones at the bottom
+    shards = storage.list_files(storage.join(digits, "data"), (".parquet",))
+    n_clean = sum(pq.read_table(f, columns=["quality"]).column("quality").to_pylist().count("clean") for f in shards)
+    assert cov["rows"] == 1797 and cov["donut"][-1]["eligible_full"] == 1797
+    assert cov["donut"][0]["eligible_full"] == n_clean == round(0.3 * 1797)
+    assert sum(d["draws"] for d in cov["donut"]) == cfg.steps * cfg.batch_size * cfg.num_workers
 
 
 def test_failure_restart_and_resume_match_an_uninterrupted_run(digits, tmp_path):
