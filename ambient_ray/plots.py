@@ -79,15 +79,10 @@ def image_grid_png(images: np.ndarray, ncols: int | None = None) -> bytes:
     """A PNG of uint8 (N, H, W, C) images tiled in a grid (no axes), upscaled for small images."""
     from PIL import Image
 
-    n, h, w, c = images.shape
-    ncols = ncols or int(np.ceil(np.sqrt(n)))
-    nrows = int(np.ceil(n / ncols))
-    pad = 1
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, k = divmod(i, ncols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[i]
-    im = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    from ambient_ray.sampling import image_grid
+
+    grid = image_grid(images, ncols or int(np.ceil(np.sqrt(len(images)))), pad=1, pad_value=255)
+    im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     scale = max(1, 256 // max(grid.shape[:2]))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)

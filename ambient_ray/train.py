@@ -209,10 +209,14 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 
 def _load_rows(rank: int, world: int, smin_all: dict, smax_all: dict, label_dim: int):
     """This rank's rows from the Ray Data shard: images uint8 (N, C, H, W), σ_min, σ_max, labels, sorted by id."""
+    import ray.data
     import ray.train
 
     from ambient_ray.datasets import decode_png
 
+    # the rows were materialized by the driver: no bar for this in-memory pass (it would stay on the
+    # job's output, redrawn beside every progress line)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
     ids, imgs, labels = [], [], []
     for batch in it:
