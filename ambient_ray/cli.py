@@ -106,7 +106,7 @@ def _run_sample(args) -> int:
     flags = {"checkpoint": args.checkpoint, "num": args.num, "out": args.out, "steps": args.steps,
              "stochastic": args.stochastic, "seed": args.seed}  # fmt: skip
     cfg = cfgmod.build(sample.SampleConfig, args.config, args.sets, flags)
-    s = sample.run(cfg)
+    s = sample.run(cfg, progress=not args.no_progress)
     print(f"sample: {cfg.num} images -> {s['samples']}  grid: {s['grid']}")
     return 0
 

@@ -78,14 +78,17 @@ def load_denoiser(uri: str, weights: str = "ema"):
 
 def draw(net, num: int, *, seed: int = 0, steps: int = 18, stochastic: bool = False, batch_size: int = 256,
          class_label: int | None = None, s_churn: float = 40.0, s_min: float = 0.05, s_max: float = 50.0,
-         s_noise: float = 1.003, sigma_max: float = 80.0) -> np.ndarray:  # fmt: skip
-    """``num`` images as uint8 (N, H, W, C)."""
+         s_noise: float = 1.003, sigma_max: float = 80.0, progress: bool = False) -> np.ndarray:  # fmt: skip
+    """``num`` images as uint8 (N, H, W, C); a progress bar over the batches with ``progress``."""
+    from tqdm.auto import tqdm
+
     from ambient_ray.sampling import heun_sample, to_uint8
 
     cfg = net.config
     g = torch.Generator().manual_seed(seed)
     out = []
-    for start in range(0, num, batch_size):
+    starts = range(0, num, batch_size)
+    for start in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         n = min(batch_size, num - start)
         latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g)
         labels = None
@@ -100,7 +103,7 @@ def draw(net, num: int, *, seed: int = 0, steps: int = 18, stochastic: bool = Fa
     return np.concatenate(out)
 
 
-def run(cfg: SampleConfig) -> dict:
+def run(cfg: SampleConfig, progress: bool = True) -> dict:
     from ambient_ray import plots, tracking
 
     out = storage.normalize(cfg.out)
@@ -112,7 +115,7 @@ def run(cfg: SampleConfig) -> dict:
     imgs = draw(
         net, cfg.num, seed=cfg.seed, steps=cfg.steps, stochastic=cfg.stochastic, batch_size=cfg.batch_size,
         class_label=cfg.class_label, s_churn=cfg.s_churn, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise,
-        sigma_max=cfg.sigma_max,
+        sigma_max=cfg.sigma_max, progress=progress,
     )  # fmt: skip
     buf = io.BytesIO()
     np.save(buf, imgs)

@@ -224,3 +224,22 @@ def test_cli_train_then_sample(digits, tmp_path, capsys):
     samples = str(tmp_path / "samples")
     assert main(["sample", "--checkpoint", out, "--num", "5", "--steps", "3", "--out", samples, "--set", "mlflow.enabled=false"]) == 0
     assert np.load(storage.join(samples, "samples.npy")).shape == (5, 8, 8, 1)
+
+
+def test_zero_offload_trains_with_deepspeed_cpu_adam(digits, tmp_path):
+    """ZeRO-2 with the optimizer states offloaded to DeepSpeed's CPU Adam (built on first use)."""
+    import torch
+
+    from ambient_ray.unet import UNetConfig, build_denoiser
+
+    out = str(tmp_path / "offload")
+    cfg = tcfg(digits, out, steps=4, checkpoint_every=4, offload_optimizer=True)
+    run(cfg)
+    torch.manual_seed(cfg.seed)
+    init = {k: v.detach().numpy() for k, v in build_denoiser(UNetConfig(**cfg.model.model_dump())).named_parameters()}
+    trained = weights(out)
+    assert trained.keys() == init.keys() and all(np.isfinite(v).all() for v in trained.values())
+    moved = sum(float(np.abs(trained[k] - init[k]).max()) > 1e-6 for k in init)
+    assert moved > 0.8 * len(init), f"only {moved} of {len(init)} tensors changed"
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        run(tcfg(digits, str(tmp_path / "o0"), zero_stage=0, offload_optimizer=True))
