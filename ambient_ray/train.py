@@ -1,8 +1,9 @@
 """The train stage: Ambient-o training on Ray Train (TorchTrainer) with DeepSpeed ZeRO, tracked in MLflow.
 
 Driver: validate the dataset (columns, σ annotations, one image shape) before any worker starts,
-open or reuse the MLflow run, and run a ``TorchTrainer`` whose storage is ``OUT/ray``.
-Worker: read the dataset through Ray Data, keep this rank's rows (a stable hash of ``id``, so a
+open or reuse the MLflow run, read the Parquet shards with Ray Data (materialized before the workers
+take their CPUs), and run a ``TorchTrainer`` whose storage is ``OUT/ray``.
+Worker: iterate the dataset, keep this rank's rows (a stable hash of ``id``, so a
 restarted worker gets the same rows), hold them as uint8, and train: draw σ first, pair it with an
 eligible sample (:class:`ambient_ray.ambient.SigmaSampler`), add the sample's own σ_n noise, and take
 the ambient loss. Checkpoints hold the DeepSpeed state, the EMA weights and each rank's random state;
