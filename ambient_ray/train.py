@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import logging
 import os
 import tempfile
 import time
@@ -210,14 +211,10 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 
 def _load_rows(rank: int, world: int, smin_all: dict, smax_all: dict, label_dim: int):
     """This rank's rows from the Ray Data shard: images uint8 (N, C, H, W), σ_min, σ_max, labels, sorted by id."""
-    import ray.data
     import ray.train
 
     from ambient_ray.datasets import decode_png
 
-    # the rows were materialized by the driver: no bar for this in-memory pass (it would stay on the
-    # job's output, redrawn beside every progress line)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
     ids, imgs, labels = [], [], []
     for batch in it:
@@ -353,8 +350,12 @@ def train_loop(config: dict) -> None:
             }  # fmt: skip
             buckets = {f"loss_bucket_{i:02d}": float(b_loss[i] / b_n[i]) for i in range(n_buckets) if b_n[i] > 0}
             if rank == 0:  # the job's progress line (Ray forwards worker output to the driver)
-                print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                      f"{metrics['images_per_s']:.0f} images/s", flush=True)  # fmt: skip
+                # a log record, not print: Ray Train's patched print also tees to a stdout that a
+                # library has wrapped, and the driver would show every line twice
+                logging.getLogger("ambient_ray.train").info(
+                    f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                    f"{metrics['images_per_s']:.0f} images/s"
+                )  # fmt: skip
             if mlflow_client is not None:
                 _log_metrics(mlflow_client, config["mlflow_run_id"], {**metrics, **buckets}, step, view)
             bucket_loss.zero_()
@@ -501,7 +502,14 @@ def run(cfg: TrainConfig) -> dict:
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    # the workers' pass over the materialized rows takes the driver's Data context: no progress bar
+    # for it (it would stay on the job's output, redrawn beside every progress line)
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        result = trainer.fit()
+    finally:
+        ctx.enable_progress_bars = bars
     seconds = time.perf_counter() - t0
     ckpt = latest_checkpoint(out)
     summary = {"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds, "metrics": result.metrics}
