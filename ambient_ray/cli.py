@@ -111,8 +111,95 @@ def _run_sample(args) -> int:
     return 0
 
 
+def _classifier_parser(sub) -> None:
+    p = sub.add_parser("train-classifier", help="train the noise (σ_min) or crops (σ_max) classifier (Ray Train + DeepSpeed)")
+    _common(p)
+    p.add_argument("--data", help="dataset URI (a corrupt output folder or Parquet shards)")
+    p.add_argument("--kind", choices=("noise", "crops"), help="noise: clean vs corrupted under noise; crops: target vs other crops")
+    p.add_argument("--out", help="output URI")
+    p.add_argument("--good", help="rows labelled good, FIELD=V1[,V2] (default quality=clean)")
+    p.add_argument("--bad", help="rows labelled bad (default: the rest)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--resume", action="store_true", default=None)
+
+
+def _run_classifier(args) -> int:
+    from ambient_ray import train_classifier
+
+    flags = {"data": args.data, "kind": args.kind, "out": args.out, "good": args.good, "bad": args.bad,
+             "steps": args.steps, "num_workers": args.num_workers, "resume": args.resume}  # fmt: skip
+    cfg = cfgmod.build(train_classifier.ClassifierTrainConfig, args.config, args.sets, flags)
+    s = train_classifier.run(cfg)
+    m = s["metrics"]
+    print(f"train-classifier: done in {s['seconds']:.0f}s; final loss {m.get('loss', float('nan')):.4f}, accuracy {m.get('accuracy', float('nan')):.3f}")
+    print(f"  classifier (safetensors): {s['out']}/model/   probability curves: {s['out']}/curves.png")
+    if s["mlflow_run_id"]:
+        print(f"  MLflow run {s['mlflow_run_id']} at {s['mlflow_uri']}")
+    return 0
+
+
+def _locality_parser(sub) -> None:
+    p = sub.add_parser("locality", help="measure crop(σ), the context a trained denoiser needs at each σ")
+    _common(p)
+    p.add_argument("--checkpoint", help="a train output folder (the denoiser)")
+    p.add_argument("--data", help="dataset URI (its clean rows are used)")
+    p.add_argument("--out", help="output URI")
+    p.add_argument("--eps", type=float, help="relative tolerance to the full-context loss (default 0.05)")
+
+
+def _run_locality(args) -> int:
+    from ambient_ray import locality
+
+    flags = {"checkpoint": args.checkpoint, "data": args.data, "out": args.out, "eps": args.eps}
+    cfg = cfgmod.build(locality.LocalityConfig, args.config, args.sets, flags)
+    s = locality.run(cfg)
+    t = s["table"]
+    print("locality: crop(σ) = " + ", ".join(f"{c}px@σ≤{x:.3g}" for x, c in zip(t["sigmas"], t["crop"])))
+    print(f"  table: {s['out']}/locality.json   plot: {s['out']}/locality.png")
+    return 0
+
+
+def _annotate_parser(sub) -> None:
+    p = sub.add_parser("annotate", help="σ_min / σ_max for every row from trained classifiers or fixed rules (Ray Data)")
+    _common(p)
+    p.add_argument("--data", help="dataset URI (a corrupt output folder or Parquet shards)")
+    p.add_argument("--classifier", help="noise classifier (train-classifier --kind noise output)")
+    p.add_argument("--crops-classifier", help="crops classifier (train-classifier --kind crops output); needs --locality")
+    p.add_argument("--locality", help="locality.json from 'ambient-ray locality'")
+    p.add_argument("--out", help="output URI")
+    p.add_argument("--tau", type=float, help="threshold τ = 0.5 − ε (default 0.45)")
+    p.add_argument("--mode", choices=("per-sample", "per-dataset"))
+    p.add_argument("--fixed", action="append", metavar="SOURCE=SIGMA", help="σ_min for every row of a source (repeatable)")
+    p.add_argument("--scorer", help="quality scorer: sharpness, a TorchScript file or timm:ARCH@WEIGHTS")
+    p.add_argument("--top-percent", type=float, help="with --scorer: the top k %% are clean (S_G)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="recompute curves of another run in --out")
+
+
+def _run_annotate(args) -> int:
+    from ambient_ray import annotate
+
+    flags = {"data": args.data, "classifier": args.classifier, "crops_classifier": args.crops_classifier,
+             "locality": args.locality, "out": args.out, "tau": args.tau, "mode": args.mode,
+             "fixed": annotate.parse_fixed(args.fixed), "scorer": args.scorer, "top_percent": args.top_percent,
+             "overwrite": args.overwrite}  # fmt: skip
+    cfg = cfgmod.build(annotate.AnnotateConfig, args.config, args.sets, flags)
+    s = annotate.run(cfg, progress=not args.no_progress)
+    print(f"annotate: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
+          f"{s['shards_run']} shards run, {s['shards_skipped']} already done; mean σ_min {s['mean_sigma_min']:.3f}")  # fmt: skip
+    for g, v in s["mean_sigma_min_by_group"].items():
+        print(f"  mean σ_min {g}: {v:.3f}")
+    if s["never_crossed"]:
+        print(f"  {s['never_crossed']} rows never crossed τ={cfg.tau}: σ_min = top of the grid (annotation 'classifier:never-crossed')")
+    print(f"  data: {s['out']}/data/   report: {s['out']}/annotation.json   plots: {s['out']}/sigma_min.png, curves.png")
+    return 0
+
+
 STAGES = {
     "corrupt": (_corrupt_parser, _run_corrupt),
+    "train-classifier": (_classifier_parser, _run_classifier),
+    "locality": (_locality_parser, _run_locality),
+    "annotate": (_annotate_parser, _run_annotate),
     "train": (_train_parser, _run_train),
     "sample": (_sample_parser, _run_sample),
 }

@@ -381,6 +381,34 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+# ------------------------------------------------------------------------------ stage outputs
+
+
+def data_dir(uri: str) -> str:
+    """The Parquet folder of a stage's output (``URI/data``), or ``uri`` itself if it has no ``data/``."""
+    uri = storage.normalize(uri)
+    sub = storage.join(uri, "data")
+    return sub if storage.is_dir(sub) else uri
+
+
+def read_images(uri: str, ids: set[str] | None = None):
+    """(ids, uint8 tensor (N, C, H, W)) of a stage output's rows (those in ``ids``, or all), in file order."""
+    import pyarrow.parquet as pq
+    import torch
+
+    got, imgs = [], []
+    for f in storage.list_files(data_dir(uri), (".parquet",)):
+        fs, path = storage.filesystem(f)
+        t = pq.read_table(path, filesystem=fs, columns=["id", "image"])
+        for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
+            if ids is None or rid in ids:
+                got.append(rid)
+                imgs.append(decode_png(img).transpose(2, 0, 1))
+    if not imgs:
+        raise ValueError(f"no rows read from {uri}" + (f" among {len(ids)} ids asked for" if ids is not None else ""))
+    return got, torch.from_numpy(np.stack(imgs))
+
+
 # ------------------------------------------------------------------------------ Ray Data
 
 

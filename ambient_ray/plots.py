@@ -114,3 +114,80 @@ def coverage_plot(donut: list[dict], title: str = "σ coverage") -> bytes:
         a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _figure_png(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def prob_curves(x, series: dict, xlabel: str = "σ", *, tau: float | None = None, title: str = "", logx: bool | None = None,
+                marks: dict | None = None) -> bytes:  # fmt: skip
+    """Classifier probability against σ (or crop size), one line per group (Ambient-o Fig. 2), with
+    the threshold τ as a dashed line and optional vertical ``marks`` (name -> x)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = np.asarray(x, dtype=float)
+    for name, curve in series.items():
+        ax.plot(xs, np.asarray(curve, dtype=float), marker=".", label=name)
+    if tau is not None:
+        ax.axhline(tau, color="red", linestyle="--", linewidth=1, label=f"τ = {tau:g}")
+    for name, at in (marks or {}).items():
+        ax.axvline(at, color="grey", linestyle=":", linewidth=1)
+        ax.text(at, 0.02, f" {name}", fontsize=7, rotation=90, va="bottom")
+    if logx if logx is not None else xlabel == "σ":
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean P(good)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _figure_png(fig)
+
+
+def sigma_histogram(groups: dict, title: str = "σ_min per sample", xlabel: str = "σ_min") -> bytes:
+    """Histogram of an annotation (σ_min or σ_max) per group of rows (e.g. per corruption), log-spaced bins."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    vals = [np.asarray(v, dtype=float) for v in groups.values()]
+    pos = np.concatenate([v[v > 0] for v in vals]) if vals else np.array([])
+    if pos.size:
+        bins = np.geomspace(max(pos.min() * 0.9, 1e-3), pos.max() * 1.1, 30)
+        for name, v in zip(groups, vals):
+            if (v > 0).any():
+                ax.hist(v[v > 0], bins=bins, alpha=0.6, label=f"{name} (n={len(v)}, mean {v.mean():.2f})")
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return _figure_png(fig)
+
+
+def locality_plot(contexts, sigmas, losses, crop) -> bytes:
+    """Ambient-o Figs. 11-12: centre-patch denoising loss against the context size, one line per σ
+    (the chosen crop(σ) marked), and crop(σ) against σ."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    cmap = plt.get_cmap("viridis")
+    losses = np.asarray(losses, dtype=float)
+    for j, s in enumerate(sigmas):
+        color = cmap(j / max(1, len(sigmas) - 1))
+        a1.plot(contexts, losses[j] / losses[j, -1], color=color, marker=".", label=f"σ={s:.3g}")
+        k = list(contexts).index(crop[j])
+        a1.plot([crop[j]], [losses[j, k] / losses[j, -1]], "o", color=color, markersize=8)
+    a1.set_xlabel("context size (pixels)")
+    a1.set_ylabel("centre-patch loss / full-context loss")
+    a1.set_yscale("log")
+    a1.legend(fontsize=6, ncol=2)
+    a2.plot(sigmas, crop, marker="o")
+    a2.set_xscale("log")
+    a2.set_xlabel("σ")
+    a2.set_ylabel("crop(σ) (pixels)")
+    a2.set_title("context needed for the full-context loss", fontsize=9)
+    return _figure_png(fig)

@@ -8,7 +8,6 @@ and writes ``OUT/samples.npy`` (uint8, N x H x W x C), ``OUT/grid.png`` and ``OU
 from __future__ import annotations
 
 import io
-import json
 import math
 from typing import Literal
 
@@ -42,38 +41,15 @@ class SampleConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
-def _model_dir(uri: str) -> str:
-    uri = storage.normalize(uri)
-    return storage.join(uri, "model") if storage.exists(storage.join(uri, "model", "model.json")) else uri
-
-
 def load_denoiser(uri: str, weights: str = "ema"):
     """Rebuild the network from ``model.json`` and load its safetensors weights (clear errors on mismatch)."""
-    from safetensors.torch import load
-
     from ambient_ray.unet import UNetConfig, build_denoiser
+    from ambient_ray.weights import check_kind, load_into, model_dir
 
-    d = _model_dir(uri)
-    try:
-        meta = json.loads(storage.read_bytes(storage.join(d, "model.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no model.json in {uri} (nor in {uri}/model): not a training output or model folder") from None
+    d, meta = model_dir(uri)
+    check_kind(uri, meta, "denoiser")
     net = build_denoiser(UNetConfig.model_validate(meta["model"]), sigma_data=meta.get("sigma_data", 0.5))
-    fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    state = load(storage.read_bytes(storage.join(d, fname)))
-    own = dict(net.named_parameters())
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"weights in {d}/{fname} do not fit the model of its model.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
-        )
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])
-    return net.eval()
+    return load_into(net, d, weights)
 
 
 def draw(net, num: int, *, seed: int = 0, steps: int = 18, stochastic: bool = False, batch_size: int = 256,

@@ -86,8 +86,9 @@ def finish_training(cfg, out: str, ckpt: str | None, run_id: str | None, uri: st
 
     files: dict[str, bytes] = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
     if ckpt:
-        for name in ("ema.safetensors", "model.safetensors", "model.json"):
-            storage.write_bytes(storage.join(out, "model", name), storage.read_bytes(storage.join(ckpt, name)))
+        from ambient_ray.engine import export_weights
+
+        export_weights(out, ckpt)
         cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
         storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())
         png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")

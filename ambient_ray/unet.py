@@ -146,6 +146,29 @@ class Upsample(nn.Module):
 # ------------------------------------------------------------------------------ the network
 
 
+def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleList, nn.ModuleList, list[int], int]:
+    """The U-Net's encoder half: input conv, per-level residual blocks (+ attention) and downsampling,
+    and the bottleneck (ResBlock, attention, ResBlock). Returns (conv_in, enc, mid, skip channels,
+    bottleneck channels); the U-Net adds the decoder, the classifier a pooled linear head."""
+    mc, g, p = cfg.model_channels, cfg.groups, cfg.dropout
+    conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+    enc = nn.ModuleList()
+    skips = [mc]
+    c = mc
+    for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.resolutions)):
+        for _ in range(cfg.num_blocks):
+            enc.append(ResBlock(c, mc * mult, emb_dim, g, p))
+            c = mc * mult
+            if res in cfg.attn_resolutions:
+                enc.append(SelfAttention(c, g))
+            skips.append(c)
+        if level < len(cfg.channel_mult) - 1:
+            enc.append(Downsample(c))
+            skips.append(c)
+    mid = nn.ModuleList([ResBlock(c, c, emb_dim, g, p), SelfAttention(c, g), ResBlock(c, c, emb_dim, g, p)])
+    return conv_in, enc, mid, skips, c
+
+
 class UNet(nn.Module):
     """F(x, c_noise[, class_labels]) -> a tensor of x's shape (the raw network of EDM's D)."""
 
@@ -158,21 +181,7 @@ class UNet(nn.Module):
         self.map_label = nn.Linear(cfg.label_dim, e, bias=False) if cfg.label_dim else None
         self.map_noise = Mlp(e, emb_dim, emb_dim, act_layer=nn.SiLU)  # Linear-SiLU-Linear; a SiLU follows
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
-        self.enc = nn.ModuleList()
-        skips = [mc]
-        c = mc
-        for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.resolutions)):
-            for _ in range(cfg.num_blocks):
-                self.enc.append(ResBlock(c, mc * mult, emb_dim, g, p))
-                c = mc * mult
-                if res in cfg.attn_resolutions:
-                    self.enc.append(SelfAttention(c, g))
-                skips.append(c)
-            if level < len(cfg.channel_mult) - 1:
-                self.enc.append(Downsample(c))
-                skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, g, p), SelfAttention(c, g), ResBlock(c, c, emb_dim, g, p)])
+        self.conv_in, self.enc, self.mid, skips, c = build_encoder(cfg, emb_dim)
         self.dec = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
             mult, res = cfg.channel_mult[level], cfg.resolutions[level]

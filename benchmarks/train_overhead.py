@@ -38,7 +38,7 @@ def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ambient_ray import storage
 
-    meta = train.load_metadata(cfg)
+    meta = train.load_metadata(cfg.data)
     smin, _, _ = train.resolve_sigmas(meta, cfg)
     by_id = {}
     for f in storage.list_files(train.data_dir(cfg.data), (".parquet",)):

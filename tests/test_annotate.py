@@ -1,0 +1,240 @@
+"""Annotation: the noise and crops classifiers on the training engine, σ_min / σ_max through Ray Data
+actors, resume, row conservation, refusals, fixed and score-based annotation, and MLflow."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ambient_ray import annotate, storage
+from ambient_ray.annotate import AnnotateConfig
+from ambient_ray.config import ConfigError
+from ambient_ray.corrupt import CorruptConfig, StageFailed
+from ambient_ray.corrupt import run as corrupt_run
+from ambient_ray.datasets import SourceConfig
+from ambient_ray.train_classifier import ClassifierTrainConfig
+from ambient_ray.train_classifier import run as train_classifier
+
+BLURS = (0.3, 0.8, 2.0)
+MODEL = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2])
+
+
+@pytest.fixture(scope="module")
+def blurred(ray_cluster, tmp_path_factory):
+    """Digits: 30 % clean, the rest split between three blur strengths; 4 shards."""
+    out = str(tmp_path_factory.mktemp("blurred") / "corrupt")
+    specs = [f"blur:sigma={b}" for b in BLURS]
+    corrupt_run(CorruptConfig(out=out, source=SourceConfig(dataset="digits"), corruptions=specs, clean_fraction=0.3,
+                              shard_size=512, preview=0), progress=False)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def noise_clf(blurred, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("noise") / "clf")
+    cfg = ClassifierTrainConfig(data=blurred, out=out, kind="noise", steps=200, batch_size=64, log_every=50, checkpoint_every=200,
+                                model=MODEL, optim=dict(lr=2e-3, warmup_steps=20), mlflow=dict(enabled=False))  # fmt: skip
+    return out, train_classifier(cfg)
+
+
+def acfg(data, out, **kw):
+    return AnnotateConfig(data=data, out=out, mlflow=dict(enabled=False), **kw)
+
+
+@pytest.fixture(scope="module")
+def annotated(blurred, noise_clf, mlflow_server, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("annot") / "a")
+    cfg = AnnotateConfig(data=blurred, out=out, classifier=noise_clf[0], mlflow=dict(experiment="tests-annotate"))
+    return out, annotate.run(cfg, progress=False)
+
+
+def rows_of(out, sub="data"):
+    t = [pq.read_table(f) for f in storage.list_files(storage.join(out, sub), (".parquet",))]
+    return pa.concat_tables(t).to_pandas() if t else None
+
+
+def test_classifier_learns_and_saves_its_kind(noise_clf):
+    out, s = noise_clf
+    meta = json.loads(storage.read_bytes(f"{out}/model/model.json"))
+    assert meta["kind"] == "noise" and meta["img_resolution"] == 8 and meta["good"] == "quality=clean"
+    assert s["metrics"]["accuracy"] > 0.6  # balanced batches: 0.5 is chance
+    assert s["good_rows"] == 539 and s["bad_rows"] == 1797 - 539
+    assert storage.exists(f"{out}/curves.png")
+
+
+def test_sigma_min_rises_with_blur(annotated, blurred):
+    """The trend of Ambient-o Table 2a's σ̄_min column: stronger blur needs more noise to pass as clean."""
+    out, s = annotated
+    df = rows_of(out)
+    assert len(df) == 1797 and s["rows_quarantined"] == 0
+    assert (df.loc[df.quality == "clean", "sigma_min"] == 0).all()
+    assert set(df.loc[df.quality == "clean", "annotation"]) == {"clean"}
+    means = [df.loc[df.corruption == f"blur:sigma={b}", "sigma_min"].mean() for b in BLURS]
+    assert means[0] < means[1] < means[2], means
+    assert means[2] > 0.3
+    corrupted = df[df.quality == "corrupted"]
+    assert set(corrupted.annotation) <= {"classifier", "classifier:never-crossed"}
+    grid = np.array(s["provenance"]["grid"])
+    assert np.isin(corrupted.sigma_min.to_numpy(), grid.astype(np.float32)).all()  # σ_min is a grid point (Eq. 3.2)
+    prov = json.loads(pq.read_schema(storage.list_files(f"{out}/data", (".parquet",))[0]).metadata[b"ambient_ray.annotation"])
+    assert prov["tau"] == 0.45 and prov["mode"] == "per-sample" and prov["classifier"].endswith("/model")
+    # the images and the other columns came through untouched
+    src = rows_of(blurred).set_index("id")
+    assert (df.set_index("id").loc[src.index, "image"] == src["image"]).all()
+
+
+def test_mlflow_gets_histogram_and_curves(annotated):
+    out, s = annotated
+    run = MlflowClient().get_run(s["mlflow_run_id"])
+    assert run.data.metrics["rows_out"] == 1797
+    assert run.data.metrics["mean_sigma_min.blur_sigma_2.0"] == pytest.approx(s["mean_sigma_min_by_group"]["blur:sigma=2.0"])
+    names = {a.path for a in MlflowClient().list_artifacts(s["mlflow_run_id"])}
+    assert {"sigma_min.png", "curves.png", "annotation.json"} <= names
+
+
+def test_new_tau_and_per_dataset_mode_reuse_the_curves(annotated, blurred, noise_clf, tmp_path):
+    out, first = annotated
+    again = annotate.run(acfg(blurred, out, classifier=noise_clf[0], mode="per-dataset", tau=0.4), progress=False)
+    assert again["shards_run"] == 0 and again["shards_skipped"] == 4  # curves kept: only thresholds recomputed
+    df = rows_of(out)
+    corrupted = df[df.quality == "corrupted"]
+    assert corrupted.sigma_min.nunique() == 1  # one σ_min for the whole dataset
+    # put the per-sample annotation back for the other tests
+    annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
+
+
+def test_resume_after_interruption(annotated, blurred, noise_clf, tmp_path):
+    out = str(tmp_path / "resumed")
+    with pytest.raises(StageFailed, match="3 of 4 shards"):
+        annotate.run(acfg(blurred, out, classifier=noise_clf[0], debug_fail_shard="shard-00002"), progress=False)
+    assert not storage.exists(f"{out}/data")  # nothing annotated from a partial set of curves
+    s = annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
+    assert s["shards_run"] == 1 and s["shards_skipped"] == 3 and s["rows_out"] == 1797
+    ref = rows_of(annotated[0]).set_index("id").sort_index()
+    got = rows_of(out).set_index("id").sort_index()
+    np.testing.assert_array_equal(got.sigma_min.to_numpy(), ref.sigma_min.to_numpy())  # seeded per row
+
+
+def test_other_curves_into_the_same_out_are_refused(annotated, blurred, noise_clf):
+    with pytest.raises(ConfigError, match="already holds curves"):
+        annotate.run(acfg(blurred, annotated[0], classifier=noise_clf[0], draws=2), progress=False)
+
+
+def _write_classifier(d, kind, size):
+    from safetensors.torch import save_file
+
+    from ambient_ray.classifier import ClassifierConfig, build_classifier
+
+    cfg = ClassifierConfig(**{**MODEL, "img_resolution": size})
+    net = build_classifier(cfg, kind)
+    state = {n: p.detach().contiguous() for n, p in net.named_parameters()}
+    storage.write_bytes(f"{d}/model/model.json", json.dumps({"kind": kind, "model": cfg.model_dump(mode="json"), "img_resolution": size,
+                                                          "in_channels": 1, "sigma_range": [0.01, 20.0]}).encode())  # fmt: skip
+    save_file(state, f"{d}/model/ema.safetensors")
+    return str(d)
+
+
+def test_wrong_classifier_is_refused(blurred, tmp_path):
+    crops = _write_classifier(tmp_path / "crops", "crops", 8)
+    with pytest.raises(ValueError, match="holds a crops classifier, not a noise classifier"):
+        annotate.run(acfg(blurred, str(tmp_path / "o1"), classifier=crops), progress=False)
+    big = _write_classifier(tmp_path / "big", "noise", 16)
+    with pytest.raises(ValueError, match="trained on 16x16 images; the data is 8x8"):
+        annotate.run(acfg(blurred, str(tmp_path / "o2"), classifier=big), progress=False)
+    denoiser = tmp_path / "den"
+    storage.write_bytes(f"{denoiser}/model/model.json", json.dumps({"model": {}}).encode())
+    with pytest.raises(ValueError, match="holds a diffusion model"):
+        annotate.run(acfg(blurred, str(tmp_path / "o3"), classifier=str(denoiser)), progress=False)
+    from ambient_ray.sample import load_denoiser
+
+    with pytest.raises(ValueError, match="holds a noise classifier, not a diffusion model"):
+        load_denoiser(big)
+
+
+def test_bad_rows_are_quarantined_and_counted(blurred, noise_clf, tmp_path):
+    data = tmp_path / "bad"
+    files = storage.list_files(f"{blurred}/data", (".parquet",))
+    for f in files:
+        t = pq.read_table(f)
+        if f.endswith("shard-00000.parquet"):
+            img = t.column("image").to_pylist()
+            from ambient_ray.datasets import encode_png
+
+            img[0] = b"not a png"
+            img[1] = encode_png(np.zeros((16, 16, 1), np.uint8))
+            t = t.set_column(t.column_names.index("image"), "image", pa.array(img, pa.binary()))
+        storage.write_bytes(f"{data}/data/{f.rsplit('/', 1)[1]}", _pq_bytes(t))
+    s = annotate.run(acfg(str(data), str(tmp_path / "o"), classifier=noise_clf[0]), progress=False)
+    assert s["rows_in"] == 1797 and s["rows_out"] == 1795 and s["rows_quarantined"] == 2
+    q = rows_of(str(tmp_path / "o"), "quarantine")
+    reasons = " | ".join(q.reason)
+    assert "cannot decode image" in reasons and "16x16x1, the classifier takes 8x8x1" in reasons
+    assert len(rows_of(str(tmp_path / "o"))) + len(q) == 1797
+
+
+def _pq_bytes(t):
+    sink = pa.BufferOutputStream()
+    pq.write_table(t, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_fixed_per_source_and_nothing_to_annotate(blurred, tmp_path):
+    s = annotate.run(acfg(blurred, str(tmp_path / "f"), fixed={"digits": 2.0}), progress=False)
+    df = rows_of(str(tmp_path / "f"))
+    assert (df.sigma_min == 2.0).all() and set(df.annotation) == {"fixed:digits"} and s["rows_out"] == 1797
+    with pytest.raises(ConfigError, match="rows are not clean and nothing annotates them"):
+        annotate.run(acfg(blurred, str(tmp_path / "g"), fixed={"faces": 1.0}), progress=False)
+
+
+def test_quality_score_splits_good_and_bad(blurred, tmp_path):
+    """The built-in sharpness score finds the unblurred rows: the top 30 % are mostly the clean 30 %."""
+    out = str(tmp_path / "q")
+    annotate.run(acfg(blurred, out, scorer="sharpness", top_percent=30, fixed_sigma_min=1.5), progress=False)
+    df = rows_of(out).set_index("id")
+    src = rows_of(blurred).set_index("id").loc[df.index]
+    picked = df.quality == "clean"
+    assert picked.sum() == round(0.3 * 1797)
+    assert (src.quality[picked] == "clean").mean() > 0.8
+    assert (df.sigma_min[picked] == 0).all() and (df.sigma_min[~picked] == 1.5).all()
+    assert df.quality_score.notna().all()
+
+
+def test_scorer_from_files(tmp_path):
+    from ambient_ray.scorers import load_scorer, sharpness
+
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)))
+    torch.jit.save(scripted, str(tmp_path / "s.pt"))
+    x = torch.rand(3, 1, 8, 8)
+    assert load_scorer(str(tmp_path / "s.pt"))(x).shape == (3,)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a TorchScript file"):
+        load_scorer(str(tmp_path / "junk.pt"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_scorer(str(tmp_path / "missing.pt"))
+    import timm
+    from safetensors.torch import save_file
+
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    assert load_scorer(f"timm:test_efficientnet@{tmp_path}/w.safetensors")(torch.rand(2, 3, 32, 32)).shape == (2,)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_scorer(f"timm:test_convnext@{tmp_path}/w.safetensors")
+    # the built-in score: a sharp checkerboard beats its blurred self
+    board = (torch.arange(8).view(1, 8) + torch.arange(8).view(8, 1)) % 2
+    sharp = board.float().view(1, 1, 8, 8)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, 1, 1)
+    assert sharpness(sharp) > 10 * sharpness(blurred)
+
+
+def test_cli_annotate_with_fixed(blurred, tmp_path, capsys):
+    from ambient_ray.cli import main
+
+    rc = main(["annotate", "--data", blurred, "--out", str(tmp_path / "c"), "--fixed", "digits=0.5", "--no-progress",
+               "--set", "mlflow.enabled=false"])  # fmt: skip
+    assert rc == 0 and "1797 rows in, 1797 out, 0 quarantined" in capsys.readouterr().out
+    assert main(["annotate", "--data", blurred, "--out", str(tmp_path / "d"), "--fixed", "digits"]) == 2
+    assert "expected SOURCE=SIGMA" in capsys.readouterr().err
