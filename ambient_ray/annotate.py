@@ -141,8 +141,16 @@ class CurveActor:
         self.crop_sizes = torch.tensor(plan["crop_sizes"]) if plan["crop_sizes"] else None
 
     def __call__(self, batch: dict) -> dict:
-        t0 = time.perf_counter()
+        """One shard; a shard that fails is reported (not raised), so the others still finish."""
         src, name = str(batch["path"][0]), str(batch["name"][0])
+        try:
+            summary = self.shard(src, name)
+        except Exception as e:
+            summary = {"name": name, "rows": 0, "errors": 0, "seconds": 0.0, "failed": f"{type(e).__name__}: {e}"}
+        return {k: np.array([v]) for k, v in summary.items()}
+
+    def shard(self, src: str, name: str) -> dict:
+        t0 = time.perf_counter()
         if self.plan.get("debug_fail_shard") == name:
             raise RuntimeError(f"debug_fail_shard={name}: planted failure")
         fs, path = storage.filesystem(src)
@@ -170,9 +178,9 @@ class CurveActor:
             "id": ids, "noise_curve": list(noise), "crop_curve": list(crop), "score": score, "error": errors,
         })  # fmt: skip
         write_parquet(storage.join(self.plan["out"], "curves", f"{name}.parquet"), out)
-        summary = {"name": name, "rows": len(ids), "errors": len(ids) - len(ok), "seconds": time.perf_counter() - t0}
+        summary = {"name": name, "rows": len(ids), "errors": len(ids) - len(ok), "seconds": time.perf_counter() - t0, "failed": ""}
         storage.write_bytes(storage.join(self.plan["out"], "_curves_done", f"{name}.json"), json.dumps(summary).encode())
-        return {k: np.array([v]) for k, v in summary.items()}
+        return summary
 
 
 def curve_rows(ids: list[str], images: list[bytes], size: int, channels: int) -> tuple[dict[int, np.ndarray], list[str]]:
@@ -276,7 +284,7 @@ def _check_rules(cfg: AnnotateConfig, meta) -> None:
     quality = meta["quality"] if "quality" in meta else None
     todo = np.ones(len(meta), bool) if cfg.scorer or quality is None else (quality != "clean").to_numpy()
     if "source" in meta and cfg.fixed:
-        todo &= ~meta["source"].isin(list(cfg.fixed)).to_numpy()
+        todo = todo & ~meta["source"].isin(list(cfg.fixed)).to_numpy()
     if todo.any():
         raise ConfigError(
             f"{int(todo.sum())} rows are not clean and nothing annotates them: give --classifier, "
@@ -484,16 +492,20 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
             CurveActor, fn_constructor_kwargs={"plan": plan}, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n),
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
         )  # fmt: skip
-        return [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
-    except Exception as e:
-        finished = len(storage.list_files(storage.join(plan["out"], "_curves_done"), (".json",)))
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise StageFailed(
-            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}: {cause}\n"
-            "completed shards are kept; re-run the same command to resume"
-        ) from e
+        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
+    except Exception as e:  # the actors could not run at all (e.g. a classifier that does not load there)
+        results = [{"name": _shard_name(f), "failed": (str(e).strip().splitlines() or [type(e).__name__])[0]} for f in todo]
     finally:
         ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    failed = [r for r in results if r.get("failed")]
+    if failed:
+        finished = len(storage.list_files(storage.join(plan["out"], "_curves_done"), (".json",)))
+        listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
+        raise StageFailed(
+            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}; failed:\n  {listing}\n"
+            "completed shards are kept; re-run the same command to resume"
+        )
+    return results
 
 
 def _groups(meta, rows) -> np.ndarray:
