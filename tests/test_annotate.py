@@ -240,3 +240,39 @@ def test_cli_annotate_with_fixed(blurred, tmp_path, capsys):
     assert rc == 0 and "1797 rows in, 1797 out, 0 quarantined" in capsys.readouterr().out
     assert main(["annotate", "--data", blurred, "--out", str(tmp_path / "d"), "--fixed", "digits"]) == 2
     assert "expected SOURCE=SIGMA" in capsys.readouterr().err
+
+
+def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred, noise_clf, tmp_path):
+    """Digits 0-4 are the target, 5-9 the other data; crop(σ) from the locality map of a (fresh)
+    denoiser; σ_max lands on the grid, only for rows that are not clean, and training then draws crops."""
+    from ambient_ray.locality import LocalityConfig
+    from ambient_ray.locality import run as locality_run
+    from ambient_ray.train import TrainConfig
+    from ambient_ray.train import run as train_run
+    from tests.test_locality import write_denoiser
+
+    crops = str(tmp_path / "crops")
+    s = train_classifier(ClassifierTrainConfig(
+        data=blurred, out=crops, kind="crops", good="label=0,1,2,3,4", steps=40, batch_size=64, log_every=20,
+        checkpoint_every=40, model=MODEL, optim=dict(lr=2e-3, warmup_steps=5), mlflow=dict(enabled=False),
+    ))  # fmt: skip
+    meta = json.loads(storage.read_bytes(f"{crops}/model/model.json"))
+    assert meta["kind"] == "crops" and meta["crop_sizes"] == [2, 4, 6, 8] and s["good_rows"] + s["bad_rows"] == 1797
+    loc = str(tmp_path / "loc")
+    locality_run(LocalityConfig(checkpoint=write_denoiser(tmp_path / "den"), data=blurred, out=loc, rows=64, sigma_points=6,
+                                mlflow=dict(enabled=False)))  # fmt: skip
+    with pytest.raises(ConfigError, match="needs the crop"):
+        annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=crops), progress=False)
+    with pytest.raises(ValueError, match="holds a noise classifier, not a crops classifier"):
+        annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=noise_clf[0], locality=loc), progress=False)
+    out = str(tmp_path / "a")
+    r = annotate.run(acfg(blurred, out, classifier=noise_clf[0], crops_classifier=crops, locality=loc), progress=False)
+    df = rows_of(out)
+    assert r["rows_with_sigma_max"] > 0 and (df.loc[df.quality == "clean", "sigma_max"] == 0).all()
+    grid = np.array(r["provenance"]["grid"], np.float32)
+    assert np.isin(df.sigma_max[df.sigma_max > 0].to_numpy(), grid).all()
+    assert storage.exists(f"{out}/locality.json") and storage.exists(f"{out}/crop_curves.png")
+    t = train_run(TrainConfig(data=out, out=str(tmp_path / "t"), steps=4, batch_size=32, log_every=2, checkpoint_every=4,
+                              sample_grid=0, model={**MODEL}, mlflow=dict(enabled=False)))  # fmt: skip
+    cov = json.loads(storage.read_bytes(f"{t['out']}/coverage.json"))
+    assert sum(b["eligible_crops"] for b in cov["donut"]) > 0
