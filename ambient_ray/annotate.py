@@ -78,6 +78,7 @@ class AnnotateConfig(Strict):
     scorer: str | None = Field(None, description="quality scorer: 'sharpness', a TorchScript URI or timm:ARCH@WEIGHTS")
     top_percent: float = Field(10.0, gt=0, le=100, description="with a scorer: the top k % by score are S_G (clean)")
     batch_size: int = Field(256, ge=1, description="rows per classifier batch inside an actor")
+    max_forward: int | None = Field(None, ge=1, description="noised images per forward pass (default 4096 on CPU, 32768 on GPU)")
     concurrency: int | None = Field(None, ge=1, description="actors (default: as many as the cluster's CPUs or GPUs allow)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (and its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
@@ -138,6 +139,7 @@ class CurveActor:
         if plan["scorer"]:
             self.scorer = load_scorer(plan["scorer"], self.device)
         self.grid = torch.tensor(plan["grid"])
+        self.max_forward = plan.get("max_forward") or (32768 if self.device == "cuda" else 4096)
         self.crop_sizes = torch.tensor(plan["crop_sizes"]) if plan["crop_sizes"] else None
 
     def __call__(self, batch: dict) -> dict:
@@ -169,7 +171,7 @@ class CurveActor:
             y = (y8.float() / 127.5 - 1.0).to(self.device)
             seeds = [row_seed(self.plan["seed"], ids[i]) for i in rows]
             if self.noise is not None:
-                noise[rows] = noise_curves_of(self.noise, y, self.grid, self.plan["draws"], seeds)
+                noise[rows] = noise_curves_of(self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward)
             if self.crops is not None:
                 crop[rows] = crop_curves_of(self.crops, y, self.crop_sizes, self.plan["draws"], seeds)
             if self.scorer is not None:
@@ -202,10 +204,10 @@ def curve_rows(ids: list[str], images: list[bytes], size: int, channels: int) ->
     return arrays, errors
 
 
-def noise_curves_of(net, y, grid, draws, seeds) -> np.ndarray:
+def noise_curves_of(net, y, grid, draws, seeds, max_forward: int) -> np.ndarray:
     from ambient_ray.classifier import noise_curves
 
-    return noise_curves(net, y, grid, draws, seeds).numpy()
+    return noise_curves(net, y, grid, draws, seeds, max_forward).numpy()
 
 
 def crop_curves_of(net, y, sizes, draws, seeds) -> np.ndarray:
@@ -267,7 +269,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     plan.update({
         "out": out, "grid": grid, "draws": cfg.draws, "seed": cfg.seed, "weights": cfg.weights, "scorer": cfg.scorer,
         "image_size": size, "channels": channels, "batch_size": cfg.batch_size, "num_cpus": cfg.num_cpus,
-        "num_gpus": cfg.num_gpus, "debug_fail_shard": cfg.debug_fail_shard,
+        "num_gpus": cfg.num_gpus, "debug_fail_shard": cfg.debug_fail_shard, "max_forward": cfg.max_forward,
     })  # fmt: skip
     if cfg.scorer and storage.exists(cfg.scorer):
         plan["digests"]["scorer"] = _file_digest(cfg.scorer)

@@ -138,11 +138,13 @@ def classifier_batch(
 # ------------------------------------------------------------------------------ annotation curves
 
 
-def _row_noise(shape: tuple, seeds: list[int] | torch.Generator | None, rows: range) -> torch.Tensor:
-    """Noise of ``shape`` per row: from each row's own seed (the same whatever the batch), or one generator."""
+def _row_noise(shape: tuple, seeds: list[int] | torch.Generator | None, rows: range, device: torch.device) -> torch.Tensor:
+    """Noise of ``shape`` per row, on ``device``: from each row's own seed (the same whatever the
+    batch; drawn by the device's own generator, so CPU and GPU streams differ), or one CPU generator."""
     if isinstance(seeds, list):
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i])) for i in rows])
-    return torch.randn((len(rows), *shape), generator=seeds)
+        gens = [torch.Generator(device=device).manual_seed(seeds[i]) for i in rows]
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    return torch.randn((len(rows), *shape), generator=seeds).to(device)
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def noise_curves(
     out = []
     for s in range(0, b, per):
         rows = range(s, min(b, s + per))
-        noise = _row_noise((g * draws, *y.shape[1:]), seeds, rows).to(y.device)
+        noise = _row_noise((g * draws, *y.shape[1:]), seeds, rows, y.device)
         x = (y[s : s + len(rows)].unsqueeze(1) + sig.view(1, -1, 1, 1, 1) * noise).flatten(0, 1)
         p = torch.sigmoid(net(x, sig.repeat(len(rows))))
         out.append(p.view(len(rows), g, draws).mean(dim=2).cpu())

@@ -1,8 +1,9 @@
 """``make demo``: the ambient-ray pipeline on built-in data, on this machine, with no set-up.
 
-Stages so far: corrupt (digits -> 10 % clean, the rest blurred or JPEG-compressed), train (Ambient-o
-on Ray Train + DeepSpeed ZeRO-2, one CPU worker, a fixed σ_min for the corrupted rows until the
-annotate stage exists), sample (EDM Heun sampler). Everything is tracked in an MLflow store inside
+Stages: corrupt (digits -> 10 % clean, the rest blurred or JPEG-compressed), train-classifier (the
+noise classifier of Ambient-o Eq. 3.1 on Ray Train + DeepSpeed), annotate (σ_min per corrupted row
+from the classifier, Eq. 3.2, through a Ray Data actor pool), train (Ambient-o on Ray Train +
+DeepSpeed ZeRO-2, one CPU worker), sample (EDM Heun sampler). Everything is tracked in an MLflow store inside
 the output folder unless ``MLFLOW_TRACKING_URI`` names a server. Re-running starts afresh.
 
     python -m jobs.demo [--out demo_out] [--config jobs/configs/demo.yaml] [--set train.steps=300 ...]
@@ -18,7 +19,7 @@ import sys
 import yaml
 
 from ambient_ray import config as cfgmod
-from ambient_ray import corrupt, sample, storage, train
+from ambient_ray import annotate, corrupt, sample, storage, train, train_classifier
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         mlflow["artifact_location"] = os.path.join(out, "mlflow-artifacts")
 
-    print("== ambient-ray demo: 1/3 corrupt ==")
+    print("== ambient-ray demo: 1/5 corrupt ==")
     ccfg = cfgmod.build(corrupt.CorruptConfig, flags=dict(spec["corrupt"], out=f"{out}/corrupt", overwrite=True))
     result = corrupt.run(ccfg)
     print(result.summary())
     print(f"  Parquet shards: {result.out}/data/   clean vs corrupted (PNG): {result.out}/preview.png")
 
-    print("== ambient-ray demo: 2/3 train (Ray Train + DeepSpeed ZeRO-2, CPU) ==")
-    tspec = dict(spec["train"], data=result.out, out=f"{out}/train", mlflow=mlflow)
+    print("== ambient-ray demo: 2/5 train-classifier (noise classifier, Ray Train + DeepSpeed, CPU) ==")
+    kspec = dict(spec["classifier"], data=result.out, out=f"{out}/classifier", mlflow=mlflow)
+    kspec["cpus_per_worker"] = min(float(kspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
+    k = train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=kspec))
+    print(f"  done in {k['seconds']:.0f}s, accuracy {k['metrics'].get('accuracy', float('nan')):.3f}; "
+          f"P(clean) vs σ (PNG): {k['out']}/curves.png")  # fmt: skip
+
+    print("== ambient-ray demo: 3/5 annotate (σ_min per sample, Ray Data actors) ==")
+    aspec = dict(spec["annotate"], data=result.out, classifier=k["out"], out=f"{out}/annotated", mlflow=mlflow)
+    a = annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=aspec))
+    print(f"  {a['rows_out']} rows annotated, {a['rows_quarantined']} quarantined; mean σ_min of the corrupted rows "
+          f"{a['mean_sigma_min']:.2f} (" + ", ".join(f"{g}: {v:.2f}" for g, v in a["mean_sigma_min_by_group"].items()) + ")")  # fmt: skip
+    print(f"  histogram and curves (PNG): {a['out']}/sigma_min.png, {a['out']}/curves.png")
+
+    print("== ambient-ray demo: 4/5 train (Ray Train + DeepSpeed ZeRO-2, CPU) ==")
+    tspec = dict(spec["train"], data=a["out"], out=f"{out}/train", mlflow=mlflow)
     tspec["cpus_per_worker"] = min(float(tspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
     tcfg = cfgmod.build(train.TrainConfig, flags=tspec)
     s = train.run(tcfg)
@@ -57,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  σ coverage (PNG): {s['out']}/coverage.png   samples during training: {s['out']}/samples.png")
     print(f"  inference weights (safetensors): {s['out']}/model/")
 
-    print("== ambient-ray demo: 3/3 sample (EDM Heun) ==")
+    print("== ambient-ray demo: 5/5 sample (EDM Heun) ==")
     scfg = cfgmod.build(sample.SampleConfig, flags=dict(spec["sample"], checkpoint=s["out"], out=f"{out}/samples", mlflow=mlflow))
     r = sample.run(scfg)
     print(f"  {scfg.num} images: {r['samples']}   grid (PNG): {r['grid']}")
-    print(f"MLflow: training run {s['mlflow_run_id']}, sampling run {r['mlflow_run_id']} in {tracking}")
+    print(f"MLflow: classifier run {k['mlflow_run_id']}, annotation run {a.get('mlflow_run_id')}, training run "
+          f"{s['mlflow_run_id']}, sampling run {r['mlflow_run_id']} in {tracking}")  # fmt: skip
     if tracking.startswith("sqlite:"):
         print(f"  browse with: .venv/bin/mlflow ui --backend-store-uri {tracking}")
     return 0

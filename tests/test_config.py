@@ -76,3 +76,24 @@ def test_cli_reports_the_key_and_exits_2(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "clean_fractoin" in err and "unknown key" in err
+
+
+def test_demo_config_sections_validate():
+    """Every stage section of jobs/configs/demo.yaml builds its stage's config (as jobs/demo.py does)."""
+    import os
+
+    import yaml
+
+    from ambient_ray import annotate, corrupt, sample, train, train_classifier
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml")) as f:
+        spec = yaml.safe_load(f)
+    assert list(spec) == ["corrupt", "classifier", "annotate", "train", "sample"]
+    build = C.build
+    build(corrupt.CorruptConfig, flags=dict(spec["corrupt"], out="/tmp/x"))
+    k = build(train_classifier.ClassifierTrainConfig, flags=dict(spec["classifier"], data="/tmp/x", out="/tmp/y"))
+    t = build(train.TrainConfig, flags=dict(spec["train"], data="/tmp/x", out="/tmp/y"))
+    assert k.model.img_resolution == t.model.img_resolution and k.kind == "noise"
+    a = build(annotate.AnnotateConfig, flags=dict(spec["annotate"], data="/tmp/x", out="/tmp/z", classifier="/tmp/y"))
+    assert a.tau == 0.45 and t.ambient.corrupted_sigma_min is None  # σ_min comes from the annotation
+    build(sample.SampleConfig, flags=dict(spec["sample"], checkpoint="/tmp/y", out="/tmp/w"))
