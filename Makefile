@@ -28,6 +28,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/corrupt_throughput.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/annotate_throughput.py
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db

@@ -50,11 +50,16 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray import storage, thresholds
+from ambient_ray.classifier import crop_curves, noise_curves
 from ambient_ray.config import ConfigError, Strict
 from ambient_ray.corrupt import StageFailed
 from ambient_ray.tracking import MlflowConfig
 
 ANNOTATION_COLUMNS = ("sigma_min", "sigma_max", "annotation", "quality_score")
+CURVES_SCHEMA = pa.schema([
+    ("id", pa.string()), ("noise_curve", pa.list_(pa.float32())), ("crop_curve", pa.list_(pa.float32())),
+    ("score", pa.float32()), ("error", pa.string()),
+])  # fmt: skip
 
 
 class AnnotateConfig(Strict):
@@ -65,8 +70,8 @@ class AnnotateConfig(Strict):
     classifier: str | None = Field(None, description="noise classifier (train-classifier --kind noise output) for σ_min")
     crops_classifier: str | None = Field(None, description="crops classifier (--kind crops) for σ_max; needs 'locality'")
     locality: str | None = Field(None, description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)")
-    tau: float = Field(0.45, gt=0, lt=1, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
-    mode: thresholds.Mode = Field("per-sample", description="σ_min per sample (the paper's best) or one per dataset")
+    tau: float = Field(0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
+    mode: thresholds.Mode = Field("per-sample", description="σ_min per sample (the paper's best) or one per corrupted set (per corruption spec)")
     crops_mode: thresholds.Mode = "per-sample"
     grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
     grid_hi: float | None = Field(None, gt=0)
@@ -171,15 +176,15 @@ class CurveActor:
             y = (y8.float() / 127.5 - 1.0).to(self.device)
             seeds = [row_seed(self.plan["seed"], ids[i]) for i in rows]
             if self.noise is not None:
-                noise[rows] = noise_curves_of(self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward)
+                noise[rows] = noise_curves(self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward).numpy()
             if self.crops is not None:
-                crop[rows] = crop_curves_of(self.crops, y, self.crop_sizes, self.plan["draws"], seeds)
+                crop[rows] = crop_curves(self.crops, y, self.crop_sizes, self.plan["draws"], seeds).numpy()
             if self.scorer is not None:
                 score[rows] = self.scorer(y8.float() / 255.0).numpy()
         out = pa.table({
             "id": ids, "noise_curve": list(noise), "crop_curve": list(crop), "score": score, "error": errors,
-        })  # fmt: skip
-        write_parquet(storage.join(self.plan["out"], "curves", f"{name}.parquet"), out)
+        }, schema=CURVES_SCHEMA)  # fmt: skip
+        storage.write_parquet(storage.join(self.plan["out"], "curves", f"{name}.parquet"), out)
         summary = {"name": name, "rows": len(ids), "errors": len(ids) - len(ok), "seconds": time.perf_counter() - t0, "failed": ""}
         storage.write_bytes(storage.join(self.plan["out"], "_curves_done", f"{name}.json"), json.dumps(summary).encode())
         return summary
@@ -202,24 +207,6 @@ def curve_rows(ids: list[str], images: list[bytes], size: int, channels: int) ->
         arrays[i] = np.ascontiguousarray(arr.transpose(2, 0, 1))
         errors.append("")
     return arrays, errors
-
-
-def noise_curves_of(net, y, grid, draws, seeds, max_forward: int) -> np.ndarray:
-    from ambient_ray.classifier import noise_curves
-
-    return noise_curves(net, y, grid, draws, seeds, max_forward).numpy()
-
-
-def crop_curves_of(net, y, sizes, draws, seeds) -> np.ndarray:
-    from ambient_ray.classifier import crop_curves
-
-    return crop_curves(net, y, sizes, draws, seeds).numpy()
-
-
-def write_parquet(uri: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -271,8 +258,12 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
         "image_size": size, "channels": channels, "batch_size": cfg.batch_size, "num_cpus": cfg.num_cpus,
         "num_gpus": cfg.num_gpus, "debug_fail_shard": cfg.debug_fail_shard, "max_forward": cfg.max_forward,
     })  # fmt: skip
-    if cfg.scorer and storage.exists(cfg.scorer):
-        plan["digests"]["scorer"] = _file_digest(cfg.scorer)
+    if cfg.scorer:
+        from ambient_ray.scorers import load_scorer, scorer_file
+
+        load_scorer(cfg.scorer)  # refuse a bad scorer here, not in every actor
+        if scorer_file(cfg.scorer):
+            plan["digests"]["scorer"] = _file_digest(scorer_file(cfg.scorer))
     keep = {k: plan[k] for k in ("classifier", "crops_classifier", "digests", "grid", "draws", "seed", "weights", "scorer", "crop_sizes")}
     keep["files"] = [(_shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files]
     plan["fingerprint"] = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -321,11 +312,15 @@ def annotate_rows(cfg: AnnotateConfig, plan: dict, meta, curves) -> dict:
     rest = usable & ~fixed & ~clean
     crossed_all = np.ones(n, bool)
     if cfg.classifier and rest.any():
-        cur = np.stack(curves["noise_curve"].to_numpy()[rest])
-        s, crossed = thresholds.sigma_min(torch.from_numpy(cur), torch.tensor(plan["grid"]), cfg.tau, cfg.mode)
-        smin[rest] = s.numpy()
-        crossed_all[rest] = crossed.numpy()
-        label[rest] = np.where(crossed.numpy(), "classifier", "classifier:never-crossed")
+        # per dataset = one σ_min per corrupted set: the curves are pooled within each corruption spec
+        sets = meta["corruption"].fillna("").astype(str).to_numpy() if "corruption" in meta else np.full(n, "")
+        for name in dict.fromkeys(sets[rest]):
+            sel = rest & (sets == name)
+            cur = np.stack(curves["noise_curve"].to_numpy()[sel])
+            s, crossed = thresholds.sigma_min(torch.from_numpy(cur), torch.tensor(plan["grid"]), cfg.tau, cfg.mode)
+            smin[sel] = s.numpy()
+            crossed_all[sel] = crossed.numpy()
+            label[sel] = np.where(crossed.numpy(), "classifier", "classifier:never-crossed")
     elif rest.any():
         smin[rest] = cfg.fixed_sigma_min
         label[rest] = "fixed"
@@ -354,11 +349,12 @@ def write_outputs(cfg: AnnotateConfig, out: str, files: list[str], meta, rows: d
         name = _shard_name(f)
         good = t.filter(pa.array(ok))
         gi = idx[ok]
-        quality = pa.array(rows["quality"][gi].astype(str))
-        if "quality" in good.column_names:
-            good = good.set_column(good.column_names.index("quality"), "quality", quality)
-        elif cfg.scorer:
-            good = good.append_column("quality", quality)
+        if cfg.scorer:  # the scorer's split replaces the quality column (otherwise it is kept as it was)
+            quality = pa.array(rows["quality"][gi].astype(str))
+            if "quality" in good.column_names:
+                good = good.set_column(good.column_names.index("quality"), "quality", quality)
+            else:
+                good = good.append_column("quality", quality)
         good = good.append_column("sigma_min", pa.array(rows["sigma_min"][gi], pa.float32()))
         good = good.append_column("sigma_max", pa.array(rows["sigma_max"][gi], pa.float32()))
         good = good.append_column("annotation", pa.array(rows["annotation"][gi].astype(str)))
@@ -366,7 +362,7 @@ def write_outputs(cfg: AnnotateConfig, out: str, files: list[str], meta, rows: d
             good = good.append_column("quality_score", pa.array(rows["score"][gi], pa.float32()))
         md = dict(good.schema.metadata or {})
         md[b"ambient_ray.annotation"] = json.dumps(provenance).encode()
-        write_parquet(storage.join(out, "data", f"{name}.parquet"), good.replace_schema_metadata(md))
+        storage.write_parquet(storage.join(out, "data", f"{name}.parquet"), good.replace_schema_metadata(md))
         bad = t.filter(pa.array(~ok))
         qpath = storage.join(out, "quarantine", f"{name}.parquet")
         if bad.num_rows:
@@ -375,7 +371,7 @@ def write_outputs(cfg: AnnotateConfig, out: str, files: list[str], meta, rows: d
                 "stage": pa.array(["annotate"] * bad.num_rows), "reason": pa.array(err[idx[~ok]].astype(str)),
                 "image": bad.column("image"),
             })  # fmt: skip
-            write_parquet(qpath, q)
+            storage.write_parquet(qpath, q)
         elif storage.exists(qpath):
             storage.delete(qpath)
         n_out += good.num_rows
@@ -390,16 +386,15 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     """Run the annotate stage (Ray started in-process if not connected); returns the summary."""
     import pandas as pd
     import ray
-    import ray.data
 
-    from ambient_ray import tracking
     from ambient_ray.datasets import data_dir
     from ambient_ray.engine import load_metadata
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    if storage.normalize(cfg.data) == out:
-        raise ConfigError("config key 'out': must differ from 'data' (the input shards are read while the output is written)")
+    inp = data_dir(cfg.data)
+    if any(a == b or a.startswith(b.rstrip("/") + "/") for a, b in ((inp, out), (out, inp), (storage.normalize(cfg.data), out))):
+        raise ConfigError(f"config key 'out': {out} overlaps the input shards in {inp}; write the annotation elsewhere")
     if not (cfg.classifier or cfg.crops_classifier or cfg.fixed or cfg.scorer or cfg.fixed_sigma_min is not None):
         raise ConfigError("nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, --scorer or fixed_sigma_min")
     files = storage.list_files(data_dir(cfg.data), (".parquet",))
@@ -414,7 +409,8 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
                 f"{out} already holds curves from other classifiers, grid, draws, seed or data; "
                 "use another 'out' or set overwrite=true to recompute them"
             )
-        for sub in ("curves", "_curves_done", "data", "quarantine"):
+        for sub in ("curves", "_curves_done", "data", "quarantine", "locality.json", "annotation.json", "summary.json",
+                    "sigma_min.png", "sigma_max.png", "curves.png", "crop_curves.png"):  # fmt: skip
             storage.delete(storage.join(out, sub))
     storage.write_bytes(manifest_uri, json.dumps({"fingerprint": plan["fingerprint"], "shards": len(files)}).encode())
     cfgmod.save_resolved(cfg, out)
@@ -453,7 +449,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     usable = rows["usable"]
     group = _groups(meta, rows)
     by_group = {g: rows["sigma_min"][(group == g) & usable] for g in dict.fromkeys(group[usable])}
-    annotated = usable & np.isin(rows["annotation"], ["classifier", "classifier:never-crossed", "fixed"])
+    annotated = usable & (rows["annotation"] != "clean")
     summary = {
         "out": out, "rows_in": len(meta), "rows_out": n_out, "rows_quarantined": n_q,
         "shards": len(files), "shards_run": len(results), "shards_skipped": len(files) - len(results),
@@ -469,6 +465,8 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
     files_out = _plots(cfg, plan, out, curves, rows, group, summary)
     _track(cfg, out, summary, files_out)
+    if summary.get("mlflow_run_id"):
+        storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
     return summary
 
 
@@ -513,8 +511,7 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
 def _groups(meta, rows) -> np.ndarray:
     """A label per row for plots and reports: 'clean', the corruption spec, or the annotation rule."""
     corr = meta["corruption"].fillna("").astype(str).to_numpy() if "corruption" in meta else np.full(len(meta), "", dtype=object)
-    g = np.where(corr != "", corr, np.where(rows["quality"] == "clean", "clean", rows["quality"]))
-    return g.astype(str)
+    return np.where(corr != "", corr, rows["quality"]).astype(str)
 
 
 def _plots(cfg, plan, out, curves, rows, group, summary) -> dict[str, bytes]:

@@ -238,10 +238,7 @@ def process_shard(batch: dict, *, source, source_cfg: SourceConfig, specs: list,
 
 
 def _write_table(uri: str, rows: list[dict], schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    storage.write_parquet(uri, pa.Table.from_pylist(rows, schema=schema))
 
 
 def _fingerprint(cfg: CorruptConfig, ids: list[str]) -> str:

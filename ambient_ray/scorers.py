@@ -31,6 +31,13 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     return lap.flatten(1).var(dim=1)
 
 
+def scorer_file(spec: str) -> str | None:
+    """The file a scorer spec reads (TorchScript file, or timm weights), None for built-ins."""
+    if spec == "sharpness":
+        return None
+    return spec[len("timm:") :].partition("@")[2] or None if spec.startswith("timm:") else spec
+
+
 def load_scorer(spec: str, device: str = "cpu") -> Scorer:
     """``sharpness``, a TorchScript URI, or ``timm:ARCH@WEIGHTS_URI``; a clear error for anything else."""
     if spec == "sharpness":

@@ -170,6 +170,16 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise _wrap(uri, e) from None
 
 
+def write_parquet(uri: str, table) -> None:
+    """A pyarrow table as one zstd Parquet file at ``uri``, atomically (:func:`write_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     try:

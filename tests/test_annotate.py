@@ -102,7 +102,8 @@ def test_new_tau_and_per_dataset_mode_reuse_the_curves(annotated, blurred, noise
     assert again["shards_run"] == 0 and again["shards_skipped"] == 4  # curves kept: only thresholds recomputed
     df = rows_of(out)
     corrupted = df[df.quality == "corrupted"]
-    assert corrupted.sigma_min.nunique() == 1  # one σ_min for the whole dataset
+    assert (corrupted.groupby("corruption").sigma_min.nunique() == 1).all()  # one σ_min per corrupted set
+    assert corrupted.groupby("corruption").sigma_min.first().is_monotonic_increasing  # blur 0.3 < 0.8 < 2.5
     # put the per-sample annotation back for the other tests
     annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
 
@@ -168,6 +169,7 @@ def test_bad_rows_are_quarantined_and_counted(blurred, noise_clf, tmp_path):
             img[1] = encode_png(np.zeros((16, 16, 1), np.uint8))
             t = t.set_column(t.column_names.index("image"), "image", pa.array(img, pa.binary()))
         storage.write_bytes(f"{data}/data/{f.rsplit('/', 1)[1]}", _pq_bytes(t))
+    storage.write_bytes(f"{data}/data/shard-09999.parquet", _pq_bytes(t.slice(0, 0)))  # an empty shard
     s = annotate.run(acfg(str(data), str(tmp_path / "o"), classifier=noise_clf[0]), progress=False)
     assert s["rows_in"] == 1797 and s["rows_out"] == 1795 and s["rows_quarantined"] == 2
     q = rows_of(str(tmp_path / "o"), "quarantine")
@@ -186,6 +188,9 @@ def test_fixed_per_source_and_nothing_to_annotate(blurred, tmp_path):
     s = annotate.run(acfg(blurred, str(tmp_path / "f"), fixed={"digits": 2.0}), progress=False)
     df = rows_of(str(tmp_path / "f"))
     assert (df.sigma_min == 2.0).all() and set(df.annotation) == {"fixed:digits"} and s["rows_out"] == 1797
+    assert s["mean_sigma_min"] == 2.0
+    with pytest.raises(ConfigError, match="overlaps the input shards"):
+        annotate.run(acfg(blurred, f"{blurred}/data/annotated", fixed={"digits": 2.0}), progress=False)
     with pytest.raises(ConfigError, match="rows are not clean and nothing annotates them"):
         annotate.run(acfg(blurred, str(tmp_path / "g"), fixed={"faces": 1.0}), progress=False)
 
