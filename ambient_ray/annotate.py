@@ -21,7 +21,7 @@ Two phases.
    - the row's ``source`` is in ``fixed`` (``--fixed source=sigma``) -> that σ_min (annotation ``fixed:SOURCE``);
    - ``quality=clean`` -> 0 (``clean``);
    - a noise classifier -> σ_min from its curve: the first grid σ with probability > τ (Eq. 3.2), per
-     sample or per dataset (``classifier``; a curve that never crosses gets the top of the grid and
+     sample or per dataset, one per corruption spec (``classifier``; a curve that never crosses gets the top of the grid and
      ``classifier:never-crossed``, and is counted in the report);
    - ``fixed_sigma_min`` -> that σ_min (``fixed``).
 
