@@ -1,0 +1,93 @@
+"""Sample-quality metrics on feature vectors, in pure torch/numpy (no Ray): issue 5 groundwork.
+
+Every metric takes (N, D) feature arrays (from whichever feature network) and is checked against an
+analytic answer in ``tests/test_metrics.py``.
+
+- Fréchet distance (Heusel et al. 2017): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) between Gaussians
+  fitted to the two feature sets (FID with Inception features, FD_DINOv2 with DINOv2 features).
+- k-NN precision and recall (Kynkäänniemi et al. 2019): the share of generated samples inside the
+  union of real samples' k-NN balls, and the share of real samples inside the generated ones'.
+- Vendi score (Friedman and Dieng 2023): exp of the entropy of the eigenvalues of K/n, K the cosine
+  similarity matrix: 1 for n identical samples, n for n orthogonal ones.
+- Memorization: each generated sample's distance to its nearest training sample over the distance
+  to the second nearest; a ratio below 1/3 flags a (near-)copy; the share flagged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as64(x) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or inf")
+    return x
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased) of (N, D) features."""
+    x = _as64(features)
+    return x.mean(0).numpy(), torch.cov(x.T).reshape(x.shape[1], x.shape[1]).numpy()
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2·sqrtm(Σ₁Σ₂)); a tiny ridge is added when the product is singular."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched statistics: means {mu1.shape} {mu2.shape}, covariances {s1.shape} {s2.shape}")
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        ridge = np.eye(len(mu1)) * eps
+        covmean = linalg.sqrtm((s1 + ridge) @ (s2 + ridge))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """FD between two (N, D) feature sets."""
+    return frechet_distance_from_stats(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
+def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row."""
+    if not 1 <= k < len(x):
+        raise ValueError(f"k must be in [1, {len(x) - 1}] for {len(x)} samples (got {k})")
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the row itself at distance 0
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """k-NN precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
+    r, f = _as64(real), _as64(fake)
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"feature sizes differ: {r.shape[1]} vs {f.shape[1]}")
+    rr, rf = _kth_radius(r, k), _kth_radius(f, k)
+    precision = (torch.cdist(f, r) <= rr.unsqueeze(0)).any(dim=1).double().mean()
+    recall = (torch.cdist(r, f) <= rf.unsqueeze(0)).any(dim=1).double().mean()
+    return float(precision), float(recall)
+
+
+def vendi_score(features) -> float:
+    """exp(−Σ λᵢ log λᵢ), λ the eigenvalues of K/n with K the cosine similarity of the rows."""
+    x = _as64(features)
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    lam = torch.linalg.eigvalsh(x @ x.T / len(x)).clamp(min=0)
+    lam = lam[lam > 1e-12]
+    return float(torch.exp(-(lam * lam.log()).sum()))
+
+
+def memorization(generated, training, threshold: float = 1.0 / 3.0) -> tuple[float, np.ndarray]:
+    """(share of generated samples with d₁/d₂ < threshold, the ratios), d₁ and d₂ the distances to
+    the nearest and second nearest training samples."""
+    g, t = _as64(generated), _as64(training)
+    d = torch.cdist(g, t).topk(2, dim=1, largest=False).values
+    ratio = d[:, 0] / d[:, 1].clamp(min=1e-12)
+    return float((ratio < threshold).double().mean()), ratio.numpy()
