@@ -26,11 +26,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from ambient_ray.ambient import edm_precond
-from ambient_ray.config import Strict
 from ambient_ray.unet import Mlp, UNetConfig, build_encoder, noise_embedding
 
 Kind = Literal["noise", "crops"]

@@ -106,6 +106,20 @@ def one_shape(meta, data: str) -> tuple[int, int]:
     return int(h), int(c)
 
 
+def check_run(cfg: EngineConfig, meta, img_resolution: int, in_channels: int) -> tuple[int, int]:
+    """Before any worker starts: the data's one shape matches the model's, and the DeepSpeed options agree."""
+    h, c = one_shape(meta, cfg.data)
+    if h != img_resolution or c != in_channels:
+        raise ConfigError(
+            f"config key 'model.img_resolution'/'model.in_channels': the data is {h}x{h} with {c} channels but the "
+            f"model is {img_resolution}x{img_resolution} with {in_channels}; "
+            f"set --set model.img_resolution={h} --set model.in_channels={c}"
+        )
+    if cfg.zero_stage == 0 and cfg.offload_optimizer:
+        raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    return h, c
+
+
 def row_rank(ids, world: int) -> np.ndarray:
     return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=4).digest(), "big") % world for i in ids])
 
@@ -235,6 +249,15 @@ class Worker:
         with self.gathered():
             for e, p in zip(self.ema, self.engine.module.parameters()):
                 e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def end_step(self) -> tuple[bool, bool]:
+        """After an optimizer step: count it, update the EMA, fail where a test planted it; returns
+        (log now, checkpoint now), from ``log_every``, ``checkpoint_every`` and the last step."""
+        self.step += 1
+        self.update_ema()
+        self.maybe_fail()
+        checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+        return checkpoint or self.step % self.cfg.log_every == 0, checkpoint
 
     def maybe_fail(self) -> None:
         """Tests: a planted failure at ``debug_fail_at_step``, once per output folder."""

@@ -18,7 +18,6 @@ the network), ``coverage.json`` and ``coverage.png`` (the σ donut), ``samples.p
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -28,10 +27,8 @@ from pydantic import Field
 from ambient_ray import ambient, engine, storage
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict
-from ambient_ray.engine import EngineConfig, OptimConfig, data_dir, load_metadata  # noqa: F401 (re-exported)
+from ambient_ray.engine import EngineConfig, load_metadata
 from ambient_ray.unet import UNetConfig, build_denoiser
-
-_lr_lambda = engine.lr_lambda  # re-exported for benchmarks/train_overhead.py
 
 
 class AmbientConfig(Strict):
@@ -84,18 +81,6 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     return smin.astype(np.float32), smax.astype(np.float32), origin
 
 
-def check_shapes(meta, cfg: TrainConfig) -> tuple[int, int]:
-    """One (resolution, channels) for the whole dataset, matching the model config."""
-    h, c = engine.one_shape(meta, cfg.data)
-    if h != cfg.model.img_resolution or c != cfg.model.in_channels:
-        raise ConfigError(
-            f"config key 'model.img_resolution'/'model.in_channels': the data is {h}x{h} with {c} channels but the "
-            f"model is {cfg.model.img_resolution}x{cfg.model.img_resolution} with {cfg.model.in_channels}; "
-            f"set --set model.img_resolution={h} --set model.in_channels={c}"
-        )
-    return h, c
-
-
 def model_meta(cfg: TrainConfig) -> dict:
     """``model.json``: what rebuilds the network for sampling."""
     return {"kind": "denoiser", "model": cfg.model.model_dump(mode="json"), "sigma_data": cfg.ambient.sigma_data}
@@ -143,12 +128,9 @@ def train_loop(config: dict) -> None:
             bucket_loss.index_add_(0, k, per_sample.detach().float().cpu())
             bucket_n.index_add_(0, k, torch.ones_like(b.sigma))
             seen += cfg.batch_size
-        w.step += 1
-        w.update_ema()
-        w.maybe_fail()
-
-        step, last = w.step, w.step == cfg.steps
-        if step % cfg.log_every == 0 or last or step % cfg.checkpoint_every == 0:
+        log_now, checkpoint_now = w.end_step()
+        step = w.step
+        if log_now:
             now = time.perf_counter()
             # summed over ranks: the interval's loss per σ bucket, and the σ-coverage counters
             c = sampler.coverage
@@ -171,7 +153,7 @@ def train_loop(config: dict) -> None:
             bucket_loss.zero_()
             bucket_n.zero_()
             t_last, seen = now, 0
-            if step % cfg.checkpoint_every == 0 or last:
+            if checkpoint_now:
                 files = None
                 if rank == 0:
                     files = {"coverage.json": json.dumps({"donut": view.donut(), "redraws": view.coverage.redraws, "rows": view.n})}
@@ -206,9 +188,7 @@ def run(cfg: TrainConfig) -> dict:
         table = read_table(table_uri)
         cfg.ambient.crop_sigmas, cfg.ambient.crop_sizes = table["sigmas"], table["crop"]
     smin, smax, origin = resolve_sigmas(meta, cfg)
-    check_shapes(meta, cfg)
-    if cfg.zero_stage == 0 and cfg.offload_optimizer:
-        raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    engine.check_run(cfg, meta, cfg.model.img_resolution, cfg.model.in_channels)
     engine.check_resume(cfg, out, model_meta(cfg))
     cfgmod.save_resolved(cfg, out)
 

@@ -143,11 +143,9 @@ def classifier_loop(config: dict) -> None:
             loss_sum += float(loss.detach()) * len(y)
             correct += float(((logits.detach() > 0).float().cpu() == y).sum())
             seen += len(y)
-        w.step += 1
-        w.update_ema()
-        w.maybe_fail()
-        step, last = w.step, w.step == cfg.steps
-        if step % cfg.log_every == 0 or last or step % cfg.checkpoint_every == 0:
+        log_now, checkpoint_now = w.end_step()
+        step = w.step
+        if log_now:
             now = time.perf_counter()
             tot = w.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
             metrics = {
@@ -162,7 +160,7 @@ def classifier_loop(config: dict) -> None:
                 w.log(metrics)
             loss_sum = correct = seen = 0.0
             t_last = now
-            if step % cfg.checkpoint_every == 0 or last:
+            if checkpoint_now:
                 w.save_and_report(metrics)
 
 
@@ -176,17 +174,10 @@ def run(cfg: ClassifierTrainConfig) -> dict:
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     meta = load_metadata(cfg.data)
-    h, c = engine.one_shape(meta, cfg.data)
-    if h != cfg.model.img_resolution or c != cfg.model.in_channels:
-        raise ConfigError(
-            f"config key 'model.img_resolution'/'model.in_channels': the data is {h}x{h} with {c} channels; "
-            f"set --set model.img_resolution={h} --set model.in_channels={c}"
-        )
+    h, _ = engine.check_run(cfg, meta, cfg.model.img_resolution, cfg.model.in_channels)
     if cfg.kind == "crops" and max(cfg.resolved_crop_sizes()) > h:
         raise ConfigError(f"config key 'crop_sizes': {cfg.crop_sizes} has sizes above the image size {h}")
     labels = labels_of(meta, cfg)
-    if cfg.zero_stage == 0 and cfg.offload_optimizer:
-        raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
     engine.check_resume(cfg, out, model_meta(cfg))
     cfgmod.save_resolved(cfg, out)
     n_good, n_bad = int((labels == 1).sum()), int((labels == 0).sum())

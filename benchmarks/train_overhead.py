@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from ambient_ray import ambient, train
+from ambient_ray import ambient, engine, train
 from ambient_ray.corrupt import CorruptConfig
 from ambient_ray.corrupt import run as corrupt_run
 from ambient_ray.datasets import SourceConfig, decode_png
@@ -38,10 +38,10 @@ def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ambient_ray import storage
 
-    meta = train.load_metadata(cfg.data)
+    meta = engine.load_metadata(cfg.data)
     smin, _, _ = train.resolve_sigmas(meta, cfg)
     by_id = {}
-    for f in storage.list_files(train.data_dir(cfg.data), (".parquet",)):
+    for f in storage.list_files(engine.data_dir(cfg.data), (".parquet",)):
         t = pq.read_table(f, columns=["id", "image"]).to_pydict()
         by_id.update(zip(t["id"], t["image"]))
     imgs = np.stack([decode_png(by_id[i]).transpose(2, 0, 1) for i in meta["id"]])
@@ -60,7 +60,7 @@ def plain_loop(cfg: train.TrainConfig, images, smin, steps: int, warmup: int, ob
     ema = [p.detach().clone().float() for p in params]
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, train._lr_lambda(o, warmup + steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_lambda(o, warmup + steps))
     a = cfg.ambient
     sampler = ambient.SigmaSampler(smin, lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std)
     gen = torch.Generator().manual_seed(0)
