@@ -195,6 +195,81 @@ def _run_annotate(args) -> int:
     return 0
 
 
+def _features_parser(sub) -> None:
+    p = sub.add_parser("features", help="train the in-project feature network for FD on built-in data (no download)")
+    _common(p)
+    p.add_argument("--dataset", help="built-in name (digits, faces, photos) or a stage output URI")
+    p.add_argument("--where", help="row filter on a stage output, e.g. quality=clean")
+    p.add_argument("--out", help="output URI (use it as --features net@OUT)")
+    p.add_argument("--steps", type=int)
+
+
+def _run_features(args) -> int:
+    from ambient_ray import features
+
+    flags = {"dataset": args.dataset, "where": args.where, "out": args.out, "steps": args.steps}
+    cfg = cfgmod.build(features.FeaturesConfig, args.config, args.sets, flags)
+    s = features.run(cfg, progress=not args.no_progress)
+    print(f"features: trained on {s['task']}, held-out accuracy {s['accuracy']:.3f}; use --features {s['spec']}")
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="FD, precision/recall, Vendi, memorization and proximal FD of samples")
+    _common(p)
+    p.add_argument("--samples", help="generated images: a sample output folder, .npy, or stage output")
+    p.add_argument("--reference", help="reference images: built-in name, .npy, or stage output")
+    p.add_argument("--reference-where", help="row filter on the reference, e.g. quality=clean")
+    p.add_argument("--holdout", help="held-out reference (adds fd_holdout)")
+    p.add_argument("--features", help="pixels, inception@WEIGHTS, dinov2[:ARCH]@WEIGHTS or net@FOLDER (default pixels)")
+    p.add_argument("--train", help="training data (adds the memorization share)")
+    p.add_argument("--proximal", help="corruption spec of the training data (adds proximal FD)")
+    p.add_argument("--proximal-reference", help="corrupted training rows (default: --train)")
+    p.add_argument("--out", help="output URI (metrics.json)")
+
+
+def _run_evaluate(args) -> int:
+    from ambient_ray import evaluate
+
+    flags = {"samples": args.samples, "reference": args.reference, "reference_where": args.reference_where,
+             "holdout": args.holdout, "features": args.features, "train": args.train, "proximal": args.proximal,
+             "proximal_reference": args.proximal_reference, "out": args.out}  # fmt: skip
+    cfg = cfgmod.build(evaluate.EvaluateConfig, args.config, args.sets, flags)
+    s = evaluate.run(cfg, progress=not args.no_progress)
+    d = s["details"]
+    print(f"evaluate: {d['samples']} samples vs {d['reference']} reference images, features {d['features']} ({d['dim']}-d)")
+    for k, v in s["metrics"].items():
+        print(f"  {k:14s} {v:.4f}")
+    print(f"  report: {s['out']}/metrics.json" + (f"   MLflow run {s['mlflow_run_id']}" if s["mlflow_run_id"] else ""))
+    return 0
+
+
+def _experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="the controlled experiment: only-clean, all-data, ambient-fixed, ambient-o, oracle")
+    _common(p)
+    p.add_argument("--dataset", help="built-in name or URI of clean images (default digits)")
+    p.add_argument("--corruption", action="append", help="corruption spec (repeatable)")
+    p.add_argument("--clean-fraction", type=float)
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--arms", help="comma-separated arms (default: all five)")
+    p.add_argument("--out", help="output URI")
+
+
+def _run_experiment(args) -> int:
+    from ambient_ray import experiment
+
+    def csv(v, cast=str):
+        return None if v is None else [cast(x.strip()) for x in v.split(",") if x.strip()]
+
+    flags = {"dataset": args.dataset, "corruption": args.corruption, "clean_fraction": args.clean_fraction,
+             "seeds": csv(args.seeds, int), "arms": csv(args.arms), "out": args.out}  # fmt: skip
+    cfg = cfgmod.build(experiment.ExperimentConfig, args.config, args.sets, flags)
+    s = experiment.run(cfg, progress=not args.no_progress)
+    print(f"experiment: {s['minutes']:.0f} min; table: {s['out']}/results.md, results.json, results.png"
+          + (f"; MLflow parent run {s['mlflow_run_id']}" if s["mlflow_run_id"] else ""))  # fmt: skip
+    return 0
+
+
 STAGES = {
     "corrupt": (_corrupt_parser, _run_corrupt),
     "train-classifier": (_classifier_parser, _run_classifier),
@@ -202,6 +277,9 @@ STAGES = {
     "annotate": (_annotate_parser, _run_annotate),
     "train": (_train_parser, _run_train),
     "sample": (_sample_parser, _run_sample),
+    "features": (_features_parser, _run_features),
+    "evaluate": (_evaluate_parser, _run_evaluate),
+    "experiment": (_experiment_parser, _run_experiment),
 }
 
 

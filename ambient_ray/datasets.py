@@ -14,6 +14,7 @@ use).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -48,6 +49,8 @@ class SourceConfig(Strict):
     limit: int | None = Field(None, ge=1, description="use only the first N items")
     photos_count: int = Field(2000, ge=1, description="number of crops for the built-in 'photos'")
     photos_crop: int = Field(32, ge=4, description="crop size for the built-in 'photos'")
+    holdout: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of items held out, chosen by a hash of the id (the same for every seed)")
+    part: Literal["train", "holdout"] = Field("train", description="with holdout > 0: read the training part or the held-out part")
 
 
 # ------------------------------------------------------------------------------ built-ins
@@ -310,6 +313,10 @@ def list_items(source: Source, cfg: SourceConfig) -> list[tuple[str, Any]]:
     items = source.list_items()
     if cfg.repeat > 1 and not isinstance(source, BuiltinSource):
         items = [(f"{i}-r{r}", loc) for r in range(cfg.repeat) for i, loc in items]
+    if cfg.holdout > 0:
+        ranked = sorted(range(len(items)), key=lambda i: hashlib.blake2b(f"holdout/{items[i][0]}".encode(), digest_size=8).digest())
+        held = set(ranked[: int(round(cfg.holdout * len(items)))])
+        items = [it for i, it in enumerate(items) if (i in held) == (cfg.part == "holdout")]
     if cfg.limit is not None:
         items = items[: cfg.limit]
     if not items:
@@ -407,6 +414,74 @@ def read_images(uri: str, ids: set[str] | None = None):
     if not imgs:
         raise ValueError(f"no rows read from {uri}" + (f" among {len(ids)} ids asked for" if ids is not None else ""))
     return got, torch.from_numpy(np.stack(imgs))
+
+
+FILTER_FIELDS = ("quality", "source", "label", "corruption")
+
+
+def parse_filter(spec: str) -> tuple[str, set[str]]:
+    """A row filter ``FIELD=V1[,V2...]``: ``label=0,1`` -> ('label', {'0', '1'})."""
+    field, eq, values = spec.partition("=")
+    field = field.strip()
+    vals = {v.strip() for v in values.split(",") if v.strip()}
+    if not eq or field not in FILTER_FIELDS or not vals:
+        raise ValueError(f"row filter {spec!r}: expected FIELD=V1[,V2...] with FIELD one of {', '.join(FILTER_FIELDS)}")
+    return field, vals
+
+
+def match(meta, spec: str) -> np.ndarray:
+    """Boolean mask of the rows of a metadata frame that a row filter selects."""
+    field, vals = parse_filter(spec)
+    if field not in meta:
+        raise ValueError(f"row filter {spec!r}: the dataset has no '{field}' column")
+    return meta[field].astype(str).isin(vals).to_numpy()
+
+
+def read_array(uri: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images (N, H, W, C), labels or None) of a built-in dataset name, a ``.npy`` file or a
+    sample output folder (``samples.npy``), or a stage output's Parquet rows (those ``where`` selects)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if uri in BUILTINS:
+        if where:
+            raise ValueError(f"row filter {where!r}: the built-in {uri!r} has no row columns; corrupt it first")
+        imgs, labels = _builtin_arrays(uri, 2000, 32)
+        return imgs, labels
+    uri = storage.normalize(uri)
+    npy = uri if uri.endswith(".npy") else storage.join(uri, "samples.npy")
+    if storage.exists(npy):
+        if where:
+            raise ValueError(f"row filter {where!r}: {npy} is an image array without row columns")
+        arr = np.load(io.BytesIO(storage.read_bytes(npy)), allow_pickle=False)
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.ndim != 4 or arr.dtype != np.uint8:
+            raise ValueError(f"{npy}: expected uint8 images (N, H, W, C), got {arr.dtype} {arr.shape}")
+        return arr, None
+    files = storage.list_files(data_dir(uri), (".parquet",))
+    if not files:
+        raise FileNotFoundError(f"no images at {uri}: expected a built-in name ({', '.join(BUILTINS)}), a .npy file, "
+                                "a sample output (samples.npy) or a stage output with Parquet shards")  # fmt: skip
+    frames = []
+    for f in files:
+        fs, path = storage.filesystem(f)
+        names = pq.read_schema(path, filesystem=fs).names
+        cols = [c for c in ("id", "image", "label", *FILTER_FIELDS) if c in names]
+        frames.append(pq.read_table(path, filesystem=fs, columns=list(dict.fromkeys(cols))).to_pandas())
+    meta = pd.concat(frames, ignore_index=True)
+    if where:
+        meta = meta[match(meta, where)]
+    if meta.empty:
+        raise ValueError(f"no rows in {uri}" + (f" match {where!r}" if where else ""))
+    imgs = [decode_png(b) for b in meta["image"]]
+    shapes = {a.shape for a in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"images of mixed shapes in {uri}: {sorted(shapes)[:4]}")
+    labels = None
+    if "label" in meta and meta["label"].notna().all():
+        labels = meta["label"].to_numpy(dtype=np.int64)
+    return np.stack(imgs), labels
 
 
 # ------------------------------------------------------------------------------ Ray Data

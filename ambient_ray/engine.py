@@ -162,15 +162,19 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
 
 def load_rank_rows(rank: int, world: int, per_row: dict[str, dict], label_dim: int = 0):
     """This rank's rows of the Ray Data shard "train", sorted by id: ids, images uint8 (N, C, H, W),
-    ``{name: tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None)."""
+    ``{name: tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None).
+    Rows without per-row values (filtered out on the driver) are skipped."""
     import ray.train
 
     from ambient_ray.datasets import decode_png
 
+    known = next(iter(per_row.values())) if per_row else None
     it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
     ids, imgs, labels = [], [], []
     for batch in it:
         keep = row_rank(batch["id"], world) == rank
+        if known is not None:
+            keep &= np.array([i in known for i in batch["id"]], dtype=bool)
         for j in np.nonzero(keep)[0]:
             ids.append(str(batch["id"][j]))
             imgs.append(decode_png(batch["image"][j]).transpose(2, 0, 1))
@@ -379,6 +383,9 @@ def fit(cfg: EngineConfig, loop: Callable[[dict], None], loop_config: dict, colu
     data_fs, data_path = storage.filesystem(data_dir(cfg.data))
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"])
     ds = ds.select_columns(columns).materialize()
+    # the workers' pass over the materialized rows runs with the dataset's own Data context: no
+    # progress bar for it (its bar would stay on the job's output, redrawn by an idle process)
+    ds.context.enable_progress_bars = False
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -396,14 +403,7 @@ def fit(cfg: EngineConfig, loop: Callable[[dict], None], loop_config: dict, colu
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    # the workers' pass over the materialized rows takes the driver's Data context: no progress bar
-    # for it (it would stay on the job's output, redrawn beside every progress line)
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        return trainer.fit()
-    finally:
-        ctx.enable_progress_bars = bars
+    return trainer.fit()
 
 
 def export_weights(out: str, ckpt: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 from pydantic import Field
 
@@ -21,6 +22,7 @@ class MlflowConfig(Strict):
     experiment: str = "ambient-ray"
     artifact_location: str | None = Field(None, description="artifact root of a new experiment (default: the server's or store's own)")
     run_name: str | None = None
+    parent_run_id: str | None = Field(None, description="nest this job's run under another run (e.g. an experiment arm)")
     enabled: bool = True
 
 
@@ -46,12 +48,27 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
         return run_id, uri
     exp = client.get_experiment_by_name(mcfg.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(mcfg.experiment, artifact_location=mcfg.artifact_location)
-    run = client.create_run(exp_id, run_name=mcfg.run_name, tags={"out": out, **(tags or {})})
+    tags = {"out": out, **(tags or {})}
+    if mcfg.parent_run_id:
+        tags["mlflow.parentRunId"] = mcfg.parent_run_id
+    run = client.create_run(exp_id, run_name=mcfg.run_name, tags=tags)
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     storage.write_bytes(marker, json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}).encode())
     return run.info.run_id, uri
+
+
+def log_metrics(run_id: str | None, uri: str | None, values: dict[str, float], step: int = 0) -> None:
+    """Log a dict of numbers as metrics of a run (one batch)."""
+    if not run_id:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(values.items())]
+    MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
 def log_files(run_id: str | None, uri: str | None, files: dict[str, bytes], artifact_path: str | None = None) -> None:

@@ -49,6 +49,7 @@ class TrainConfig(EngineConfig):
     model: UNetConfig = Field(default_factory=UNetConfig)
     ambient: AmbientConfig = Field(default_factory=AmbientConfig)
     sample_grid: int = Field(16, ge=0, description="samples drawn from the EMA model at the end (0: none)")
+    rows: str | None = Field(None, description="train only on the rows this filter selects, FIELD=V1[,V2] (e.g. quality=clean)")
 
 
 # ------------------------------------------------------------------------------ data
@@ -181,6 +182,12 @@ def run(cfg: TrainConfig) -> dict:
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     meta = load_metadata(cfg.data)
+    if cfg.rows:
+        from ambient_ray.datasets import match
+
+        meta = meta[match(meta, cfg.rows)].reset_index(drop=True)
+        if meta.empty:
+            raise ConfigError(f"config key 'rows': no row of {cfg.data} matches {cfg.rows!r}")
     table_uri = storage.join(storage.normalize(cfg.data), "locality.json")
     if not cfg.ambient.crop_sigmas and storage.exists(table_uri):  # written beside the data by annotate
         from ambient_ray.locality import read_table
@@ -193,7 +200,7 @@ def run(cfg: TrainConfig) -> dict:
     cfgmod.save_resolved(cfg, out)
 
     run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": "train", "sigma_min": origin})
-    print(f"train: {len(meta)} rows ({origin})" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
+    print(f"train: {len(meta)} rows" + (f" with {cfg.rows}" if cfg.rows else "") + f" ({origin})" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
     ids = meta["id"].tolist()
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
@@ -206,7 +213,8 @@ def run(cfg: TrainConfig) -> dict:
     result = engine.fit(cfg, train_loop, loop_config, [c for c in ("id", "image", "label") if c in meta.columns or c == "image"])
     seconds = time.perf_counter() - t0
     ckpt = engine.latest_checkpoint(out)
-    summary = {"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds, "metrics": result.metrics}
+    summary = {"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds,
+               "metrics": result.metrics, "rows": len(meta), "sigma_min": origin}  # fmt: skip
     tracking.finish_training(cfg, out, ckpt, run_id, uri)
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
     return summary

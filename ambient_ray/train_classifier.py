@@ -31,27 +31,8 @@ from ambient_ray import classifier as clf
 from ambient_ray import config as cfgmod
 from ambient_ray import engine, storage
 from ambient_ray.config import ConfigError
+from ambient_ray.datasets import match, parse_filter
 from ambient_ray.engine import EngineConfig, load_metadata
-
-FILTER_FIELDS = ("quality", "source", "label", "corruption")
-
-
-def parse_filter(spec: str) -> tuple[str, set[str]]:
-    """``label=0,1`` -> ('label', {'0', '1'})."""
-    field, eq, values = spec.partition("=")
-    field = field.strip()
-    vals = {v.strip() for v in values.split(",") if v.strip()}
-    if not eq or field not in FILTER_FIELDS or not vals:
-        raise ValueError(f"row filter {spec!r}: expected FIELD=V1[,V2...] with FIELD one of {', '.join(FILTER_FIELDS)}")
-    return field, vals
-
-
-def match(meta, spec: str) -> np.ndarray:
-    field, vals = parse_filter(spec)
-    if field not in meta:
-        raise ValueError(f"row filter {spec!r}: the dataset has no '{field}' column")
-    return meta[field].astype(str).isin(vals).to_numpy()
-
 
 class ClassifierTrainConfig(EngineConfig):
     """Config of ``ambient-ray train-classifier`` (the engine's keys, plus the classifier's)."""
