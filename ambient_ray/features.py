@@ -65,7 +65,7 @@ class Extractor:
         out = []
         starts = range(0, len(images), self.batch_size)
         for s in tqdm(starts, desc=f"features ({self.name})", disable=not progress, leave=False):
-            x = torch.from_numpy(images[s : s + self.batch_size]).permute(0, 3, 1, 2).float().div(255.0)
+            x = torch.from_numpy(np.array(images[s : s + self.batch_size])).permute(0, 3, 1, 2).float().div(255.0)
             out.append(self.fn(x.to(self.device)).reshape(len(x), -1).double().cpu())
         return torch.cat(out).numpy()
 
@@ -203,7 +203,7 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray | None, *, steps: i
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x_all = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(255.0)
+    x_all = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255.0)
     n, c, h, w = x_all.shape
     task = "labels" if labels is not None else "rotation"
     if labels is None and h != w:

@@ -48,7 +48,7 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
         return run_id, uri
     exp = client.get_experiment_by_name(mcfg.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(mcfg.experiment, artifact_location=mcfg.artifact_location)
-    tags = {"out": out, **(tags or {})}
+    tags = {k: str(v) for k, v in {"out": out, **(tags or {})}.items()}  # the REST API takes strings only
     if mcfg.parent_run_id:
         tags["mlflow.parentRunId"] = mcfg.parent_run_id
     run = client.create_run(exp_id, run_name=mcfg.run_name, tags=tags)

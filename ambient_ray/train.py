@@ -82,6 +82,16 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     return smin.astype(np.float32), smax.astype(np.float32), origin
 
 
+def load_crop_table(cfg: TrainConfig) -> None:
+    """Without a crop(σ) table in the config, take ``locality.json`` beside the data (annotate writes it)."""
+    table_uri = storage.join(storage.normalize(cfg.data), "locality.json")
+    if not cfg.ambient.crop_sigmas and storage.exists(table_uri):
+        from ambient_ray.locality import read_table
+
+        table = read_table(table_uri)
+        cfg.ambient.crop_sigmas, cfg.ambient.crop_sizes = table["sigmas"], table["crop"]
+
+
 def model_meta(cfg: TrainConfig) -> dict:
     """``model.json``: what rebuilds the network for sampling."""
     return {"kind": "denoiser", "model": cfg.model.model_dump(mode="json"), "sigma_data": cfg.ambient.sigma_data}
@@ -188,12 +198,7 @@ def run(cfg: TrainConfig) -> dict:
         meta = meta[match(meta, cfg.rows)].reset_index(drop=True)
         if meta.empty:
             raise ConfigError(f"config key 'rows': no row of {cfg.data} matches {cfg.rows!r}")
-    table_uri = storage.join(storage.normalize(cfg.data), "locality.json")
-    if not cfg.ambient.crop_sigmas and storage.exists(table_uri):  # written beside the data by annotate
-        from ambient_ray.locality import read_table
-
-        table = read_table(table_uri)
-        cfg.ambient.crop_sigmas, cfg.ambient.crop_sizes = table["sigmas"], table["crop"]
+    load_crop_table(cfg)
     smin, smax, origin = resolve_sigmas(meta, cfg)
     engine.check_run(cfg, meta, cfg.model.img_resolution, cfg.model.in_channels)
     engine.check_resume(cfg, out, model_meta(cfg))

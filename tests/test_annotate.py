@@ -252,8 +252,9 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     denoiser; σ_max lands on the grid, only for rows that are not clean, and training then draws crops."""
     from ambient_ray.locality import LocalityConfig
     from ambient_ray.locality import run as locality_run
-    from ambient_ray.train import TrainConfig
-    from ambient_ray.train import run as train_run
+    from ambient_ray import ambient
+    from ambient_ray.engine import load_metadata
+    from ambient_ray.train import TrainConfig, load_crop_table, resolve_sigmas
     from tests.test_locality import write_denoiser
 
     crops = str(tmp_path / "crops")
@@ -277,7 +278,15 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     grid = np.array(r["provenance"]["grid"], np.float32)
     assert np.isin(df.sigma_max[df.sigma_max > 0].to_numpy(), grid).all()
     assert storage.exists(f"{out}/locality.json") and storage.exists(f"{out}/crop_curves.png")
-    t = train_run(TrainConfig(data=out, out=str(tmp_path / "t"), steps=4, batch_size=32, log_every=2, checkpoint_every=4,
-                              sample_grid=0, model={**MODEL}, mlflow=dict(enabled=False)))  # fmt: skip
-    cov = json.loads(storage.read_bytes(f"{t['out']}/coverage.json"))
-    assert sum(b["eligible_crops"] for b in cov["donut"]) > 0
+    # train picks the crop table up from beside the data, and its σ sampler then has crop-eligible rows
+    tcfg = TrainConfig(data=out, out=str(tmp_path / "t"), model={**MODEL}, mlflow=dict(enabled=False))
+    load_crop_table(tcfg)
+    table = json.loads(storage.read_bytes(f"{out}/locality.json"))
+    assert tcfg.ambient.crop_sigmas == table["sigmas"] and tcfg.ambient.crop_sizes == table["crop"]
+    smin, smax, _ = resolve_sigmas(load_metadata(out), tcfg)
+    assert (smax > 0).sum() == r["rows_with_sigma_max"]
+    crop = ambient.CropTable(tcfg.ambient.crop_sigmas, tcfg.ambient.crop_sizes)
+    sampler = ambient.SigmaSampler(torch.from_numpy(smin), torch.from_numpy(smax), lambda_max=4.0, crop=crop)
+    assert int(sampler.crop_count(torch.tensor([float(smax[smax > 0].min())]))) == r["rows_with_sigma_max"]
+    _, _, crop_size = sampler.sample(4096, torch.Generator().manual_seed(0))
+    assert (crop_size > 0).any()
