@@ -36,7 +36,7 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
     """Create (or, for a resumed job, reopen) the job's MLflow run; returns (run_id, tracking_uri)."""
     if not mcfg.enabled:
         return None, None
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(mcfg.tracking_uri)
