@@ -249,7 +249,7 @@ def test_experiment_refuses_bad_sections(tmp_path):
     def build(**kw):
         return cfgmod.build(experiment.ExperimentConfig, flags={"out": str(tmp_path), **kw})
 
-    with pytest.raises(cfgmod.ConfigError, match="section 'train'.*lernrate"):
+    with pytest.raises(cfgmod.ConfigError, match="(?s)section 'train'.*lernrate"):
         experiment.check(build(train={"lernrate": 1}))
     with pytest.raises(cfgmod.ConfigError, match="'train.data': set by the experiment"):
         experiment.check(build(train={"data": "x"}))
