@@ -98,10 +98,12 @@ def compute(cfg: EvaluateConfig, progress: bool = False) -> tuple[dict, dict]:
         train, _ = read_array(cfg.train, cfg.train_where)
         _check_shapes(samples, train, "training")
         mem = extract if cfg.memorization_features == cfg.features else feats.load(cfg.memorization_features, device)
-        share, ratio = metrics.memorization(mem(samples), mem(train), cfg.memorization_threshold)
+        f_s, f_t = mem(samples), mem(train)
+        share, ratio = metrics.memorization(f_s, f_t, cfg.memorization_threshold)
         out["memorization"] = share
         details["train"] = len(train)
-        details["nearest"] = _nearest_pairs(samples, train, mem, ratio)
+        details["nearest"] = _nearest_pairs(f_s, f_t, ratio)
+        details["nearest_png"] = _nearest_png(samples, train, details["nearest"])
     if cfg.proximal:
         corruption = parse(cfg.proximal)
         seeds = [cfg.seed * 1_000_003 + i for i in range(len(samples))]
@@ -117,18 +119,27 @@ def compute(cfg: EvaluateConfig, progress: bool = False) -> tuple[dict, dict]:
     return out, details
 
 
-def _nearest_pairs(samples: np.ndarray, train: np.ndarray, extract, ratio: np.ndarray, n: int = 8) -> list[tuple[int, int, float]]:
+def _nearest_pairs(f_samples: np.ndarray, f_train: np.ndarray, ratio: np.ndarray, n: int = 8) -> list[tuple[int, int, float]]:
     """(sample index, nearest training index, ratio) of the ``n`` most copy-like samples."""
     import torch
 
     order = np.argsort(ratio)[:n]
-    d = torch.cdist(torch.from_numpy(extract(samples[order])), torch.from_numpy(extract(train)))
+    d = torch.cdist(torch.from_numpy(f_samples[order]), torch.from_numpy(f_train))
     return [(int(i), int(j), float(ratio[i])) for i, j in zip(order, d.argmin(1).tolist())]
+
+
+def _nearest_png(samples: np.ndarray, train: np.ndarray, pairs: list[tuple[int, int, float]]) -> bytes:
+    from ambient_ray import plots
+
+    return plots.image_rows(
+        [("sample", [samples[i] for i, _, _ in pairs]), ("nearest\ntraining", [train[j] for _, j, _ in pairs])],
+        title="most copy-like samples (d1/d2: " + ", ".join(f"{r:.2f}" for _, _, r in pairs) + ")",
+    )
 
 
 def run(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Evaluate; returns {"out", "metrics", "details", "mlflow_run_id"}."""
-    from ambient_ray import plots, tracking
+    from ambient_ray import tracking
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -136,16 +147,11 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> dict:
     values, details = compute(cfg, progress)
     details["seconds"] = time.perf_counter() - t0
     cfgmod.save_resolved(cfg, out)
+    png = details.pop("nearest_png", None)
     report = {"metrics": values, **details}
     files = {"metrics.json": json.dumps(report, indent=1).encode(), "config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
-    if "nearest" in details:
-        samples, _ = read_array(cfg.samples)
-        train, _ = read_array(cfg.train, cfg.train_where)
-        pairs = details["nearest"]
-        files["nearest.png"] = plots.image_rows(
-            [("sample", [samples[i] for i, _, _ in pairs]), ("nearest\ntraining", [train[j] for _, j, _ in pairs])],
-            title="most copy-like samples (d1/d2: " + ", ".join(f"{r:.2f}" for _, _, r in pairs) + ")",
-        )
+    if png:
+        files["nearest.png"] = png
     for name, data in files.items():
         if name != "config.yaml":
             storage.write_bytes(storage.join(out, name), data)
