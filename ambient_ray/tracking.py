@@ -7,6 +7,7 @@ is kept in ``OUT/mlflow_run.json`` so a resumed job logs into the same run.
 from __future__ import annotations
 
 import json
+import sys
 import os
 import tempfile
 import time
@@ -32,6 +33,16 @@ def tracking_uri(configured: str | None) -> str:
     return mlflow_tracking_uri(configured)
 
 
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[str | None, str | None]:
     """Create (or, for a resumed job, reopen) the job's MLflow run; returns (run_id, tracking_uri)."""
     if not mcfg.enabled:
@@ -43,9 +54,14 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
     client = MlflowClient(uri)
     marker = storage.join(out, "mlflow_run.json")
     if storage.exists(marker):
-        run_id = json.loads(storage.read_bytes(marker))["run_id"]
-        client.set_terminated(run_id, "RUNNING")
-        return run_id, uri
+        recorded = json.loads(storage.read_bytes(marker))
+        run_id = recorded["run_id"]
+        if _run_exists(client, run_id):
+            client.set_terminated(run_id, "RUNNING")
+            return run_id, uri
+        # resumed against another tracking server or store: keep the work, open a new run there
+        print(f"mlflow: run {run_id} recorded in {marker} (tracking URI {recorded.get('tracking_uri')}) is not in {uri}; "
+              "starting a new run", file=sys.stderr)  # fmt: skip
     exp = client.get_experiment_by_name(mcfg.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(mcfg.experiment, artifact_location=mcfg.artifact_location)
     tags = {k: str(v) for k, v in {"out": out, **(tags or {})}.items()}  # the REST API takes strings only

@@ -36,19 +36,22 @@ def blurred(ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def noise_clf(blurred, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("noise") / "clf")
-    cfg = ClassifierTrainConfig(data=blurred, out=out, kind="noise", steps=200, batch_size=64, log_every=50, checkpoint_every=200,
+    cfg = ClassifierTrainConfig(data=blurred, out=out, kind="noise", steps=200, batch_size=64, log_every=50, checkpoint_every=200, cpus_per_worker=2,
                                 model=MODEL, optim=dict(lr=2e-3, warmup_steps=20), mlflow=dict(enabled=False))  # fmt: skip
     return out, train_classifier(cfg)
 
 
+FAST = dict(grid_points=16, draws=2)  # a coarser grid and fewer draws than the defaults keep the suite short
+
+
 def acfg(data, out, **kw):
-    return AnnotateConfig(data=data, out=out, mlflow=dict(enabled=False), **kw)
+    return AnnotateConfig(data=data, out=out, mlflow=dict(enabled=False), **{**FAST, **kw})
 
 
 @pytest.fixture(scope="module")
 def annotated(blurred, noise_clf, mlflow_server, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("annot") / "a")
-    cfg = AnnotateConfig(data=blurred, out=out, classifier=noise_clf[0], mlflow=dict(experiment="tests-annotate"))
+    cfg = AnnotateConfig(data=blurred, out=out, classifier=noise_clf[0], mlflow=dict(experiment="tests-annotate"), **FAST)
     return out, annotate.run(cfg, progress=False)
 
 
@@ -122,7 +125,7 @@ def test_resume_after_interruption(annotated, blurred, noise_clf, tmp_path):
 
 def test_other_curves_into_the_same_out_are_refused(annotated, blurred, noise_clf):
     with pytest.raises(ConfigError, match="already holds curves"):
-        annotate.run(acfg(blurred, annotated[0], classifier=noise_clf[0], draws=2), progress=False)
+        annotate.run(acfg(blurred, annotated[0], classifier=noise_clf[0], draws=3), progress=False)
 
 
 def _write_classifier(d, kind, size):

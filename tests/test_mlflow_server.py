@@ -144,3 +144,25 @@ def test_default_local_store_works_with_start_run(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == f"sqlite:///{tmp_path}/mlflow.db"
     assert (tmp_path / "mlflow.db").exists()
     assert list((tmp_path / "mlruns").rglob("a.txt"))  # artifacts beside it, in ./mlruns
+
+
+def test_resumed_job_reopens_its_run_or_starts_one_in_another_store(tmp_path, capsys):
+    """A re-run logs into the run recorded in OUT/mlflow_run.json; pointed at a store that lacks that run
+    (another server, another SQLite file), it says so and opens a new run instead of failing."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from ambient_ray.tracking import MlflowConfig, start_run
+
+    out = str(tmp_path / "job")
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    first, _ = start_run(MlflowConfig(tracking_uri=a, experiment="resume"), out, params={"x": 1})
+    MlflowClient(a).set_terminated(first, "FAILED")
+    again, _ = start_run(MlflowConfig(tracking_uri=a, experiment="resume"), out, params={"x": 1})
+    assert again == first and MlflowClient(a).get_run(first).info.status == "RUNNING"
+    other, uri = start_run(MlflowConfig(tracking_uri=b, experiment="resume"), out, params={"x": 1})
+    assert other != first and uri == b
+    assert MlflowClient(b).get_run(other).data.params == {"x": "1"}
+    assert json.loads((tmp_path / "job" / "mlflow_run.json").read_text()) == {"run_id": other, "tracking_uri": b}
+    assert f"run {first} recorded in" in capsys.readouterr().err
