@@ -235,19 +235,46 @@ def summarize(results: list[dict], arms: list[str]) -> dict:
             vals = [r["metrics"][m] for r in rows if m in r["metrics"]]
             if not vals:
                 continue
-            n = len(vals)
-            se = float(np.std(vals, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-            entry[m] = {"mean": float(np.mean(vals)), "se": se, "n": n, "values": vals}
+            entry[m] = _mean_se(vals)
         table[arm] = entry
     return table
 
 
-def markdown(table: dict, cfg: ExperimentConfig, minutes: float) -> str:
+def _mean_se(vals: list[float]) -> dict:
+    n = len(vals)
+    se = float(np.std(vals, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": float(np.mean(vals)), "se": se, "n": n, "values": vals}
+
+
+PAIRED_METRICS = ("fd", "fd_holdout")
+BASELINE = "only-clean"
+
+
+def paired(results: list[dict], arms: list[str], base: str = BASELINE) -> dict:
+    """Per arm (other than ``base``): the difference arm − base of each PAIRED_METRICS, seed by seed,
+    then mean ± standard error over seeds. Arms of one seed share its data, classifier and sampler
+    noise, so seed-to-seed swings common to all arms cancel here; an SE read off the per-arm table
+    does not know that. Empty when ``base`` did not run."""
+    by = {(r["arm"], r["seed"]): r["metrics"] for r in results}
+    out: dict[str, dict] = {}
+    for arm in arms:
+        if arm == base:
+            continue
+        seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
+        if not seeds:
+            continue
+        out[arm] = {m: _mean_se([by[(arm, s)][m] - by[(base, s)][m] for s in seeds]) for m in PAIRED_METRICS}
+    return out
+
+
+def markdown(table: dict, cfg: ExperimentConfig, minutes: float, diffs: dict | None = None, arm_minutes: float | None = None) -> str:
     heads = {"fd": "FD (clean train) ↓", "fd_holdout": "FD (held-out) ↓", "precision": "precision ↑", "recall": "recall ↑",
              "memorization": "memorized", "mean_sigma_min": "mean σ_min"}  # fmt: skip
     lines = [
         f"dataset {cfg.dataset}, corruption {', '.join(cfg.corruption)}, clean fraction {cfg.clean_fraction}, "
-        f"seeds {','.join(map(str, cfg.seeds))}: mean ± standard error over seeds ({minutes:.0f} min)",
+        f"seeds {','.join(map(str, cfg.seeds))}: mean ± standard error over seeds ({minutes:.0f} min"
+        + (f"; the arms' training, sampling and evaluation alone: {arm_minutes:.0f} min, runs skipped as done included" if arm_minutes else "")
+        + ")",
         "",
         "| arm | " + " | ".join(heads[m] for m in TABLE_METRICS) + " |",
         "|---|" + "---|" * len(TABLE_METRICS),
@@ -259,6 +286,11 @@ def markdown(table: dict, cfg: ExperimentConfig, minutes: float) -> str:
             digits = 2 if m in ("fd", "fd_holdout", "mean_sigma_min") else 3
             cells.append("—" if e is None else f"{e['mean']:.{digits}f} ± {e['se']:.{digits}f}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if diffs:
+        lines += ["", f"Paired by seed, each arm minus {BASELINE} (negative: better than filtering to the clean rows):", "",
+                  f"| arm | FD − {BASELINE} | held-out FD − {BASELINE} |", "|---|---|---|"]  # fmt: skip
+        for arm, d in diffs.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{d[m]['mean']:+.2f} ± {d[m]['se']:.2f}" for m in PAIRED_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,9 +363,10 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                       f"precision {m['precision']:.3f}, recall {m['recall']:.3f}")  # fmt: skip
         minutes = (time.perf_counter() - t0) / 60
         table = summarize(results, list(cfg.arms))
-        md = markdown(table, cfg, minutes)
+        diffs = paired(results, list(cfg.arms))
+        md = markdown(table, cfg, minutes, diffs, sum(x.get("seconds", 0.0) for x in results) / 60)
         png = plot(table, f"{cfg.dataset}, {', '.join(cfg.corruption)}, {cfg.clean_fraction:.0%} clean, {len(cfg.seeds)} seeds")
-        report = {"config": cfg.model_dump(mode="json"), "table": table, "results": results, "minutes": minutes,
+        report = {"config": cfg.model_dump(mode="json"), "table": table, "paired": diffs, "results": results, "minutes": minutes,
                   "mlflow_run_id": r.parent_id}  # fmt: skip
         files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
         for name, data in files.items():

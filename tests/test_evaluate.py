@@ -218,6 +218,9 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     assert table["ambient-o"]["mean_sigma_min"]["mean"] > 0 and "mean_sigma_min" not in table["only-clean"]
     md = open(f"{out}/results.md").read()
     assert "| only-clean |" in md and "| ambient-o |" in md and "FD (held-out)" in md
+    diff = json.loads(open(f"{out}/results.json").read())["paired"]["ambient-o"]["fd"]
+    assert diff["mean"] == pytest.approx(table["ambient-o"]["fd"]["mean"] - table["only-clean"]["fd"]["mean"])
+    assert f"| ambient-o | {diff['mean']:+.2f} ± 0.00 |" in md
     # only-clean saw the clean rows alone; ambient-o all of them
     mixed = storage.join(out, "seed-0", "mixed")
     from ambient_ray.engine import load_metadata
@@ -257,3 +260,21 @@ def test_experiment_refuses_bad_sections(tmp_path):
         build(arms=["only-clean", "magic"])
     with pytest.raises(Exception, match="unknown corruption"):
         experiment.check(build(corruption=["smudge:x=1"]))
+
+
+def test_paired_differences_cancel_what_seeds_share():
+    """Seed 1 is worse for every arm by the same amount: the per-arm SE is large, the paired one 0."""
+    from ambient_ray import experiment
+
+    shift = {0: 0.0, 1: 5.0, 2: 1.0}
+    results = [{"arm": a, "seed": s, "metrics": {"fd": base + shift[s], "fd_holdout": 2 * base + shift[s]}}
+               for a, base in (("only-clean", 3.0), ("ambient-o", 2.0)) for s in shift]  # fmt: skip
+    results.append({"arm": "oracle", "seed": 0, "metrics": {"fd": 1.0, "fd_holdout": 1.5}})  # one seed only
+    table = experiment.summarize(results, ["only-clean", "ambient-o", "oracle"])
+    assert table["ambient-o"]["fd"]["se"] == pytest.approx(np.std([2, 7, 3], ddof=1) / np.sqrt(3))
+    d = experiment.paired(results, ["only-clean", "ambient-o", "oracle"])
+    assert set(d) == {"ambient-o", "oracle"}
+    assert d["ambient-o"]["fd"] == {"mean": pytest.approx(-1.0), "se": pytest.approx(0.0), "n": 3, "values": [-1.0] * 3}
+    assert d["ambient-o"]["fd_holdout"]["mean"] == pytest.approx(-2.0)
+    assert d["oracle"]["fd"]["n"] == 1 and d["oracle"]["fd"]["mean"] == pytest.approx(-2.0)
+    assert experiment.paired(results, ["ambient-o", "oracle"], base="all-data") == {}
