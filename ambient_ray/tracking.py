@@ -7,8 +7,8 @@ is kept in ``OUT/mlflow_run.json`` so a resumed job logs into the same run.
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 import tempfile
 import time
 
@@ -39,8 +39,10 @@ def _run_exists(client, run_id: str) -> bool:
     try:
         client.get_run(run_id)
         return True
-    except MlflowException:
-        return False
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # an unreachable or failing server is an error, not a reason to open a second run
 
 
 def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[str | None, str | None]:
