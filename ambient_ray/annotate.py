@@ -21,8 +21,9 @@ Two phases.
    - the row's ``source`` is in ``fixed`` (``--fixed source=sigma``) -> that σ_min (annotation ``fixed:SOURCE``);
    - ``quality=clean`` -> 0 (``clean``);
    - a noise classifier -> σ_min from its curve: the first grid σ with probability > τ (Eq. 3.2), per
-     sample or per dataset, one per corruption spec (``classifier``; a curve that never crosses gets the top of the grid and
-     ``classifier:never-crossed``, and is counted in the report);
+     sample or per dataset (one per corruption spec, or one for all non-clean rows with ``sets=all``)
+     (``classifier``; a curve that never crosses gets the top of the grid and ``classifier:never-crossed``,
+     and is counted in the report);
    - ``fixed_sigma_min`` -> that σ_min (``fixed``).
 
    σ_max (with a crops classifier, for rows that are not clean): the largest grid σ whose crop(σ)
@@ -71,7 +72,10 @@ class AnnotateConfig(Strict):
     crops_classifier: str | None = Field(None, description="crops classifier (--kind crops) for σ_max; needs 'locality'")
     locality: str | None = Field(None, description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)")
     tau: float = Field(0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
-    mode: thresholds.Mode = Field("per-sample", description="σ_min per sample (the paper's best) or one per corrupted set (per corruption spec)")
+    mode: thresholds.Mode = Field("per-sample", description="σ_min per sample (the paper's best) or one per corrupted set")
+    sets: Literal["corruption", "all"] = Field(
+        "corruption", description="per-dataset: a set per corruption spec, or all non-clean rows as one set (one σ_min for all)"
+    )
     crops_mode: thresholds.Mode = "per-sample"
     grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
     grid_hi: float | None = Field(None, gt=0)
@@ -312,8 +316,10 @@ def annotate_rows(cfg: AnnotateConfig, plan: dict, meta, curves) -> dict:
     rest = usable & ~fixed & ~clean
     crossed_all = np.ones(n, bool)
     if cfg.classifier and rest.any():
-        # per dataset = one σ_min per corrupted set: the curves are pooled within each corruption spec
-        sets = meta["corruption"].fillna("").astype(str).to_numpy() if "corruption" in meta else np.full(n, "")
+        # per dataset = one σ_min per corrupted set: the curves are pooled within each corruption spec,
+        # or over every non-clean row (sets="all"); per sample the grouping does not matter
+        by_spec = cfg.sets == "corruption" and "corruption" in meta
+        sets = meta["corruption"].fillna("").astype(str).to_numpy() if by_spec else np.full(n, "")
         for name in dict.fromkeys(sets[rest]):
             sel = rest & (sets == name)
             cur = np.stack(curves["noise_curve"].to_numpy()[sel])
@@ -436,7 +442,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     err = curves["error"].to_numpy()
     provenance = {
         "classifier": plan["classifier"], "crops_classifier": plan["crops_classifier"], "tau": cfg.tau, "mode": cfg.mode,
-        "crops_mode": cfg.crops_mode, "grid": plan["grid"], "draws": cfg.draws, "weights": cfg.weights, "fixed": cfg.fixed,
+        "sets": cfg.sets, "crops_mode": cfg.crops_mode, "grid": plan["grid"], "draws": cfg.draws, "weights": cfg.weights, "fixed": cfg.fixed,
         "fixed_sigma_min": cfg.fixed_sigma_min, "scorer": cfg.scorer, "top_percent": cfg.top_percent if cfg.scorer else None,
         "locality": storage.normalize(cfg.locality) if cfg.locality else None, "data": storage.normalize(cfg.data),
     }  # fmt: skip

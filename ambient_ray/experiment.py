@@ -77,7 +77,7 @@ class ExperimentConfig(Strict):
 
 _OWNED = {  # keys the experiment sets itself in each stage section
     "classifier": {"data", "out", "kind", "seed", "mlflow"},
-    "annotate": {"data", "out", "classifier", "mode", "seed", "mlflow"},
+    "annotate": {"data", "out", "classifier", "mode", "sets", "seed", "mlflow"},
     "train": {"data", "out", "rows", "seed", "resume", "mlflow"},
     "sample": {"checkpoint", "out", "num", "seed", "mlflow"},
     "evaluate": {"samples", "reference", "reference_where", "holdout", "holdout_where", "train", "train_where", "features", "out", "mlflow"},
@@ -169,7 +169,7 @@ class Runner:
         out = storage.join(self.out, f"seed-{seed}", f"annotated-{mode}")
         report = storage.join(out, "annotation.json")
         if not storage.exists(report):
-            flags = {**self.cfg.annotate, "data": data, "out": out, "classifier": classifier, "mode": mode, "seed": seed,
+            flags = {**self.cfg.annotate, "data": data, "out": out, "classifier": classifier, "mode": mode, "sets": "all", "seed": seed,
                      "overwrite": True, "mlflow": self.mlflow_for(self.parent_id, f"annotate {mode} seed {seed}")}  # fmt: skip
             annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=self.progress)
         return out, _mean_sigma_min(out)

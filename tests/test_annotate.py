@@ -106,7 +106,13 @@ def test_new_tau_and_per_dataset_mode_reuse_the_curves(annotated, blurred, noise
     df = rows_of(out)
     corrupted = df[df.quality == "corrupted"]
     assert (corrupted.groupby("corruption").sigma_min.nunique() == 1).all()  # one σ_min per corrupted set
-    assert corrupted.groupby("corruption").sigma_min.first().is_monotonic_increasing  # blur 0.3 < 0.8 < 2.5
+    per_spec = corrupted.groupby("corruption").sigma_min.first()
+    assert per_spec.is_monotonic_increasing  # blur 0.3 < 0.8 < 2.5
+    # sets=all: one σ_min for every corrupted row, from the pooled curve, so between the per-spec ones
+    annotate.run(acfg(blurred, out, classifier=noise_clf[0], mode="per-dataset", tau=0.4, sets="all"), progress=False)
+    pooled = rows_of(out)
+    pooled = pooled[pooled.quality == "corrupted"].sigma_min
+    assert pooled.nunique() == 1 and per_spec.min() <= pooled.iloc[0] <= per_spec.max()
     # put the per-sample annotation back for the other tests
     annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
 
