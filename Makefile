@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/corrupt_throughput.py
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/annotate_throughput.py
+	$(PY) benchmarks/tune_overhead.py
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db

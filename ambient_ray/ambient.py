@@ -50,6 +50,28 @@ def edm_loss(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma
     return _bcast(edm_weight(sigma, sigma_data), x0) * (x0_pred - x0) ** 2
 
 
+VAL_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@torch.no_grad()
+def validation_losses(denoise, y: torch.Tensor, sigmas=VAL_SIGMAS, sigma_data: float = 0.5, seed: int = 0,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Sum over ``y``'s rows of the EDM loss λ(σ)·‖D(y + σz; σ) − y‖² (per-element mean), one entry per σ.
+
+    A comparable yardstick for runs whose training losses are not (another τ moves every σ_min, another
+    λ_max the buffer): the plain denoising loss on clean rows at a fixed σ grid, with noise fixed by
+    ``seed``, so two evaluations differ by the network alone. ``denoise(x, sigma, labels)`` returns x_0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(sigmas), dtype=torch.float64)
+    for i, s in enumerate(sigmas):
+        z = torch.randn(y.shape, generator=gen)
+        sigma = torch.full((len(y),), float(s))
+        pred = denoise((y + s * z).to(y.device), sigma.to(y.device), labels).float().cpu()
+        out[i] = edm_loss(pred, y.float().cpu(), sigma, sigma_data).flatten(1).mean(1).sum().double()
+    return out
+
+
 # ------------------------------------------------------------------------------ ambient
 
 

@@ -71,6 +71,12 @@ class AnnotateConfig(Strict):
     classifier: str | None = Field(None, description="noise classifier (train-classifier --kind noise output) for σ_min")
     crops_classifier: str | None = Field(None, description="crops classifier (--kind crops) for σ_max; needs 'locality'")
     locality: str | None = Field(None, description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)")
+    locality_eps: float | None = Field(
+        None, ge=0, description="re-derive crop(σ) from the locality table's losses with this ε (default: the table's own crop(σ))"
+    )
+    curves_from: str | None = Field(
+        None, description="another annotate output whose curves to reuse when they were computed with the same plan (a new τ or mode)"
+    )
     tau: float = Field(0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
     mode: thresholds.Mode = Field("per-sample", description="σ_min per sample (the paper's best) or one per corrupted set")
     sets: Literal["corruption", "all"] = Field(
@@ -245,12 +251,19 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     if hi <= lo:
         raise ConfigError(f"config key 'grid_hi': {hi} must exceed grid_lo {lo}")
     grid = np.geomspace(lo, hi, cfg.grid_points).tolist()
+    if cfg.locality_eps is not None and not (cfg.crops_classifier and cfg.locality):
+        raise ConfigError("config key 'locality_eps': re-derives crop(σ) for the crops classifier; give crops_classifier and locality too")
     if cfg.crops_classifier:
         if not cfg.locality:
             raise ConfigError("config key 'locality': a crops classifier needs the crop(σ) table (ambient-ray locality --out URI)")
         d, _ = model_dir(cfg.crops_classifier)
         load_classifier(cfg.crops_classifier, "crops", cfg.weights, channels=channels)
         table = read_table(cfg.locality)
+        if cfg.locality_eps is not None:
+            from ambient_ray.locality import crop_sizes
+
+            table = {**table, "eps": cfg.locality_eps,
+                     "crop": crop_sizes(torch.tensor(table["losses"], dtype=torch.float64), table["contexts"], cfg.locality_eps)}  # fmt: skip
         if table["image_size"] != size:
             raise ValueError(f"the locality table {cfg.locality} was measured on {table['image_size']}px images; the data is {size}px")
         crop = CropTable(table["sigmas"], table["crop"])
@@ -421,7 +434,8 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     storage.write_bytes(manifest_uri, json.dumps({"fingerprint": plan["fingerprint"], "shards": len(files)}).encode())
     cfgmod.save_resolved(cfg, out)
 
-    done = {_shard_name(m) for m in storage.list_files(storage.join(out, "_curves_done"), (".json",))}
+    curves_root = _reusable_curves(cfg, plan, files) or out
+    done = {_shard_name(m) for m in storage.list_files(storage.join(curves_root, "_curves_done"), (".json",))}
     todo = [f for f in files if _shard_name(f) not in done]
     t0 = time.perf_counter()
     results: list[dict] = []
@@ -434,7 +448,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     # phase 2
     tables = []
     for f in files:
-        c_uri = storage.join(out, "curves", f"{_shard_name(f)}.parquet")
+        c_uri = storage.join(curves_root, "curves", f"{_shard_name(f)}.parquet")
         fs, path = storage.filesystem(c_uri)
         tables.append(pq.read_table(path, filesystem=fs))
     curves = pa.concat_tables(tables).to_pandas().set_index("id").loc[meta["id"]].reset_index()
@@ -444,7 +458,8 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
         "classifier": plan["classifier"], "crops_classifier": plan["crops_classifier"], "tau": cfg.tau, "mode": cfg.mode,
         "sets": cfg.sets, "crops_mode": cfg.crops_mode, "grid": plan["grid"], "draws": cfg.draws, "weights": cfg.weights, "fixed": cfg.fixed,
         "fixed_sigma_min": cfg.fixed_sigma_min, "scorer": cfg.scorer, "top_percent": cfg.top_percent if cfg.scorer else None,
-        "locality": storage.normalize(cfg.locality) if cfg.locality else None, "data": storage.normalize(cfg.data),
+        "locality": storage.normalize(cfg.locality) if cfg.locality else None, "locality_eps": cfg.locality_eps,
+        "data": storage.normalize(cfg.data), "curves": curves_root,
     }  # fmt: skip
     n_out, n_q = write_outputs(cfg, out, files, meta, rows, err, provenance)
     if n_out + n_q != len(meta):
@@ -474,6 +489,28 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
     if summary.get("mlflow_run_id"):
         storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
     return summary
+
+
+def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str | None:
+    """``curves_from`` when it holds every shard's curves for this very plan; else None (with a note why)."""
+    if not cfg.curves_from:
+        return None
+    src = storage.normalize(cfg.curves_from)
+    manifest = storage.join(src, "_manifest.json")
+    why = None
+    if not storage.exists(manifest):
+        why = "it holds no curves"
+    elif json.loads(storage.read_bytes(manifest)).get("fingerprint") != plan["fingerprint"]:
+        why = "its curves come from other classifiers, grid, draws, seed, crop sizes or data"
+    else:
+        done = {_shard_name(m) for m in storage.list_files(storage.join(src, "_curves_done"), (".json",))}
+        missing = [f for f in files if _shard_name(f) not in done]
+        if missing:
+            why = f"{len(missing)} of {len(files)} shards' curves are unfinished there"
+    if why:
+        print(f"annotate: not reusing the curves in {src}: {why}; computing them in {plan['out']}")
+        return None
+    return src
 
 
 def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:

@@ -270,6 +270,37 @@ def _run_experiment(args) -> int:
     return 0
 
 
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow")
+    _common(p)
+    p.add_argument("--space", help="search config with the space (e.g. tuning/ambient_o.yaml); same as --config")
+    p.add_argument("--data", help="the mixed dataset (a corrupt output)")
+    p.add_argument("--out", help="output URI of the search")
+    p.add_argument("--num-samples", type=int, help="trials (with grid keys: repeats of the grid)")
+    p.add_argument("--scheduler", choices=("none", "asha"), help="early stopping (default asha)")
+    p.add_argument("--searcher", choices=("random", "grid", "optuna", "hyperopt"), help="how trials are drawn (default random)")
+    p.add_argument("--classifier", help="a trained noise classifier to share (default: train one)")
+    p.add_argument("--resume", metavar="URI", help="continue the interrupted search in URI (its --out); finished trials are kept")
+
+
+def _run_tune(args) -> int:
+    from tuning import search
+
+    if args.resume:
+        if args.space or args.config or args.sets or args.data or args.out:
+            raise cfgmod.ConfigError("--resume takes the search's own config (URI/tune.yaml); give no --space, --config, --set, --data or --out")
+        s = search.run(resume=args.resume)
+    else:
+        if args.space and args.config:
+            raise cfgmod.ConfigError("give the search config once: --space or --config")
+        flags = {"data": args.data, "out": args.out, "num_samples": args.num_samples, "scheduler": args.scheduler,
+                 "searcher": args.searcher, "classifier": args.classifier}  # fmt: skip
+        s = search.run(search.load(args.space or args.config, args.sets, flags))
+    print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, {s['errors']} failed, {s['unfinished']} unfinished) "
+          f"in {s['minutes']:.0f} min; {s['out']}/results.md" + (", best.yaml" if s["best"] else ""))  # fmt: skip
+    return 1 if s["errors"] or s["unfinished"] else 0
+
+
 STAGES = {
     "corrupt": (_corrupt_parser, _run_corrupt),
     "train-classifier": (_classifier_parser, _run_classifier),
@@ -280,6 +311,7 @@ STAGES = {
     "features": (_features_parser, _run_features),
     "evaluate": (_evaluate_parser, _run_evaluate),
     "experiment": (_experiment_parser, _run_experiment),
+    "tune": (_tune_parser, _run_tune),
 }
 
 

@@ -61,6 +61,9 @@ class EngineConfig(Strict):
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    report_every: int | None = Field(
+        None, ge=1, description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss (Ray Tune's early stopping reads them)"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
     resume: bool = Field(False, description="continue the run already in 'out' from its latest checkpoint")
@@ -261,7 +264,19 @@ class Worker:
         self.update_ema()
         self.maybe_fail()
         checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
-        return checkpoint or self.step % self.cfg.log_every == 0, checkpoint
+        return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
+
+    def report_due(self) -> bool:
+        """Whether this step reports to Ray Train without a checkpoint (``report_every``, not a checkpoint step)."""
+        r = self.cfg.report_every
+        checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+        return bool(r) and self.step % r == 0 and not checkpoint
+
+    def report(self, metrics: dict) -> None:
+        """Report metrics without a checkpoint to Ray Train; every rank calls it (it is a barrier)."""
+        import ray.train
+
+        ray.train.report(metrics)
 
     def maybe_fail(self) -> None:
         """Tests: a planted failure at ``debug_fail_at_step``, once per output folder."""
@@ -364,8 +379,11 @@ def check_resume(cfg: EngineConfig, out: str, meta: dict) -> None:
             raise ConfigError(f"the checkpoint in {ckpt} was trained with another model config ({details})")
 
 
-def fit(cfg: EngineConfig, loop: Callable[[dict], None], loop_config: dict, columns: list[str]):
+def fit(cfg: EngineConfig, loop: Callable[[dict], None], loop_config: dict, columns: list[str], callbacks: list | None = None):
     """Run ``loop`` on ``cfg.num_workers`` Ray Train workers over the dataset's ``columns``; the Ray Train result.
+
+    ``callbacks``: Ray Train ``UserCallback``s (a Ray Tune trial passes the one that forwards each
+    report to Tune).
 
     The Parquet shards are read (and decoded nothing yet) in the driver and materialized before the
     workers take their CPUs: a worker set that holds every CPU of the cluster (2 workers on a 2-CPU
@@ -401,6 +419,7 @@ def fit(cfg: EngineConfig, loop: Callable[[dict], None], loop_config: dict, colu
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()

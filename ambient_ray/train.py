@@ -18,6 +18,7 @@ the network), ``coverage.json`` and ``coverage.png`` (the σ donut), ``samples.p
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -50,6 +51,7 @@ class TrainConfig(EngineConfig):
     ambient: AmbientConfig = Field(default_factory=AmbientConfig)
     sample_grid: int = Field(16, ge=0, description="samples drawn from the EMA model at the end (0: none)")
     rows: str | None = Field(None, description="train only on the rows this filter selects, FIELD=V1[,V2] (e.g. quality=clean)")
+    val_rows: int = Field(64, ge=1, description="with report_every: clean rows per worker for the validation loss")
 
 
 # ------------------------------------------------------------------------------ data
@@ -121,6 +123,7 @@ def train_loop(config: dict) -> None:
     if state:
         sampler.load_state_dict({k[len("sampler.") :]: v for k, v in state.items() if k.startswith("sampler.")})
 
+    val_rows = _validation_rows(smin, cfg.val_rows) if cfg.report_every else None
     n_buckets = len(sampler.coverage.edges) - 1
     bucket_loss, bucket_n = torch.zeros(n_buckets), torch.zeros(n_buckets)
     t_last, seen = time.perf_counter(), 0
@@ -156,6 +159,8 @@ def train_loop(config: dict) -> None:
                 "images_per_s": seen * world / max(now - t_last, 1e-9),
             }  # fmt: skip
             buckets = {f"loss_bucket_{i:02d}": float(b_loss[i] / b_n[i]) for i in range(n_buckets) if b_n[i] > 0}
+            if val_rows is not None:
+                metrics.update(_validation(w, images, labels, val_rows, cfg))
             if rank == 0:
                 engine.progress_line(
                     "train", f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} images/s"
@@ -169,6 +174,36 @@ def train_loop(config: dict) -> None:
                 if rank == 0:
                     files = {"coverage.json": json.dumps({"donut": view.donut(), "redraws": view.coverage.redraws, "rows": view.n})}
                 w.save_and_report(metrics, {f"sampler.{k}": v for k, v in sampler.state_dict().items()}, files)
+            elif w.report_due():
+                w.report(metrics)
+
+
+VAL_LOSS_CAP = 1e12
+
+
+def _validation_rows(smin: torch.Tensor, n: int) -> torch.Tensor:
+    """This rank's validation rows: its first ``n`` clean rows (σ_min = 0), or its first ``n`` rows if none is clean."""
+    clean = torch.nonzero(smin == 0).flatten()
+    return (clean if len(clean) else torch.arange(len(smin)))[:n]
+
+
+def _validation(w, images: torch.Tensor, labels, rows: torch.Tensor, cfg: TrainConfig) -> dict:
+    """``val_loss`` (the mean over the fixed σ grid) and ``val_loss_sigma_<σ>``, over every rank's validation rows."""
+    y = images[rows].float().div(127.5).sub(1.0)
+    lab = labels[rows].to(w.device) if labels is not None else None
+    was_training = w.engine.module.training
+    w.engine.module.eval()
+    sums = ambient.validation_losses(lambda x, s, c: w.engine(x.to(w.device), s.to(w.device), c), y, sigma_data=cfg.ambient.sigma_data,
+                                     seed=cfg.seed + 7919, labels=lab)  # fmt: skip
+    w.engine.module.train(was_training)
+    total = w.all_reduce(torch.cat([sums, torch.tensor([float(len(rows))])]).double())
+    per_sigma = total[:-1] / total[-1].clamp(min=1)
+    # a diverged run reports VAL_LOSS_CAP, not NaN or inf: schedulers compare with <, where NaN is never
+    # worse, and take percentiles, where inf makes NaN
+    vals = [min(v, VAL_LOSS_CAP) if math.isfinite(v) else VAL_LOSS_CAP for v in per_sigma.tolist()]
+    out = {f"val_loss_sigma_{s:g}": v for s, v in zip(ambient.VAL_SIGMAS, vals)}
+    out["val_loss"] = float(sum(vals) / len(vals))
+    return out
 
 
 def _donut_metrics(view, step: int) -> list:
@@ -185,8 +220,9 @@ def _donut_metrics(view, step: int) -> list:
 # ------------------------------------------------------------------------------ driver
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train; returns a summary dict (out URIs, MLflow run id, final metrics)."""
+def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Train; returns a summary dict (out URIs, MLflow run id, final metrics). ``callbacks``: Ray Train
+    ``UserCallback``s (a Ray Tune trial passes the one that forwards each report to Tune)."""
     from ambient_ray import tracking
 
     out = storage.normalize(cfg.out)
@@ -215,7 +251,7 @@ def run(cfg: TrainConfig) -> dict:
         "mlflow_uri": uri,
     }
     t0 = time.perf_counter()
-    result = engine.fit(cfg, train_loop, loop_config, [c for c in ("id", "image", "label") if c in meta.columns or c == "image"])
+    result = engine.fit(cfg, train_loop, loop_config, [c for c in ("id", "image", "label") if c in meta.columns or c == "image"], callbacks)
     seconds = time.perf_counter() - t0
     ckpt = engine.latest_checkpoint(out)
     summary = {"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds,

@@ -40,7 +40,10 @@ def ray_cluster(s3):
     """One local Ray cluster (2 CPUs); started after S3 so its workers inherit the AWS_* variables."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # address="local": always a fresh cluster of its own, never one already running on the machine
+    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls: without it a Train run
+    # stopped from outside (a Tune trial stopped by ASHA) would keep its workers' CPUs reserved
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

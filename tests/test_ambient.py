@@ -155,3 +155,19 @@ def test_crops_without_a_table_are_refused_and_masks_have_the_size():
         A.SigmaSampler(torch.zeros(2), torch.tensor([0.0, 1.0]))
     m = A.random_crop_mask((3, 1, 16, 16), torch.tensor([0, 4, 9]), torch.Generator().manual_seed(0))
     assert m[0].sum() == 256 and m[1].sum() == 16 and m[2].sum() == 81
+
+
+def test_validation_losses_against_analytic_values():
+    """Per σ, summed over rows: 0 for a denoiser that returns the truth; λ(σ)·Σ mean(y²) for one that returns 0."""
+    y = torch.rand(5, 1, 4, 4) * 2 - 1
+    sig = A.VAL_SIGMAS
+    perfect = A.validation_losses(lambda x, s, c: y, y, sig)
+    assert torch.equal(perfect, torch.zeros(len(sig), dtype=torch.float64))
+    zero = A.validation_losses(lambda x, s, c: torch.zeros_like(x), y, sig, sigma_data=0.5)
+    expect = torch.tensor([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sig], dtype=torch.float64) * (y**2).mean(dim=(1, 2, 3)).sum().double()
+    assert torch.allclose(zero, expect, rtol=1e-5)
+    # the noise is fixed by the seed: the same network scores the same, another seed differs
+    def shrink(x, s, c):
+        return x / (1 + s.view(-1, 1, 1, 1) ** 2)
+    a, b = A.validation_losses(shrink, y, sig, seed=3), A.validation_losses(shrink, y, sig, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, A.validation_losses(shrink, y, sig, seed=4))

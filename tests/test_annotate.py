@@ -299,3 +299,18 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     assert int(sampler.crop_count(torch.tensor([float(smax[smax > 0].min())]))) == r["rows_with_sigma_max"]
     _, _, crop_size = sampler.sample(4096, torch.Generator().manual_seed(0))
     assert (crop_size > 0).any()
+    # the crop-size threshold: locality_eps re-derives crop(σ) from the table's losses (what `tune` searches)
+    from ambient_ray.locality import crop_sizes
+
+    with pytest.raises(ConfigError, match="locality_eps"):
+        annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], locality_eps=0.5), progress=False)
+    loose = str(tmp_path / "loose")
+    annotate.run(acfg(blurred, loose, classifier=noise_clf[0], crops_classifier=crops, locality=loc, locality_eps=50.0, curves_from=out),
+                 progress=False)  # fmt: skip
+    t2 = json.loads(storage.read_bytes(f"{loose}/locality.json"))
+    assert t2["eps"] == 50.0 and t2["crop"] == crop_sizes(torch.tensor(table["losses"], dtype=torch.float64), table["contexts"], 50.0)
+    assert all(a <= b for a, b in zip(t2["crop"], table["crop"]))
+    # other crop sizes at the grid mean other crop curves: the curves of `out` are reused only for the same sizes
+    same = ambient.CropTable(t2["sigmas"], t2["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist() == \
+        ambient.CropTable(table["sigmas"], table["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist()  # fmt: skip
+    assert json.loads(storage.read_bytes(f"{loose}/annotation.json"))["provenance"]["curves"] == (out if same else loose)

@@ -1,0 +1,485 @@
+"""The tune stage: a Ray Tune search over Ambient-o's knobs (λ_max, τ, crop-size threshold ε, any training key).
+
+``ambient-ray tune --space tuning/ambient_o.yaml --data URI --out URI --num-samples N [--scheduler asha] [--searcher optuna]``
+
+Once per search (the driver, into ``OUT/prep``): the shared noise classifier (``classifier`` if
+given, else trained on the data with the ``classifier_train`` keys) and the annotation curves
+(``annotate`` phase 1, the expensive part). Per trial (a Tune function trial, its out is
+``OUT/trials/<trial_id>``): re-annotate with the trial's τ (and ε) from those curves (phase 2 only),
+train on its own Ray Train run nested inside the trial (the trial is the Train driver; each report
+of the workers reaches Tune through ``TuneReportCallback``), then sample and score FD against the
+data's clean rows. Every step is idempotent, so a restarted or resumed trial continues where it was.
+
+The intermediate metric is ``val_loss``: the denoising loss of the network at a fixed σ grid on
+clean rows (:func:`ambient_ray.ambient.validation_losses`), comparable across trials, unlike the
+training loss (another τ moves every σ_min, another λ_max the buffer). ASHA and the searcher both use
+it; the best trial is the completed one with the lowest ``metric`` (``val_loss`` or ``fd``).
+
+Outputs under OUT: ``tune.yaml`` (the resolved search config; ``--resume OUT`` reads it),
+``tune/search/`` (Ray Tune's experiment state), ``trials/<id>/`` (annotated, train, samples, eval,
+``result.json``), ``results.csv`` and ``results.md`` (every trial, sorted by the metric),
+``best.yaml`` (the best trial's train config, which ``ambient-ray train --config`` takes as is),
+``search.png`` (the metric against each searched key), ``summary.json``. MLflow: one parent run for
+the search holding the best config, checkpoint URI and plot; a child run per trial with its
+parameters, intermediate metrics and final metrics; the trial's stage runs nested under it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+from ray.tune import Callback
+
+from ambient_ray import config as cfgmod
+from ambient_ray import storage
+from ambient_ray.config import ConfigError, Strict
+from ambient_ray.tracking import MlflowConfig
+from tuning import space as spacemod
+
+
+class TuneConfig(Strict):
+    """Config of ``ambient-ray tune`` (a search-space file is one of these)."""
+
+    space: dict[str, Any] = Field(default_factory=dict, description="searched keys: STAGE.KEY -> {uniform|loguniform|choice|grid|randint: ...}")
+    data: str = Field(..., description="the mixed dataset (a corrupt output)")
+    out: str = Field(..., description="output URI of the search")
+    num_samples: int = Field(4, ge=1, description="trials (with grid keys: repeats of the whole grid)")
+    searcher: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    scheduler: Literal["none", "asha"] = "asha"
+    metric: Literal["val_loss", "fd"] = Field("val_loss", description="what picks the best trial (ASHA and the searcher use val_loss)")
+    grace_period: int | None = Field(None, ge=1, description="ASHA: steps before a trial can be stopped (default: report_every)")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of the trials at each rung")
+    report_every: int = Field(50, ge=1, description="training steps between the validation reports ASHA reads")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs hold")
+    trial_cpus: float = Field(1.0, gt=0, description="CPUs of the trial process (annotation, sampling, evaluation)")
+    trial_gpus: float = Field(0.0, ge=0, description="GPUs of the trial process; fractions share a GPU")
+    trial_max_failures: int = Field(0, ge=0, description="restarts of a failed trial (it continues from its last checkpoint)")
+    fail_fast: bool = Field(False, description="stop the whole search at the first failed trial")
+    seed: int = Field(0, ge=0, description="seed of the searcher")
+    classifier: str | None = Field(None, description="shared noise classifier (default: train one into OUT/prep/classifier)")
+    samples: int = Field(256, ge=0, description="images each completed trial samples for its FD (0: no FD)")
+    classifier_train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train-classifier'")
+    annotate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray annotate', fixed for every trial")
+    train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train', fixed for every trial")
+    sample: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray sample'")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray evaluate' (e.g. features)")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def check(cfg: TuneConfig) -> TuneConfig:
+    """Refuse a bad space or stage section before any trial starts (errors name the key)."""
+    flat = spacemod.check(cfg.space, {"annotate": cfg.annotate, "train": cfg.train, "sample": cfg.sample}, cfg.searcher)
+    if cfg.searcher in ("optuna", "hyperopt"):
+        _require(cfg.searcher)
+    for stage in ("annotate", "train", "sample"):
+        owned = sorted(spacemod.OWNED[stage] & set(getattr(cfg, stage)))
+        if owned:
+            raise ConfigError(f"config key '{stage}.{owned[0]}': set by the search itself for each trial")
+        both = sorted({f"{stage}.{k}" for k in cfgmod.flatten(getattr(cfg, stage))} & set(flat))
+        if both:
+            raise ConfigError(f"config key '{both[0]}': both searched (in 'space') and fixed; drop one")
+    from ambient_ray.evaluate import EvaluateConfig
+    from ambient_ray.train_classifier import ClassifierTrainConfig
+
+    for section, model, owned in (("evaluate", EvaluateConfig, {"samples", "reference", "reference_where", "out", "mlflow"}),
+                                  ("classifier_train", ClassifierTrainConfig, {"data", "out", "kind", "mlflow"})):  # fmt: skip
+        keys = getattr(cfg, section)
+        if owned & set(keys):
+            raise ConfigError(f"config key '{section}.{sorted(owned & set(keys))[0]}': set by the search itself")
+        try:
+            cfgmod.build(model, flags={"samples": "x", "reference": "x", "out": "x", **keys} if section == "evaluate"
+                         else {"data": "x", "out": "x", **keys})  # fmt: skip
+        except ConfigError as e:
+            raise ConfigError(f"section '{section}': {e}") from None
+    return cfg
+
+
+def _require(searcher: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(searcher) is None:
+        raise ConfigError(f"searcher '{searcher}' needs the {searcher} package: pip install {searcher} (or pip install 'ambient-ray[tune]')")
+
+
+def load(path: str | None = None, sets: list[str] | None = None, flags: dict | None = None) -> TuneConfig:
+    return check(cfgmod.build(TuneConfig, path, sets, flags))
+
+
+# ------------------------------------------------------------------------------ one trial (runs in a Tune trial actor)
+
+
+def trial_dir(job: dict, trial_id: str) -> str:
+    return storage.join(job["out"], "trials", trial_id)
+
+
+def _mlflow(job: dict, parent: str | None, name: str) -> dict:
+    return {**job["mlflow"], "run_name": name, "parent_run_id": parent}
+
+
+def trial(config: dict, job: dict | None = None, parent: str | None = None) -> None:
+    """One trial: re-annotate with its τ, train (reporting to Tune), sample, score; result.json."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ambient_ray import annotate, evaluate, sample, tracking, train
+
+    import torch
+
+    assert job is not None
+    torch.set_num_threads(max(1, int(job["trial_cpus"])))  # sampling and FD in this process: its own CPUs
+    trial_id = ray.tune.get_context().get_trial_id()
+    out = trial_dir(job, trial_id)
+    done = storage.join(out, "result.json")
+    if storage.exists(done):  # finished before an interruption: hand Tune its last result again
+        ray.tune.report(json.loads(storage.read_bytes(done))["metrics"])
+        return
+    params = {k: config[k] for k in sorted(config)}
+    over = spacemod.split(params)
+    child, uri = tracking.start_run(MlflowConfig.model_validate(_mlflow(job, parent, f"trial {trial_id}")), out,
+                                    params={**params, "trial_id": trial_id}, tags={"stage": "tune-trial", "trial_id": trial_id})  # fmt: skip
+    prep = storage.join(job["out"], "prep")
+    annotated = storage.join(out, "annotated")
+    if not storage.exists(storage.join(annotated, "annotation.json")):
+        aflags = {**_merge(job["annotate"], over.get("annotate", {})), "data": job["data"], "out": annotated, "classifier": job["classifier"],
+                  "curves_from": storage.join(prep, "annotated"), "overwrite": True, "mlflow": _mlflow(job, child, "annotate")}  # fmt: skip
+        annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=aflags), progress=False)
+    report = json.loads(storage.read_bytes(storage.join(annotated, "annotation.json")))
+    train_out = storage.join(out, "train")
+    tflags = {**job["train"], "data": annotated, "out": train_out, "report_every": job["report_every"],
+              "resume": storage.exists(storage.join(train_out, "ray", "train")), "mlflow": _mlflow(job, child, "train")}  # fmt: skip
+    tcfg = cfgmod.build(train.TrainConfig, flags=_merge(tflags, over.get("train", {})))
+    s = train.run(tcfg, callbacks=[TuneReportCallback()])
+    metrics = {k: v for k, v in (s["metrics"] or {}).items() if isinstance(v, (int, float))}
+    metrics.setdefault("val_loss", math.nan)  # a run resumed after its last step reports nothing new: unknown
+    metrics.update({"step": tcfg.steps, "mean_sigma_min": float(report["mean_sigma_min"])})
+    if job["samples"]:
+        sflags = {**_merge(job["sample"], over.get("sample", {})), "checkpoint": s["out"], "out": storage.join(out, "samples"),
+                  "num": job["samples"], "mlflow": _mlflow(job, child, "sample")}  # fmt: skip
+        r = sample.run(cfgmod.build(sample.SampleConfig, flags=sflags), progress=False)
+        eflags = {**job["evaluate"], "samples": r["out"], "reference": job["data"], "reference_where": "quality=clean",
+                  "out": storage.join(out, "eval"), "mlflow": _mlflow(job, child, "evaluate")}  # fmt: skip
+        e = evaluate.run(cfgmod.build(evaluate.EvaluateConfig, flags=eflags), progress=False)
+        metrics.update({k: v for k, v in e["metrics"].items() if k in ("fd", "precision", "recall")})
+    metrics["completed"] = 1
+    result = {"trial_id": trial_id, "params": params, "metrics": metrics, "checkpoint": s["checkpoint"], "model": storage.join(train_out, "model"),
+              "annotated": annotated, "train_config": storage.join(train_out, "config.yaml"), "mlflow_run_id": child}  # fmt: skip
+    tracking.log_metrics(child, uri, {k: v for k, v in metrics.items() if k != "step"}, step=tcfg.steps)
+    tracking.finish(child, uri, tags={"checkpoint": s["checkpoint"] or ""})
+    storage.write_bytes(done, json.dumps(result, indent=1).encode())
+    ray.tune.report(metrics)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------ the driver's side
+
+
+class TrialRuns(Callback):
+    """A Tune callback (in the driver): each trial's intermediate results into its MLflow child run,
+    and, for a trial stopped early or failed, its child and train runs closed as KILLED or FAILED."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.known: dict[tuple, tuple[str, str]] = {}
+
+    def _run(self, trial, *sub: str) -> tuple[str | None, str | None]:
+        """The MLflow run a trial's stage recorded in its ``mlflow_run.json`` (none yet: (None, None))."""
+        key = (trial.trial_id, *sub)
+        if key not in self.known:
+            marker = storage.join(trial_dir(self.job, trial.trial_id), *sub, "mlflow_run.json")
+            if not storage.exists(marker):
+                return None, None
+            m = json.loads(storage.read_bytes(marker))
+            self.known[key] = (m["run_id"], m["tracking_uri"])
+        return self.known[key]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from ambient_ray import tracking
+
+        values = {k: v for k, v in result.items() if k.startswith("val_loss") or k in ("loss", "lr")}
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if values and "completed" not in result:  # the final result is logged by the trial itself
+            tracking.log_metrics(*self._run(trial), values, step=int(result.get("step", 0)))
+
+    def _close(self, trial, status: str, outcome: str) -> None:
+        from ambient_ray import tracking
+
+        folder = trial_dir(self.job, trial.trial_id)
+        if storage.exists(storage.join(folder, "result.json")):
+            return  # completed: the trial closed its own runs
+        storage.write_bytes(storage.join(folder, "outcome.json"), json.dumps({"outcome": outcome}).encode())
+        for sub in (("train",), ()):
+            run_id, uri = self._run(trial, *sub)
+            tracking.finish(run_id, uri, status=status, tags={"tune_outcome": outcome})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "KILLED", "stopped-early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", "error")
+
+
+def _dirname(trial) -> str:
+    """A trial's folder under tune/search: its id (as under OUT/trials)."""
+    return trial.trial_id
+
+
+def resources(cfg: TuneConfig) -> tuple[dict, int]:
+    """The trial's resources and the default concurrency; refuses a trial the cluster cannot hold."""
+    import ray
+
+    tcfg = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train})
+    cpus = ray.cluster_resources().get("CPU", 0)
+    need = cfg.trial_cpus + tcfg.num_workers * tcfg.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(
+            f"a trial needs {need:g} CPUs (trial_cpus {cfg.trial_cpus:g} + train.num_workers {tcfg.num_workers} x "
+            f"train.cpus_per_worker {tcfg.cpus_per_worker:g}) but the cluster has {cpus:g}"
+        )
+    res = {"CPU": cfg.trial_cpus}
+    if cfg.trial_gpus:
+        res["GPU"] = cfg.trial_gpus
+    return res, max(1, int(cpus // need))
+
+
+def _train_model():
+    from ambient_ray.train import TrainConfig
+
+    return TrainConfig
+
+
+def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
+    """A new Tuner, or the interrupted one restored (finished trials are kept, not rerun)."""
+    from ray import tune
+
+    fs, path = storage.filesystem(storage.join(job["out"], "tune"))
+    trainable = tune.with_resources(tune.with_parameters(trial, job=job, parent=parent), resources(cfg)[0])
+    exp = f"{path}/search"
+    if resume:
+        if not tune.Tuner.can_restore(exp, storage_filesystem=fs):
+            raise ConfigError(f"nothing to resume in {job['out']}: no Ray Tune experiment state under tune/search")
+        print(f"tune: resuming the search in {job['out']} (finished trials are kept)")
+        return tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    steps = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train}).steps
+    scheduler = None
+    if cfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # max_t above the last step: ASHA stops any result at max_t, which would cut a trial before its FD
+        scheduler = ASHAScheduler(time_attr="step", max_t=steps + 1, grace_period=cfg.grace_period or cfg.report_every,
+                                  reduction_factor=cfg.reduction_factor)  # fmt: skip
+    search_alg = None
+    if cfg.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        from optuna.samplers import TPESampler
+
+        search_alg = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
+    elif cfg.searcher == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        search_alg = HyperOptSearch(random_state_seed=cfg.seed)
+    concurrency = cfg.max_concurrent_trials or resources(cfg)[1]
+    flat = spacemod.flatten(cfg.space)
+    return tune.Tuner(
+        trainable,
+        param_space=spacemod.to_tune(flat),
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=cfg.num_samples, max_concurrent_trials=concurrency,
+                                    trial_dirname_creator=_dirname),  # fmt: skip
+        run_config=tune.RunConfig(
+            name="search", storage_path=path, storage_filesystem=fs, verbose=1,
+            failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures, fail_fast=cfg.fail_fast),
+            callbacks=[TrialRuns(job)],
+        ),  # fmt: skip
+    )
+
+
+def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
+    """The shared classifier and the annotation curves, once per search (skipped when done)."""
+    from ambient_ray import annotate, train_classifier
+
+    prep = storage.join(job["out"], "prep")
+    if not job["classifier"]:
+        clf = storage.join(prep, "classifier")
+        if not storage.exists(storage.join(clf, "summary.json")):
+            if storage.exists(clf):
+                storage.delete(clf)
+            flags = {**cfg.classifier_train, "data": job["data"], "out": clf, "kind": "noise", "mlflow": _mlflow(job, parent, "classifier")}
+            train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags))
+        job["classifier"] = clf
+    out = storage.join(prep, "annotated")
+    if not storage.exists(storage.join(out, "annotation.json")):
+        flags = {**cfg.annotate, "data": job["data"], "out": out, "classifier": job["classifier"], "overwrite": True,
+                 "mlflow": _mlflow(job, parent, "annotate (curves)")}  # fmt: skip
+        annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=True)
+
+
+def collect(job: dict, grid, steps: int, metric: str) -> list[dict]:
+    """One row per trial: its parameters, last reported metrics and how it ended; sorted by ``metric``."""
+    rows = []
+    for res in grid:
+        m = dict(res.metrics or {})
+        tid = os.path.basename(res.path.rstrip("/"))  # _dirname: the trial id
+        done = storage.join(trial_dir(job, tid), "result.json")
+        final = json.loads(storage.read_bytes(done)) if storage.exists(done) else None
+        if final:
+            m.update(final["metrics"])
+        outcome = storage.join(trial_dir(job, tid), "outcome.json")
+        stopped = storage.exists(outcome) and json.loads(storage.read_bytes(outcome))["outcome"] == "stopped-early"
+        status = "completed" if final else "error" if res.error else "stopped early" if stopped else "unfinished"
+        rows.append({"trial_id": tid, "status": status, "step": int(m.get("step", 0) or 0), **{f"param:{k}": v for k, v in (res.config or {}).items()},
+                     "val_loss": m.get("val_loss"), "fd": m.get("fd"), "mean_sigma_min": m.get("mean_sigma_min"),
+                     "checkpoint": final["checkpoint"] if final else None})  # fmt: skip
+
+    def key(r):
+        v = r.get(metric)
+        return (r["status"] != "completed", v is None or not math.isfinite(v), v if v is not None else 0.0)
+
+    return sorted(rows, key=key)
+
+
+def tables(rows: list[dict]) -> tuple[str, str]:
+    import csv
+    import io
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+    show = [c for c in cols if c != "checkpoint"]
+    md = ["| " + " | ".join(c.removeprefix("param:") for c in show) + " |", "|" + "---|" * len(show)]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in show) + " |" for r in rows]
+    return buf.getvalue(), "\n".join(md) + "\n"
+
+
+def plot(rows: list[dict], metric: str) -> bytes:
+    """The metric against each searched key, one panel per key; completed trials filled, stopped ones hollow."""
+    from ambient_ray import plots
+
+    plt = plots._pyplot()
+    keys = [k for k in rows[0] if k.startswith("param:")] if rows else []
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for status, style in (("completed", {"c": "#38c"}), ("stopped early", {"facecolors": "none", "edgecolors": "#c44"})):
+            pts = [(r[k], r[metric] if r[metric] is not None else r["val_loss"]) for r in rows if r["status"] == status]
+            pts = [(x, y) for x, y in pts if isinstance(x, (int, float)) and y is not None and math.isfinite(y)]
+            if pts:
+                ax.scatter(*zip(*pts), label=status, **style)
+        best = rows[0]
+        if best["status"] == "completed" and isinstance(best[k], (int, float)) and best[metric] is not None:
+            ax.scatter([best[k]], [best[metric]], marker="*", s=160, c="#d93", label="best", zorder=3)
+        ax.set_xlabel(k.removeprefix("param:"), fontsize=8)
+        ax.set_ylabel(metric + " (last reported)" if metric == "val_loss" else metric, fontsize=8)
+        if "lambda_max" in k or "lr" in k.split(".")[-1]:
+            ax.set_xscale("log")
+        ys = [r[metric] if r[metric] is not None else r["val_loss"] for r in rows]
+        ys = [y for y in ys if y is not None and math.isfinite(y) and y > 0]
+        if ys and max(ys) > 100 * min(ys):  # a diverged trial (val_loss 1e12) would flatten the rest
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"search: {len(rows)} trials", fontsize=9)
+    return plots._figure_png(fig)
+
+
+def best_config(job: dict, best: dict) -> str:
+    """The best trial's resolved train config as YAML for ``ambient-ray train --config`` (a fresh out, no resume)."""
+    import yaml
+
+    data = yaml.safe_load(storage.read_bytes(storage.join(trial_dir(job, best["trial_id"]), "train", "config.yaml")))
+    data.update({"out": storage.join(job["out"], "best", "train"), "resume": False, "report_every": None, "debug_fail_at_step": None})
+    data["mlflow"] = {**data.get("mlflow", {}), "run_name": None, "parent_run_id": None}
+    params = ", ".join(f"{k}={best[k]!r}" for k in best if k.startswith("param:"))
+    head = (f"# best trial {best['trial_id']} of the search in {job['out']}: val_loss {best['val_loss']}, fd {best['fd']}\n"
+            f"# searched: {params.replace('param:', '')}\n# its checkpoint: {best['checkpoint']}\n"
+            f"# ambient-ray train --config best.yaml  (trains it again into 'out')\n")  # fmt: skip
+    return head + yaml.safe_dump(data, sort_keys=False)
+
+
+def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
+    """Run (or, with ``resume`` = a search's OUT, continue) a search; returns the summary."""
+    import ray
+
+    from ambient_ray import tracking
+
+    if resume:
+        uri = storage.join(storage.normalize(resume), "tune.yaml")
+        if not storage.exists(uri):
+            raise ConfigError(f"--resume {resume}: no tune.yaml there; is it the --out of a search?")
+        cfg = load(uri)
+    assert cfg is not None
+    out = storage.normalize(cfg.out)
+    storage.check_reachable(out)
+    if not resume and storage.exists(storage.join(out, "tune.yaml")):
+        raise ConfigError(f"{out} already holds a search; continue it with --resume {out}, or use another --out")
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    # trials run in their own folders: every URI absolute, the tracking URI resolved here
+    cfg = cfg.model_copy(update={"out": out, "data": storage.normalize(cfg.data),
+                                 "classifier": storage.normalize(cfg.classifier) if cfg.classifier else None})  # fmt: skip
+    cfg.mlflow = cfg.mlflow.model_copy(update={"tracking_uri": tracking.tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None})
+    resources(cfg)
+    if not resume:
+        cfgmod.save_resolved(cfg, out, "tune.yaml")
+    job = cfg.model_dump(mode="json")
+    flat = spacemod.flatten(cfg.space)
+    params = {"space": json.dumps(flat), "searcher": cfg.searcher, "scheduler": cfg.scheduler, "num_samples": cfg.num_samples,
+              "metric": cfg.metric, "report_every": cfg.report_every, "data": cfg.data}  # fmt: skip
+    parent, muri = tracking.start_run(cfg.mlflow.model_copy(update={"run_name": cfg.mlflow.run_name or "tune"}), out, params=params,
+                                      tags={"stage": "tune", "space_digest": spacemod.digest(flat)})  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        prepare(cfg, job, parent)
+        print(f"tune: {cfg.num_samples} samples of {', '.join(flat)} ({cfg.searcher}, scheduler {cfg.scheduler}) -> {out}"
+              + (f"; MLflow run {parent}" if parent else ""))  # fmt: skip
+        grid = build_tuner(cfg, job, parent, bool(resume)).fit()
+        steps = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train}).steps
+        rows = collect(job, grid, steps, cfg.metric)
+        csv_text, md = tables(rows)
+        files: dict[str, bytes] = {"results.csv": csv_text.encode(), "results.md": md.encode()}
+        if rows:
+            files["search.png"] = plot(rows, cfg.metric)
+        best = rows[0] if rows and rows[0]["status"] == "completed" else None
+        if best:
+            files["best.yaml"] = best_config(job, best).encode()
+        # an interrupted search has trials it never started (the grid has none for them yet)
+        grids = [len(d["grid"]) for d in flat.values() if "grid" in d]
+        expected = cfg.num_samples * math.prod(grids) if cfg.searcher in ("random", "grid") else cfg.num_samples
+        ended = sum(r["status"] in ("completed", "stopped early", "error") for r in rows)
+        unfinished = [r for r in rows if r["status"] in ("error", "unfinished")] + [None] * max(0, expected - len(rows))
+        summary = {"out": out, "trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
+                   "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+                   "errors": sum(r["status"] == "error" for r in rows), "unfinished": max(0, expected - ended), "expected": expected,
+                   "best": best, "metric": cfg.metric, "minutes": (time.perf_counter() - t0) / 60, "mlflow_run_id": parent}  # fmt: skip
+        files["summary.json"] = json.dumps(summary, indent=1, default=str).encode()
+        for name, data in files.items():
+            storage.write_bytes(storage.join(out, name), data)
+        tracking.log_files(parent, muri, files)
+        if best:
+            tracking.log_metrics(parent, muri, {f"best_{k}": best[k] for k in ("val_loss", "fd") if best[k] is not None})
+        tags = {"best_trial": best["trial_id"], "best_checkpoint": best["checkpoint"], "best_config": storage.join(out, "best.yaml"),
+                **{f"best.{k.removeprefix('param:')}": best[k] for k in best if k.startswith("param:")}} if best else {}  # fmt: skip
+        tracking.finish(parent, muri, status="FAILED" if unfinished else "FINISHED", tags=tags)
+    except BaseException:
+        tracking.finish(parent, muri, status="FAILED")
+        raise
+    print(md)
+    if unfinished:
+        print(f"tune: {len(unfinished)} trials failed or did not finish; continue the search with: ambient-ray tune --resume {out}")
+    elif best:
+        print(f"tune: best trial {best['trial_id']} ({cfg.metric} {best[cfg.metric]}); its train config: {storage.join(out, 'best.yaml')}")
+    return summary
