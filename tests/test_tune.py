@@ -208,3 +208,22 @@ def test_the_shipped_space_loads_and_a_missing_searcher_package_is_named(monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hyperopt" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install hyperopt"):
         search.load("tuning/ambient_o.yaml", ["searcher=hyperopt", "space.annotate.tau={choice: [0.3, 0.4]}"], {"data": "x", "out": "y"})
+
+
+def test_optuna_draws_every_searched_key_within_its_domain():
+    """The optuna searcher on the checked space: its suggestions carry the dotted keys, inside the bounds,
+    and it learns from completed trials (Ray Tune's OptunaSearch with a seeded TPE sampler)."""
+    pytest.importorskip("optuna")
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = search.load("tuning/ambient_o.yaml", ["searcher=optuna", "space.train.ema_decay={choice: [0.99, 0.999]}"], {"data": "x", "out": "y"})
+    flat = search.spacemod.flatten(cfg.space)
+    opt = OptunaSearch(sampler=TPESampler(seed=0))
+    assert opt.set_search_properties("val_loss", "min", search.spacemod.to_tune(flat))
+    for i in range(6):
+        c = opt.suggest(f"t{i}")
+        assert set(c) == set(flat) and 0.3 <= c["annotate.tau"] <= 0.5 and 1.5 <= c["train.ambient.lambda_max"] <= 8
+        assert c["train.ema_decay"] in (0.99, 0.999)
+        opt.on_trial_complete(f"t{i}", {"val_loss": c["train.ambient.lambda_max"], "training_iteration": 1})
+    assert len(opt._ot_study.trials) == 6 and opt._ot_study.best_value == min(t.value for t in opt._ot_study.trials)
