@@ -55,7 +55,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     s = search.run(search.load(flags=dict(
-        data=data, out=f"{root}/search", classifier=clf, space={"annotate.tau": {"grid": taus}}, scheduler="none", samples=0,
+        data=data, out=f"{root}/search", classifier=clf, space={"annotate.tau": {"grid": taus}}, num_samples=1, scheduler="none", samples=0,
         report_every=50, annotate=annot, train=tsec, mlflow=dict(enabled=False))))  # fmt: skip
     tune_s = time.perf_counter() - t0
     assert s["completed"] == args.trials, s
