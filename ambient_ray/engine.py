@@ -263,14 +263,16 @@ class Worker:
         self.step += 1
         self.update_ema()
         self.maybe_fail()
-        checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+        checkpoint = self.checkpoint_due()
         return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
+
+    def checkpoint_due(self) -> bool:
+        return self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
 
     def report_due(self) -> bool:
         """Whether this step reports to Ray Train without a checkpoint (``report_every``, not a checkpoint step)."""
         r = self.cfg.report_every
-        checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
-        return bool(r) and self.step % r == 0 and not checkpoint
+        return bool(r) and self.step % r == 0 and not self.checkpoint_due()
 
     def report(self, metrics: dict) -> None:
         """Report metrics without a checkpoint to Ray Train; every rank calls it (it is a barrier)."""

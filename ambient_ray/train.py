@@ -159,7 +159,7 @@ def train_loop(config: dict) -> None:
                 "images_per_s": seen * world / max(now - t_last, 1e-9),
             }  # fmt: skip
             buckets = {f"loss_bucket_{i:02d}": float(b_loss[i] / b_n[i]) for i in range(n_buckets) if b_n[i] > 0}
-            if val_rows is not None:
+            if val_rows is not None and (checkpoint_now or w.report_due()):  # only what goes to Ray Train
                 metrics.update(_validation(w, images, labels, val_rows, cfg))
             if rank == 0:
                 engine.progress_line(

@@ -238,7 +238,7 @@ def resources(cfg: TuneConfig) -> tuple[dict, int]:
     """The trial's resources and the default concurrency; refuses a trial the cluster cannot hold."""
     import ray
 
-    tcfg = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train})
+    tcfg = base_train(cfg)
     cpus = ray.cluster_resources().get("CPU", 0)
     need = cfg.trial_cpus + tcfg.num_workers * tcfg.cpus_per_worker
     if need > cpus:
@@ -252,10 +252,11 @@ def resources(cfg: TuneConfig) -> tuple[dict, int]:
     return res, max(1, int(cpus // need))
 
 
-def _train_model():
+def base_train(cfg: TuneConfig):
+    """The train section as a TrainConfig (placeholder data and out): its workers and steps."""
     from ambient_ray.train import TrainConfig
 
-    return TrainConfig
+    return cfgmod.build(TrainConfig, flags={"data": "x", "out": "x", **cfg.train})
 
 
 def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
@@ -263,14 +264,15 @@ def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
     from ray import tune
 
     fs, path = storage.filesystem(storage.join(job["out"], "tune"))
-    trainable = tune.with_resources(tune.with_parameters(trial, job=job, parent=parent), resources(cfg)[0])
+    trial_resources, fits = resources(cfg)
+    trainable = tune.with_resources(tune.with_parameters(trial, job=job, parent=parent), trial_resources)
     exp = f"{path}/search"
     if resume:
         if not tune.Tuner.can_restore(exp, storage_filesystem=fs):
             raise ConfigError(f"nothing to resume in {job['out']}: no Ray Tune experiment state under tune/search")
         print(f"tune: resuming the search in {job['out']} (finished trials are kept)")
         return tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
-    steps = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train}).steps
+    steps = base_train(cfg).steps
     scheduler = None
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -288,7 +290,7 @@ def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         search_alg = HyperOptSearch(random_state_seed=cfg.seed)
-    concurrency = cfg.max_concurrent_trials or resources(cfg)[1]
+    concurrency = cfg.max_concurrent_trials or fits
     flat = spacemod.flatten(cfg.space)
     return tune.Tuner(
         trainable,
@@ -324,7 +326,7 @@ def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
         annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=True)
 
 
-def collect(job: dict, grid, steps: int, metric: str) -> list[dict]:
+def collect(job: dict, grid, metric: str) -> list[dict]:
     """One row per trial: its parameters, last reported metrics and how it ended; sorted by ``metric``."""
     rows = []
     for res in grid:
@@ -447,8 +449,7 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
         print(f"tune: {cfg.num_samples} samples of {', '.join(flat)} ({cfg.searcher}, scheduler {cfg.scheduler}) -> {out}"
               + (f"; MLflow run {parent}" if parent else ""))  # fmt: skip
         grid = build_tuner(cfg, job, parent, bool(resume)).fit()
-        steps = cfgmod.build(_train_model(), flags={"data": "x", "out": "x", **cfg.train}).steps
-        rows = collect(job, grid, steps, cfg.metric)
+        rows = collect(job, grid, cfg.metric)
         csv_text, md = tables(rows)
         files: dict[str, bytes] = {"results.csv": csv_text.encode(), "results.md": md.encode()}
         if rows:
