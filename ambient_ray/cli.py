@@ -301,6 +301,48 @@ def _run_tune(args) -> int:
     return 1 if s["errors"] or s["unfinished"] else 0
 
 
+def _pipeline_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="corrupt -> train-classifier -> annotate -> train -> sample -> evaluate from one config; re-runs skip finished stages")
+    _common(p)
+    p.add_argument("--out", help="output URI; one folder per stage under it")
+
+
+def _run_pipeline(args) -> int:
+    from ambient_ray import pipeline
+
+    cfg = cfgmod.build(pipeline.PipelineConfig, args.config, args.sets, {"out": args.out})
+    s = pipeline.run(cfg, progress=not args.no_progress)
+    print(f"pipeline: done in {s['minutes']:.1f} min; report {s['out']}/pipeline.json")
+    for name, st in s["stages"].items():
+        print(f"  {name:10s} {st['out']}" + (f"   MLflow run {st['mlflow_run_id']}" if st.get("mlflow_run_id") else ""))
+    if s["mlflow_run_id"]:
+        print(f"  MLflow: pipeline run {s['mlflow_run_id']} at {s['mlflow_uri']}")
+    return 0
+
+
+def _jobs_parser(sub) -> None:
+    p = sub.add_parser("jobs", help="follow, stop and trace the Ray jobs of a cluster (list, logs, stop, runs)")
+    p.add_argument("action", choices=("list", "logs", "stop", "runs"))
+    p.add_argument("job_id", nargs="?", help="the job's submission id (from 'ray job submit' or 'ambient-ray jobs list')")
+    p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="logs: follow until the job ends; exits 1 unless it succeeded")
+    p.add_argument("--tracking-uri", help="runs: the MLflow server (default: MLFLOW_TRACKING_URI)")
+
+
+def _run_jobs(args) -> int:
+    from ambient_ray import ops
+
+    if args.action != "list" and not args.job_id:
+        raise ValueError(f"jobs {args.action} needs a job id")
+    if args.action == "list":
+        return ops.list_jobs(args.address)
+    if args.action == "logs":
+        return ops.logs(args.address, args.job_id, args.follow)
+    if args.action == "stop":
+        return ops.stop(args.address, args.job_id)
+    return ops.runs(args.job_id, args.tracking_uri)
+
+
 STAGES = {
     "corrupt": (_corrupt_parser, _run_corrupt),
     "train-classifier": (_classifier_parser, _run_classifier),
@@ -312,6 +354,8 @@ STAGES = {
     "evaluate": (_evaluate_parser, _run_evaluate),
     "experiment": (_experiment_parser, _run_experiment),
     "tune": (_tune_parser, _run_tune),
+    "pipeline": (_pipeline_parser, _run_pipeline),
+    "jobs": (_jobs_parser, _run_jobs),
 }
 
 

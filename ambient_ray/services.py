@@ -132,8 +132,14 @@ def start_seaweedfs(folder: str, access_key: str = "ambient", secret_key: str | 
             "s3", endpoint_url=url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name="us-east-1", config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
         )  # fmt: skip
+        from botocore.exceptions import ClientError
+
         name = "ambient-ready-check"
-        c.create_bucket(Bucket=name)
+        try:
+            c.create_bucket(Bucket=name)
+        except ClientError as e:  # a restarted server keeps its buckets
+            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
         c.put_object(Bucket=name, Key="ping", Body=b"ok")
         ok = c.get_object(Bucket=name, Key="ping")["Body"].read() == b"ok"
         c.delete_object(Bucket=name, Key="ping")

@@ -45,6 +45,19 @@ def _run_exists(client, run_id: str) -> bool:
         raise  # an unreachable or failing server is an error, not a reason to open a second run
 
 
+def ray_job_tags() -> dict[str, str]:
+    """``{"ray.job_submission_id": ID}`` inside a job started by ``ray job submit`` (so ``ambient-ray jobs runs ID``
+    finds the job's runs); empty elsewhere. The job supervisor hands the driver its metadata in this variable."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        job_id = (json.loads(raw).get("metadata") or {}).get("job_submission_id")
+    except ValueError:
+        return {}
+    return {"ray.job_submission_id": job_id} if job_id else {}
+
+
 def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[str | None, str | None]:
     """Create (or, for a resumed job, reopen) the job's MLflow run; returns (run_id, tracking_uri)."""
     if not mcfg.enabled:
@@ -66,7 +79,7 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
               "starting a new run", file=sys.stderr)  # fmt: skip
     exp = client.get_experiment_by_name(mcfg.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(mcfg.experiment, artifact_location=mcfg.artifact_location)
-    tags = {k: str(v) for k, v in {"out": out, **(tags or {})}.items()}  # the REST API takes strings only
+    tags = {k: str(v) for k, v in {"out": out, **ray_job_tags(), **(tags or {})}.items()}  # the REST API takes strings only
     if mcfg.parent_run_id:
         tags["mlflow.parentRunId"] = mcfg.parent_run_id
     run = client.create_run(exp_id, run_name=mcfg.run_name, tags=tags)
