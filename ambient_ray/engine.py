@@ -211,6 +211,10 @@ class Worker:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         if self.device.type == "cpu":  # one intra-op thread per CPU the worker holds
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            # DeepSpeed's CPU shared-memory all-reduce op serves only its inference_all_reduce; training's
+            # collectives go through gloo. Left on, it is JIT-compiled at the first run (about a minute per
+            # virtual environment) and loaded by every worker.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
         self.ema = [p.detach().clone().float().to(self.device) for p in net.parameters()]  # fp32, on the device
         params = [p for p in net.parameters() if p.requires_grad]

@@ -146,9 +146,11 @@ def test_pipeline_job_writes_s3_and_mlflow(cluster):
     listed = cli(cluster, "jobs", "list")
     assert job in listed.stdout and "SUCCEEDED" in listed.stdout
 
-    # re-submitting the same pipeline resumes: every stage is skipped, the pipeline run is reopened
+    # re-submitting the same pipeline (its config now read from S3) resumes: every stage is skipped, the run reopened
+    with open(os.path.join(REPO, "jobs", "configs", "pipeline.yaml"), "rb") as f:
+        s3.put_object(Bucket="ambient", Key="configs/pipeline.yaml", Body=f.read())
     again = f"pipeline-{uuid.uuid4().hex[:8]}"
-    r2 = submit(cluster, ["python", "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline.yaml", "--no-progress", *[f"--set={s}" for s in TINY]], again)
+    r2 = submit(cluster, ["python", "-m", "jobs.pipeline", "--config", "s3://ambient/configs/pipeline.yaml", *[f"--set={s}" for s in TINY]], again)
     assert job_status(cluster, again) == "SUCCEEDED", r2.stdout[-3000:]
     assert r2.stdout.count("finished earlier, skipped") == 6, r2.stdout[-3000:]
     assert parent.info.run_id in r2.stdout

@@ -204,12 +204,18 @@ def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
         load_denoiser(str(bad))
 
 
-def test_cli_train_then_sample(digits, tmp_path, capsys):
+def test_cli_train_with_zero_offload_then_sample(digits, tmp_path, capsys):
+    """The CLI end to end (train, refusals, sample), on ZeRO-2 with the optimizer states offloaded to
+    DeepSpeed's CPU Adam (built on first use): one Ray Train run serves both checks."""
+    import torch
+
     from ambient_ray.cli import main
+    from ambient_ray.unet import UNetConfig, build_denoiser
 
     out = str(tmp_path / "cli")
     common = ["--set", "model.img_resolution=8", "--set", "model.model_channels=16", "--set", "batch_size=16",
-              "--set", "mlflow.enabled=false", "--set", "sample_grid=0", "--set", "checkpoint_every=4"]  # fmt: skip
+              "--set", "mlflow.enabled=false", "--set", "sample_grid=0", "--set", "checkpoint_every=4",
+              "--set", "zero_stage=2", "--set", "offload_optimizer=true", "--set", "optim.lr=2e-3", "--set", "optim.warmup_steps=2"]  # fmt: skip
     # a misspelt key is refused with its name, before any work
     assert main(["train", "--data", digits, "--out", out, *common, "--set", "optim.lr_rate=1"]) == 2
     assert "optim.lr_rate" in capsys.readouterr().err
@@ -218,6 +224,15 @@ def test_cli_train_then_sample(digits, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "every row treated as clean" in printed and "rows marked corrupted train as clean" in printed
     assert storage.exists(storage.join(out, "model", "ema.safetensors"))
+    # ZeRO-Offload trained: (almost) every tensor moved from the initial weights (same seed, same model config)
+    meta = json.loads(storage.read_bytes(storage.join(out, "model", "model.json")))
+    assert meta["model"]["model_channels"] == 16
+    torch.manual_seed(0)  # the default seed
+    init = {k: v.detach().numpy() for k, v in build_denoiser(UNetConfig(**meta["model"])).named_parameters()}
+    trained = weights(out)
+    assert trained.keys() == init.keys() and all(np.isfinite(v).all() for v in trained.values())
+    moved = sum(float(np.abs(trained[k] - init[k]).max()) > 1e-6 for k in init)
+    assert moved > 0.8 * len(init), f"only {moved} of {len(init)} tensors changed"
     # running again into the same --out without --resume is refused (exit 2, names the flag)
     assert main(["train", "--data", digits, "--out", out, "--steps", "4", *common]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -226,20 +241,8 @@ def test_cli_train_then_sample(digits, tmp_path, capsys):
     assert np.load(storage.join(samples, "samples.npy")).shape == (5, 8, 8, 1)
 
 
-def test_zero_offload_trains_with_deepspeed_cpu_adam(digits, tmp_path):
-    """ZeRO-2 with the optimizer states offloaded to DeepSpeed's CPU Adam (built on first use)."""
-    import torch
-
-    from ambient_ray.unet import UNetConfig, build_denoiser
-
-    out = str(tmp_path / "offload")
-    cfg = tcfg(digits, out, steps=4, checkpoint_every=4, offload_optimizer=True)
-    run(cfg)
-    torch.manual_seed(cfg.seed)
-    init = {k: v.detach().numpy() for k, v in build_denoiser(UNetConfig(**cfg.model.model_dump())).named_parameters()}
-    trained = weights(out)
-    assert trained.keys() == init.keys() and all(np.isfinite(v).all() for v in trained.values())
-    moved = sum(float(np.abs(trained[k] - init[k]).max()) > 1e-6 for k in init)
-    assert moved > 0.8 * len(init), f"only {moved} of {len(init)} tensors changed"
+def test_zero_offload_needs_a_zero_stage(digits, tmp_path):
+    """ZeRO-Offload without ZeRO is refused before any worker starts (the offloaded run itself: above)."""
     with pytest.raises(ConfigError, match="offload_optimizer"):
         run(tcfg(digits, str(tmp_path / "o0"), zero_stage=0, offload_optimizer=True))
+    assert not storage.exists(str(tmp_path / "o0" / "ray"))
