@@ -90,6 +90,12 @@ def stragglers(st: dict) -> list[int]:
     return mine
 
 
+def write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read (the token, and files that hold the local S3 key)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+
+
 def exports(env: dict) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
 
@@ -124,10 +130,8 @@ def up(args) -> int:
         ml = started["mlflow"] = services.start_mlflow(os.path.join(state, "mlflow"), f"s3://{args.bucket}/mlflow-artifacts", env=s3.env())
 
         token_path = os.path.join(state, "auth_token")
-        with open(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(secrets.token_hex(32))
-        with open(token_path) as f:
-            token = f.read()
+        token = secrets.token_hex(32)
+        write_private(token_path, token)
         temp = ray_temp_dir(state)
         ports = {k: services.free_port() for k in ("gcs", "dashboard", "client", "agent", "metrics")}
         env = {
@@ -153,7 +157,7 @@ def up(args) -> int:
         proc = subprocess.Popen(cmd, stdout=open(ray_log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=head_env, cwd=REPO, start_new_session=True)  # fmt: skip
         dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-        head = started["ray"] = services.Service("ray", proc, dashboard, ray_log)
+        started["ray"] = services.Service("ray", proc, dashboard, ray_log)
         services._wait(lambda: dashboard_ready(dashboard, token), "Ray head (dashboard)", proc, ray_log, args.timeout)
     except BaseException:
         for svc in reversed(list(started.values())):
@@ -164,10 +168,8 @@ def up(args) -> int:
         "services": {n: {"pid": s.proc.pid, "pgid": s.proc.pid, "url": s.url, "log": s.log} for n, s in started.items()},
         "env": env, "ray_gcs": f"127.0.0.1:{ports['gcs']}", "ray_temp_dir": temp, "state": state, "started": time.time(),
     }  # fmt: skip
-    with open(os.open(os.path.join(state, "state.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(st, f, indent=1)
-    with open(os.open(os.path.join(state, "env.sh"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(exports(env))
+    write_private(os.path.join(state, "state.json"), json.dumps(st, indent=1))
+    write_private(os.path.join(state, "env.sh"), exports(env))
     log(f"up: Ray dashboard {dashboard} (GCS {st['ray_gcs']}), S3 {os.environ['AWS_ENDPOINT_URL']} bucket {args.bucket}, "
         f"MLflow {ml.url}; logs in {state}")  # fmt: skip
     log(f'use it from a shell: eval "$(cluster/local.sh env)"   (or: source {state}/env.sh)')
@@ -191,18 +193,20 @@ def down(args) -> int:
     while time.time() < deadline and stragglers(st):
         time.sleep(0.5)
     left = stragglers(st)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if left:
         import psutil
 
-        names = sorted({psutil.Process(p).name() for p in left if psutil.pid_exists(p)})
-        log(f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: {', '.join(names)}")
-    time.sleep(0.5)
-    left = stragglers(st)
+        names = set()
+        for pid in left:
+            try:
+                names.add(psutil.Process(pid).name())
+                os.kill(pid, signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError):
+                pass
+        log(f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: {', '.join(sorted(names))}")
+    deadline = time.time() + 10  # a killed process is gone once the kernel has torn it down
+    while (left := stragglers(st)) and time.time() < deadline:
+        time.sleep(0.2)
     if left:
         log(f"could not stop processes {left}")
         return 1

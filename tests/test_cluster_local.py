@@ -102,7 +102,7 @@ def test_pipeline_job_writes_s3_and_mlflow(cluster):
     r = submit(cluster, ["python", "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline.yaml", "--no-progress", *[f"--set={s}" for s in TINY]], job)
     print(f"pipeline job: {time.time() - t0:.0f}s")
     assert job_status(cluster, job) == "SUCCEEDED", r.stdout[-4000:] + r.stderr[-2000:]
-    assert "pipeline: [6/6] evaluate: done" in r.stdout and f"MLflow: pipeline run" in r.stdout, r.stdout[-3000:]
+    assert "pipeline: [6/6] evaluate: done" in r.stdout and "MLflow: pipeline run" in r.stdout, r.stdout[-3000:]
 
     # the outputs are in the cluster's S3
     s3 = s3_client(cluster)
@@ -205,8 +205,10 @@ def test_down_leaves_no_process_behind(cluster):
     assert down.returncode == 0, down.stderr
     groups = {s["pgid"] for s in st["services"].values()}
     left = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited, waiting for init to reap it
+                continue
             cmdline = " ".join(p.info["cmdline"] or [])
             if os.getpgid(p.pid) in groups or st["ray_temp_dir"] in cmdline or cluster["state"] in cmdline or p.environ().get("AMBIENT_LOCAL_CLUSTER") == st["state"]:
                 left.append((p.pid, cmdline))
