@@ -32,7 +32,7 @@ def list_jobs(address: str | None) -> int:
     jobs = sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
-        print(f"{j.submission_id or j.job_id:28s} {str(j.status.value if hasattr(j.status, 'value') else j.status):10s} {started}  {j.entrypoint[:80]}")
+        print(f"{j.submission_id or j.job_id:28s} {str(j.status.value if hasattr(j.status, 'value') else j.status):10s} {started}  {' '.join(j.entrypoint.split())[:80]}")
     if not jobs:
         print("no jobs")
     return 0

@@ -194,6 +194,8 @@ def test_a_running_job_can_be_stopped(cluster):
     stopped = cli(cluster, "jobs", "stop", job)
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     assert job_status(cluster, job) == "STOPPED"
+    followed = cli(cluster, "jobs", "logs", job, "--follow")  # returns at once for an ended job: exit 1, it did not succeed
+    assert followed.returncode == 1 and "sleeping" in followed.stdout and "STOPPED" in followed.stderr
 
 
 def test_down_leaves_no_process_behind(cluster):
