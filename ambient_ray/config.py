@@ -110,6 +110,20 @@ def build(model: type[M], path: str | None = None, sets: list[str] | None = None
         raise ConfigError(format_errors(model, e)) from None
 
 
+def build_section(model: type[M], section: str, keys: dict, *, owned: set[str], owner: str, fill: dict | None = None) -> M:
+    """Build a stage's ``model`` from ``keys``, one section of a larger config (an experiment's, a search's, a pipeline's).
+
+    Keys the owner sets itself (``owned``) are refused, naming ``section.key`` and ``owner``; ``fill`` gives
+    them (the real values, or placeholders for a check). Validation errors name the key as ``section.key``."""
+    clash = sorted(owned & set(keys))
+    if clash:
+        raise ConfigError(f"config key '{section}.{clash[0]}': set by {owner}")
+    try:
+        return build(model, flags={**keys, **(fill or {})})
+    except ConfigError as e:
+        raise ConfigError(f"section '{section}': " + str(e).replace("config key '", f"config key '{section}.")) from None
+
+
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray import storage
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import Strict
 from ambient_ray.tracking import MlflowConfig
 
 Arm = Literal["only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle"]
@@ -103,15 +103,8 @@ def check(cfg: ExperimentConfig) -> None:
         parse(spec)
     dummy = {"data": "x", "out": "x", "checkpoint": "x", "samples": "x", "reference": "x"}
     for section, model in _stage_configs().items():
-        keys = getattr(cfg, section)
-        owned = sorted(_OWNED[section] & set(keys))
-        if owned:
-            raise ConfigError(f"config key '{section}.{owned[0]}': set by the experiment itself (per arm and seed)")
-        fields = set(model.model_fields)
-        try:
-            cfgmod.build(model, flags={**{k: v for k, v in dummy.items() if k in fields}, **keys})
-        except ConfigError as e:
-            raise ConfigError(f"section '{section}': {e}") from None
+        fill = {k: v for k, v in dummy.items() if k in model.model_fields}
+        cfgmod.build_section(model, section, getattr(cfg, section), owned=_OWNED[section], owner="the experiment itself (per arm and seed)", fill=fill)
 
 
 # ------------------------------------------------------------------------------ running the stages

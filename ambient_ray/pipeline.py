@@ -85,10 +85,6 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
 
     out = storage.normalize(cfg.out)
     dirs = {s: storage.join(out, FOLDERS[s]) for s in STAGES}
-    for section in STAGES:
-        owned = sorted(_OWNED[section] & set(getattr(cfg, section)))
-        if owned:
-            raise ConfigError(f"config key '{section}.{owned[0]}': set by the pipeline itself (it wires the stages together)")
     for spec in cfg.corrupt.get("corruptions") or []:
         try:
             parse(spec)
@@ -98,10 +94,6 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
     def mlflow(name: str) -> dict:
         return {**cfg.mlflow.model_dump(), "run_name": name, "parent_run_id": parent_run}
 
-    ev = dict(cfg.evaluate)
-    if "reference" not in ev:  # the clean rows of the mixed data: the distribution the pipeline aims at
-        ev.update(reference=dirs["corrupt"], reference_where="quality=clean")
-    ev.setdefault("train", dirs["annotate"])
     wiring = {
         "corrupt": {"out": dirs["corrupt"]},
         "classifier": {"data": dirs["corrupt"], "out": dirs["classifier"], "kind": "noise", "mlflow": mlflow("train-classifier")},
@@ -110,14 +102,12 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
         "sample": {"checkpoint": dirs["train"], "out": dirs["sample"], "mlflow": mlflow("sample")},
         "evaluate": {"samples": dirs["sample"], "out": dirs["evaluate"], "mlflow": mlflow("evaluate")},
     }
-    built = {}
-    for section, model in _models().items():
-        keys = ev if section == "evaluate" else getattr(cfg, section)
-        try:
-            built[section] = cfgmod.build(model, flags={**keys, **wiring[section]})
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("config key '", f"config key '{section}.")) from None
-    return built
+    if "reference" not in cfg.evaluate:  # the clean rows of the mixed data: the distribution the pipeline aims at
+        wiring["evaluate"].update(reference=dirs["corrupt"], reference_where="quality=clean")
+    if "train" not in cfg.evaluate:
+        wiring["evaluate"]["train"] = dirs["annotate"]
+    owner = "the pipeline itself (it wires the stages together)"
+    return {s: cfgmod.build_section(m, s, getattr(cfg, s), owned=_OWNED[s], owner=owner, fill=wiring[s]) for s, m in _models().items()}
 
 
 def fingerprints(stages: dict[str, Any]) -> dict[str, str]:
@@ -231,10 +221,11 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
             print(f"{head}: done in {summary['seconds']:.0f}s" + (f"; {figs}" if figs else "") + (f"; MLflow run {summary['mlflow_run_id']}" if summary.get("mlflow_run_id") else ""))
         minutes = (time.perf_counter() - t0) / 60
         report = {"out": out, "stages": done, "mlflow_run_id": parent, "mlflow_uri": uri, "fingerprints": prints}
-        storage.write_bytes(storage.join(out, "pipeline.json"), json.dumps(report, indent=1).encode())
+        report_json = json.dumps(report, indent=1).encode()
+        storage.write_bytes(storage.join(out, "pipeline.json"), report_json)
         metrics = {f"{n}.{k}": float(v) for n, s in done.items() for k, v in s.get("figures", {}).items() if isinstance(v, (int, float))}
         tracking.log_metrics(parent, uri, metrics)
-        tracking.log_files(parent, uri, {"pipeline.json": json.dumps(report, indent=1).encode()})
+        tracking.log_files(parent, uri, {"pipeline.json": report_json})
         tracking.finish(parent, uri)
     except BaseException:
         tracking.finish(parent, uri, status="FAILED")

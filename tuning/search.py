@@ -88,14 +88,8 @@ def check(cfg: TuneConfig) -> TuneConfig:
 
     for section, model, owned in (("evaluate", EvaluateConfig, {"samples", "reference", "reference_where", "out", "mlflow"}),
                                   ("classifier_train", ClassifierTrainConfig, {"data", "out", "kind", "mlflow"})):  # fmt: skip
-        keys = getattr(cfg, section)
-        if owned & set(keys):
-            raise ConfigError(f"config key '{section}.{sorted(owned & set(keys))[0]}': set by the search itself")
-        try:
-            cfgmod.build(model, flags={"samples": "x", "reference": "x", "out": "x", **keys} if section == "evaluate"
-                         else {"data": "x", "out": "x", **keys})  # fmt: skip
-        except ConfigError as e:
-            raise ConfigError(f"section '{section}': {e}") from None
+        fill = {"samples": "x", "reference": "x", "out": "x"} if section == "evaluate" else {"data": "x", "out": "x"}
+        cfgmod.build_section(model, section, getattr(cfg, section), owned=owned, owner="the search itself", fill=fill)
     return cfg
 
 
