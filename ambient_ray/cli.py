@@ -12,22 +12,35 @@ import sys
 
 from ambient_ray import config as cfgmod
 from ambient_ray.corruptions import CorruptionError
-from ambient_ray.storage import StorageError
+from ambient_ray.io.storage import StorageError
 
 USER_ERRORS = (cfgmod.ConfigError, CorruptionError, StorageError, FileNotFoundError, ValueError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _corrupt_parser(sub) -> None:
     p = sub.add_parser("corrupt", help="make a mixed-quality dataset: keep a clean subset, corrupt the rest (Ray Data)")
     _common(p)
-    p.add_argument("--dataset", help="built-in (digits, faces, photos) or URI of an image folder, tar shards or Parquet")
-    p.add_argument("--corruption", action="append", help="corruption spec, e.g. blur:sigma=0.6 (repeat to split the corrupted part)")
+    p.add_argument(
+        "--dataset", help="built-in (digits, faces, photos) or URI of an image folder, tar shards or Parquet"
+    )
+    p.add_argument(
+        "--corruption",
+        action="append",
+        help="corruption spec, e.g. blur:sigma=0.6 (repeat to split the corrupted part)",
+    )
     p.add_argument("--clean-fraction", type=float, help="fraction of rows kept clean (default 0.1)")
     p.add_argument("--seed", type=int, help="seed for the clean subset and the corruptions (default 0)")
     p.add_argument("--out", help="output URI (local folder or s3://bucket/prefix)")
@@ -35,25 +48,37 @@ def _corrupt_parser(sub) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels")
     p.add_argument("--shard-size", type=int, help="rows per output shard (default 1024)")
     p.add_argument("--plugin", action="append", help="module registering extra corruptions (repeatable)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run with a different plan")
+    p.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace an existing run with a different plan"
+    )
     p.add_argument("--list-corruptions", action="store_true", help="list the known corruptions and exit")
 
 
 def _run_corrupt(args) -> int:
-    from ambient_ray import corrupt, corruptions
+    from ambient_ray import corruptions
+    from ambient_ray.stages import corrupt
 
     if args.list_corruptions:
         if args.plugin:
             corrupt.load_plugins(args.plugin)
         for name, ct in sorted(corruptions.registered().items()):
-            params = ", ".join(f"{k}: {p.describe()}" + ("" if p.default is None else f" = {p.default}") for k, p in ct.params.items())
+            params = ", ".join(
+                f"{k}: {p.describe()}" + ("" if p.default is None else f" = {p.default}") for k, p in ct.params.items()
+            )
             print(f"{name:14s} {params}")
         return 0
     flags = {
-        "source.dataset": args.dataset, "corruptions": args.corruption, "clean_fraction": args.clean_fraction,
-        "seed": args.seed, "out": args.out, "source.image_size": args.image_size, "source.channels": args.channels,
-        "shard_size": args.shard_size, "plugins": args.plugin, "overwrite": args.overwrite,
-    }  # fmt: skip
+        "source.dataset": args.dataset,
+        "corruptions": args.corruption,
+        "clean_fraction": args.clean_fraction,
+        "seed": args.seed,
+        "out": args.out,
+        "source.image_size": args.image_size,
+        "source.channels": args.channels,
+        "shard_size": args.shard_size,
+        "plugins": args.plugin,
+        "overwrite": args.overwrite,
+    }
     cfg = cfgmod.build(corrupt.CorruptConfig, args.config, args.sets, flags)
     result = corrupt.run(cfg, progress=not args.no_progress)
     print(result.summary())
@@ -71,14 +96,22 @@ def _train_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint"
+    )
 
 
 def _run_train(args) -> int:
-    from ambient_ray import train
+    from ambient_ray.stages import train
 
-    flags = {"data": args.data, "out": args.out, "steps": args.steps, "num_workers": args.num_workers,
-             "zero_stage": args.zero_stage, "resume": args.resume}  # fmt: skip
+    flags = {
+        "data": args.data,
+        "out": args.out,
+        "steps": args.steps,
+        "num_workers": args.num_workers,
+        "zero_stage": args.zero_stage,
+        "resume": args.resume,
+    }
     cfg = cfgmod.build(train.TrainConfig, args.config, args.sets, flags)
     s = train.run(cfg)
     print(f"train: done in {s['seconds']:.0f}s; final loss {s['metrics'].get('loss', float('nan')):.4f}")
@@ -101,10 +134,16 @@ def _sample_parser(sub) -> None:
 
 
 def _run_sample(args) -> int:
-    from ambient_ray import sample
+    from ambient_ray.stages import sample
 
-    flags = {"checkpoint": args.checkpoint, "num": args.num, "out": args.out, "steps": args.steps,
-             "stochastic": args.stochastic, "seed": args.seed}  # fmt: skip
+    flags = {
+        "checkpoint": args.checkpoint,
+        "num": args.num,
+        "out": args.out,
+        "steps": args.steps,
+        "stochastic": args.stochastic,
+        "seed": args.seed,
+    }
     cfg = cfgmod.build(sample.SampleConfig, args.config, args.sets, flags)
     s = sample.run(cfg, progress=not args.no_progress)
     print(f"sample: {cfg.num} images -> {s['samples']}  grid: {s['grid']}")
@@ -112,10 +151,14 @@ def _run_sample(args) -> int:
 
 
 def _classifier_parser(sub) -> None:
-    p = sub.add_parser("train-classifier", help="train the noise (σ_min) or crops (σ_max) classifier (Ray Train + DeepSpeed)")
+    p = sub.add_parser(
+        "train-classifier", help="train the noise (σ_min) or crops (σ_max) classifier (Ray Train + DeepSpeed)"
+    )
     _common(p)
     p.add_argument("--data", help="dataset URI (a corrupt output folder or Parquet shards)")
-    p.add_argument("--kind", choices=("noise", "crops"), help="noise: clean vs corrupted under noise; crops: target vs other crops")
+    p.add_argument(
+        "--kind", choices=("noise", "crops"), help="noise: clean vs corrupted under noise; crops: target vs other crops"
+    )
     p.add_argument("--out", help="output URI")
     p.add_argument("--good", help="rows labelled good, FIELD=V1[,V2] (default quality=clean)")
     p.add_argument("--bad", help="rows labelled bad (default: the rest)")
@@ -125,14 +168,24 @@ def _classifier_parser(sub) -> None:
 
 
 def _run_classifier(args) -> int:
-    from ambient_ray import train_classifier
+    from ambient_ray.stages import train_classifier
 
-    flags = {"data": args.data, "kind": args.kind, "out": args.out, "good": args.good, "bad": args.bad,
-             "steps": args.steps, "num_workers": args.num_workers, "resume": args.resume}  # fmt: skip
+    flags = {
+        "data": args.data,
+        "kind": args.kind,
+        "out": args.out,
+        "good": args.good,
+        "bad": args.bad,
+        "steps": args.steps,
+        "num_workers": args.num_workers,
+        "resume": args.resume,
+    }
     cfg = cfgmod.build(train_classifier.ClassifierTrainConfig, args.config, args.sets, flags)
     s = train_classifier.run(cfg)
     m = s["metrics"]
-    print(f"train-classifier: done in {s['seconds']:.0f}s; final loss {m.get('loss', float('nan')):.4f}, accuracy {m.get('accuracy', float('nan')):.3f}")
+    print(
+        f"train-classifier: done in {s['seconds']:.0f}s; final loss {m.get('loss', float('nan')):.4f}, accuracy {m.get('accuracy', float('nan')):.3f}"
+    )
     print(f"  classifier (safetensors): {s['out']}/model/   probability curves: {s['out']}/curves.png")
     if s["mlflow_run_id"]:
         print(f"  MLflow run {s['mlflow_run_id']} at {s['mlflow_uri']}")
@@ -149,7 +202,7 @@ def _locality_parser(sub) -> None:
 
 
 def _run_locality(args) -> int:
-    from ambient_ray import locality
+    from ambient_ray.stages import locality
 
     flags = {"checkpoint": args.checkpoint, "data": args.data, "out": args.out, "eps": args.eps}
     cfg = cfgmod.build(locality.LocalityConfig, args.config, args.sets, flags)
@@ -161,37 +214,58 @@ def _run_locality(args) -> int:
 
 
 def _annotate_parser(sub) -> None:
-    p = sub.add_parser("annotate", help="σ_min / σ_max for every row from trained classifiers or fixed rules (Ray Data)")
+    p = sub.add_parser(
+        "annotate", help="σ_min / σ_max for every row from trained classifiers or fixed rules (Ray Data)"
+    )
     _common(p)
     p.add_argument("--data", help="dataset URI (a corrupt output folder or Parquet shards)")
     p.add_argument("--classifier", help="noise classifier (train-classifier --kind noise output)")
-    p.add_argument("--crops-classifier", help="crops classifier (train-classifier --kind crops output); needs --locality")
+    p.add_argument(
+        "--crops-classifier", help="crops classifier (train-classifier --kind crops output); needs --locality"
+    )
     p.add_argument("--locality", help="locality.json from 'ambient-ray locality'")
     p.add_argument("--out", help="output URI")
     p.add_argument("--tau", type=float, help="threshold τ = 0.5 − ε (default 0.45)")
     p.add_argument("--mode", choices=("per-sample", "per-dataset"))
-    p.add_argument("--fixed", action="append", metavar="SOURCE=SIGMA", help="σ_min for every row of a source (repeatable)")
+    p.add_argument(
+        "--fixed", action="append", metavar="SOURCE=SIGMA", help="σ_min for every row of a source (repeatable)"
+    )
     p.add_argument("--scorer", help="quality scorer: sharpness, a TorchScript file or timm:ARCH@WEIGHTS")
     p.add_argument("--top-percent", type=float, help="with --scorer: the top k %% are clean (S_G)")
     p.add_argument("--overwrite", action="store_true", default=None, help="recompute curves of another run in --out")
 
 
 def _run_annotate(args) -> int:
-    from ambient_ray import annotate
+    from ambient_ray.stages import annotate
 
-    flags = {"data": args.data, "classifier": args.classifier, "crops_classifier": args.crops_classifier,
-             "locality": args.locality, "out": args.out, "tau": args.tau, "mode": args.mode,
-             "fixed": annotate.parse_fixed(args.fixed), "scorer": args.scorer, "top_percent": args.top_percent,
-             "overwrite": args.overwrite}  # fmt: skip
+    flags = {
+        "data": args.data,
+        "classifier": args.classifier,
+        "crops_classifier": args.crops_classifier,
+        "locality": args.locality,
+        "out": args.out,
+        "tau": args.tau,
+        "mode": args.mode,
+        "fixed": annotate.parse_fixed(args.fixed),
+        "scorer": args.scorer,
+        "top_percent": args.top_percent,
+        "overwrite": args.overwrite,
+    }
     cfg = cfgmod.build(annotate.AnnotateConfig, args.config, args.sets, flags)
     s = annotate.run(cfg, progress=not args.no_progress)
-    print(f"annotate: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
-          f"{s['shards_run']} shards run, {s['shards_skipped']} already done; mean σ_min {s['mean_sigma_min']:.3f}")  # fmt: skip
+    print(
+        f"annotate: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
+        f"{s['shards_run']} shards run, {s['shards_skipped']} already done; mean σ_min {s['mean_sigma_min']:.3f}"
+    )
     for g, v in s["mean_sigma_min_by_group"].items():
         print(f"  mean σ_min {g}: {v:.3f}")
     if s["never_crossed"]:
-        print(f"  {s['never_crossed']} rows never crossed τ={cfg.tau}: σ_min = top of the grid (annotation 'classifier:never-crossed')")
-    print(f"  data: {s['out']}/data/   report: {s['out']}/annotation.json   plots: {s['out']}/sigma_min.png, curves.png")
+        print(
+            f"  {s['never_crossed']} rows never crossed τ={cfg.tau}: σ_min = top of the grid (annotation 'classifier:never-crossed')"
+        )
+    print(
+        f"  data: {s['out']}/data/   report: {s['out']}/annotation.json   plots: {s['out']}/sigma_min.png, curves.png"
+    )
     return 0
 
 
@@ -205,7 +279,7 @@ def _features_parser(sub) -> None:
 
 
 def _run_features(args) -> int:
-    from ambient_ray import features
+    from ambient_ray.stages import features
 
     flags = {"dataset": args.dataset, "where": args.where, "out": args.out, "steps": args.steps}
     cfg = cfgmod.build(features.FeaturesConfig, args.config, args.sets, flags)
@@ -229,15 +303,25 @@ def _evaluate_parser(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from ambient_ray import evaluate
+    from ambient_ray.stages import evaluate
 
-    flags = {"samples": args.samples, "reference": args.reference, "reference_where": args.reference_where,
-             "holdout": args.holdout, "features": args.features, "train": args.train, "proximal": args.proximal,
-             "proximal_reference": args.proximal_reference, "out": args.out}  # fmt: skip
+    flags = {
+        "samples": args.samples,
+        "reference": args.reference,
+        "reference_where": args.reference_where,
+        "holdout": args.holdout,
+        "features": args.features,
+        "train": args.train,
+        "proximal": args.proximal,
+        "proximal_reference": args.proximal_reference,
+        "out": args.out,
+    }
     cfg = cfgmod.build(evaluate.EvaluateConfig, args.config, args.sets, flags)
     s = evaluate.run(cfg, progress=not args.no_progress)
     d = s["details"]
-    print(f"evaluate: {d['samples']} samples vs {d['reference']} reference images, features {d['features']} ({d['dim']}-d)")
+    print(
+        f"evaluate: {d['samples']} samples vs {d['reference']} reference images, features {d['features']} ({d['dim']}-d)"
+    )
     for k, v in s["metrics"].items():
         print(f"  {k:14s} {v:.4f}")
     print(f"  report: {s['out']}/metrics.json" + (f"   MLflow run {s['mlflow_run_id']}" if s["mlflow_run_id"] else ""))
@@ -245,7 +329,9 @@ def _run_evaluate(args) -> int:
 
 
 def _experiment_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="the controlled experiment: only-clean, all-data, ambient-fixed, ambient-o, oracle")
+    p = sub.add_parser(
+        "experiment", help="the controlled experiment: only-clean, all-data, ambient-fixed, ambient-o, oracle"
+    )
     _common(p)
     p.add_argument("--dataset", help="built-in name or URI of clean images (default digits)")
     p.add_argument("--corruption", action="append", help="corruption spec (repeatable)")
@@ -256,31 +342,45 @@ def _experiment_parser(sub) -> None:
 
 
 def _run_experiment(args) -> int:
-    from ambient_ray import experiment
+    from ambient_ray.workflows import experiment
 
     def csv(v, cast=str):
         return None if v is None else [cast(x.strip()) for x in v.split(",") if x.strip()]
 
-    flags = {"dataset": args.dataset, "corruption": args.corruption, "clean_fraction": args.clean_fraction,
-             "seeds": csv(args.seeds, int), "arms": csv(args.arms), "out": args.out}  # fmt: skip
+    flags = {
+        "dataset": args.dataset,
+        "corruption": args.corruption,
+        "clean_fraction": args.clean_fraction,
+        "seeds": csv(args.seeds, int),
+        "arms": csv(args.arms),
+        "out": args.out,
+    }
     cfg = cfgmod.build(experiment.ExperimentConfig, args.config, args.sets, flags)
     s = experiment.run(cfg, progress=not args.no_progress)
-    print(f"experiment: {s['minutes']:.0f} min; table: {s['out']}/results.md, results.json, results.png"
-          + (f"; MLflow parent run {s['mlflow_run_id']}" if s["mlflow_run_id"] else ""))  # fmt: skip
+    print(
+        f"experiment: {s['minutes']:.0f} min; table: {s['out']}/results.md, results.json, results.png"
+        + (f"; MLflow parent run {s['mlflow_run_id']}" if s["mlflow_run_id"] else "")
+    )
     return 0
 
 
 def _tune_parser(sub) -> None:
-    p = sub.add_parser("tune", help="Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow")
+    p = sub.add_parser(
+        "tune", help="Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow"
+    )
     _common(p)
     p.add_argument("--space", help="search config with the space (e.g. tuning/ambient_o.yaml); same as --config")
     p.add_argument("--data", help="the mixed dataset (a corrupt output)")
     p.add_argument("--out", help="output URI of the search")
     p.add_argument("--num-samples", type=int, help="trials (with grid keys: repeats of the grid)")
     p.add_argument("--scheduler", choices=("none", "asha"), help="early stopping (default asha)")
-    p.add_argument("--searcher", choices=("random", "grid", "optuna", "hyperopt"), help="how trials are drawn (default random)")
+    p.add_argument(
+        "--searcher", choices=("random", "grid", "optuna", "hyperopt"), help="how trials are drawn (default random)"
+    )
     p.add_argument("--classifier", help="a trained noise classifier to share (default: train one)")
-    p.add_argument("--resume", metavar="URI", help="continue the interrupted search in URI (its --out); finished trials are kept")
+    p.add_argument(
+        "--resume", metavar="URI", help="continue the interrupted search in URI (its --out); finished trials are kept"
+    )
 
 
 def _run_tune(args) -> int:
@@ -288,27 +388,40 @@ def _run_tune(args) -> int:
 
     if args.resume:
         if args.space or args.config or args.sets or args.data or args.out:
-            raise cfgmod.ConfigError("--resume takes the search's own config (URI/tune.yaml); give no --space, --config, --set, --data or --out")
+            raise cfgmod.ConfigError(
+                "--resume takes the search's own config (URI/tune.yaml); give no --space, --config, --set, --data or --out"
+            )
         s = search.run(resume=args.resume)
     else:
         if args.space and args.config:
             raise cfgmod.ConfigError("give the search config once: --space or --config")
-        flags = {"data": args.data, "out": args.out, "num_samples": args.num_samples, "scheduler": args.scheduler,
-                 "searcher": args.searcher, "classifier": args.classifier}  # fmt: skip
+        flags = {
+            "data": args.data,
+            "out": args.out,
+            "num_samples": args.num_samples,
+            "scheduler": args.scheduler,
+            "searcher": args.searcher,
+            "classifier": args.classifier,
+        }
         s = search.run(search.load(args.space or args.config, args.sets, flags))
-    print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, {s['errors']} failed, {s['unfinished']} unfinished) "
-          f"in {s['minutes']:.0f} min; {s['out']}/results.md" + (", best.yaml" if s["best"] else ""))  # fmt: skip
+    print(
+        f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, {s['errors']} failed, {s['unfinished']} unfinished) "
+        f"in {s['minutes']:.0f} min; {s['out']}/results.md" + (", best.yaml" if s["best"] else "")
+    )
     return 1 if s["errors"] or s["unfinished"] else 0
 
 
 def _pipeline_parser(sub) -> None:
-    p = sub.add_parser("pipeline", help="corrupt -> train-classifier -> annotate -> train -> sample -> evaluate from one config; re-runs skip finished stages")
+    p = sub.add_parser(
+        "pipeline",
+        help="corrupt -> train-classifier -> annotate -> train -> sample -> evaluate from one config; re-runs skip finished stages",
+    )
     _common(p)
     p.add_argument("--out", help="output URI; one folder per stage under it")
 
 
 def _run_pipeline(args) -> int:
-    from ambient_ray import pipeline
+    from ambient_ray.workflows import pipeline
 
     cfg = cfgmod.build(pipeline.PipelineConfig, args.config, args.sets, {"out": args.out})
     s = pipeline.run(cfg, progress=not args.no_progress)
@@ -323,14 +436,16 @@ def _run_pipeline(args) -> int:
 def _jobs_parser(sub) -> None:
     p = sub.add_parser("jobs", help="follow, stop and trace the Ray jobs of a cluster (list, logs, stop, runs)")
     p.add_argument("action", choices=("list", "logs", "stop", "runs"))
-    p.add_argument("job_id", nargs="?", help="the job's submission id (from 'ray job submit' or 'ambient-ray jobs list')")
+    p.add_argument(
+        "job_id", nargs="?", help="the job's submission id (from 'ray job submit' or 'ambient-ray jobs list')"
+    )
     p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="logs: follow until the job ends; exits 1 unless it succeeded")
     p.add_argument("--tracking-uri", help="runs: the MLflow server (default: MLFLOW_TRACKING_URI)")
 
 
 def _run_jobs(args) -> int:
-    from ambient_ray import ops
+    from ambient_ray.workflows import ops
 
     if args.action != "list" and not args.job_id:
         raise ValueError(f"jobs {args.action} needs a job id")

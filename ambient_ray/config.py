@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ambient_ray import storage
+from ambient_ray.io import storage
 
 
 class ConfigError(ValueError):
@@ -110,7 +110,9 @@ def build(model: type[M], path: str | None = None, sets: list[str] | None = None
         raise ConfigError(format_errors(model, e)) from None
 
 
-def build_section(model: type[M], section: str, keys: dict, *, owned: set[str], owner: str, fill: dict | None = None) -> M:
+def build_section(
+    model: type[M], section: str, keys: dict, *, owned: set[str], owner: str, fill: dict | None = None
+) -> M:
     """Build a stage's ``model`` from ``keys``, one section of a larger config (an experiment's, a search's, a pipeline's).
 
     Keys the owner sets itself (``owned``) are refused, naming ``section.key`` and ``owner``; ``fill`` gives
@@ -121,7 +123,9 @@ def build_section(model: type[M], section: str, keys: dict, *, owned: set[str], 
     try:
         return build(model, flags={**keys, **(fill or {})})
     except ConfigError as e:
-        raise ConfigError(f"section '{section}': " + str(e).replace("config key '", f"config key '{section}.")) from None
+        raise ConfigError(
+            f"section '{section}': " + str(e).replace("config key '", f"config key '{section}.")
+        ) from None
 
 
 def to_yaml(cfg: BaseModel) -> str:

@@ -31,21 +31,25 @@ import torch
 
 
 def make_data(root: str, repeat: int, size: int, limit: int | None = None, name: str = "data") -> str:
-    from ambient_ray.corrupt import CorruptConfig
-    from ambient_ray.corrupt import run as corrupt_run
-    from ambient_ray.datasets import SourceConfig
+    from ambient_ray.data.sources import SourceConfig
+    from ambient_ray.stages.corrupt import CorruptConfig
+    from ambient_ray.stages.corrupt import run as corrupt_run
 
     out = os.path.join(root, name)
     src = SourceConfig(dataset="digits", repeat=repeat, image_size=size, limit=limit)
-    corrupt_run(CorruptConfig(out=out, source=src, corruptions=["blur:sigma=1"], clean_fraction=0.1, shard_size=1024, preview=0),
-                progress=False)  # fmt: skip
+    corrupt_run(
+        CorruptConfig(
+            out=out, source=src, corruptions=["blur:sigma=1"], clean_fraction=0.1, shard_size=1024, preview=0
+        ),
+        progress=False,
+    )
     return out
 
 
 def make_classifier(root: str, size: int, channels: int, width: int) -> str:
     from safetensors.torch import save_file
 
-    from ambient_ray.classifier import ClassifierConfig, build_classifier
+    from ambient_ray.models.classifier import ClassifierConfig, build_classifier
 
     d = os.path.join(root, "clf", "model")
     os.makedirs(d, exist_ok=True)
@@ -53,24 +57,36 @@ def make_classifier(root: str, size: int, channels: int, width: int) -> str:
     torch.manual_seed(0)
     net = build_classifier(cfg, "noise")
     with open(os.path.join(d, "model.json"), "w") as f:
-        json.dump({"kind": "noise", "model": cfg.model_dump(mode="json"), "img_resolution": size, "in_channels": channels,
-                   "sigma_range": [0.01, 20.0]}, f)  # fmt: skip
+        json.dump(
+            {
+                "kind": "noise",
+                "model": cfg.model_dump(mode="json"),
+                "img_resolution": size,
+                "in_channels": channels,
+                "sigma_range": [0.01, 20.0],
+            },
+            f,
+        )
     save_file({n: p.detach().contiguous() for n, p in net.named_parameters()}, os.path.join(d, "ema.safetensors"))
     return os.path.dirname(d)
 
 
-def plain(data: str, clf: str, grid: torch.Tensor, draws: int, batch: int, threads: int, device: str) -> tuple[int, float]:
+def plain(
+    data: str, clf: str, grid: torch.Tensor, draws: int, batch: int, threads: int, device: str
+) -> tuple[int, float]:
     """(rows, seconds) of the plain loop."""
     import pyarrow.parquet as pq
 
-    from ambient_ray.classifier import noise_curves
-    from ambient_ray.datasets import decode_png
-    from ambient_ray.weights import load_classifier
+    from ambient_ray.data.sources import decode_png
+    from ambient_ray.io.weights import load_classifier
+    from ambient_ray.models.classifier import noise_curves
 
     torch.set_num_threads(threads)
     net = load_classifier(clf, "noise").to(device)
     g = torch.Generator().manual_seed(0)
-    files = sorted(os.path.join(data, "data", f) for f in os.listdir(os.path.join(data, "data")) if f.endswith(".parquet"))
+    files = sorted(
+        os.path.join(data, "data", f) for f in os.listdir(os.path.join(data, "data")) if f.endswith(".parquet")
+    )
     t0 = time.perf_counter()
     n = 0
     for f in files:
@@ -85,22 +101,42 @@ def plain(data: str, clf: str, grid: torch.Tensor, draws: int, batch: int, threa
 
 
 def stage(data: str, clf: str, out: str, cpus: int, grid_points: int, draws: int, batch: int) -> tuple[int, float]:
-    from ambient_ray import annotate
+    from ambient_ray.stages import annotate
 
-    cfg = annotate.AnnotateConfig(data=data, out=out, classifier=clf, grid_points=grid_points, draws=draws, batch_size=batch,
-                                  concurrency=cpus, num_cpus=1, mlflow=dict(enabled=False))  # fmt: skip
+    cfg = annotate.AnnotateConfig(
+        data=data,
+        out=out,
+        classifier=clf,
+        grid_points=grid_points,
+        draws=draws,
+        batch_size=batch,
+        concurrency=cpus,
+        num_cpus=1,
+        mlflow=dict(enabled=False),
+    )
     s = annotate.run(cfg, progress=False)
     return s["rows_run"], s["seconds_curves"]
 
 
-def actor_direct(data: str, clf: str, out: str, grid_points: int, draws: int, batch: int, device: str) -> tuple[int, float]:
+def actor_direct(
+    data: str, clf: str, out: str, grid_points: int, draws: int, batch: int, device: str
+) -> tuple[int, float]:
     """The actor's per-shard work without Ray (for a GPU machine that has no Ray)."""
-    from ambient_ray import annotate, storage
-    from ambient_ray.datasets import data_dir
-    from ambient_ray.engine import load_metadata
+    from ambient_ray.data.sources import data_dir
+    from ambient_ray.io import storage
+    from ambient_ray.stages import annotate
+    from ambient_ray.train.engine import load_metadata
 
-    cfg = annotate.AnnotateConfig(data=data, out=out, classifier=clf, grid_points=grid_points, draws=draws, batch_size=batch,
-                                  num_gpus=1.0 if device == "cuda" else 0.0, mlflow=dict(enabled=False))  # fmt: skip
+    cfg = annotate.AnnotateConfig(
+        data=data,
+        out=out,
+        classifier=clf,
+        grid_points=grid_points,
+        draws=draws,
+        batch_size=batch,
+        num_gpus=1.0 if device == "cuda" else 0.0,
+        mlflow=dict(enabled=False),
+    )
     files = storage.list_files(data_dir(data), (".parquet",))
     plan = annotate.make_plan(cfg, storage.normalize(out), files, load_metadata(data))
     actor = annotate.CurveActor(plan)
@@ -141,25 +177,37 @@ def main() -> None:
             ray.shutdown()  # the corrupt stage's in-process Ray; each comparison starts its own
         import pyarrow.parquet as pq
 
-        n_img = sum(pq.read_metadata(os.path.join(data, "data", f)).num_rows for f in os.listdir(os.path.join(data, "data")))
-        print(f"{n_img} images {args.size}x{args.size}, half U-Net width {args.width}, {args.grid} σ x {args.draws} draws = {evals} classifier "
-              f"evaluations per image, batch {args.batch} rows, device {args.device}")  # fmt: skip
+        n_img = sum(
+            pq.read_metadata(os.path.join(data, "data", f)).num_rows for f in os.listdir(os.path.join(data, "data"))
+        )
+        print(
+            f"{n_img} images {args.size}x{args.size}, half U-Net width {args.width}, {args.grid} σ x {args.draws} draws = {evals} classifier "
+            f"evaluations per image, batch {args.batch} rows, device {args.device}"
+        )
         plain(warm, clf, grid, args.draws, args.batch, 1, args.device)  # warm-up (allocator, caches)
         if args.device == "cuda" or args.no_ray:
             n0, t0 = plain(data, clf, grid, args.draws, args.batch, 1, args.device)
-            n1, t1 = actor_direct(data, clf, os.path.join(root, "direct"), args.grid, args.draws, args.batch, args.device)
-            print(f"plain loop: {n0 / t0:8.1f} images/s | actor shard function (no Ray): {n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}")
+            n1, t1 = actor_direct(
+                data, clf, os.path.join(root, "direct"), args.grid, args.draws, args.batch, args.device
+            )
+            print(
+                f"plain loop: {n0 / t0:8.1f} images/s | actor shard function (no Ray): {n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}"
+            )
             return
         import ray
 
         for cpus in [int(c) for c in args.cpus.split(",")]:
             n0, t0 = plain(data, clf, grid, args.draws, args.batch, cpus, "cpu")
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-            stage(warm, clf, os.path.join(root, f"warm{cpus}"), cpus, args.grid, args.draws, args.batch)  # Ray Data's first run
+            stage(
+                warm, clf, os.path.join(root, f"warm{cpus}"), cpus, args.grid, args.draws, args.batch
+            )  # Ray Data's first run
             n1, t1 = stage(data, clf, os.path.join(root, f"run{cpus}"), cpus, args.grid, args.draws, args.batch)
             ray.shutdown()
-            print(f"CPUs {cpus}: plain loop ({cpus} threads) {n0 / t0:8.1f} images/s | annotate ({cpus} actors x 1 CPU) "
-                  f"{n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}")  # fmt: skip
+            print(
+                f"CPUs {cpus}: plain loop ({cpus} threads) {n0 / t0:8.1f} images/s | annotate ({cpus} actors x 1 CPU) "
+                f"{n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

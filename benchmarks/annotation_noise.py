@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from ambient_ray.classifier import noise_curves
-from ambient_ray.datasets import read_array
-from ambient_ray.thresholds import sigma_min
-from ambient_ray.weights import load_classifier
+from ambient_ray.data.sources import read_array
+from ambient_ray.diffusion.thresholds import sigma_min
+from ambient_ray.io.weights import load_classifier
+from ambient_ray.models.classifier import noise_curves
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,9 +65,13 @@ def main() -> None:
     print("| draws | mean σ_min | per-dataset σ_min | rows below it | retest: same grid point | retest: Spearman |")
     print("|---|---|---|---|---|---|")
     for k, ((s1, d1), (s2, _)) in res.items():
-        print(f"| {k} | {s1.mean():.2f} | {d1:.2f} | {(s1 < d1 - 1e-6).mean():.0%} | {(s1 == s2).mean():.0%} | {spearman(s1, s2):.2f} |")
+        print(
+            f"| {k} | {s1.mean():.2f} | {d1:.2f} | {(s1 < d1 - 1e-6).mean():.0%} | {(s1 == s2).mean():.0%} | {spearman(s1, s2):.2f} |"
+        )
     few, many = res[a.draws][0][0], res[a.many][0][0]
-    print(f"\nSpearman between {a.draws}-draw and {a.many}-draw annotations of the same rows: {spearman(few, many):.2f}")
+    print(
+        f"\nSpearman between {a.draws}-draw and {a.many}-draw annotations of the same rows: {spearman(few, many):.2f}"
+    )
 
 
 if __name__ == "__main__":

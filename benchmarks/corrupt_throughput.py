@@ -21,9 +21,9 @@ import time
 
 import ray
 
-from ambient_ray import corrupt as stage
 from ambient_ray import corruptions
-from ambient_ray.datasets import SourceConfig, list_items, make_source
+from ambient_ray.data.sources import SourceConfig, list_items, make_source
+from ambient_ray.stages import corrupt as stage
 
 
 def plain_loop(cfg: stage.CorruptConfig) -> float:
@@ -37,7 +37,13 @@ def plain_loop(cfg: stage.CorruptConfig) -> float:
     for k in range(math.ceil(len(items) / cfg.shard_size)):
         s = slice(k * cfg.shard_size, (k + 1) * cfg.shard_size)
         payload = {"ids": ids[s], "locs": [loc for _, loc in items[s]], "roles": roles[s], "seeds": seeds[s]}
-        stage.process_shard({"shard": [k], "payload": [json.dumps(payload)]}, source=source, source_cfg=cfg.source, specs=specs, out=cfg.out)
+        stage.process_shard(
+            {"shard": [k], "payload": [json.dumps(payload)]},
+            source=source,
+            source_cfg=cfg.source,
+            specs=specs,
+            out=cfg.out,
+        )
     return time.perf_counter() - t0
 
 
@@ -57,7 +63,10 @@ def main() -> None:
     rows = []
     try:
         # warm-up: start the worker processes and import everything once
-        stage.run(stage.CorruptConfig(out=f"{tmp}/warm", corruptions=[args.corruption], shard_size=256, preview=0), progress=False)
+        stage.run(
+            stage.CorruptConfig(out=f"{tmp}/warm", corruptions=[args.corruption], shard_size=256, preview=0),
+            progress=False,
+        )
         for size in (int(s) for s in args.sizes.split(",")):
             src = SourceConfig(dataset="digits", image_size=size, repeat=repeat, limit=args.images)
             common = dict(source=src, corruptions=[args.corruption], shard_size=args.shard_size, preview=0)

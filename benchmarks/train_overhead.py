@@ -25,18 +25,20 @@ import time
 import numpy as np
 import torch
 
-from ambient_ray import ambient, engine, train
-from ambient_ray.corrupt import CorruptConfig
-from ambient_ray.corrupt import run as corrupt_run
-from ambient_ray.datasets import SourceConfig, decode_png
-from ambient_ray.unet import UNetConfig, build_denoiser
+from ambient_ray.data.sources import SourceConfig, decode_png
+from ambient_ray.diffusion import ambient
+from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
+from ambient_ray.stages import train
+from ambient_ray.stages.corrupt import CorruptConfig
+from ambient_ray.stages.corrupt import run as corrupt_run
+from ambient_ray.train import engine
 
 
 def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """All rows as uint8 (N, C, H, W) and their σ_min, as the train stage resolves them."""
     import pyarrow.parquet as pq
 
-    from ambient_ray import storage
+    from ambient_ray.io import storage
 
     meta = engine.load_metadata(cfg.data)
     smin, _, _ = train.resolve_sigmas(meta, cfg)
@@ -98,7 +100,9 @@ def plain_loop(cfg: train.TrainConfig, images, smin, steps: int, warmup: int, ob
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs (threads) for the worker and the plain loop")
+    ap.add_argument(
+        "--cpus", type=int, default=os.cpu_count() or 2, help="CPUs (threads) for the worker and the plain loop"
+    )
     ap.add_argument("--steps", type=int, default=60, help="timed steps")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
@@ -112,27 +116,53 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ambient-bench-train-")
     gpu = args.device == "cuda"
     try:
-        ray.init(num_cpus=args.cpus, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            num_cpus=args.cpus,
+            num_gpus=1 if gpu else 0,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = f"{tmp}/data"
         src = SourceConfig(dataset="digits", image_size=args.size)
-        corrupt_run(CorruptConfig(out=data, source=src, corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0), progress=False)
+        corrupt_run(
+            CorruptConfig(out=data, source=src, corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0),
+            progress=False,
+        )
         ray.shutdown()
 
         model = UNetConfig(img_resolution=args.size, in_channels=1, model_channels=args.channels)
         # the train stage times interval [steps/2 .. steps]: warm-up + timed steps, split in two intervals
         interval = max(args.warmup, args.steps)
         cfg = train.TrainConfig(
-            data=data, out=f"{tmp}/run", model=model, batch_size=args.batch, steps=2 * interval, log_every=interval,
-            checkpoint_every=2 * interval, num_workers=1, zero_stage=2, cpus_per_worker=args.cpus, use_gpu=gpu,
-            sample_grid=0, ambient=dict(corrupted_sigma_min=1.0), mlflow=dict(enabled=False),
-        )  # fmt: skip
+            data=data,
+            out=f"{tmp}/run",
+            model=model,
+            batch_size=args.batch,
+            steps=2 * interval,
+            log_every=interval,
+            checkpoint_every=2 * interval,
+            num_workers=1,
+            zero_stage=2,
+            cpus_per_worker=args.cpus,
+            use_gpu=gpu,
+            sample_grid=0,
+            ambient=dict(corrupted_sigma_min=1.0),
+            mlflow=dict(enabled=False),
+        )
         images, smin = load_images(cfg)
         torch.set_num_threads(args.cpus)
         plain_ambient = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
         plain_edm = plain_loop(cfg, images, smin, args.steps, args.warmup, "edm", args.device)
 
-        ray.init(num_cpus=args.cpus, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            num_cpus=args.cpus,
+            num_gpus=1 if gpu else 0,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
         summary = train.run(cfg)
         ray_step = args.batch / summary["metrics"]["images_per_s"]
         plain_ambient2 = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
@@ -141,8 +171,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     n_params = sum(p.numel() for p in build_denoiser(model).parameters())
-    print(f"train overhead: {args.size}x{args.size} grey, U-Net {n_params / 1e6:.2f}M params, batch {args.batch}, "
-          f"{args.cpus} CPUs, device {args.device}, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"train overhead: {args.size}x{args.size} grey, U-Net {n_params / 1e6:.2f}M params, batch {args.batch}, "
+        f"{args.cpus} CPUs, device {args.device}, {args.steps} timed steps"
+    )
     rows = [
         ("plain loop, ambient objective", plain_ambient),
         ("plain loop, ambient objective (again, Ray up)", plain_ambient2),
@@ -151,8 +183,10 @@ def main() -> None:
     ]
     for name, s in rows:
         print(f"  {name:48s} {1000 * s:8.1f} ms/step {args.batch / s:9.0f} images/s")
-    print(f"(a) Ray Train + DeepSpeed ZeRO-2 / plain loop: {ray_step / plain_ambient:.3f}  (goal <= 1.10; "
-          f"vs the plain loop with Ray up: {ray_step / plain_ambient2:.3f})")  # fmt: skip
+    print(
+        f"(a) Ray Train + DeepSpeed ZeRO-2 / plain loop: {ray_step / plain_ambient:.3f}  (goal <= 1.10; "
+        f"vs the plain loop with Ray up: {ray_step / plain_ambient2:.3f})"
+    )
     print(f"(b) ambient objective / plain EDM objective:  {plain_ambient / plain_edm:.3f}  (goal <= 1.03)")
     if not math.isfinite(ray_step):
         raise SystemExit("the train stage reported no images/s")

@@ -34,7 +34,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from ambient_ray import services  # noqa: E402
+from ambient_ray.io import services  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -81,9 +81,15 @@ def stragglers(st: dict) -> list[int]:
     mine = []
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
-            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:  # a zombie is gone, just not reaped yet
+            if (
+                p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE
+            ):  # a zombie is gone, just not reaped yet
                 continue
-            if os.getpgid(p.pid) in groups or st["ray_temp_dir"] in " ".join(p.info["cmdline"] or []) or p.environ().get(MARK) == st["state"]:
+            if (
+                os.getpgid(p.pid) in groups
+                or st["ray_temp_dir"] in " ".join(p.info["cmdline"] or [])
+                or p.environ().get(MARK) == st["state"]
+            ):
                 mine.append(p.pid)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
@@ -123,11 +129,13 @@ def up(args) -> int:
         log("starting SeaweedFS (S3)")
         s3 = started["seaweedfs"] = services.start_seaweedfs(os.path.join(state, "seaweedfs"))
         os.environ.update(s3.env())
-        from ambient_ray import storage
+        from ambient_ray.io import storage
 
         storage.ensure_bucket(args.bucket)
         log("starting the MLflow server (SQLite store, artifacts in S3)")
-        ml = started["mlflow"] = services.start_mlflow(os.path.join(state, "mlflow"), f"s3://{args.bucket}/mlflow-artifacts", env=s3.env())
+        ml = started["mlflow"] = services.start_mlflow(
+            os.path.join(state, "mlflow"), f"s3://{args.bucket}/mlflow-artifacts", env=s3.env()
+        )
 
         token_path = os.path.join(state, "auth_token")
         token = secrets.token_hex(32)
@@ -135,9 +143,12 @@ def up(args) -> int:
         temp = ray_temp_dir(state)
         ports = {k: services.free_port() for k in ("gcs", "dashboard", "client", "agent", "metrics")}
         env = {
-            **s3.env(), "MLFLOW_TRACKING_URI": ml.url, "MLFLOW_DISABLE_TELEMETRY": "true",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
-        }  # fmt: skip
+            **s3.env(),
+            "MLFLOW_TRACKING_URI": ml.url,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": token_path,
+        }
         env_bin = os.path.dirname(sys.executable)
         head_env = {**os.environ, **env, "PATH": env_bin + os.pathsep + os.environ.get("PATH", ""), MARK: state}
         head_env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
@@ -145,17 +156,33 @@ def up(args) -> int:
         # by itself (Ray Train's placement-group cleaner) then finds this one even if another Ray runs on the machine
         head_env["RAY_ADDRESS"] = f"127.0.0.1:{ports['gcs']}"
         cmd = [
-            os.path.join(env_bin, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-            f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent']}",
-            f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp}", "--disable-usage-stats",
-        ]  # fmt: skip
+            os.path.join(env_bin, "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={ports['gcs']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f"--ray-client-server-port={ports['client']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--metrics-export-port={ports['metrics']}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ]
         if args.num_cpus:
             cmd.append(f"--num-cpus={args.num_cpus}")
         log(f"starting the Ray head (token authentication; session folder {temp})")
         ray_log = os.path.join(state, "ray-head.log")
-        proc = subprocess.Popen(cmd, stdout=open(ray_log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=head_env, cwd=REPO, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=open(ray_log, "ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=head_env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         dashboard = f"http://127.0.0.1:{ports['dashboard']}"
         started["ray"] = services.Service("ray", proc, dashboard, ray_log)
         services._wait(lambda: dashboard_ready(dashboard, token), "Ray head (dashboard)", proc, ray_log, args.timeout)
@@ -165,13 +192,21 @@ def up(args) -> int:
         raise
     env = {"RAY_ADDRESS": dashboard, **env, "AMBIENT_BUCKET": args.bucket}
     st = {
-        "services": {n: {"pid": s.proc.pid, "pgid": s.proc.pid, "url": s.url, "log": s.log} for n, s in started.items()},
-        "env": env, "ray_gcs": f"127.0.0.1:{ports['gcs']}", "ray_temp_dir": temp, "state": state, "started": time.time(),
-    }  # fmt: skip
+        "services": {
+            n: {"pid": s.proc.pid, "pgid": s.proc.pid, "url": s.url, "log": s.log} for n, s in started.items()
+        },
+        "env": env,
+        "ray_gcs": f"127.0.0.1:{ports['gcs']}",
+        "ray_temp_dir": temp,
+        "state": state,
+        "started": time.time(),
+    }
     write_private(os.path.join(state, "state.json"), json.dumps(st, indent=1))
     write_private(os.path.join(state, "env.sh"), exports(env))
-    log(f"up: Ray dashboard {dashboard} (GCS {st['ray_gcs']}), S3 {os.environ['AWS_ENDPOINT_URL']} bucket {args.bucket}, "
-        f"MLflow {ml.url}; logs in {state}")  # fmt: skip
+    log(
+        f"up: Ray dashboard {dashboard} (GCS {st['ray_gcs']}), S3 {os.environ['AWS_ENDPOINT_URL']} bucket {args.bucket}, "
+        f"MLflow {ml.url}; logs in {state}"
+    )
     log(f'use it from a shell: eval "$(cluster/local.sh env)"   (or: source {state}/env.sh)')
     sys.stdout.write(exports(env))
     return 0
@@ -203,7 +238,9 @@ def down(args) -> int:
                 os.kill(pid, signal.SIGKILL)
             except (psutil.Error, ProcessLookupError):
                 pass
-        log(f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: {', '.join(sorted(names))}")
+        log(
+            f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: {', '.join(sorted(names))}"
+        )
     deadline = time.time() + 10  # a killed process is gone once the kernel has torn it down
     while (left := stragglers(st)) and time.time() < deadline:
         time.sleep(0.2)
@@ -240,7 +277,9 @@ def env(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cluster/local.sh", description="A local Ray cluster (token auth) with S3 and MLflow on 127.0.0.1.")
+    ap = argparse.ArgumentParser(
+        prog="cluster/local.sh", description="A local Ray cluster (token auth) with S3 and MLflow on 127.0.0.1."
+    )
     ap.add_argument("command", choices=("up", "down", "status", "env"))
     ap.add_argument("--state", help="state folder (default .local-cluster/ or $AMBIENT_CLUSTER_STATE)")
     ap.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")

@@ -19,15 +19,22 @@ import sys
 import yaml
 
 from ambient_ray import config as cfgmod
-from ambient_ray import annotate, corrupt, sample, storage, train, train_classifier
+from ambient_ray.io import storage
+from ambient_ray.stages import annotate, corrupt, sample, train, train_classifier
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="output folder or s3:// URI (default: demo_out)")
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "demo.yaml"))
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                    help="override a key of one stage's section, e.g. train.steps=300")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a key of one stage's section, e.g. train.steps=300",
+    )
     args = ap.parse_args(argv)
     with open(args.config) as f:
         spec = yaml.safe_load(f)
@@ -53,14 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     kspec = dict(spec["classifier"], data=result.out, out=f"{out}/classifier", mlflow=mlflow)
     kspec["cpus_per_worker"] = min(float(kspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
     k = train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=kspec))
-    print(f"  done in {k['seconds']:.0f}s, accuracy {k['metrics'].get('accuracy', float('nan')):.3f}; "
-          f"P(clean) vs σ (PNG): {k['out']}/curves.png")  # fmt: skip
+    print(
+        f"  done in {k['seconds']:.0f}s, accuracy {k['metrics'].get('accuracy', float('nan')):.3f}; "
+        f"P(clean) vs σ (PNG): {k['out']}/curves.png"
+    )
 
     print("== ambient-ray demo: 3/5 annotate (σ_min per sample, Ray Data actors) ==")
     aspec = dict(spec["annotate"], data=result.out, classifier=k["out"], out=f"{out}/annotated", mlflow=mlflow)
     a = annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=aspec))
-    print(f"  {a['rows_out']} rows annotated, {a['rows_quarantined']} quarantined; mean σ_min of the corrupted rows "
-          f"{a['mean_sigma_min']:.2f} (" + ", ".join(f"{g}: {v:.2f}" for g, v in a["mean_sigma_min_by_group"].items()) + ")")  # fmt: skip
+    print(
+        f"  {a['rows_out']} rows annotated, {a['rows_quarantined']} quarantined; mean σ_min of the corrupted rows "
+        f"{a['mean_sigma_min']:.2f} ("
+        + ", ".join(f"{g}: {v:.2f}" for g, v in a["mean_sigma_min_by_group"].items())
+        + ")"
+    )
     print(f"  histogram and curves (PNG): {a['out']}/sigma_min.png, {a['out']}/curves.png")
 
     print("== ambient-ray demo: 4/5 train (Ray Train + DeepSpeed ZeRO-2, CPU) ==")
@@ -73,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  inference weights (safetensors): {s['out']}/model/")
 
     print("== ambient-ray demo: 5/5 sample (EDM Heun) ==")
-    scfg = cfgmod.build(sample.SampleConfig, flags=dict(spec["sample"], checkpoint=s["out"], out=f"{out}/samples", mlflow=mlflow))
+    scfg = cfgmod.build(
+        sample.SampleConfig, flags=dict(spec["sample"], checkpoint=s["out"], out=f"{out}/samples", mlflow=mlflow)
+    )
     r = sample.run(scfg)
     print(f"  {scfg.num} images: {r['samples']}   grid (PNG): {r['grid']}")
-    print(f"MLflow: classifier run {k['mlflow_run_id']}, annotation run {a.get('mlflow_run_id')}, training run "
-          f"{s['mlflow_run_id']}, sampling run {r['mlflow_run_id']} in {tracking}")  # fmt: skip
+    print(
+        f"MLflow: classifier run {k['mlflow_run_id']}, annotation run {a.get('mlflow_run_id')}, training run "
+        f"{s['mlflow_run_id']}, sampling run {r['mlflow_run_id']} in {tracking}"
+    )
     if tracking.startswith("sqlite:"):
         print(f"  browse with: .venv/bin/mlflow ui --backend-store-uri {tracking}")
     return 0

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from ambient_ray import services, storage
+from ambient_ray.io import services, storage
 
 BUCKET = "ambient-test"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ambient_ray import ambient as A
+from ambient_ray.diffusion import ambient as A
 
 
 def test_ambient_loss_with_sigma_n_zero_is_the_edm_loss():
@@ -164,10 +164,15 @@ def test_validation_losses_against_analytic_values():
     perfect = A.validation_losses(lambda x, s, c: y, y, sig)
     assert torch.equal(perfect, torch.zeros(len(sig), dtype=torch.float64))
     zero = A.validation_losses(lambda x, s, c: torch.zeros_like(x), y, sig, sigma_data=0.5)
-    expect = torch.tensor([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sig], dtype=torch.float64) * (y**2).mean(dim=(1, 2, 3)).sum().double()
+    expect = (
+        torch.tensor([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sig], dtype=torch.float64)
+        * (y**2).mean(dim=(1, 2, 3)).sum().double()
+    )
     assert torch.allclose(zero, expect, rtol=1e-5)
+
     # the noise is fixed by the seed: the same network scores the same, another seed differs
     def shrink(x, s, c):
         return x / (1 + s.view(-1, 1, 1, 1) ** 2)
+
     a, b = A.validation_losses(shrink, y, sig, seed=3), A.validation_losses(shrink, y, sig, seed=3)
     assert torch.equal(a, b) and not torch.equal(a, A.validation_losses(shrink, y, sig, seed=4))

@@ -10,14 +10,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ambient_ray import annotate, storage
-from ambient_ray.annotate import AnnotateConfig
 from ambient_ray.config import ConfigError
-from ambient_ray.corrupt import CorruptConfig, StageFailed
-from ambient_ray.corrupt import run as corrupt_run
-from ambient_ray.datasets import SourceConfig
-from ambient_ray.train_classifier import ClassifierTrainConfig
-from ambient_ray.train_classifier import run as train_classifier
+from ambient_ray.data.sources import SourceConfig
+from ambient_ray.io import storage
+from ambient_ray.stages import annotate
+from ambient_ray.stages.annotate import AnnotateConfig
+from ambient_ray.stages.corrupt import CorruptConfig, StageFailed
+from ambient_ray.stages.corrupt import run as corrupt_run
+from ambient_ray.stages.train_classifier import ClassifierTrainConfig
+from ambient_ray.stages.train_classifier import run as train_classifier
 
 BLURS = (0.3, 0.8, 2.5)
 MODEL = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2])
@@ -28,16 +29,36 @@ def blurred(ray_cluster, tmp_path_factory):
     """Digits: 30 % clean, the rest split between three blur strengths; 4 shards."""
     out = str(tmp_path_factory.mktemp("blurred") / "corrupt")
     specs = [f"blur:sigma={b}" for b in BLURS]
-    corrupt_run(CorruptConfig(out=out, source=SourceConfig(dataset="digits"), corruptions=specs, clean_fraction=0.3,
-                              shard_size=512, preview=0), progress=False)  # fmt: skip
+    corrupt_run(
+        CorruptConfig(
+            out=out,
+            source=SourceConfig(dataset="digits"),
+            corruptions=specs,
+            clean_fraction=0.3,
+            shard_size=512,
+            preview=0,
+        ),
+        progress=False,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def noise_clf(blurred, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("noise") / "clf")
-    cfg = ClassifierTrainConfig(data=blurred, out=out, kind="noise", steps=200, batch_size=64, log_every=50, checkpoint_every=200, cpus_per_worker=2,
-                                model=MODEL, optim=dict(lr=2e-3, warmup_steps=20), mlflow=dict(enabled=False))  # fmt: skip
+    cfg = ClassifierTrainConfig(
+        data=blurred,
+        out=out,
+        kind="noise",
+        steps=200,
+        batch_size=64,
+        log_every=50,
+        checkpoint_every=200,
+        cpus_per_worker=2,
+        model=MODEL,
+        optim=dict(lr=2e-3, warmup_steps=20),
+        mlflow=dict(enabled=False),
+    )
     return out, train_classifier(cfg)
 
 
@@ -51,7 +72,9 @@ def acfg(data, out, **kw):
 @pytest.fixture(scope="module")
 def annotated(blurred, noise_clf, mlflow_server, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("annot") / "a")
-    cfg = AnnotateConfig(data=blurred, out=out, classifier=noise_clf[0], mlflow=dict(experiment="tests-annotate"), **FAST)
+    cfg = AnnotateConfig(
+        data=blurred, out=out, classifier=noise_clf[0], mlflow=dict(experiment="tests-annotate"), **FAST
+    )
     return out, annotate.run(cfg, progress=False)
 
 
@@ -83,7 +106,9 @@ def test_sigma_min_rises_with_blur(annotated, blurred):
     assert set(corrupted.annotation) <= {"classifier", "classifier:never-crossed"}
     grid = np.array(s["provenance"]["grid"])
     assert np.isin(corrupted.sigma_min.to_numpy(), grid.astype(np.float32)).all()  # σ_min is a grid point (Eq. 3.2)
-    prov = json.loads(pq.read_schema(storage.list_files(f"{out}/data", (".parquet",))[0]).metadata[b"ambient_ray.annotation"])
+    prov = json.loads(
+        pq.read_schema(storage.list_files(f"{out}/data", (".parquet",))[0]).metadata[b"ambient_ray.annotation"]
+    )
     assert prov["tau"] == 0.45 and prov["mode"] == "per-sample" and prov["classifier"].endswith("/model")
     # the images and the other columns came through untouched
     src = rows_of(blurred).set_index("id")
@@ -94,7 +119,9 @@ def test_mlflow_gets_histogram_and_curves(annotated):
     out, s = annotated
     run = MlflowClient().get_run(s["mlflow_run_id"])
     assert run.data.metrics["rows_out"] == 1797
-    assert run.data.metrics["mean_sigma_min.blur_sigma_2.5"] == pytest.approx(s["mean_sigma_min_by_group"]["blur:sigma=2.5"])
+    assert run.data.metrics["mean_sigma_min.blur_sigma_2.5"] == pytest.approx(
+        s["mean_sigma_min_by_group"]["blur:sigma=2.5"]
+    )
     names = {a.path for a in MlflowClient().list_artifacts(s["mlflow_run_id"])}
     assert {"sigma_min.png", "curves.png", "annotation.json"} <= names
 
@@ -137,13 +164,23 @@ def test_other_curves_into_the_same_out_are_refused(annotated, blurred, noise_cl
 def _write_classifier(d, kind, size):
     from safetensors.torch import save_file
 
-    from ambient_ray.classifier import ClassifierConfig, build_classifier
+    from ambient_ray.models.classifier import ClassifierConfig, build_classifier
 
     cfg = ClassifierConfig(**{**MODEL, "img_resolution": size})
     net = build_classifier(cfg, kind)
     state = {n: p.detach().contiguous() for n, p in net.named_parameters()}
-    storage.write_bytes(f"{d}/model/model.json", json.dumps({"kind": kind, "model": cfg.model_dump(mode="json"), "img_resolution": size,
-                                                          "in_channels": 1, "sigma_range": [0.01, 20.0]}).encode())  # fmt: skip
+    storage.write_bytes(
+        f"{d}/model/model.json",
+        json.dumps(
+            {
+                "kind": kind,
+                "model": cfg.model_dump(mode="json"),
+                "img_resolution": size,
+                "in_channels": 1,
+                "sigma_range": [0.01, 20.0],
+            }
+        ).encode(),
+    )
     save_file(state, f"{d}/model/ema.safetensors")
     return str(d)
 
@@ -159,7 +196,7 @@ def test_wrong_classifier_is_refused(blurred, tmp_path):
     storage.write_bytes(f"{denoiser}/model/model.json", json.dumps({"model": {}}).encode())
     with pytest.raises(ValueError, match="holds a diffusion model"):
         annotate.run(acfg(blurred, str(tmp_path / "o3"), classifier=str(denoiser)), progress=False)
-    from ambient_ray.sample import load_denoiser
+    from ambient_ray.stages.sample import load_denoiser
 
     with pytest.raises(ValueError, match="holds a noise classifier, not a diffusion model"):
         load_denoiser(big)
@@ -172,7 +209,7 @@ def test_bad_rows_are_quarantined_and_counted(blurred, noise_clf, tmp_path):
         t = pq.read_table(f)
         if f.endswith("shard-00000.parquet"):
             img = t.column("image").to_pylist()
-            from ambient_ray.datasets import encode_png
+            from ambient_ray.data.sources import encode_png
 
             img[0] = b"not a png"
             img[1] = encode_png(np.zeros((16, 16, 1), np.uint8))
@@ -220,7 +257,7 @@ def test_quality_score_splits_good_and_bad(blurred, tmp_path):
 
 
 def test_scorer_from_files(tmp_path):
-    from ambient_ray.scorers import load_scorer, sharpness
+    from ambient_ray.models.scorers import load_scorer, sharpness
 
     scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)))
     torch.jit.save(scripted, str(tmp_path / "s.pt"))
@@ -249,8 +286,20 @@ def test_scorer_from_files(tmp_path):
 def test_cli_annotate_with_fixed(blurred, tmp_path, capsys):
     from ambient_ray.cli import main
 
-    rc = main(["annotate", "--data", blurred, "--out", str(tmp_path / "c"), "--fixed", "digits=0.5", "--no-progress",
-               "--set", "mlflow.enabled=false"])  # fmt: skip
+    rc = main(
+        [
+            "annotate",
+            "--data",
+            blurred,
+            "--out",
+            str(tmp_path / "c"),
+            "--fixed",
+            "digits=0.5",
+            "--no-progress",
+            "--set",
+            "mlflow.enabled=false",
+        ]
+    )
     assert rc == 0 and "1797 rows in, 1797 out, 0 quarantined" in capsys.readouterr().out
     assert main(["annotate", "--data", blurred, "--out", str(tmp_path / "d"), "--fixed", "digits"]) == 2
     assert "expected SOURCE=SIGMA" in capsys.readouterr().err
@@ -259,27 +308,51 @@ def test_cli_annotate_with_fixed(blurred, tmp_path, capsys):
 def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred, noise_clf, tmp_path):
     """Digits 0-4 are the target, 5-9 the other data; crop(σ) from the locality map of a (fresh)
     denoiser; σ_max lands on the grid, only for rows that are not clean, and training then draws crops."""
-    from ambient_ray.locality import LocalityConfig
-    from ambient_ray.locality import run as locality_run
-    from ambient_ray import ambient
-    from ambient_ray.engine import load_metadata
-    from ambient_ray.train import TrainConfig, load_crop_table, resolve_sigmas
+    from ambient_ray.diffusion import ambient
+    from ambient_ray.stages.locality import LocalityConfig
+    from ambient_ray.stages.locality import run as locality_run
+    from ambient_ray.stages.train import TrainConfig, load_crop_table, resolve_sigmas
+    from ambient_ray.train.engine import load_metadata
     from tests.test_locality import write_denoiser
 
     crops = str(tmp_path / "crops")
-    s = train_classifier(ClassifierTrainConfig(
-        data=blurred, out=crops, kind="crops", good="label=0,1,2,3,4", steps=40, batch_size=64, log_every=20,
-        checkpoint_every=40, model=MODEL, optim=dict(lr=2e-3, warmup_steps=5), mlflow=dict(enabled=False),
-    ))  # fmt: skip
+    s = train_classifier(
+        ClassifierTrainConfig(
+            data=blurred,
+            out=crops,
+            kind="crops",
+            good="label=0,1,2,3,4",
+            steps=40,
+            batch_size=64,
+            log_every=20,
+            checkpoint_every=40,
+            model=MODEL,
+            optim=dict(lr=2e-3, warmup_steps=5),
+            mlflow=dict(enabled=False),
+        )
+    )
     meta = json.loads(storage.read_bytes(f"{crops}/model/model.json"))
     assert meta["kind"] == "crops" and meta["crop_sizes"] == [2, 4, 6, 8] and s["good_rows"] + s["bad_rows"] == 1797
     loc = str(tmp_path / "loc")
-    locality_run(LocalityConfig(checkpoint=write_denoiser(tmp_path / "den"), data=blurred, out=loc, rows=64, sigma_points=6,
-                                mlflow=dict(enabled=False)))  # fmt: skip
+    locality_run(
+        LocalityConfig(
+            checkpoint=write_denoiser(tmp_path / "den"),
+            data=blurred,
+            out=loc,
+            rows=64,
+            sigma_points=6,
+            mlflow=dict(enabled=False),
+        )
+    )
     with pytest.raises(ConfigError, match="needs the crop"):
-        annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=crops), progress=False)
+        annotate.run(
+            acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=crops), progress=False
+        )
     with pytest.raises(ValueError, match="holds a noise classifier, not a crops classifier"):
-        annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=noise_clf[0], locality=loc), progress=False)
+        annotate.run(
+            acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], crops_classifier=noise_clf[0], locality=loc),
+            progress=False,
+        )
     out = str(tmp_path / "a")
     r = annotate.run(acfg(blurred, out, classifier=noise_clf[0], crops_classifier=crops, locality=loc), progress=False)
     df = rows_of(out)
@@ -300,17 +373,33 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     _, _, crop_size = sampler.sample(4096, torch.Generator().manual_seed(0))
     assert (crop_size > 0).any()
     # the crop-size threshold: locality_eps re-derives crop(σ) from the table's losses (what `tune` searches)
-    from ambient_ray.locality import crop_sizes
+    from ambient_ray.stages.locality import crop_sizes
 
     with pytest.raises(ConfigError, match="locality_eps"):
         annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], locality_eps=0.5), progress=False)
     loose = str(tmp_path / "loose")
-    annotate.run(acfg(blurred, loose, classifier=noise_clf[0], crops_classifier=crops, locality=loc, locality_eps=50.0, curves_from=out),
-                 progress=False)  # fmt: skip
+    annotate.run(
+        acfg(
+            blurred,
+            loose,
+            classifier=noise_clf[0],
+            crops_classifier=crops,
+            locality=loc,
+            locality_eps=50.0,
+            curves_from=out,
+        ),
+        progress=False,
+    )
     t2 = json.loads(storage.read_bytes(f"{loose}/locality.json"))
-    assert t2["eps"] == 50.0 and t2["crop"] == crop_sizes(torch.tensor(table["losses"], dtype=torch.float64), table["contexts"], 50.0)
+    assert t2["eps"] == 50.0 and t2["crop"] == crop_sizes(
+        torch.tensor(table["losses"], dtype=torch.float64), table["contexts"], 50.0
+    )
     assert all(a <= b for a, b in zip(t2["crop"], table["crop"]))
     # other crop sizes at the grid mean other crop curves: the curves of `out` are reused only for the same sizes
-    same = ambient.CropTable(t2["sigmas"], t2["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist() == \
-        ambient.CropTable(table["sigmas"], table["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist()  # fmt: skip
-    assert json.loads(storage.read_bytes(f"{loose}/annotation.json"))["provenance"]["curves"] == (out if same else loose)
+    same = (
+        ambient.CropTable(t2["sigmas"], t2["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist()
+        == ambient.CropTable(table["sigmas"], table["crop"])(torch.tensor(grid, dtype=torch.float64)).tolist()
+    )
+    assert json.loads(storage.read_bytes(f"{loose}/annotation.json"))["provenance"]["curves"] == (
+        out if same else loose
+    )

@@ -33,17 +33,17 @@ KUBERAY = CLUSTER / "kuberay"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 
 RAY_VERSION = ray.__version__
-SECRET = "ambient-ray-auth"          # the Kubernetes Secret holding the Ray token
-SECRET_KEY = "auth_token"            # its key (KubeRay's authOptions convention)
-SERVICE_ACCOUNT = "ambient-ray"      # the IRSA ServiceAccount
+SECRET = "ambient-ray-auth"  # the Kubernetes Secret holding the Ray token
+SECRET_KEY = "auth_token"  # its key (KubeRay's authOptions convention)
+SERVICE_ACCOUNT = "ambient-ray"  # the IRSA ServiceAccount
 
 # The instance types the configs use: (vCPUs, GPUs).
 INSTANCES = {
     "m6i.2xlarge": (8, 0),
     "m6i.8xlarge": (32, 0),
-    "g6e.12xlarge": (48, 4),     # 4 x L40S
-    "p4d.24xlarge": (96, 8),     # 8 x A100 40 GB
-    "p5.48xlarge": (192, 8),     # 8 x H100
+    "g6e.12xlarge": (48, 4),  # 4 x L40S
+    "p4d.24xlarge": (96, 8),  # 8 x A100 40 GB
+    "p5.48xlarge": (192, 8),  # 8 x H100
 }
 
 # What must never appear in any file under cluster/: a cloud key, a Ray token written out, a private key.
@@ -97,8 +97,22 @@ def torch_spec() -> list[str]:
 
 
 _SUFFIXES = {
-    "": 1, "m": 1e-3, "u": 1e-6, "n": 1e-9, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "": 1,
+    "m": 1e-3,
+    "u": 1e-6,
+    "n": 1e-9,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
 }
 
 
@@ -128,7 +142,7 @@ def aws() -> dict:
 
 def test_aws_config_passes_ray_launcher_validation(aws):
     prepared = prepare_config(copy.deepcopy(aws))
-    validate_config(prepared)          # raises on any schema or cross-field error
+    validate_config(prepared)  # raises on any schema or cross-field error
     assert prepared["provider"]["type"] == "aws"
     assert set(prepared["available_node_types"]) == set(aws["available_node_types"])
 
@@ -168,7 +182,14 @@ def _unknown_head_type(c):
         (_min_over_global_max, ValueError),
         (_unknown_head_type, ValueError),
     ],
-    ids=["typo-top-level-key", "typo-docker-key", "negative-gpus", "no-resources", "min-workers-over-max", "unknown-head-type"],
+    ids=[
+        "typo-top-level-key",
+        "typo-docker-key",
+        "negative-gpus",
+        "no-resources",
+        "min-workers-over-max",
+        "unknown-head-type",
+    ],
 )
 def test_aws_validation_refuses_broken_copies(aws, mutate, error):
     broken = copy.deepcopy(aws)
@@ -197,7 +218,9 @@ def test_aws_node_types_match_their_instances(aws):
         if name != aws["head_node_type"]:
             assert 0 <= t.get("min_workers", 0) <= t["max_workers"], f"{name}: min_workers > max_workers"
         arn = t["node_config"].get("IamInstanceProfile", {}).get("Arn", "")
-        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), f"{name}: no IAM instance profile"
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), (
+            f"{name}: no IAM instance profile"
+        )
     assert types["gpu_edm2"]["resources"]["GPU"] >= 4
     assert types["gpu_dit"]["resources"]["GPU"] == 8
     assert sum(t.get("min_workers", 0) for t in types.values()) <= aws["max_workers"]
@@ -309,9 +332,13 @@ def check_token_env(env: dict[str, dict], where: str) -> None:
     assert tok, f"{where}: RAY_AUTH_TOKEN missing"
     assert "value" not in tok, f"{where}: RAY_AUTH_TOKEN given as a literal"
     ref = tok.get("valueFrom", {}).get("secretKeyRef", {})
-    assert ref == {"name": SECRET, "key": SECRET_KEY}, f"{where}: RAY_AUTH_TOKEN must come from Secret {SECRET}/{SECRET_KEY}"
+    assert ref == {"name": SECRET, "key": SECRET_KEY}, (
+        f"{where}: RAY_AUTH_TOKEN must come from Secret {SECRET}/{SECRET_KEY}"
+    )
     for name in env:
-        assert not name.startswith("AWS_") or name in ("AWS_DEFAULT_REGION", "AWS_REGION"), f"{where}: {name} (use IRSA)"
+        assert not name.startswith("AWS_") or name in ("AWS_DEFAULT_REGION", "AWS_REGION"), (
+            f"{where}: {name} (use IRSA)"
+        )
 
 
 def check_image(image: str, where: str) -> None:
@@ -366,14 +393,18 @@ def check_cluster_spec(spec: dict, where: str) -> None:
             continue
         lo, n, hi = worker["minReplicas"], worker.get("replicas", worker["minReplicas"]), worker["maxReplicas"]
         assert 0 <= lo <= n <= hi, f"{at}: need minReplicas <= replicas <= maxReplicas, got {lo}, {n}, {hi}"
-        assert (gpus > 0) == name.startswith("gpu"), f"{at}: GPU groups are the gpu-* groups and have nvidia.com/gpu limits"
+        assert (gpus > 0) == name.startswith("gpu"), (
+            f"{at}: GPU groups are the gpu-* groups and have nvidia.com/gpu limits"
+        )
         itype = pod.get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
         assert itype in INSTANCES, f"{at}: pin the instance type (nodeSelector) and list it in INSTANCES"
         vcpus, node_gpus = INSTANCES[itype]
         assert gpus == node_gpus, f"{at}: {gpus} GPUs per pod on {itype} which has {node_gpus}"
         assert quantity(ray_c["resources"]["requests"]["cpu"]) < vcpus, f"{at}: cpu request does not fit {itype}"
         if gpus:
-            assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f"{at}: no GPU taint toleration"
+            assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), (
+                f"{at}: no GPU taint toleration"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +457,9 @@ def test_rayjob_runtime_env_matches_cluster_runtime_env(rayjob):
     assert "working_dir" not in job_env, "the code comes from the image"
     for env in (job_env, base):
         for name, value in env["env_vars"].items():
-            assert not re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIALS?)(_|$)", name, re.I), f"runtime env names a secret: {name}"
+            assert not re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIALS?)(_|$)", name, re.I), (
+                f"runtime env names a secret: {name}"
+            )
             assert isinstance(value, str), f"{name}: runtime env values must be strings"
 
 
@@ -451,7 +484,7 @@ def _no_auth_mode(spec):
 
 def _gpu_count_off(spec):
     g = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu-dit")
-    g["rayStartParams"].pop("num-gpus")        # so that the instance-type check is the one that fires
+    g["rayStartParams"].pop("num-gpus")  # so that the instance-type check is the one that fires
     g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "4"
     g["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = "4"
 
@@ -484,7 +517,17 @@ def _int_start_param(spec):
 
 @pytest.mark.parametrize(
     "mutate",
-    [_literal_token, _no_auth_mode, _gpu_count_off, _num_gpus_off, _replicas_off, _request_over_limit, _head_gpu, _old_image, _int_start_param],
+    [
+        _literal_token,
+        _no_auth_mode,
+        _gpu_count_off,
+        _num_gpus_off,
+        _replicas_off,
+        _request_over_limit,
+        _head_gpu,
+        _old_image,
+        _int_start_param,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_kuberay_checks_refuse_broken_copies(raycluster, mutate):

@@ -5,7 +5,7 @@ import yaml
 
 from ambient_ray import cli
 from ambient_ray import config as C
-from ambient_ray.corrupt import CorruptConfig
+from ambient_ray.stages.corrupt import CorruptConfig
 
 
 def build(**kw):
@@ -14,8 +14,14 @@ def build(**kw):
 
 def test_yaml_then_flags_then_set(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"out": "/tmp/a", "seed": 3, "source": {"dataset": "faces"}, "corruptions": ["jpeg:quality=10"]}))
-    cfg = build(path=str(f), flags={"seed": 5, "clean_fraction": None}, sets=["source.image_size=16", "corruptions=[blur:sigma=1, mask:p=0.2]"])
+    f.write_text(
+        yaml.safe_dump({"out": "/tmp/a", "seed": 3, "source": {"dataset": "faces"}, "corruptions": ["jpeg:quality=10"]})
+    )
+    cfg = build(
+        path=str(f),
+        flags={"seed": 5, "clean_fraction": None},
+        sets=["source.image_size=16", "corruptions=[blur:sigma=1, mask:p=0.2]"],
+    )
     assert cfg.seed == 5 and cfg.out == "/tmp/a" and cfg.source.dataset == "faces"
     assert cfg.source.image_size == 16 and cfg.corruptions == ["blur:sigma=1", "mask:p=0.2"]
     assert cfg.clean_fraction == 0.1  # default kept when the flag is not given
@@ -65,7 +71,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_config_from_s3(s3_prefix):
-    from ambient_ray import storage
+    from ambient_ray.io import storage
 
     storage.write_bytes(f"{s3_prefix}/c.yaml", b"out: /tmp/y\nseed: 9\n")
     assert build(path=f"{s3_prefix}/c.yaml").seed == 9
@@ -84,7 +90,7 @@ def test_demo_config_sections_validate():
 
     import yaml
 
-    from ambient_ray import annotate, corrupt, sample, train, train_classifier
+    from ambient_ray.stages import annotate, corrupt, sample, train, train_classifier
 
     with open(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml")) as f:
         spec = yaml.safe_load(f)

@@ -15,9 +15,10 @@ import pytest
 import ray
 
 from ambient_ray import config as cfgmod
-from ambient_ray import corruptions, storage
-from ambient_ray.corrupt import CorruptConfig, run
-from ambient_ray.datasets import SourceConfig, _builtin_arrays, decode_png
+from ambient_ray import corruptions
+from ambient_ray.data.sources import SourceConfig, _builtin_arrays, decode_png
+from ambient_ray.io import storage
+from ambient_ray.stages.corrupt import CorruptConfig, run
 
 from .test_datasets import png, rgb
 
@@ -33,7 +34,14 @@ def read_rows(out, sub="data"):
 
 
 def make_cfg(out, **kw):
-    base = dict(out=out, corruptions=["blur:sigma=1.0", "jpeg:quality=10"], clean_fraction=0.1, seed=0, shard_size=400, preview=4)
+    base = dict(
+        out=out,
+        corruptions=["blur:sigma=1.0", "jpeg:quality=10"],
+        clean_fraction=0.1,
+        seed=0,
+        shard_size=400,
+        preview=4,
+    )
     base.update(kw)
     return CorruptConfig(**base)
 
@@ -87,7 +95,12 @@ def test_planted_bad_images_are_quarantined_and_counted(ray_cluster, tmp_path):
     for i in range(30):
         (src / f"good{i:02d}.png").write_bytes(png(rgb(i)))
     rgba = np.dstack([rgb(99), np.full((12, 12, 1), 255, np.uint8)])
-    bad = {"broken.png": b"\x89PNG this is not a png", "empty.png": b"", "rgba.png": png(rgba), "la.png": png(np.zeros((5, 5, 2), np.uint8))}
+    bad = {
+        "broken.png": b"\x89PNG this is not a png",
+        "empty.png": b"",
+        "rgba.png": png(rgba),
+        "la.png": png(np.zeros((5, 5, 2), np.uint8)),
+    }
     for name, data in bad.items():
         (src / name).write_bytes(data)
     res = run(make_cfg(str(tmp_path / "out"), source=SourceConfig(dataset=str(src)), shard_size=7), progress=False)
@@ -120,8 +133,15 @@ def test_changed_plan_is_refused_unless_overwrite(ray_cluster, tmp_path):
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "jobs.corrupt", "--no-progress", *args], cwd=REPO, env=env or os.environ.copy(),
-                          capture_output=True, text=True, timeout=300, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.corrupt", "--no-progress", *args],
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_unknown_spec_and_dead_s3_endpoint_fail_before_work(ray_cluster, tmp_path):
@@ -136,11 +156,29 @@ def test_unknown_spec_and_dead_s3_endpoint_fail_before_work(ray_cluster, tmp_pat
 
 def test_resume_after_kill_gives_each_id_once(ray_cluster, tmp_path):
     out = tmp_path / "out"
-    args = ["--dataset", "digits", "--corruption", "slow:seconds=1.5", "--plugin", "tests.slow_corruption",
-            "--shard-size", "100", "--clean-fraction", "0.1", "--out", str(out)]  # fmt: skip
+    args = [
+        "--dataset",
+        "digits",
+        "--corruption",
+        "slow:seconds=1.5",
+        "--plugin",
+        "tests.slow_corruption",
+        "--shard-size",
+        "100",
+        "--clean-fraction",
+        "0.1",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.corrupt", "--no-progress", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.corrupt", "--no-progress", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     done = out / "_done"
     deadline = time.time() + 240
     while time.time() < deadline and not (done.exists() and len(list(done.iterdir())) >= 2):
@@ -151,7 +189,9 @@ def test_resume_after_kill_gives_each_id_once(ray_cluster, tmp_path):
     assert 2 <= finished < 18, f"the kill came too late to test resuming ({finished} shards done)"
     # a half-written shard from the killed run (no marker) must be replaced, not kept
     unfinished = next(k for k in range(18) if not (done / f"shard-{k:05d}.json").exists())
-    pq.write_table(pa.table({"id": ["digits-000000"], "image": [b"partial"]}), out / "data" / f"shard-{unfinished:05d}.parquet")
+    pq.write_table(
+        pa.table({"id": ["digits-000000"], "image": [b"partial"]}), out / "data" / f"shard-{unfinished:05d}.parquet"
+    )
     r = cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     assert "already done" in r.stdout
@@ -165,8 +205,19 @@ def test_resume_after_kill_gives_each_id_once(ray_cluster, tmp_path):
 
 def test_a_failing_run_reports_what_it_kept(ray_cluster, tmp_path):
     out = tmp_path / "out"
-    r = cli("--dataset", "faces", "--corruption", "crash", "--plugin", "tests.slow_corruption", "--out", str(out),
-            "--set", "task_retries=1", env=dict(os.environ, RAY_ADDRESS=ray_cluster))  # fmt: skip
+    r = cli(
+        "--dataset",
+        "faces",
+        "--corruption",
+        "crash",
+        "--plugin",
+        "tests.slow_corruption",
+        "--out",
+        str(out),
+        "--set",
+        "task_retries=1",
+        env=dict(os.environ, RAY_ADDRESS=ray_cluster),
+    )
     assert r.returncode == 1, r.stderr[-2000:]
     assert "corrupt stage failed with 0 of 1 shards complete" in r.stderr
     assert "re-run the same command to resume" in r.stderr

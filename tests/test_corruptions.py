@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ambient_ray import corruptions as C
-from ambient_ray.datasets import _builtin_arrays
+from ambient_ray.data.sources import _builtin_arrays
 
 
 def impulse(size=41, channels=1):
@@ -51,7 +51,10 @@ def test_jpeg_psnr_rises_with_quality():
     faces, _ = _builtin_arrays("faces", 1, 4)
     imgs = list(faces[:20])
     seeds = list(range(20))
-    scores = [np.mean([psnr(a, b) for a, b in zip(imgs, C.apply(C.parse(f"jpeg:quality={q}"), imgs, seeds))]) for q in (5, 20, 50, 90)]
+    scores = [
+        np.mean([psnr(a, b) for a, b in zip(imgs, C.apply(C.parse(f"jpeg:quality={q}"), imgs, seeds))])
+        for q in (5, 20, 50, 90)
+    ]
     assert all(lo < hi for lo, hi in zip(scores, scores[1:])), scores
     assert scores[-1] > 35
 
@@ -66,7 +69,9 @@ def test_mask_hides_the_requested_fraction():
 
 
 def test_block_mask_hides_one_square():
-    out = C.parse("block_mask:size=5")(np.ones((4, 16, 16, 1), np.float32), [np.random.default_rng(i) for i in range(4)])
+    out = C.parse("block_mask:size=5")(
+        np.ones((4, 16, 16, 1), np.float32), [np.random.default_rng(i) for i in range(4)]
+    )
     for img in out[..., 0]:
         rows, cols = np.nonzero(img == 0)
         assert len(rows) == 25 and np.ptp(rows) == 4 and np.ptp(cols) == 4
@@ -96,9 +101,18 @@ def test_color_shift_offsets_channels():
 
 
 @pytest.mark.parametrize(
-    "spec", ["blur:sigma=1", "motion_blur:length=5,angle=30", "jpeg:quality=20", "mask:p=0.5", "block_mask:size=3",
-             "noise:sigma=0.3", "contrast:factor=0.3", "color_shift:max=0.2"],
-)  # fmt: skip
+    "spec",
+    [
+        "blur:sigma=1",
+        "motion_blur:length=5,angle=30",
+        "jpeg:quality=20",
+        "mask:p=0.5",
+        "block_mask:size=3",
+        "noise:sigma=0.3",
+        "contrast:factor=0.3",
+        "color_shift:max=0.2",
+    ],
+)
 def test_same_seed_same_bytes_and_batching_does_not_matter(spec):
     digits, _ = _builtin_arrays("digits", 1, 4)
     imgs = list(digits[:6])

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ambient_ray import datasets as D
+from ambient_ray.data import sources as D
 
 
 def png(arr, mode=None):
@@ -28,7 +28,9 @@ def rgb(seed, size=12):
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("name, n, shape", [("digits", 1797, (8, 8, 1)), ("faces", 200, (25, 25, 1)), ("photos", 50, (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name, n, shape", [("digits", 1797, (8, 8, 1)), ("faces", 200, (25, 25, 1)), ("photos", 50, (32, 32, 3))]
+)
 def test_builtins(name, n, shape):
     cfg = D.SourceConfig(dataset=name, photos_count=50)
     src = D.make_source(cfg)
@@ -97,7 +99,16 @@ def make_tar(path, entries):
 
 
 def test_webdataset_source(tmp_path):
-    make_tar(tmp_path / "shard-0.tar", [("k1.png", png(rgb(0))), ("k1.cls", b"3"), ("k1.txt", b"a cat"), ("k2.jpg", jpg(rgb(1))), ("k3.txt", b"no image")])
+    make_tar(
+        tmp_path / "shard-0.tar",
+        [
+            ("k1.png", png(rgb(0))),
+            ("k1.cls", b"3"),
+            ("k1.txt", b"a cat"),
+            ("k2.jpg", jpg(rgb(1))),
+            ("k3.txt", b"no image"),
+        ],
+    )
     make_tar(tmp_path / "shard-1.tar", [("sub/k4.png", png(rgb(4)))])
     cfg = D.SourceConfig(dataset=str(tmp_path))
     src = D.make_source(cfg)

@@ -9,12 +9,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ambient_ray import config as cfgmod
-from ambient_ray import features, storage
 from ambient_ray.cli import main as cli
 from ambient_ray.corruptions import apply, parse
-from ambient_ray.datasets import read_array
-from ambient_ray.evaluate import EvaluateConfig
-from ambient_ray.evaluate import run as evaluate
+from ambient_ray.data.sources import read_array
+from ambient_ray.io import storage
+from ambient_ray.stages import features
+from ambient_ray.stages.evaluate import EvaluateConfig
+from ambient_ray.stages.evaluate import run as evaluate
 
 IMGS = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
 
@@ -30,7 +31,11 @@ def inception_file(tmp_path_factory):
     torch.manual_seed(0)
     # torchvision's Inception-v3 with 1,008 classes and the FID blocks swapped in (no weights fetched)
     net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pfi.FIDInceptionA(192, 32), pfi.FIDInceptionA(256, 64), pfi.FIDInceptionA(288, 64)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (
+        pfi.FIDInceptionA(192, 32),
+        pfi.FIDInceptionA(256, 64),
+        pfi.FIDInceptionA(288, 64),
+    )
     net.Mixed_6b, net.Mixed_6c = pfi.FIDInceptionC(768, 128), pfi.FIDInceptionC(768, 160)
     net.Mixed_6d, net.Mixed_6e = pfi.FIDInceptionC(768, 160), pfi.FIDInceptionC(768, 192)
     net.Mixed_7b, net.Mixed_7c = pfi.FIDInceptionE_1(1280), pfi.FIDInceptionE_2(2048)
@@ -117,7 +122,7 @@ def test_feature_net_learns_digits_and_sees_blur(digit_net):
     p = rng.permutation(len(imgs))
     a, b = imgs[p[:800]], imgs[p[800:1600]]
     blurred = np.stack(apply(parse("blur:sigma=1.5"), list(a), list(range(len(a)))))
-    from ambient_ray.metrics import frechet_distance
+    from ambient_ray.evaluation.metrics import frechet_distance
 
     fa, fb, fblur = ex(a), ex(b), ex(blurred)
     assert fa.shape == (800, 64)
@@ -157,12 +162,25 @@ def test_evaluate_metrics_on_planted_samples(digit_net, mlflow_server, tmp_path)
     blur = parse("blur:sigma=1.5")
     blurred_train = _npy(tmp_path / "train_blur.npy", np.stack(apply(blur, list(train), list(range(len(train))))))
     noise = np.random.default_rng(0).integers(0, 256, held.shape, dtype=np.uint8)
-    cases = {"held": held, "blurred": np.stack(apply(blur, list(held), list(range(len(held))))), "copies": train[:500], "noise": noise}
+    cases = {
+        "held": held,
+        "blurred": np.stack(apply(blur, list(held), list(range(len(held))))),
+        "copies": train[:500],
+        "noise": noise,
+    }
     got = {}
     for name, arr in cases.items():
-        cfg = EvaluateConfig(samples=_npy(tmp_path / f"{name}.npy", arr), reference=train_uri, features=f"net@{digit_net}",
-                             train=train_uri, proximal=blur.spec, proximal_reference=blurred_train, proximal_where=None,
-                             out=str(tmp_path / f"eval-{name}"), mlflow=dict(experiment="tests-evaluate", run_name=name))  # fmt: skip
+        cfg = EvaluateConfig(
+            samples=_npy(tmp_path / f"{name}.npy", arr),
+            reference=train_uri,
+            features=f"net@{digit_net}",
+            train=train_uri,
+            proximal=blur.spec,
+            proximal_reference=blurred_train,
+            proximal_where=None,
+            out=str(tmp_path / f"eval-{name}"),
+            mlflow=dict(experiment="tests-evaluate", run_name=name),
+        )
         got[name] = evaluate(cfg, progress=False)
     m = {k: v["metrics"] for k, v in got.items()}
     assert m["held"]["fd"] < 0.2 * min(m["blurred"]["fd"], m["noise"]["fd"])
@@ -190,7 +208,22 @@ def test_evaluate_refuses_mismatched_inputs(tmp_path):
         evaluate(EvaluateConfig(reference=small, proximal="blur:sigma=1", **base), progress=False)
     with pytest.raises(FileNotFoundError, match="no images at"):
         evaluate(EvaluateConfig(reference=str(tmp_path / "missing"), **base), progress=False)
-    assert cli(["evaluate", "--samples", small, "--reference", small, "--features", "inception", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "evaluate",
+                "--samples",
+                small,
+                "--reference",
+                small,
+                "--features",
+                "inception",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 # ------------------------------------------------------------------------------ the experiment
@@ -199,16 +232,24 @@ def test_evaluate_refuses_mismatched_inputs(tmp_path):
 def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     """only-clean and ambient-o, one seed, a few steps: the stages run, the table and the MLflow tree exist,
     only-clean trains on the clean rows alone, and a re-run skips the finished arms."""
-    from ambient_ray import experiment
+    from ambient_ray.workflows import experiment
 
     out = str(tmp_path / "exp")
     model = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2])
     flags = dict(
-        dataset="digits", corruption=["blur:sigma=2"], seeds=[0], arms=["only-clean", "ambient-o"], out=out, samples=200,
-        features_stage=dict(steps=60), classifier=dict(steps=30, batch_size=32, checkpoint_every=30, log_every=10, model=model),
-        annotate=dict(grid_points=8, draws=2), train=dict(steps=20, batch_size=32, checkpoint_every=20, log_every=10,
-        sample_grid=0, model=model), sample=dict(steps=4), mlflow=dict(experiment="tests-experiment"),
-    )  # fmt: skip
+        dataset="digits",
+        corruption=["blur:sigma=2"],
+        seeds=[0],
+        arms=["only-clean", "ambient-o"],
+        out=out,
+        samples=200,
+        features_stage=dict(steps=60),
+        classifier=dict(steps=30, batch_size=32, checkpoint_every=30, log_every=10, model=model),
+        annotate=dict(grid_points=8, draws=2),
+        train=dict(steps=20, batch_size=32, checkpoint_every=20, log_every=10, sample_grid=0, model=model),
+        sample=dict(steps=4),
+        mlflow=dict(experiment="tests-experiment"),
+    )
     cfg = cfgmod.build(experiment.ExperimentConfig, flags=flags)
     s = experiment.run(cfg, progress=False)
     table = json.loads(open(f"{out}/results.json").read())["table"]
@@ -223,7 +264,7 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     assert f"| ambient-o | {diff['mean']:+.2f} ± 0.00 |" in md
     # only-clean saw the clean rows alone; ambient-o all of them
     mixed = storage.join(out, "seed-0", "mixed")
-    from ambient_ray.engine import load_metadata
+    from ambient_ray.train.engine import load_metadata
 
     meta = load_metadata(mixed)
     n_clean = int((meta["quality"] == "clean").sum())
@@ -234,7 +275,9 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     parent = client.get_run(s["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and "fd.ambient-o" in parent.data.metrics
     exp_id = parent.info.experiment_id
-    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'experiment-arm'")
+    children = client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'experiment-arm'"
+    )
     assert sorted(c.data.tags["arm"] for c in children) == ["ambient-o", "only-clean"]
     for c in children:
         assert {"fd", "fd_holdout", "precision", "recall", "memorization"} <= set(c.data.metrics)
@@ -243,11 +286,18 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     # a re-run skips every finished (arm, seed)
     again = experiment.run(cfg, progress=False)
     assert again["table"] == s["table"]
-    assert len(client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'experiment-arm'")) == 2
+    assert (
+        len(
+            client.search_runs(
+                [exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'experiment-arm'"
+            )
+        )
+        == 2
+    )
 
 
 def test_experiment_refuses_bad_sections(tmp_path):
-    from ambient_ray import experiment
+    from ambient_ray.workflows import experiment
 
     def build(**kw):
         return cfgmod.build(experiment.ExperimentConfig, flags={"out": str(tmp_path), **kw})
@@ -264,11 +314,14 @@ def test_experiment_refuses_bad_sections(tmp_path):
 
 def test_paired_differences_cancel_what_seeds_share():
     """Seed 1 is worse for every arm by the same amount: the per-arm SE is large, the paired one 0."""
-    from ambient_ray import experiment
+    from ambient_ray.workflows import experiment
 
     shift = {0: 0.0, 1: 5.0, 2: 1.0}
-    results = [{"arm": a, "seed": s, "metrics": {"fd": base + shift[s], "fd_holdout": 2 * base + shift[s]}}
-               for a, base in (("only-clean", 3.0), ("ambient-o", 2.0)) for s in shift]  # fmt: skip
+    results = [
+        {"arm": a, "seed": s, "metrics": {"fd": base + shift[s], "fd_holdout": 2 * base + shift[s]}}
+        for a, base in (("only-clean", 3.0), ("ambient-o", 2.0))
+        for s in shift
+    ]
     results.append({"arm": "oracle", "seed": 0, "metrics": {"fd": 1.0, "fd_holdout": 1.5}})  # one seed only
     table = experiment.summarize(results, ["only-clean", "ambient-o", "oracle"])
     assert table["ambient-o"]["fd"]["se"] == pytest.approx(np.std([2, 7, 3], ddof=1) / np.sqrt(3))

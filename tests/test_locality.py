@@ -6,18 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_ray import storage
-from ambient_ray.locality import LocalityConfig, crop_sizes, locality_losses, run, valid_contexts
+from ambient_ray.io import storage
+from ambient_ray.stages.locality import LocalityConfig, crop_sizes, locality_losses, run, valid_contexts
 
 
 def test_crop_is_the_smallest_context_within_eps_and_grows_with_sigma():
     contexts = [2, 4, 6, 8]
-    losses = torch.tensor([
-        [1.00, 1.00, 1.00, 1.00],  # σ small: the smallest context already has the full loss
-        [2.00, 1.04, 1.01, 1.00],  # within 5 % at 4
-        [9.00, 3.00, 1.20, 1.00],  # only the full image
-        [5.00, 1.00, 1.00, 1.00],  # would be 4, but crop(σ) may not shrink as σ grows
-    ], dtype=torch.float64)  # fmt: skip
+    losses = torch.tensor(
+        [
+            [1.00, 1.00, 1.00, 1.00],  # σ small: the smallest context already has the full loss
+            [2.00, 1.04, 1.01, 1.00],  # within 5 % at 4
+            [9.00, 3.00, 1.20, 1.00],  # only the full image
+            [5.00, 1.00, 1.00, 1.00],  # would be 4, but crop(σ) may not shrink as σ grows
+        ],
+        dtype=torch.float64,
+    )
     assert crop_sizes(losses, contexts, eps=0.05) == [2, 4, 8, 8]
     assert crop_sizes(losses, contexts, eps=0.0) == [2, 8, 8, 8]
     assert crop_sizes(losses, contexts, eps=10.0) == [2, 2, 2, 2]
@@ -53,24 +56,34 @@ def write_denoiser(d, seed=0):
     """A (fresh) denoiser saved like a training output's model/ folder."""
     from safetensors.torch import save_file
 
-    from ambient_ray.unet import UNetConfig, build_denoiser
+    from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 
     cfg = UNetConfig(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2])
     torch.manual_seed(seed)
     net = build_denoiser(cfg)
-    storage.write_bytes(f"{d}/model/model.json", json.dumps({"kind": "denoiser", "model": cfg.model_dump(mode="json")}).encode())
+    storage.write_bytes(
+        f"{d}/model/model.json", json.dumps({"kind": "denoiser", "model": cfg.model_dump(mode="json")}).encode()
+    )
     save_file({n: p.detach().contiguous() for n, p in net.named_parameters()}, f"{d}/model/ema.safetensors")
     return str(d)
 
 
 def test_locality_stage_writes_table_and_plot(ray_cluster, tmp_path):
-    from ambient_ray.corrupt import CorruptConfig
-    from ambient_ray.corrupt import run as corrupt_run
-    from ambient_ray.datasets import SourceConfig
+    from ambient_ray.data.sources import SourceConfig
+    from ambient_ray.stages.corrupt import CorruptConfig
+    from ambient_ray.stages.corrupt import run as corrupt_run
 
     data = str(tmp_path / "digits")
-    corrupt_run(CorruptConfig(out=data, source=SourceConfig(dataset="digits", limit=200), corruptions=["blur:sigma=1"],
-                              clean_fraction=0.5, preview=0), progress=False)  # fmt: skip
+    corrupt_run(
+        CorruptConfig(
+            out=data,
+            source=SourceConfig(dataset="digits", limit=200),
+            corruptions=["blur:sigma=1"],
+            clean_fraction=0.5,
+            preview=0,
+        ),
+        progress=False,
+    )
     den = write_denoiser(tmp_path / "den")
     out = str(tmp_path / "loc")
     s = run(LocalityConfig(checkpoint=den, data=data, out=out, rows=64, sigma_points=5, mlflow=dict(enabled=False)))

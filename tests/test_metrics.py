@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ambient_ray.metrics import (
+from ambient_ray.evaluation.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
     gaussian_stats,

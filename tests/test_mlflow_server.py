@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ambient_ray import services, storage
+from ambient_ray.io import services, storage
 
 from .conftest import BUCKET
 
@@ -125,7 +125,7 @@ def test_default_local_store_works_with_start_run(tmp_path):
     """The fallback store takes a real run (in a fresh process: mlflow's tracking URI is global)."""
     code = (
         "import mlflow, os\n"
-        "from ambient_ray.services import mlflow_tracking_uri\n"
+        "from ambient_ray.io.services import mlflow_tracking_uri\n"
         "uri = mlflow_tracking_uri(None)\n"
         "mlflow.set_tracking_uri(uri)\n"
         "open('a.txt', 'w').write('x')\n"
@@ -139,7 +139,9 @@ def test_default_local_store_works_with_start_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"sqlite:///{tmp_path}/mlflow.db"
     assert (tmp_path / "mlflow.db").exists()
@@ -153,7 +155,7 @@ def test_resumed_job_reopens_its_run_or_starts_one_in_another_store(tmp_path, ca
 
     from mlflow.tracking import MlflowClient
 
-    from ambient_ray.tracking import MlflowConfig, start_run
+    from ambient_ray.io.tracking import MlflowConfig, start_run
 
     out = str(tmp_path / "job")
     a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from ambient_ray import config as cfgmod
-from ambient_ray import pipeline
 from ambient_ray.config import ConfigError
+from ambient_ray.workflows import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "jobs", "configs", "pipeline.yaml")
@@ -28,7 +28,10 @@ def test_the_shipped_config_wires_every_stage_to_the_one_before(tmp_path):
     assert stages["train"].data == stages["annotate"].out
     assert stages["sample"].checkpoint == stages["train"].out
     assert stages["evaluate"].samples == stages["sample"].out
-    assert (stages["evaluate"].reference, stages["evaluate"].reference_where) == (stages["corrupt"].out, "quality=clean")
+    assert (stages["evaluate"].reference, stages["evaluate"].reference_where) == (
+        stages["corrupt"].out,
+        "quality=clean",
+    )
     assert stages["classifier"].kind == "noise"
     assert all(stages[s].out.startswith(str(tmp_path)) for s in pipeline.STAGES)
     given = pipeline.stage_configs(load("evaluate.reference=digits", out=str(tmp_path)))["evaluate"]
@@ -53,8 +56,13 @@ def test_a_bad_key_is_refused_by_name_before_any_stage(item, key, tmp_path):
 
 def test_a_bad_key_fails_the_cli_with_code_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", SHIPPED, "--set", f"out={out}", "--set", "train.steps=-3"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--config", SHIPPED, "--set", f"out={out}", "--set", "train.steps=-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert "train.steps" in r.stderr
     assert not out.exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_ray.sampling import edm_time_steps, heun_sample, image_grid, to_uint8
+from ambient_ray.diffusion.samplers import edm_time_steps, heun_sample, image_grid, to_uint8
 
 MU, S = 0.3, 0.4  # data x_0 ~ N(MU, S²) per pixel
 STOCHASTIC = dict(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.0)
@@ -39,7 +39,9 @@ def test_time_steps():
     assert math.isclose(float(t[-2]), 0.002, rel_tol=1e-9)
     assert (t[1:] < t[:-1]).all()
     # rho = 1 is a uniform grid; rho = 7 puts more steps at low σ (EDM Eq. 5)
-    torch.testing.assert_close(edm_time_steps(5, 1.0, 9.0, rho=1.0), torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        edm_time_steps(5, 1.0, 9.0, rho=1.0), torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    )
     t7 = edm_time_steps(10, 0.002, 80.0)
     assert (t7[1:-1] < 1.0).sum() > (edm_time_steps(10, 0.002, 80.0, rho=1.0)[1:-1] < 1.0).sum()
     assert edm_time_steps(1).tolist() == [80.0, 0.0]
@@ -57,7 +59,10 @@ def test_deterministic_sampler_matches_the_gaussian(latents, num_steps):
 def test_deterministic_sampler_is_second_order(latents):
     """Per-sample error against the exact ODE solution shrinks ~4x per doubling of steps (Heun)."""
     exact = exact_ode_solution(latents)
-    err = {n: (heun_sample(gaussian_denoiser(), latents, num_steps=n).double() - exact).abs().max().item() for n in (16, 32, 64)}
+    err = {
+        n: (heun_sample(gaussian_denoiser(), latents, num_steps=n).double() - exact).abs().max().item()
+        for n in (16, 32, 64)
+    }
     assert err[64] < 0.01
     assert err[16] / err[32] > 3.0 and err[32] / err[64] > 3.0, err
 
@@ -82,7 +87,9 @@ def test_determinism_and_reproducibility(latents):
     s3 = heun_sample(gaussian_denoiser(), z, generator=torch.Generator().manual_seed(4), **STOCHASTIC)
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
     # a churn window that holds no time step adds no noise
-    off = heun_sample(gaussian_denoiser(), z, generator=torch.Generator().manual_seed(3), s_churn=40.0, s_min=100.0, s_max=200.0)
+    off = heun_sample(
+        gaussian_denoiser(), z, generator=torch.Generator().manual_seed(3), s_churn=40.0, s_min=100.0, s_max=200.0
+    )
     assert torch.equal(off, a)
 
 
@@ -100,7 +107,7 @@ def test_sampler_calls_the_denoiser_as_expected():
 
 
 def test_sampler_runs_with_the_unet_denoiser():
-    from ambient_ray.unet import UNetConfig, build_denoiser
+    from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 
     torch.manual_seed(0)
     net = build_denoiser(UNetConfig(label_dim=3)).eval()

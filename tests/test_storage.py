@@ -2,7 +2,7 @@
 
 import pytest
 
-from ambient_ray import storage
+from ambient_ray.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -3,18 +3,20 @@
 import pytest
 import torch
 
-from ambient_ray.thresholds import sigma_max, sigma_min
+from ambient_ray.diffusion.thresholds import sigma_max, sigma_min
 
 GRID = torch.tensor([0.1, 0.2, 0.5, 1.0, 2.0])
 
 
 def test_first_crossing_per_sample():
-    curves = torch.tensor([
-        [0.1, 0.2, 0.3, 0.46, 0.5],   # crosses 0.45 at 1.0
-        [0.5, 0.5, 0.5, 0.5, 0.5],    # fooled from the start: 0.1
-        [0.1, 0.5, 0.2, 0.1, 0.6],    # crosses, dips, crosses again: the first crossing counts
-        [0.0, 0.1, 0.2, 0.3, 0.4],    # never crosses: the top of the grid, reported
-    ])  # fmt: skip
+    curves = torch.tensor(
+        [
+            [0.1, 0.2, 0.3, 0.46, 0.5],  # crosses 0.45 at 1.0
+            [0.5, 0.5, 0.5, 0.5, 0.5],  # fooled from the start: 0.1
+            [0.1, 0.5, 0.2, 0.1, 0.6],  # crosses, dips, crosses again: the first crossing counts
+            [0.0, 0.1, 0.2, 0.3, 0.4],  # never crosses: the top of the grid, reported
+        ]
+    )
     s, crossed = sigma_min(curves, GRID, tau=0.45)
     assert s.tolist() == pytest.approx([1.0, 0.1, 0.2, 2.0])
     assert crossed.tolist() == [True, True, True, False]
@@ -33,10 +35,12 @@ def test_crossing_is_strict_and_tau_moves_it():
 
 
 def test_per_dataset_gives_one_sigma_from_the_mean_curve():
-    curves = torch.tensor([
-        [0.1, 0.2, 0.5, 0.5, 0.5],
-        [0.1, 0.2, 0.3, 0.3, 0.6],
-    ])  # fmt: skip
+    curves = torch.tensor(
+        [
+            [0.1, 0.2, 0.5, 0.5, 0.5],
+            [0.1, 0.2, 0.3, 0.3, 0.6],
+        ]
+    )
     # mean: 0.1, 0.2, 0.4, 0.4, 0.55 -> crosses 0.45 at 2.0, for both
     s, crossed = sigma_min(curves, GRID, tau=0.45, mode="per-dataset")
     assert s.tolist() == pytest.approx([2.0, 2.0]) and crossed.all()
@@ -46,11 +50,13 @@ def test_per_dataset_gives_one_sigma_from_the_mean_curve():
 
 
 def test_sigma_max_is_the_last_fooled_sigma():
-    curves = torch.tensor([
-        [0.5, 0.5, 0.48, 0.3, 0.1],   # crops fool it up to 0.5
-        [0.1, 0.1, 0.1, 0.1, 0.1],    # never: 0, no use through crops
-        [0.1, 0.5, 0.1, 0.5, 0.1],    # the sup: 1.0
-    ])  # fmt: skip
+    curves = torch.tensor(
+        [
+            [0.5, 0.5, 0.48, 0.3, 0.1],  # crops fool it up to 0.5
+            [0.1, 0.1, 0.1, 0.1, 0.1],  # never: 0, no use through crops
+            [0.1, 0.5, 0.1, 0.5, 0.1],  # the sup: 1.0
+        ]
+    )
     s, fooled = sigma_max(curves, GRID, tau=0.45)
     assert s.tolist() == pytest.approx([0.5, 0.0, 1.0])
     assert fooled.tolist() == [True, False, True]

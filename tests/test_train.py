@@ -9,27 +9,46 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load as load_st
 
-from ambient_ray import storage
 from ambient_ray.config import ConfigError
-from ambient_ray.corrupt import CorruptConfig
-from ambient_ray.corrupt import run as corrupt_run
-from ambient_ray.datasets import SourceConfig
-from ambient_ray.train import TrainConfig, run
+from ambient_ray.data.sources import SourceConfig
+from ambient_ray.io import storage
+from ambient_ray.stages.corrupt import CorruptConfig
+from ambient_ray.stages.corrupt import run as corrupt_run
+from ambient_ray.stages.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")
 def digits(ray_cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits") / "corrupt")
-    corrupt_run(CorruptConfig(out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0), progress=False)
+    corrupt_run(
+        CorruptConfig(
+            out=out,
+            source=SourceConfig(dataset="digits"),
+            corruptions=["blur:sigma=1.0"],
+            clean_fraction=0.3,
+            preview=0,
+        ),
+        progress=False,
+    )
     return out
 
 
 def tcfg(data, out, **kw):
     base = dict(
-        data=data, out=out, steps=12, batch_size=32, num_workers=1, zero_stage=2, log_every=2, checkpoint_every=4,
-        sample_grid=0, model=dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2]),
-        optim=dict(lr=2e-3, warmup_steps=2), ambient=dict(corrupted_sigma_min=1.0), mlflow=dict(enabled=False),
-    )  # fmt: skip
+        data=data,
+        out=out,
+        steps=12,
+        batch_size=32,
+        num_workers=1,
+        zero_stage=2,
+        log_every=2,
+        checkpoint_every=4,
+        sample_grid=0,
+        model=dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2]),
+        optim=dict(lr=2e-3, warmup_steps=2),
+        ambient=dict(corrupted_sigma_min=1.0),
+        mlflow=dict(enabled=False),
+    )
     for k, v in kw.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = {**base[k], **v}
@@ -46,8 +65,16 @@ def weights(out, name="model.safetensors"):
 def zero2_run(digits, mlflow_server, s3, tmp_path_factory):
     """Two workers, ZeRO-2, outputs in S3, tracked in the real MLflow server."""
     out = f"s3://ambient-test/train-{tmp_path_factory.mktemp('z2').name}"
-    cfg = tcfg(digits, out, steps=30, num_workers=2, log_every=5, checkpoint_every=15, sample_grid=9,
-               mlflow=dict(enabled=True, experiment="tests-train"))  # fmt: skip
+    cfg = tcfg(
+        digits,
+        out,
+        steps=30,
+        num_workers=2,
+        log_every=5,
+        checkpoint_every=15,
+        sample_grid=9,
+        mlflow=dict(enabled=True, experiment="tests-train"),
+    )
     return cfg, run(cfg)
 
 
@@ -61,18 +88,22 @@ def denoising_loss(data, out=None, model=None, sigmas=(0.3, 0.6, 1.0, 2.0, 4.0),
     raw weights in ``out``, or a fresh network of ``model`` (the initial weights of every run)."""
     import torch
 
-    from ambient_ray.ambient import edm_loss
-    from ambient_ray.datasets import decode_png
-    from ambient_ray.sample import load_denoiser
-    from ambient_ray.unet import UNetConfig, build_denoiser
+    from ambient_ray.data.sources import decode_png
+    from ambient_ray.diffusion.ambient import edm_loss
+    from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
+    from ambient_ray.stages.sample import load_denoiser
 
     if out is not None:
         net = load_denoiser(out, weights="raw")
     else:
         torch.manual_seed(0)
         net = build_denoiser(UNetConfig(**model)).eval()
-    rows = [r for f in storage.list_files(storage.join(data, "data"), (".parquet",))
-            for r in pq.read_table(f, columns=["image", "quality"]).to_pylist() if r["quality"] == "clean"]  # fmt: skip
+    rows = [
+        r
+        for f in storage.list_files(storage.join(data, "data"), (".parquet",))
+        for r in pq.read_table(f, columns=["image", "quality"]).to_pylist()
+        if r["quality"] == "clean"
+    ]
     y = torch.from_numpy(np.stack([decode_png(r["image"]).transpose(2, 0, 1) for r in rows[:n]])).float() / 127.5 - 1
     g = torch.Generator().manual_seed(123)
     total = 0.0
@@ -94,8 +125,16 @@ def test_two_workers_zero2_loss_falls(zero2_run):
 
 
 def test_two_workers_zero3_loss_falls(digits, mlflow_server, tmp_path):
-    cfg = tcfg(digits, str(tmp_path / "z3"), steps=30, num_workers=2, zero_stage=3, log_every=5, checkpoint_every=30,
-               mlflow=dict(enabled=True, experiment="tests-train"))  # fmt: skip
+    cfg = tcfg(
+        digits,
+        str(tmp_path / "z3"),
+        steps=30,
+        num_workers=2,
+        zero_stage=3,
+        log_every=5,
+        checkpoint_every=30,
+        mlflow=dict(enabled=True, experiment="tests-train"),
+    )
     summary = run(cfg)
     losses = loss_history(summary["mlflow_run_id"])
     assert len(losses) == 6 and np.isfinite(losses).all()
@@ -119,7 +158,12 @@ def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run, digits):
     names = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"coverage.png", "coverage.json", "samples.png", "config.yaml"} <= names
     # the artifacts live in SeaweedFS
-    keys = [o["Key"] for o in storage.s3_client().list_objects_v2(Bucket="ambient-test", Prefix="mlflow-artifacts/").get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in storage.s3_client()
+        .list_objects_v2(Bucket="ambient-test", Prefix="mlflow-artifacts/")
+        .get("Contents", [])
+    ]
     assert any(k.endswith(f"{r.info.run_id}/artifacts/coverage.png") for k in keys)
     # and the outputs in S3: inference weights, σ coverage with clean rows eligible at the lowest bucket
     assert storage.exists(storage.join(cfg.out, "model", "ema.safetensors"))
@@ -183,15 +227,19 @@ def test_bad_data_is_refused_before_training(digits, tmp_path):
 
 
 def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
-    from ambient_ray.sample import SampleConfig, load_denoiser
-    from ambient_ray.sample import run as sample_run
+    from ambient_ray.stages.sample import SampleConfig, load_denoiser
+    from ambient_ray.stages.sample import run as sample_run
 
     cfg, _ = zero2_run
-    s = sample_run(SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s"), num=10, steps=6, mlflow=dict(enabled=False)))
+    s = sample_run(
+        SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s"), num=10, steps=6, mlflow=dict(enabled=False))
+    )
     imgs = np.load(s["samples"])
     assert imgs.shape == (10, 8, 8, 1) and imgs.dtype == np.uint8 and imgs.std() > 0
     assert (tmp_path / "s" / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    again = sample_run(SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s2"), num=10, steps=6, mlflow=dict(enabled=False)))
+    again = sample_run(
+        SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s2"), num=10, steps=6, mlflow=dict(enabled=False))
+    )
     assert (np.load(again["samples"]) == imgs).all()  # seeded
     # weights that do not fit the model.json are refused
     bad = tmp_path / "badmodel"
@@ -210,12 +258,31 @@ def test_cli_train_with_zero_offload_then_sample(digits, tmp_path, capsys):
     import torch
 
     from ambient_ray.cli import main
-    from ambient_ray.unet import UNetConfig, build_denoiser
+    from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 
     out = str(tmp_path / "cli")
-    common = ["--set", "model.img_resolution=8", "--set", "model.model_channels=16", "--set", "batch_size=16",
-              "--set", "mlflow.enabled=false", "--set", "sample_grid=0", "--set", "checkpoint_every=4",
-              "--set", "zero_stage=2", "--set", "offload_optimizer=true", "--set", "optim.lr=2e-3", "--set", "optim.warmup_steps=2"]  # fmt: skip
+    common = [
+        "--set",
+        "model.img_resolution=8",
+        "--set",
+        "model.model_channels=16",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "mlflow.enabled=false",
+        "--set",
+        "sample_grid=0",
+        "--set",
+        "checkpoint_every=4",
+        "--set",
+        "zero_stage=2",
+        "--set",
+        "offload_optimizer=true",
+        "--set",
+        "optim.lr=2e-3",
+        "--set",
+        "optim.warmup_steps=2",
+    ]
     # a misspelt key is refused with its name, before any work
     assert main(["train", "--data", digits, "--out", out, *common, "--set", "optim.lr_rate=1"]) == 2
     assert "optim.lr_rate" in capsys.readouterr().err
@@ -237,7 +304,24 @@ def test_cli_train_with_zero_offload_then_sample(digits, tmp_path, capsys):
     assert main(["train", "--data", digits, "--out", out, "--steps", "4", *common]) == 2
     assert "--resume" in capsys.readouterr().err
     samples = str(tmp_path / "samples")
-    assert main(["sample", "--checkpoint", out, "--num", "5", "--steps", "3", "--out", samples, "--set", "mlflow.enabled=false"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                out,
+                "--num",
+                "5",
+                "--steps",
+                "3",
+                "--out",
+                samples,
+                "--set",
+                "mlflow.enabled=false",
+            ]
+        )
+        == 0
+    )
     assert np.load(storage.join(samples, "samples.npy")).shape == (5, 8, 8, 1)
 
 

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from ambient_ray import config as cfgmod
-from ambient_ray import storage
 from ambient_ray.cli import main
 from ambient_ray.config import ConfigError
-from ambient_ray.corrupt import CorruptConfig, SourceConfig
-from ambient_ray.corrupt import run as corrupt_run
-from ambient_ray.train import TrainConfig
+from ambient_ray.io import storage
+from ambient_ray.stages.corrupt import CorruptConfig, SourceConfig
+from ambient_ray.stages.corrupt import run as corrupt_run
+from ambient_ray.stages.train import TrainConfig
 from tuning import search
 
 MODEL = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2], label_dim=0)
@@ -29,13 +29,35 @@ STEPS = 20
 def job(data, out, space, **kw):
     """A small search: 20 steps per trial, val_loss every 5, one worker of 1 CPU + the trial's 1 CPU."""
     base = dict(
-        data=data, out=out, space=space, num_samples=1, scheduler="asha", report_every=5, samples=64,
-        classifier_train=dict(steps=100, batch_size=64, log_every=50, checkpoint_every=100, cpus_per_worker=2, model=MODEL,
-                              optim=dict(lr=2e-3, warmup_steps=20)),
+        data=data,
+        out=out,
+        space=space,
+        num_samples=1,
+        scheduler="asha",
+        report_every=5,
+        samples=64,
+        classifier_train=dict(
+            steps=100,
+            batch_size=64,
+            log_every=50,
+            checkpoint_every=100,
+            cpus_per_worker=2,
+            model=MODEL,
+            optim=dict(lr=2e-3, warmup_steps=20),
+        ),
         annotate=dict(grid_points=16, draws=2),
-        train=dict(steps=STEPS, batch_size=32, checkpoint_every=10, log_every=5, sample_grid=0, model=MODEL, optim=dict(warmup_steps=2)),  # lr: the default 1e-3, or searched
-        sample=dict(steps=6), mlflow=dict(experiment="tests-tune"),
-    )  # fmt: skip
+        train=dict(
+            steps=STEPS,
+            batch_size=32,
+            checkpoint_every=10,
+            log_every=5,
+            sample_grid=0,
+            model=MODEL,
+            optim=dict(warmup_steps=2),
+        ),  # lr: the default 1e-3, or searched
+        sample=dict(steps=6),
+        mlflow=dict(experiment="tests-tune"),
+    )
     for k, v in kw.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return search.load(flags=base)
@@ -50,8 +72,17 @@ def rows_of(folder):
 def mixed(ray_cluster, tmp_path_factory):
     """600 digits: 30 % clean, the rest blurred (σ_B = 1); 2 shards."""
     out = str(tmp_path_factory.mktemp("tune-data") / "mixed")
-    corrupt_run(CorruptConfig(out=out, source=SourceConfig(dataset="digits", limit=600), corruptions=["blur:sigma=1"], clean_fraction=0.3,
-                              shard_size=300, preview=0), progress=False)  # fmt: skip
+    corrupt_run(
+        CorruptConfig(
+            out=out,
+            source=SourceConfig(dataset="digits", limit=600),
+            corruptions=["blur:sigma=1"],
+            clean_fraction=0.3,
+            shard_size=300,
+            preview=0,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -63,8 +94,11 @@ def searched(mixed, mlflow_server, tmp_path_factory):
     has finished, then continued with ``ambient-ray tune --resume``. Returns (out, the interrupted
     run's summary, the final summary, the first trial's result.json mtime before the resume)."""
     out = str(tmp_path_factory.mktemp("tune") / "search")
-    space = {"annotate.tau": {"grid": [0.3, 0.49]}, "train.optim.lr": {"grid": [0.002, 50.0]},
-             "train.ambient.lambda_max": {"loguniform": [1.5, 8.0]}}  # fmt: skip
+    space = {
+        "annotate.tau": {"grid": [0.3, 0.49]},
+        "train.optim.lr": {"grid": [0.002, 50.0]},
+        "train.ambient.lambda_max": {"loguniform": [1.5, 8.0]},
+    }
     stop = threading.Event()
 
     def interrupt_after_first_trial():
@@ -149,9 +183,14 @@ def test_mlflow_holds_the_search_and_one_child_per_trial(searched, mlflow_server
     client = MlflowClient(mlflow_server.url)
     parent = client.get_run(s["mlflow_run_id"])
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
-    assert parent.data.tags["best_trial"] == s["best"]["trial_id"] and parent.data.tags["best_checkpoint"] == s["best"]["checkpoint"]
+    assert (
+        parent.data.tags["best_trial"] == s["best"]["trial_id"]
+        and parent.data.tags["best_checkpoint"] == s["best"]["checkpoint"]
+    )
     exp = parent.info.experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'tune-trial'")
+    children = client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'tune-trial'"
+    )
     assert len(children) == 4
     for c in children:
         assert {"train.ambient.lambda_max", "annotate.tau", "train.optim.lr"} <= set(c.data.params)
@@ -174,7 +213,19 @@ def test_best_config_round_trips_into_train(searched, tmp_path):
     assert cfg.data == f"{trial}/annotated" and cfg.out == f"{out}/best/train"
     assert cfg.ambient.lambda_max == pytest.approx(s["best"]["param:train.ambient.lambda_max"])
     assert cfg.optim.lr == 0.002 and cfg.report_every is None and not cfg.resume
-    rc = main(["train", "--config", best, "--set", "steps=2", "--set", f"out={tmp_path}/again", "--set", "mlflow.enabled=false"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            best,
+            "--set",
+            "steps=2",
+            "--set",
+            f"out={tmp_path}/again",
+            "--set",
+            "mlflow.enabled=false",
+        ]
+    )
     assert rc == 0 and storage.exists(f"{tmp_path}/again/model/ema.safetensors")
 
 
@@ -194,7 +245,18 @@ def test_best_config_round_trips_into_train(searched, tmp_path):
 )
 def test_bad_spaces_are_refused_before_any_trial(sets, message, tmp_path, capsys):
     out = tmp_path / "never"
-    rc = main(["tune", "--space", "tuning/ambient_o.yaml", "--data", str(tmp_path), "--out", str(out), *(f"--set={s}" for s in sets)])
+    rc = main(
+        [
+            "tune",
+            "--space",
+            "tuning/ambient_o.yaml",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(out),
+            *(f"--set={s}" for s in sets),
+        ]
+    )
     assert rc == 2 and message in capsys.readouterr().err
     assert not out.exists()
 
@@ -207,7 +269,11 @@ def test_the_shipped_space_loads_and_a_missing_searcher_package_is_named(monkeyp
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hyperopt" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install hyperopt"):
-        search.load("tuning/ambient_o.yaml", ["searcher=hyperopt", "space.annotate.tau={choice: [0.3, 0.4]}"], {"data": "x", "out": "y"})
+        search.load(
+            "tuning/ambient_o.yaml",
+            ["searcher=hyperopt", "space.annotate.tau={choice: [0.3, 0.4]}"],
+            {"data": "x", "out": "y"},
+        )
 
 
 def test_optuna_draws_every_searched_key_within_its_domain():
@@ -217,7 +283,11 @@ def test_optuna_draws_every_searched_key_within_its_domain():
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
-    cfg = search.load("tuning/ambient_o.yaml", ["searcher=optuna", "space.train.ema_decay={choice: [0.99, 0.999]}"], {"data": "x", "out": "y"})
+    cfg = search.load(
+        "tuning/ambient_o.yaml",
+        ["searcher=optuna", "space.train.ema_decay={choice: [0.99, 0.999]}"],
+        {"data": "x", "out": "y"},
+    )
     flat = search.spacemod.flatten(cfg.space)
     opt = OptunaSearch(sampler=TPESampler(seed=0))
     assert opt.set_search_properties("val_loss", "min", search.spacemod.to_tune(flat))

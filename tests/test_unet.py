@@ -4,9 +4,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ambient_ray.ambient import edm_precond
 from ambient_ray.config import ConfigError, Strict, build
-from ambient_ray.unet import EDMDenoiser, UNet, UNetConfig, build_denoiser
+from ambient_ray.diffusion.ambient import edm_precond
+from ambient_ray.models.ddpmpp import EDMDenoiser, UNet, UNetConfig, build_denoiser
 
 
 def _randomize_output(net: UNet) -> None:
@@ -42,7 +42,7 @@ def test_output_shape_equals_input_shape(kw):
 
 
 def test_attention_is_placed_at_the_configured_resolutions():
-    from ambient_ray.unet import SelfAttention
+    from ambient_ray.models.ddpmpp import SelfAttention
 
     def n_attn(**kw):
         return sum(isinstance(m, SelfAttention) for m in UNet(UNetConfig(**kw)).modules())

@@ -11,7 +11,7 @@ of the workers reaches Tune through ``TuneReportCallback``), then sample and sco
 data's clean rows. Every step is idempotent, so a restarted or resumed trial continues where it was.
 
 The intermediate metric is ``val_loss``: the denoising loss of the network at a fixed σ grid on
-clean rows (:func:`ambient_ray.ambient.validation_losses`), comparable across trials, unlike the
+clean rows (:func:`ambient_ray.diffusion.ambient.validation_losses`), comparable across trials, unlike the
 training loss (another τ moves every σ_min, another λ_max the buffer). ASHA and the searcher both use
 it; the best trial is the completed one with the lowest ``metric`` (``val_loss`` or ``fd``).
 
@@ -36,36 +36,50 @@ from pydantic import Field
 from ray.tune import Callback
 
 from ambient_ray import config as cfgmod
-from ambient_ray import storage
 from ambient_ray.config import ConfigError, Strict
-from ambient_ray.tracking import MlflowConfig
+from ambient_ray.io import storage
+from ambient_ray.io.tracking import MlflowConfig
 from tuning import space as spacemod
 
 
 class TuneConfig(Strict):
     """Config of ``ambient-ray tune`` (a search-space file is one of these)."""
 
-    space: dict[str, Any] = Field(default_factory=dict, description="searched keys: STAGE.KEY -> {uniform|loguniform|choice|grid|randint: ...}")
+    space: dict[str, Any] = Field(
+        default_factory=dict, description="searched keys: STAGE.KEY -> {uniform|loguniform|choice|grid|randint: ...}"
+    )
     data: str = Field(..., description="the mixed dataset (a corrupt output)")
     out: str = Field(..., description="output URI of the search")
     num_samples: int = Field(4, ge=1, description="trials (with grid keys: repeats of the whole grid)")
     searcher: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     scheduler: Literal["none", "asha"] = "asha"
-    metric: Literal["val_loss", "fd"] = Field("val_loss", description="what picks the best trial (ASHA and the searcher use val_loss)")
-    grace_period: int | None = Field(None, ge=1, description="ASHA: steps before a trial can be stopped (default: report_every)")
+    metric: Literal["val_loss", "fd"] = Field(
+        "val_loss", description="what picks the best trial (ASHA and the searcher use val_loss)"
+    )
+    grace_period: int | None = Field(
+        None, ge=1, description="ASHA: steps before a trial can be stopped (default: report_every)"
+    )
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of the trials at each rung")
     report_every: int = Field(50, ge=1, description="training steps between the validation reports ASHA reads")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs hold")
     trial_cpus: float = Field(1.0, gt=0, description="CPUs of the trial process (annotation, sampling, evaluation)")
     trial_gpus: float = Field(0.0, ge=0, description="GPUs of the trial process; fractions share a GPU")
-    trial_max_failures: int = Field(0, ge=0, description="restarts of a failed trial (it continues from its last checkpoint)")
+    trial_max_failures: int = Field(
+        0, ge=0, description="restarts of a failed trial (it continues from its last checkpoint)"
+    )
     fail_fast: bool = Field(False, description="stop the whole search at the first failed trial")
     seed: int = Field(0, ge=0, description="seed of the searcher")
-    classifier: str | None = Field(None, description="shared noise classifier (default: train one into OUT/prep/classifier)")
+    classifier: str | None = Field(
+        None, description="shared noise classifier (default: train one into OUT/prep/classifier)"
+    )
     samples: int = Field(256, ge=0, description="images each completed trial samples for its FD (0: no FD)")
     classifier_train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train-classifier'")
-    annotate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray annotate', fixed for every trial")
-    train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train', fixed for every trial")
+    annotate: dict[str, Any] = Field(
+        default_factory=dict, description="keys of 'ambient-ray annotate', fixed for every trial"
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="keys of 'ambient-ray train', fixed for every trial"
+    )
     sample: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray sample'")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray evaluate' (e.g. features)")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -83,11 +97,13 @@ def check(cfg: TuneConfig) -> TuneConfig:
         both = sorted({f"{stage}.{k}" for k in cfgmod.flatten(getattr(cfg, stage))} & set(flat))
         if both:
             raise ConfigError(f"config key '{both[0]}': both searched (in 'space') and fixed; drop one")
-    from ambient_ray.evaluate import EvaluateConfig
-    from ambient_ray.train_classifier import ClassifierTrainConfig
+    from ambient_ray.stages.evaluate import EvaluateConfig
+    from ambient_ray.stages.train_classifier import ClassifierTrainConfig
 
-    for section, model, owned in (("evaluate", EvaluateConfig, {"samples", "reference", "reference_where", "out", "mlflow"}),
-                                  ("classifier_train", ClassifierTrainConfig, {"data", "out", "kind", "mlflow"})):  # fmt: skip
+    for section, model, owned in (
+        ("evaluate", EvaluateConfig, {"samples", "reference", "reference_where", "out", "mlflow"}),
+        ("classifier_train", ClassifierTrainConfig, {"data", "out", "kind", "mlflow"}),
+    ):
         fill = {"samples": "x", "reference": "x", "out": "x"} if section == "evaluate" else {"data": "x", "out": "x"}
         cfgmod.build_section(model, section, getattr(cfg, section), owned=owned, owner="the search itself", fill=fill)
     return cfg
@@ -97,7 +113,9 @@ def _require(searcher: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(searcher) is None:
-        raise ConfigError(f"searcher '{searcher}' needs the {searcher} package: pip install {searcher} (or pip install 'ambient-ray[tune]')")
+        raise ConfigError(
+            f"searcher '{searcher}' needs the {searcher} package: pip install {searcher} (or pip install 'ambient-ray[tune]')"
+        )
 
 
 def load(path: str | None = None, sets: list[str] | None = None, flags: dict | None = None) -> TuneConfig:
@@ -118,11 +136,11 @@ def _mlflow(job: dict, parent: str | None, name: str) -> dict:
 def trial(config: dict, job: dict | None = None, parent: str | None = None) -> None:
     """One trial: re-annotate with its τ, train (reporting to Tune), sample, score; result.json."""
     import ray.tune
+    import torch
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ambient_ray import annotate, evaluate, sample, tracking, train
-
-    import torch
+    from ambient_ray.io import tracking
+    from ambient_ray.stages import annotate, evaluate, sample, train
 
     assert job is not None
     torch.set_num_threads(max(1, int(job["trial_cpus"])))  # sampling and FD in this process: its own CPUs
@@ -134,34 +152,70 @@ def trial(config: dict, job: dict | None = None, parent: str | None = None) -> N
         return
     params = {k: config[k] for k in sorted(config)}
     over = spacemod.split(params)
-    child, uri = tracking.start_run(MlflowConfig.model_validate(_mlflow(job, parent, f"trial {trial_id}")), out,
-                                    params={**params, "trial_id": trial_id}, tags={"stage": "tune-trial", "trial_id": trial_id})  # fmt: skip
+    child, uri = tracking.start_run(
+        MlflowConfig.model_validate(_mlflow(job, parent, f"trial {trial_id}")),
+        out,
+        params={**params, "trial_id": trial_id},
+        tags={"stage": "tune-trial", "trial_id": trial_id},
+    )
     prep = storage.join(job["out"], "prep")
     annotated = storage.join(out, "annotated")
     if not storage.exists(storage.join(annotated, "annotation.json")):
-        aflags = {**_merge(job["annotate"], over.get("annotate", {})), "data": job["data"], "out": annotated, "classifier": job["classifier"],
-                  "curves_from": storage.join(prep, "annotated"), "overwrite": True, "mlflow": _mlflow(job, child, "annotate")}  # fmt: skip
+        aflags = {
+            **_merge(job["annotate"], over.get("annotate", {})),
+            "data": job["data"],
+            "out": annotated,
+            "classifier": job["classifier"],
+            "curves_from": storage.join(prep, "annotated"),
+            "overwrite": True,
+            "mlflow": _mlflow(job, child, "annotate"),
+        }
         annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=aflags), progress=False)
     report = json.loads(storage.read_bytes(storage.join(annotated, "annotation.json")))
     train_out = storage.join(out, "train")
-    tflags = {**job["train"], "data": annotated, "out": train_out, "report_every": job["report_every"],
-              "resume": storage.exists(storage.join(train_out, "ray", "train")), "mlflow": _mlflow(job, child, "train")}  # fmt: skip
+    tflags = {
+        **job["train"],
+        "data": annotated,
+        "out": train_out,
+        "report_every": job["report_every"],
+        "resume": storage.exists(storage.join(train_out, "ray", "train")),
+        "mlflow": _mlflow(job, child, "train"),
+    }
     tcfg = cfgmod.build(train.TrainConfig, flags=_merge(tflags, over.get("train", {})))
     s = train.run(tcfg, callbacks=[TuneReportCallback()])
     metrics = {k: v for k, v in (s["metrics"] or {}).items() if isinstance(v, (int, float))}
     metrics.setdefault("val_loss", math.nan)  # a run resumed after its last step reports nothing new: unknown
     metrics.update({"step": tcfg.steps, "mean_sigma_min": float(report["mean_sigma_min"])})
     if job["samples"]:
-        sflags = {**_merge(job["sample"], over.get("sample", {})), "checkpoint": s["out"], "out": storage.join(out, "samples"),
-                  "num": job["samples"], "mlflow": _mlflow(job, child, "sample")}  # fmt: skip
+        sflags = {
+            **_merge(job["sample"], over.get("sample", {})),
+            "checkpoint": s["out"],
+            "out": storage.join(out, "samples"),
+            "num": job["samples"],
+            "mlflow": _mlflow(job, child, "sample"),
+        }
         r = sample.run(cfgmod.build(sample.SampleConfig, flags=sflags), progress=False)
-        eflags = {**job["evaluate"], "samples": r["out"], "reference": job["data"], "reference_where": "quality=clean",
-                  "out": storage.join(out, "eval"), "mlflow": _mlflow(job, child, "evaluate")}  # fmt: skip
+        eflags = {
+            **job["evaluate"],
+            "samples": r["out"],
+            "reference": job["data"],
+            "reference_where": "quality=clean",
+            "out": storage.join(out, "eval"),
+            "mlflow": _mlflow(job, child, "evaluate"),
+        }
         e = evaluate.run(cfgmod.build(evaluate.EvaluateConfig, flags=eflags), progress=False)
         metrics.update({k: v for k, v in e["metrics"].items() if k in ("fd", "precision", "recall")})
     metrics["completed"] = 1
-    result = {"trial_id": trial_id, "params": params, "metrics": metrics, "checkpoint": s["checkpoint"], "model": storage.join(train_out, "model"),
-              "annotated": annotated, "train_config": storage.join(train_out, "config.yaml"), "mlflow_run_id": child}  # fmt: skip
+    result = {
+        "trial_id": trial_id,
+        "params": params,
+        "metrics": metrics,
+        "checkpoint": s["checkpoint"],
+        "model": storage.join(train_out, "model"),
+        "annotated": annotated,
+        "train_config": storage.join(train_out, "config.yaml"),
+        "mlflow_run_id": child,
+    }
     tracking.log_metrics(child, uri, {k: v for k, v in metrics.items() if k != "step"}, step=tcfg.steps)
     tracking.finish(child, uri, tags={"checkpoint": s["checkpoint"] or ""})
     storage.write_bytes(done, json.dumps(result, indent=1).encode())
@@ -198,7 +252,7 @@ class TrialRuns(Callback):
         return self.known[key]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from ambient_ray import tracking
+        from ambient_ray.io import tracking
 
         values = {k: v for k, v in result.items() if k.startswith("val_loss") or k in ("loss", "lr")}
         values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -206,7 +260,7 @@ class TrialRuns(Callback):
             tracking.log_metrics(*self._run(trial), values, step=int(result.get("step", 0)))
 
     def _close(self, trial, status: str, outcome: str) -> None:
-        from ambient_ray import tracking
+        from ambient_ray.io import tracking
 
         folder = trial_dir(self.job, trial.trial_id)
         if storage.exists(storage.join(folder, "result.json")):
@@ -248,7 +302,7 @@ def resources(cfg: TuneConfig) -> tuple[dict, int]:
 
 def base_train(cfg: TuneConfig):
     """The train section as a TrainConfig (placeholder data and out): its workers and steps."""
-    from ambient_ray.train import TrainConfig
+    from ambient_ray.stages.train import TrainConfig
 
     return cfgmod.build(TrainConfig, flags={"data": "x", "out": "x", **cfg.train})
 
@@ -272,12 +326,16 @@ def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
         from ray.tune.schedulers import ASHAScheduler
 
         # max_t above the last step: ASHA stops any result at max_t, which would cut a trial before its FD
-        scheduler = ASHAScheduler(time_attr="step", max_t=steps + 1, grace_period=cfg.grace_period or cfg.report_every,
-                                  reduction_factor=cfg.reduction_factor)  # fmt: skip
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=steps + 1,
+            grace_period=cfg.grace_period or cfg.report_every,
+            reduction_factor=cfg.reduction_factor,
+        )
     search_alg = None
     if cfg.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
         from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
     elif cfg.searcher == "hyperopt":
@@ -289,20 +347,29 @@ def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
     return tune.Tuner(
         trainable,
         param_space=spacemod.to_tune(flat),
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=cfg.num_samples, max_concurrent_trials=concurrency,
-                                    trial_dirname_creator=_dirname),  # fmt: skip
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=_dirname,
+        ),
         run_config=tune.RunConfig(
-            name="search", storage_path=path, storage_filesystem=fs, verbose=1,
+            name="search",
+            storage_path=path,
+            storage_filesystem=fs,
+            verbose=1,
             failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures, fail_fast=cfg.fail_fast),
             callbacks=[TrialRuns(job)],
-        ),  # fmt: skip
+        ),
     )
 
 
 def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
     """The shared classifier and the annotation curves, once per search (skipped when done)."""
-    from ambient_ray import annotate, train_classifier
+    from ambient_ray.stages import annotate, train_classifier
 
     prep = storage.join(job["out"], "prep")
     if not job["classifier"]:
@@ -310,13 +377,25 @@ def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
         if not storage.exists(storage.join(clf, "summary.json")):
             if storage.exists(clf):
                 storage.delete(clf)
-            flags = {**cfg.classifier_train, "data": job["data"], "out": clf, "kind": "noise", "mlflow": _mlflow(job, parent, "classifier")}
+            flags = {
+                **cfg.classifier_train,
+                "data": job["data"],
+                "out": clf,
+                "kind": "noise",
+                "mlflow": _mlflow(job, parent, "classifier"),
+            }
             train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags))
         job["classifier"] = clf
     out = storage.join(prep, "annotated")
     if not storage.exists(storage.join(out, "annotation.json")):
-        flags = {**cfg.annotate, "data": job["data"], "out": out, "classifier": job["classifier"], "overwrite": True,
-                 "mlflow": _mlflow(job, parent, "annotate (curves)")}  # fmt: skip
+        flags = {
+            **cfg.annotate,
+            "data": job["data"],
+            "out": out,
+            "classifier": job["classifier"],
+            "overwrite": True,
+            "mlflow": _mlflow(job, parent, "annotate (curves)"),
+        }
         annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=True)
 
 
@@ -333,9 +412,18 @@ def collect(job: dict, grid, metric: str) -> list[dict]:
         outcome = storage.join(trial_dir(job, tid), "outcome.json")
         stopped = storage.exists(outcome) and json.loads(storage.read_bytes(outcome))["outcome"] == "stopped-early"
         status = "completed" if final else "error" if res.error else "stopped early" if stopped else "unfinished"
-        rows.append({"trial_id": tid, "status": status, "step": int(m.get("step", 0) or 0), **{f"param:{k}": v for k, v in (res.config or {}).items()},
-                     "val_loss": m.get("val_loss"), "fd": m.get("fd"), "mean_sigma_min": m.get("mean_sigma_min"),
-                     "checkpoint": final["checkpoint"] if final else None})  # fmt: skip
+        rows.append(
+            {
+                "trial_id": tid,
+                "status": status,
+                "step": int(m.get("step", 0) or 0),
+                **{f"param:{k}": v for k, v in (res.config or {}).items()},
+                "val_loss": m.get("val_loss"),
+                "fd": m.get("fd"),
+                "mean_sigma_min": m.get("mean_sigma_min"),
+                "checkpoint": final["checkpoint"] if final else None,
+            }
+        )
 
     def key(r):
         v = r.get(metric)
@@ -365,13 +453,16 @@ def tables(rows: list[dict]) -> tuple[str, str]:
 
 def plot(rows: list[dict], metric: str) -> bytes:
     """The metric against each searched key, one panel per key; completed trials filled, stopped ones hollow."""
-    from ambient_ray import plots
+    from ambient_ray.io import plots
 
     plt = plots._pyplot()
     keys = [k for k in rows[0] if k.startswith("param:")] if rows else []
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        for status, style in (("completed", {"c": "#38c"}), ("stopped early", {"facecolors": "none", "edgecolors": "#c44"})):
+        for status, style in (
+            ("completed", {"c": "#38c"}),
+            ("stopped early", {"facecolors": "none", "edgecolors": "#c44"}),
+        ):
             pts = [(r[k], r[metric] if r[metric] is not None else r["val_loss"]) for r in rows if r["status"] == status]
             pts = [(x, y) for x, y in pts if isinstance(x, (int, float)) and y is not None and math.isfinite(y)]
             if pts:
@@ -397,12 +488,21 @@ def best_config(job: dict, best: dict) -> str:
     import yaml
 
     data = yaml.safe_load(storage.read_bytes(storage.join(trial_dir(job, best["trial_id"]), "train", "config.yaml")))
-    data.update({"out": storage.join(job["out"], "best", "train"), "resume": False, "report_every": None, "debug_fail_at_step": None})
+    data.update(
+        {
+            "out": storage.join(job["out"], "best", "train"),
+            "resume": False,
+            "report_every": None,
+            "debug_fail_at_step": None,
+        }
+    )
     data["mlflow"] = {**data.get("mlflow", {}), "run_name": None, "parent_run_id": None}
     params = ", ".join(f"{k}={best[k]!r}" for k in best if k.startswith("param:"))
-    head = (f"# best trial {best['trial_id']} of the search in {job['out']}: val_loss {best['val_loss']}, fd {best['fd']}\n"
-            f"# searched: {params.replace('param:', '')}\n# its checkpoint: {best['checkpoint']}\n"
-            f"# ambient-ray train --config best.yaml  (trains it again into 'out')\n")  # fmt: skip
+    head = (
+        f"# best trial {best['trial_id']} of the search in {job['out']}: val_loss {best['val_loss']}, fd {best['fd']}\n"
+        f"# searched: {params.replace('param:', '')}\n# its checkpoint: {best['checkpoint']}\n"
+        f"# ambient-ray train --config best.yaml  (trains it again into 'out')\n"
+    )
     return head + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -410,7 +510,7 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
     """Run (or, with ``resume`` = a search's OUT, continue) a search; returns the summary."""
     import ray
 
-    from ambient_ray import tracking
+    from ambient_ray.io import tracking
 
     if resume:
         uri = storage.join(storage.normalize(resume), "tune.yaml")
@@ -425,23 +525,43 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")
     # trials run in their own folders: every URI absolute, the tracking URI resolved here
-    cfg = cfg.model_copy(update={"out": out, "data": storage.normalize(cfg.data),
-                                 "classifier": storage.normalize(cfg.classifier) if cfg.classifier else None})  # fmt: skip
-    cfg.mlflow = cfg.mlflow.model_copy(update={"tracking_uri": tracking.tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None})
+    cfg = cfg.model_copy(
+        update={
+            "out": out,
+            "data": storage.normalize(cfg.data),
+            "classifier": storage.normalize(cfg.classifier) if cfg.classifier else None,
+        }
+    )
+    cfg.mlflow = cfg.mlflow.model_copy(
+        update={"tracking_uri": tracking.tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None}
+    )
     resources(cfg)
     if not resume:
         cfgmod.save_resolved(cfg, out, "tune.yaml")
     job = cfg.model_dump(mode="json")
     flat = spacemod.flatten(cfg.space)
-    params = {"space": json.dumps(flat), "searcher": cfg.searcher, "scheduler": cfg.scheduler, "num_samples": cfg.num_samples,
-              "metric": cfg.metric, "report_every": cfg.report_every, "data": cfg.data}  # fmt: skip
-    parent, muri = tracking.start_run(cfg.mlflow.model_copy(update={"run_name": cfg.mlflow.run_name or "tune"}), out, params=params,
-                                      tags={"stage": "tune", "space_digest": spacemod.digest(flat)})  # fmt: skip
+    params = {
+        "space": json.dumps(flat),
+        "searcher": cfg.searcher,
+        "scheduler": cfg.scheduler,
+        "num_samples": cfg.num_samples,
+        "metric": cfg.metric,
+        "report_every": cfg.report_every,
+        "data": cfg.data,
+    }
+    parent, muri = tracking.start_run(
+        cfg.mlflow.model_copy(update={"run_name": cfg.mlflow.run_name or "tune"}),
+        out,
+        params=params,
+        tags={"stage": "tune", "space_digest": spacemod.digest(flat)},
+    )
     t0 = time.perf_counter()
     try:
         prepare(cfg, job, parent)
-        print(f"tune: {cfg.num_samples} samples of {', '.join(flat)} ({cfg.searcher}, scheduler {cfg.scheduler}) -> {out}"
-              + (f"; MLflow run {parent}" if parent else ""))  # fmt: skip
+        print(
+            f"tune: {cfg.num_samples} samples of {', '.join(flat)} ({cfg.searcher}, scheduler {cfg.scheduler}) -> {out}"
+            + (f"; MLflow run {parent}" if parent else "")
+        )
         grid = build_tuner(cfg, job, parent, bool(resume)).fit()
         rows = collect(job, grid, cfg.metric)
         csv_text, md = tables(rows)
@@ -456,25 +576,48 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
         expected = cfg.num_samples * math.prod(grids) if cfg.searcher in ("random", "grid") else cfg.num_samples
         ended = sum(r["status"] in ("completed", "stopped early", "error") for r in rows)
         unfinished = [r for r in rows if r["status"] in ("error", "unfinished")] + [None] * max(0, expected - len(rows))
-        summary = {"out": out, "trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
-                   "stopped_early": sum(r["status"] == "stopped early" for r in rows),
-                   "errors": sum(r["status"] == "error" for r in rows), "unfinished": max(0, expected - ended), "expected": expected,
-                   "best": best, "metric": cfg.metric, "minutes": (time.perf_counter() - t0) / 60, "mlflow_run_id": parent}  # fmt: skip
+        summary = {
+            "out": out,
+            "trials": len(rows),
+            "completed": sum(r["status"] == "completed" for r in rows),
+            "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+            "errors": sum(r["status"] == "error" for r in rows),
+            "unfinished": max(0, expected - ended),
+            "expected": expected,
+            "best": best,
+            "metric": cfg.metric,
+            "minutes": (time.perf_counter() - t0) / 60,
+            "mlflow_run_id": parent,
+        }
         files["summary.json"] = json.dumps(summary, indent=1, default=str).encode()
         for name, data in files.items():
             storage.write_bytes(storage.join(out, name), data)
         tracking.log_files(parent, muri, files)
         if best:
-            tracking.log_metrics(parent, muri, {f"best_{k}": best[k] for k in ("val_loss", "fd") if best[k] is not None})
-        tags = {"best_trial": best["trial_id"], "best_checkpoint": best["checkpoint"], "best_config": storage.join(out, "best.yaml"),
-                **{f"best.{k.removeprefix('param:')}": best[k] for k in best if k.startswith("param:")}} if best else {}  # fmt: skip
+            tracking.log_metrics(
+                parent, muri, {f"best_{k}": best[k] for k in ("val_loss", "fd") if best[k] is not None}
+            )
+        tags = (
+            {
+                "best_trial": best["trial_id"],
+                "best_checkpoint": best["checkpoint"],
+                "best_config": storage.join(out, "best.yaml"),
+                **{f"best.{k.removeprefix('param:')}": best[k] for k in best if k.startswith("param:")},
+            }
+            if best
+            else {}
+        )
         tracking.finish(parent, muri, status="FAILED" if unfinished else "FINISHED", tags=tags)
     except BaseException:
         tracking.finish(parent, muri, status="FAILED")
         raise
     print(md)
     if unfinished:
-        print(f"tune: {len(unfinished)} trials failed or did not finish; continue the search with: ambient-ray tune --resume {out}")
+        print(
+            f"tune: {len(unfinished)} trials failed or did not finish; continue the search with: ambient-ray tune --resume {out}"
+        )
     elif best:
-        print(f"tune: best trial {best['trial_id']} ({cfg.metric} {best[cfg.metric]}); its train config: {storage.join(out, 'best.yaml')}")
+        print(
+            f"tune: best trial {best['trial_id']} ({cfg.metric} {best[cfg.metric]}); its train config: {storage.join(out, 'best.yaml')}"
+        )
     return summary

@@ -37,9 +37,9 @@ OWNED = {  # keys every trial sets itself
 
 
 def stage_models() -> dict:
-    from ambient_ray.annotate import AnnotateConfig
-    from ambient_ray.sample import SampleConfig
-    from ambient_ray.train import TrainConfig
+    from ambient_ray.stages.annotate import AnnotateConfig
+    from ambient_ray.stages.sample import SampleConfig
+    from ambient_ray.stages.train import TrainConfig
 
     return {"annotate": AnnotateConfig, "train": TrainConfig, "sample": SampleConfig}
 
@@ -58,7 +58,9 @@ def flatten(space: dict, prefix: str = "") -> dict[str, dict]:
         elif isinstance(v, dict) and v:
             flat.update(flatten(v, key + "."))
         else:
-            raise ConfigError(f"search space key '{key}': expected a domain, one of {', '.join(DOMAINS)} (e.g. {{uniform: [0.3, 0.5]}}); got {v!r}")
+            raise ConfigError(
+                f"search space key '{key}': expected a domain, one of {', '.join(DOMAINS)} (e.g. {{uniform: [0.3, 0.5]}}); got {v!r}"
+            )
     return flat
 
 
@@ -67,7 +69,11 @@ def _values_to_check(key: str, kind: str, arg: Any) -> list:
         if not isinstance(arg, list) or not arg:
             raise ConfigError(f"search space key '{key}': {kind} needs a non-empty list of values")
         return list(arg)
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)):
+    if not (
+        isinstance(arg, list)
+        and len(arg) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)
+    ):
         raise ConfigError(f"search space key '{key}': {kind} needs [low, high] numbers; got {arg!r}")
     lo, hi = arg
     if not lo < hi:
@@ -87,13 +93,17 @@ def check(space: dict, base: dict[str, dict], searcher: str) -> dict[str, dict]:
         raise ConfigError(f"config key 'searcher': {searcher!r} is not one of {', '.join(SEARCHERS)}")
     flat = flatten(space)
     if not flat:
-        raise ConfigError("config key 'space': the search space is empty; name at least one key, e.g. annotate.tau: {uniform: [0.3, 0.5]}")
+        raise ConfigError(
+            "config key 'space': the search space is empty; name at least one key, e.g. annotate.tau: {uniform: [0.3, 0.5]}"
+        )
     models = stage_models()
     dummy = {"data": "x", "out": "x", "checkpoint": "x"}
     for key, domain in flat.items():
         stage, _, rest = key.partition(".")
         if stage not in models or not rest:
-            raise ConfigError(f"search space key '{key}': must start with one of {', '.join(models)} (e.g. annotate.tau)")
+            raise ConfigError(
+                f"search space key '{key}': must start with one of {', '.join(models)} (e.g. annotate.tau)"
+            )
         if rest.split(".")[0] in OWNED[stage]:
             raise ConfigError(f"search space key '{key}': set by the search itself for each trial")
         kind, arg = next(iter(domain.items()))
@@ -110,7 +120,9 @@ def check(space: dict, base: dict[str, dict], searcher: str) -> dict[str, dict]:
                 cfgmod.build(model, flags=section)
             except ConfigError as e:
                 detail = str(e).replace("invalid config:\n  ", "")
-                raise ConfigError(f"search space key '{key}' = {value!r} is refused by the {stage} config: {detail}") from None
+                raise ConfigError(
+                    f"search space key '{key}' = {value!r} is refused by the {stage} config: {detail}"
+                ) from None
     return flat
 
 
@@ -122,9 +134,12 @@ def to_tune(flat: dict[str, dict]) -> dict:
     for key, domain in flat.items():
         kind, arg = next(iter(domain.items()))
         out[key] = {
-            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-            "choice": tune.choice, "grid": tune.grid_search, "randint": lambda a: tune.randint(*a),
-        }[kind](arg)  # fmt: skip
+            "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a),
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+            "randint": lambda a: tune.randint(*a),
+        }[kind](arg)
     return out
 
 

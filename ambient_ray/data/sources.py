@@ -1,0 +1,577 @@
+"""Image sources: built-in datasets (no download) and user data (image folders, WebDataset tars, Parquet).
+
+A source is read in two steps so that stages can shard work deterministically and resume it:
+``list_items()`` returns ``(id, locator)`` pairs in a stable order (cheap: names, not pixels), and
+``load(locators)`` returns the records for some of them (run inside Ray Data tasks). A record is a
+dict with ``id``, ``image`` (encoded bytes, or a uint8 array for built-ins), ``label``, ``caption``
+and ``source``; :func:`decode` turns it into a validated uint8 (H, W, C) array or a reason to
+quarantine it. :func:`read` gives any source as a Ray Dataset of the schema in DESIGN.md.
+
+Built-ins: ``digits`` (scikit-learn, 1,797 8x8 grey), ``faces`` (scikit-image ``lfw_subset``, 200
+25x25 grey), ``photos`` (crops of scikit-image's bundled photographs, RGB, for out-of-distribution
+use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import defaultdict
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import Field
+
+from ambient_ray.config import Strict
+from ambient_ray.io import storage
+
+BUILTINS = ("digits", "faces", "photos")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PHOTO_FILES = (
+    "astronaut.png",
+    "camera.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "coins.png",
+    "moon.png",
+    "page.png",
+    "text.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "horse.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "cell.png",
+    "color.png",
+)
+
+
+class SourceConfig(Strict):
+    """Where images come from and how they are normalised."""
+
+    dataset: str = Field("digits", description="built-in name (digits, faces, photos) or a URI of user data")
+    format: Literal["auto", "builtin", "folder", "webdataset", "parquet"] = "auto"
+    image_size: int | None = Field(None, ge=1, le=4096, description="resize to this square size (centre crop first)")
+    channels: Literal[1, 3] | None = Field(
+        None, description="convert grey<->RGB to this many channels; None keeps each image's own"
+    )
+    repeat: int = Field(1, ge=1, description="tile the source this many times with distinct ids (benchmarks)")
+    limit: int | None = Field(None, ge=1, description="use only the first N items")
+    photos_count: int = Field(2000, ge=1, description="number of crops for the built-in 'photos'")
+    photos_crop: int = Field(32, ge=4, description="crop size for the built-in 'photos'")
+    holdout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of items held out, chosen by a hash of the id (the same for every seed)",
+    )
+    part: Literal["train", "holdout"] = Field(
+        "train", description="with holdout > 0: read the training part or the held-out part"
+    )
+
+
+# ------------------------------------------------------------------------------ built-ins
+
+
+@lru_cache(maxsize=4)
+def _builtin_arrays(name: str, photos_count: int, photos_crop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images uint8 (N, H, W, C), labels or None) for a built-in dataset."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+        return imgs, d.target.astype(np.int64)
+    if name == "faces":
+        from skimage.data import lfw_subset
+
+        faces = lfw_subset()  # (200, 25, 25) floats in [0, 1]
+        return np.round(faces * 255.0).astype(np.uint8)[..., None], None
+    if name == "photos":
+        return _photo_crops(photos_count, photos_crop), None
+    raise ValueError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}")
+
+
+def _photo_crops(count: int, crop: int) -> np.ndarray:
+    import os
+
+    import skimage.data
+
+    folder = os.path.dirname(skimage.data.__file__)
+    photos = []
+    for fname in PHOTO_FILES:
+        path = os.path.join(folder, fname)
+        if os.path.exists(path):
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if min(arr.shape[:2]) >= crop:
+                photos.append(arr)
+    if not photos:
+        raise RuntimeError("no bundled scikit-image photographs found for the 'photos' dataset")
+    rng = np.random.default_rng(0)
+    out = np.empty((count, crop, crop, 3), np.uint8)
+    for i in range(count):
+        p = photos[i % len(photos)]
+        top = int(rng.integers(0, p.shape[0] - crop + 1))
+        left = int(rng.integers(0, p.shape[1] - crop + 1))
+        out[i] = p[top : top + crop, left : left + crop]
+    return out
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+class Source:
+    """Base class: ``list_items`` and ``load``; subclasses are picklable (sent to Ray tasks)."""
+
+    name: str
+
+    def list_items(self) -> list[tuple[str, Any]]:
+        raise NotImplementedError
+
+    def load(self, locators: list[Any]) -> list[dict]:
+        raise NotImplementedError
+
+
+class BuiltinSource(Source):
+    def __init__(self, cfg: SourceConfig):
+        if cfg.dataset not in BUILTINS:
+            raise ValueError(f"unknown built-in dataset {cfg.dataset!r}; known: {', '.join(BUILTINS)}")
+        self.name = cfg.dataset
+        self.cfg = cfg
+
+    def _arrays(self):
+        return _builtin_arrays(self.name, self.cfg.photos_count, self.cfg.photos_crop)
+
+    def list_items(self):
+        n = len(self._arrays()[0])
+        items = []
+        for r in range(self.cfg.repeat):
+            suffix = f"-r{r}" if self.cfg.repeat > 1 else ""
+            items.extend((f"{self.name}-{i:06d}{suffix}", i) for i in range(n))
+        return items
+
+    def load(self, locators):
+        imgs, labels = self._arrays()
+        return [
+            {
+                "image": imgs[i],
+                "label": None if labels is None else int(labels[i]),
+                "caption": None,
+                "source": self.name,
+            }
+            for i in locators
+        ]
+
+
+class FolderSource(Source):
+    """PNG/JPEG files under a folder; a first-level sub-folder name is the class (label = its index)."""
+
+    def __init__(self, uri: str):
+        self.uri = storage.normalize(uri)
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+        self.classes: list[str] = []
+
+    def list_items(self):
+        files = storage.list_files(self.uri, IMAGE_SUFFIXES)
+        rels = [f[len(self.uri) :].lstrip("/") for f in files]
+        if rels and all("/" in r for r in rels):
+            self.classes = sorted({r.split("/", 1)[0] for r in rels})
+        return [(r, r) for r in rels]
+
+    def load(self, locators):
+        out = []
+        for rel in locators:
+            label = self.classes.index(rel.split("/", 1)[0]) if self.classes else None
+            try:
+                data = storage.read_bytes(storage.join(self.uri, rel))
+                out.append({"image": data, "label": label, "caption": None, "source": self.name})
+            except OSError as e:
+                out.append({"error": f"cannot read {rel}: {e}", "image": b"", "source": self.name})
+        return out
+
+
+class WebDatasetSource(Source):
+    """WebDataset-style tar shards: members ``KEY.png|jpg|jpeg`` with optional ``KEY.cls`` and ``KEY.txt``."""
+
+    def __init__(self, uri: str):
+        self.uri = storage.normalize(uri)
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def _tars(self) -> list[str]:
+        if self.uri.endswith(".tar"):
+            return [self.uri]
+        return storage.list_files(self.uri, (".tar",))
+
+    @staticmethod
+    def _members(tar_uri: str) -> dict[str, dict[str, bytes]]:
+        groups: dict[str, dict[str, bytes]] = defaultdict(dict)
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(tar_uri))) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")
+                prefix = m.name[: len(m.name) - len(base)]
+                f = tf.extractfile(m)
+                groups[prefix + key][ext.lower()] = f.read() if f else b""
+        return groups
+
+    def list_items(self):
+        items = []
+        for t in self._tars():
+            rel = t[len(self.uri) :].lstrip("/") or t.rsplit("/", 1)[-1]
+            for key in self._members(t):
+                items.append((f"{rel}:{key}", (t, key)))
+        return items
+
+    def load(self, locators):
+        by_tar: dict[str, list[int]] = defaultdict(list)
+        for i, (t, _) in enumerate(locators):
+            by_tar[t].append(i)
+        out: list[dict] = [{}] * len(locators)
+        for t, idx in by_tar.items():
+            groups = self._members(t)
+            for i in idx:
+                key = locators[i][1]
+                g = groups.get(key, {})
+                img = next((g[e] for e in ("png", "jpg", "jpeg") if e in g), None)
+                rec: dict = {"image": img or b"", "source": self.name, "caption": None, "label": None}
+                if img is None:
+                    rec["error"] = (
+                        f"tar {t} key {key}: no .png/.jpg/.jpeg member (has: {', '.join(sorted(g)) or 'nothing'})"
+                    )
+                if "cls" in g:
+                    try:
+                        rec["label"] = int(g["cls"].decode().strip())
+                    except ValueError:
+                        rec["error"] = f"tar {t} key {key}: .cls is not an integer"
+                for e in ("txt", "caption"):
+                    if e in g:
+                        rec["caption"] = g[e].decode(errors="replace")
+                out[i] = rec
+        return out
+
+
+class ParquetSource(Source):
+    """Parquet shards with an ``image`` column of encoded bytes (the schema of DESIGN.md)."""
+
+    def __init__(self, uri: str):
+        self.uri = storage.normalize(uri)
+        # a stage output folder keeps its rows under data/
+        data = storage.join(self.uri, "data")
+        if not self.uri.endswith(".parquet") and storage.is_dir(data):
+            self.uri = data
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def _files(self) -> list[str]:
+        if self.uri.endswith(".parquet"):
+            return [self.uri]
+        return storage.list_files(self.uri, (".parquet",))
+
+    def _read(self, f: str, columns: list[str] | None = None):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(f)
+        schema = pq.read_schema(path, filesystem=fs)
+        if "image" not in schema.names:
+            raise ValueError(f"parquet source {f} has no 'image' column (columns: {', '.join(schema.names)})")
+        cols = None if columns is None else [c for c in columns if c in schema.names]
+        return pq.read_table(path, filesystem=fs, columns=cols)
+
+    def list_items(self):
+        items = []
+        for f in self._files():
+            rel = f[len(self.uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
+            t = self._read(f, ["id"])
+            ids = t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows
+            for row, rid in enumerate(ids):
+                items.append((str(rid) if rid is not None else f"{rel}#{row}", (f, row)))
+        return items
+
+    def load(self, locators):
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, (f, _) in enumerate(locators):
+            by_file[f].append(i)
+        out: list[dict] = [{}] * len(locators)
+        for f, idx in by_file.items():
+            t = self._read(f, ["image", "label", "caption", "source"])
+            rows = t.take([locators[i][1] for i in idx]).to_pylist()
+            for i, r in zip(idx, rows):
+                out[i] = {
+                    "image": r.get("image") or b"",
+                    "label": r.get("label"),
+                    "caption": r.get("caption"),
+                    "source": r.get("source") or self.name,
+                }
+        return out
+
+
+def make_source(cfg: SourceConfig) -> Source:
+    fmt = cfg.format
+    if fmt == "auto":
+        if cfg.dataset in BUILTINS:
+            fmt = "builtin"
+        elif cfg.dataset.endswith(".tar"):
+            fmt = "webdataset"
+        elif cfg.dataset.endswith(".parquet"):
+            fmt = "parquet"
+        else:
+            if not storage.exists(cfg.dataset):
+                raise FileNotFoundError(
+                    f"dataset {cfg.dataset!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing path or URI"
+                )
+            names = storage.list_files(cfg.dataset)
+            if any(n.endswith(".parquet") for n in names):
+                fmt = "parquet"
+            elif any(n.endswith(".tar") for n in names):
+                fmt = "webdataset"
+            else:
+                fmt = "folder"
+    return {"builtin": BuiltinSource, "folder": FolderSource, "webdataset": WebDatasetSource, "parquet": ParquetSource}[
+        fmt
+    ](cfg if fmt == "builtin" else cfg.dataset)
+
+
+def list_items(source: Source, cfg: SourceConfig) -> list[tuple[str, Any]]:
+    items = source.list_items()
+    if cfg.repeat > 1 and not isinstance(source, BuiltinSource):
+        items = [(f"{i}-r{r}", loc) for r in range(cfg.repeat) for i, loc in items]
+    if cfg.holdout > 0:
+        ranked = sorted(
+            range(len(items)), key=lambda i: hashlib.blake2b(f"holdout/{items[i][0]}".encode(), digest_size=8).digest()
+        )
+        held = set(ranked[: int(round(cfg.holdout * len(items)))])
+        items = [it for i, it in enumerate(items) if (i in held) == (cfg.part == "holdout")]
+    if cfg.limit is not None:
+        items = items[: cfg.limit]
+    if not items:
+        raise ValueError(f"dataset {cfg.dataset!r} holds no images")
+    return items
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+def decode(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, str | None]:
+    """A record's image as validated uint8 (H, W, C), or ``(None, reason)`` to quarantine it."""
+    if record.get("error"):
+        return None, record["error"]
+    img = record.get("image")
+    if isinstance(img, np.ndarray):
+        arr = img if img.ndim == 3 else img[..., None]
+    else:
+        if not img:
+            return None, "empty image bytes"
+        try:
+            with Image.open(io.BytesIO(img)) as im:
+                im.load()
+                mode = im.mode
+                if mode in ("L", "RGB"):
+                    arr = np.asarray(im)
+                elif mode in ("P", "1"):
+                    arr = np.asarray(im.convert("RGB" if mode == "P" else "L"))
+                else:
+                    return (
+                        None,
+                        f"unsupported image mode {mode} ({len(im.getbands())} channels); expected 1 (L) or 3 (RGB) channels",
+                    )
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            return None, f"undecodable image: {type(e).__name__}: {e}"
+        if arr.ndim == 2:
+            arr = arr[..., None]
+    if arr.dtype != np.uint8:
+        return None, f"image dtype {arr.dtype}, expected uint8"
+    h, w, c = arr.shape
+    if h == 0 or w == 0:
+        return None, f"zero-size image {h}x{w}"
+    if c not in (1, 3):
+        return None, f"image has {c} channels; expected 1 or 3"
+    if cfg.channels is not None and c != cfg.channels:
+        arr = np.repeat(arr, 3, axis=2) if c == 1 else np.asarray(Image.fromarray(arr).convert("L"))[..., None]
+    if cfg.image_size is not None and (h, w) != (cfg.image_size, cfg.image_size):
+        arr = resize_square(arr, cfg.image_size)
+    return np.ascontiguousarray(arr), None
+
+
+def resize_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square, then resize (bicubic) to ``size`` x ``size``."""
+    h, w, c = arr.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    arr = arr[top : top + s, left : left + s]
+    im = Image.fromarray(arr[..., 0] if c == 1 else arr).resize((size, size), Image.BICUBIC)
+    return np.asarray(im).reshape(size, size, c)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Decode stored image bytes to uint8 (H, W, C)."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+# ------------------------------------------------------------------------------ stage outputs
+
+
+def data_dir(uri: str) -> str:
+    """The Parquet folder of a stage's output (``URI/data``), or ``uri`` itself if it has no ``data/``."""
+    uri = storage.normalize(uri)
+    sub = storage.join(uri, "data")
+    return sub if storage.is_dir(sub) else uri
+
+
+def read_images(uri: str, ids: set[str] | None = None):
+    """(ids, uint8 tensor (N, C, H, W)) of a stage output's rows (those in ``ids``, or all), in file order."""
+    import pyarrow.parquet as pq
+    import torch
+
+    got, imgs = [], []
+    for f in storage.list_files(data_dir(uri), (".parquet",)):
+        fs, path = storage.filesystem(f)
+        t = pq.read_table(path, filesystem=fs, columns=["id", "image"])
+        for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
+            if ids is None or rid in ids:
+                got.append(rid)
+                imgs.append(decode_png(img).transpose(2, 0, 1))
+    if not imgs:
+        raise ValueError(f"no rows read from {uri}" + (f" among {len(ids)} ids asked for" if ids is not None else ""))
+    return got, torch.from_numpy(np.stack(imgs))
+
+
+FILTER_FIELDS = ("quality", "source", "label", "corruption")
+
+
+def parse_filter(spec: str) -> tuple[str, set[str]]:
+    """A row filter ``FIELD=V1[,V2...]``: ``label=0,1`` -> ('label', {'0', '1'})."""
+    field, eq, values = spec.partition("=")
+    field = field.strip()
+    vals = {v.strip() for v in values.split(",") if v.strip()}
+    if not eq or field not in FILTER_FIELDS or not vals:
+        raise ValueError(f"row filter {spec!r}: expected FIELD=V1[,V2...] with FIELD one of {', '.join(FILTER_FIELDS)}")
+    return field, vals
+
+
+def match(meta, spec: str) -> np.ndarray:
+    """Boolean mask of the rows of a metadata frame that a row filter selects."""
+    field, vals = parse_filter(spec)
+    if field not in meta:
+        raise ValueError(f"row filter {spec!r}: the dataset has no '{field}' column")
+    return meta[field].astype(str).isin(vals).to_numpy()
+
+
+def read_array(uri: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images (N, H, W, C), labels or None) of a built-in dataset name, a ``.npy`` file or a
+    sample output folder (``samples.npy``), or a stage output's Parquet rows (those ``where`` selects)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if uri in BUILTINS:
+        if where:
+            raise ValueError(f"row filter {where!r}: the built-in {uri!r} has no row columns; corrupt it first")
+        imgs, labels = _builtin_arrays(uri, 2000, 32)
+        return imgs, labels
+    uri = storage.normalize(uri)
+    npy = uri if uri.endswith(".npy") else storage.join(uri, "samples.npy")
+    if storage.exists(npy):
+        if where:
+            raise ValueError(f"row filter {where!r}: {npy} is an image array without row columns")
+        arr = np.load(io.BytesIO(storage.read_bytes(npy)), allow_pickle=False)
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.ndim != 4 or arr.dtype != np.uint8:
+            raise ValueError(f"{npy}: expected uint8 images (N, H, W, C), got {arr.dtype} {arr.shape}")
+        return arr, None
+    files = storage.list_files(data_dir(uri), (".parquet",))
+    if not files:
+        raise FileNotFoundError(
+            f"no images at {uri}: expected a built-in name ({', '.join(BUILTINS)}), a .npy file, "
+            "a sample output (samples.npy) or a stage output with Parquet shards"
+        )
+    frames = []
+    for f in files:
+        fs, path = storage.filesystem(f)
+        names = pq.read_schema(path, filesystem=fs).names
+        cols = [c for c in ("id", "image", "label", *FILTER_FIELDS) if c in names]
+        frames.append(pq.read_table(path, filesystem=fs, columns=list(dict.fromkeys(cols))).to_pandas())
+    meta = pd.concat(frames, ignore_index=True)
+    if where:
+        meta = meta[match(meta, where)]
+    if meta.empty:
+        raise ValueError(f"no rows in {uri}" + (f" match {where!r}" if where else ""))
+    imgs = [decode_png(b) for b in meta["image"]]
+    shapes = {a.shape for a in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"images of mixed shapes in {uri}: {sorted(shapes)[:4]}")
+    labels = None
+    if "label" in meta and meta["label"].notna().all():
+        labels = meta["label"].to_numpy(dtype=np.int64)
+    return np.stack(imgs), labels
+
+
+# ------------------------------------------------------------------------------ Ray Data
+
+
+def read(uri_or_cfg: str | SourceConfig, *, chunk: int = 512):
+    """Any source as a Ray Dataset of ``id, image (PNG), height, width, channels, label, caption, source``
+    plus ``error`` (empty when the row decoded; otherwise the reason, and ``image`` holds the raw bytes).
+
+    A folder written by a stage (Parquet shards under ``data/``) is read with ``ray.data.read_parquet``.
+    """
+    import ray.data
+
+    cfg = uri_or_cfg if isinstance(uri_or_cfg, SourceConfig) else SourceConfig(dataset=uri_or_cfg)
+    source = make_source(cfg)
+    if isinstance(source, ParquetSource) and cfg.image_size is None and cfg.channels is None and cfg.repeat == 1:
+        fs, path = storage.filesystem(source.uri)
+        return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    items = list_items(source, cfg)
+    chunks = [
+        {
+            "ids": json.dumps([i for i, _ in items[s : s + chunk]]),
+            "locs": json.dumps([loc for _, loc in items[s : s + chunk]]),
+        }
+        for s in range(0, len(items), chunk)
+    ]
+
+    def load_chunk(batch: dict) -> dict:
+        cols: dict[str, list] = defaultdict(list)
+        for ids_json, locs_json in zip(batch["ids"], batch["locs"]):
+            ids, locs = json.loads(ids_json), [_unjson(x) for x in json.loads(locs_json)]
+            for rid, rec in zip(ids, source.load(locs)):
+                arr, err = decode(rec, cfg)
+                raw = rec.get("image")
+                cols["id"].append(rid)
+                cols["image"].append(encode_png(arr) if arr is not None else (raw if isinstance(raw, bytes) else b""))
+                h, w, c = arr.shape if arr is not None else (0, 0, 0)
+                cols["height"].append(h)
+                cols["width"].append(w)
+                cols["channels"].append(c)
+                cols["label"].append(rec.get("label"))
+                cols["caption"].append(rec.get("caption"))
+                cols["source"].append(rec.get("source", source.name))
+                cols["error"].append(err or "")
+        return {
+            k: np.array(v, dtype=object) if k in ("image", "label", "caption") else np.array(v) for k, v in cols.items()
+        }
+
+    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(load_chunk, batch_size=1)
+
+
+def _unjson(loc: Any) -> Any:
+    """Locators go through JSON: tuples come back as lists."""
+    return tuple(loc) if isinstance(loc, list) else loc

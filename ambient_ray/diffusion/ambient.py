@@ -1,0 +1,406 @@
+"""The ambient math in pure torch (no Ray): EDM preconditioning, the ambient loss, the buffer, and
+the σ-first sampler that pairs each training noise level with a sample that may train it.
+
+Conventions: variance-exploding EDM, x_σ = x_0 + σ·z, data in [-1, 1], σ_data = 0.5 by default.
+A sample annotated with σ_n (``sigma_min``) is only ever seen as x_{σ_n} = y + σ_n·z; σ_n = 0 means
+a clean sample. A crops-annotated sample (``sigma_max`` > 0) may also train σ ≤ sigma_max through a
+random crop of size crop(σ).
+
+Papers: Karras et al. 2022 (EDM), Table 1 for the preconditioning; Ambient Diffusion Omni (Daras et
+al. 2025), Sec. 3.1 and App. D (Eq. D.1, D.2) for the ambient loss, weight and buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _bcast(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample value (B,) reshaped to broadcast over a (B, ...) tensor."""
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim == 1 else v
+
+
+# ------------------------------------------------------------------------------ EDM
+
+
+def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise.
+
+    D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)).
+    """
+    s2 = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / s2
+    c_out = sigma * sigma_data / s2.sqrt()
+    c_in = 1.0 / s2.sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM loss weight λ(σ) = (σ² + σ_data²) / (σ·σ_data)² (Karras et al. 2022, Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_loss(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """Per-element EDM loss λ(σ)·(D(x_σ; σ) − x_0)²."""
+    return _bcast(edm_weight(sigma, sigma_data), x0) * (x0_pred - x0) ** 2
+
+
+VAL_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@torch.no_grad()
+def validation_losses(
+    denoise,
+    y: torch.Tensor,
+    sigmas=VAL_SIGMAS,
+    sigma_data: float = 0.5,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over ``y``'s rows of the EDM loss λ(σ)·‖D(y + σz; σ) − y‖² (per-element mean), one entry per σ.
+
+    A comparable yardstick for runs whose training losses are not (another τ moves every σ_min, another
+    λ_max the buffer): the plain denoising loss on clean rows at a fixed σ grid, with noise fixed by
+    ``seed``, so two evaluations differ by the network alone. ``denoise(x, sigma, labels)`` returns x_0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(sigmas), dtype=torch.float64)
+    for i, s in enumerate(sigmas):
+        z = torch.randn(y.shape, generator=gen)
+        sigma = torch.full((len(y),), float(s))
+        pred = denoise((y + s * z).to(y.device), sigma.to(y.device), labels).float().cpu()
+        out[i] = edm_loss(pred, y.float().cpu(), sigma, sigma_data).flatten(1).mean(1).sum().double()
+    return out
+
+
+# ------------------------------------------------------------------------------ ambient
+
+
+def ambient_weight(sigma: torch.Tensor, sigma_n: torch.Tensor) -> torch.Tensor:
+    """λ_amb(σ, σ_n) = σ⁴ / (σ² − σ_n²)² (Ambient-o Eq. D.1); 1 where σ_n = 0."""
+    return sigma**4 / (sigma**2 - sigma_n**2) ** 2
+
+
+def buffer_sigma(sigma_n: torch.Tensor | float, lambda_max: float) -> torch.Tensor:
+    """The smallest usable σ for a sample annotated σ_n: sqrt(1 + 1/(λ_max − 1))·σ_n (Ambient-o Eq. D.2).
+
+    Above it 1/α = σ²/(σ² − σ_n²) ≤ λ_max. Note: the paper says this keeps λ_amb ≤ λ_max, but with
+    λ_amb = σ⁴/(σ² − σ_n²)² (Eq. D.1) the bound that Eq. D.2 and its examples (λ_max = 2 -> σ > √2·σ_n,
+    λ_max = 4 -> σ > (2/√3)·σ_n) give is λ_amb ≤ λ_max². We implement Eq. D.2 as written, so λ_max
+    means what the paper's ablation (best: 4) meant. ``lambda_max = inf`` gives σ_n itself (no buffer).
+    """
+    if not lambda_max > 1.0:
+        raise ValueError(f"lambda_max must be > 1 (got {lambda_max}): λ_amb ≥ 1 everywhere")
+    factor = 1.0 if math.isinf(lambda_max) else math.sqrt(1.0 + 1.0 / (lambda_max - 1.0))
+    return torch.as_tensor(sigma_n, dtype=torch.float32) * factor
+
+
+def ambient_x0_to_xn(
+    x0_pred: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.Tensor, sigma_n: torch.Tensor
+) -> torch.Tensor:
+    """Map an x_0 prediction to a prediction of x_{σ_n} (Ambient-o Sec. 3.1).
+
+    With x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z', Tweedie gives
+    E[x_{σ_n} | x_σ] = α·E[x_0 | x_σ] + (1 − α)·x_σ with α = (σ² − σ_n²)/σ².
+    """
+    alpha = _bcast((sigma**2 - sigma_n**2) / sigma**2, x_sigma)
+    return alpha * x0_pred + (1.0 - alpha) * x_sigma
+
+
+def ambient_loss(
+    x0_pred: torch.Tensor,
+    x_sigma: torch.Tensor,
+    x_sigma_n: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_n: torch.Tensor,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
+    """Per-element ambient loss: λ(σ)·λ_amb(σ, σ_n)·‖α·D + (1 − α)·x_σ − x_{σ_n}‖².
+
+    ``sigma`` and ``sigma_n`` are (B,) and must satisfy σ > σ_n (use :func:`buffer_sigma`). With
+    σ_n = 0 this is exactly :func:`edm_loss` with x_{σ_n} = x_0.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device)
+    sigma_n = torch.as_tensor(sigma_n, dtype=x_sigma.dtype, device=x_sigma.device)
+    pred_n = ambient_x0_to_xn(x0_pred, x_sigma, sigma, sigma_n)
+    w = edm_weight(sigma, sigma_data) * ambient_weight(sigma, sigma_n)
+    return _bcast(w, x_sigma) * (pred_n - x_sigma_n) ** 2
+
+
+# ------------------------------------------------------------------------------ σ sampler
+
+
+def lognormal_sigma(n: int, p_mean: float, p_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """σ = exp(P_mean + P_std·ε), ε ~ N(0, 1): the EDM training distribution."""
+    return (p_mean + p_std * torch.randn(n, generator=generator)).exp()
+
+
+@dataclass
+class CropTable:
+    """crop(σ): the crop size that suffices to denoise at σ, as a step function of σ.
+
+    ``sigmas`` ascending; ``sizes[i]`` holds for σ ≤ sigmas[i] (the last size beyond). Made by the
+    annotation stage from a trained denoiser's locality map (Ambient-o Figs. 11-14).
+    """
+
+    sigmas: list[float]
+    sizes: list[int]
+
+    def __post_init__(self):
+        if len(self.sigmas) != len(self.sizes) or not self.sigmas:
+            raise ValueError("crop table: sigmas and sizes must be non-empty and of equal length")
+        if any(b <= a for a, b in zip(self.sigmas, self.sigmas[1:])):
+            raise ValueError("crop table: sigmas must increase")
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        idx = torch.searchsorted(torch.tensor(self.sigmas, dtype=sigma.dtype), sigma.contiguous(), right=False)
+        idx = idx.clamp(max=len(self.sizes) - 1)
+        return torch.tensor(self.sizes, dtype=torch.long)[idx]
+
+
+@dataclass
+class Coverage:
+    """Per σ-bucket counts (the "donut" of Ambient-o Fig. 10): draws, and how many samples could train there."""
+
+    edges: torch.Tensor  # (K+1,) bucket edges in σ
+    draws: torch.Tensor = field(default=None)  # (K,) σ's drawn into each bucket
+    full_draws: torch.Tensor = field(default=None)  # (K,) of them paired with a whole sample
+    crop_draws: torch.Tensor = field(default=None)  # (K,) of them paired with a crop
+    redraws: int = 0  # σ's that had no eligible sample and were redrawn
+
+    def __post_init__(self):
+        k = len(self.edges) - 1
+        for name in ("draws", "full_draws", "crop_draws"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(k, dtype=torch.long))
+
+    def bucket(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (torch.bucketize(sigma, self.edges[1:-1], right=False)).clamp(0, len(self.edges) - 2)
+
+
+class SigmaSampler:
+    """Draw σ first, then pair it with a sample that is eligible at σ (Ambient-o's J_ambient-o).
+
+    A sample i is eligible at σ if σ > buffer(σ_min_i) (it trains as a whole), or, if it has a crops
+    annotation, σ ≤ σ_max_i (it trains through a crop of size crop(σ)). Among the eligible samples one
+    is picked uniformly, so low noise levels are trained by clean samples (and crops) and high levels
+    by everything. Where no sample is eligible at a drawn σ, that σ is redrawn from the log-normal
+    restricted to the eligible range, and :attr:`coverage` counts it.
+    """
+
+    def __init__(
+        self,
+        sigma_min: torch.Tensor,
+        sigma_max: torch.Tensor | None = None,
+        *,
+        lambda_max: float = 4.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        crop: CropTable | None = None,
+        bucket_edges: list[float] | None = None,
+    ):
+        sigma_min = torch.as_tensor(sigma_min, dtype=torch.float32).flatten()
+        if sigma_min.numel() == 0:
+            raise ValueError("SigmaSampler: no samples")
+        if not torch.isfinite(sigma_min).all() or (sigma_min < 0).any():
+            bad = int((~torch.isfinite(sigma_min) | (sigma_min < 0)).nonzero()[0])
+            raise ValueError(f"sigma_min must be finite and >= 0 (sample {bad} has {float(sigma_min[bad])})")
+        n = sigma_min.numel()
+        sigma_max = torch.zeros(n) if sigma_max is None else torch.as_tensor(sigma_max, dtype=torch.float32).flatten()
+        if sigma_max.numel() != n or not torch.isfinite(sigma_max).all() or (sigma_max < 0).any():
+            raise ValueError("sigma_max must be finite, >= 0 and one per sample")
+        if (sigma_max > 0).any() and crop is None:
+            raise ValueError("samples have sigma_max > 0 (crops annotation) but no crop table was given")
+        self.n = n
+        self.lambda_max = lambda_max
+        self.p_mean, self.p_std = p_mean, p_std
+        self.crop = crop
+        self.threshold = buffer_sigma(sigma_min, lambda_max)  # full use needs σ > threshold
+        self.sigma_max = sigma_max
+        # sorted views: eligible sets are prefixes, so counts and uniform picks are searchsorted + index
+        self._full_order = torch.argsort(self.threshold)
+        self._full_sorted = self.threshold[self._full_order]
+        self._crop_order = torch.argsort(-sigma_max)
+        self._crop_sorted = -sigma_max[self._crop_order]  # ascending
+        self._n_crop = int((sigma_max > 0).sum())
+        edges = bucket_edges or [0.002, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 80.0]
+        self.coverage = Coverage(torch.tensor(edges, dtype=torch.float32))
+
+    # eligibility counts at given σ's
+    def full_count(self, sigma: torch.Tensor) -> torch.Tensor:
+        """How many samples may train σ as a whole (threshold < σ)."""
+        return torch.searchsorted(self._full_sorted, sigma.contiguous(), right=False)
+
+    def crop_count(self, sigma: torch.Tensor) -> torch.Tensor:
+        """How many samples may train σ through a crop (0 < σ ≤ sigma_max)."""
+        if self._n_crop == 0:
+            return torch.zeros_like(sigma, dtype=torch.long)
+        return torch.searchsorted(self._crop_sorted, -sigma.contiguous(), right=True).clamp(max=self._n_crop)
+
+    def eligible(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.full_count(sigma) + self.crop_count(sigma)
+
+    def _eligible_range_draw(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """σ from the log-normal restricted to where some sample is eligible (by rejection, then by clamping)."""
+        lo = float(self._full_sorted[0])  # any σ above the smallest threshold has a whole sample
+        hi = float(-self._crop_sorted[0]) if self._n_crop else 0.0  # any σ in (0, hi] has a crop
+        out = torch.empty(0)
+        for _ in range(50):
+            s = lognormal_sigma(4 * n + 16, self.p_mean, self.p_std, generator)
+            s = s[(s > lo) | (s <= hi)]
+            out = torch.cat([out, s])
+            if len(out) >= n:
+                return out[:n]
+        # the eligible range has almost no log-normal mass: draw log-uniformly just above the threshold
+        u = torch.rand(n - len(out), generator=generator)
+        return torch.cat([out, lo * (1.0 + 1e-6) * torch.exp(u * math.log(4.0))])
+
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``batch`` (σ, sample index, crop size) triples; crop size 0 means the whole sample."""
+        sigma = lognormal_sigma(batch, self.p_mean, self.p_std, generator)
+        none = self.eligible(sigma) == 0
+        if none.any():
+            k = int(none.sum())
+            sigma[none] = self._eligible_range_draw(k, generator)
+            self.coverage.redraws += k
+        nf, nc = self.full_count(sigma), self.crop_count(sigma)
+        # uniform over the union: a draw landing on a crop-eligible sample that is also fully eligible
+        # is redrawn (rejection keeps the pick uniform over distinct samples)
+        idx = torch.empty(batch, dtype=torch.long)
+        crop_size = torch.zeros(batch, dtype=torch.long)
+        todo = torch.ones(batch, dtype=torch.bool)
+        while todo.any():
+            u = torch.rand(int(todo.sum()), generator=generator)
+            tot = (nf + nc)[todo]
+            pick = (u * tot).long().clamp(max=tot - 1)
+            in_full = pick < nf[todo]
+            cand = torch.where(
+                in_full,
+                self._full_order[pick.clamp(max=self.n - 1)],
+                self._crop_order[(pick - nf[todo]).clamp(min=0, max=max(self._n_crop - 1, 0))]
+                if self._n_crop
+                else self._full_order[0],
+            )
+            # reject crop picks of samples that are fully eligible at this σ (already counted in the full set)
+            dup = ~in_full & (self.threshold[cand] < sigma[todo])
+            rows = todo.nonzero().flatten()
+            ok = rows[~dup]
+            idx[ok] = cand[~dup]
+            crop_mask = ~in_full[~dup]
+            if crop_mask.any() and self.crop is not None:
+                crop_size[ok[crop_mask]] = self.crop(sigma[ok[crop_mask]])
+            todo[ok] = False
+        b = self.coverage.bucket(sigma)
+        self.coverage.draws += torch.bincount(b, minlength=len(self.coverage.draws))
+        self.coverage.full_draws += torch.bincount(b[crop_size == 0], minlength=len(self.coverage.draws))
+        self.coverage.crop_draws += torch.bincount(b[crop_size > 0], minlength=len(self.coverage.draws))
+        return sigma, idx, crop_size
+
+    def donut(self) -> list[dict]:
+        """Per bucket: its σ range, samples eligible whole / through crops at its lower edge, draws so far."""
+        e = self.coverage.edges
+        lo = e[:-1].clamp(min=1e-6)
+        full, crops = self.full_count(lo), self.crop_count(lo)
+        return [
+            {
+                "sigma_lo": float(e[i]),
+                "sigma_hi": float(e[i + 1]),
+                "eligible_full": int(full[i]),
+                "eligible_crops": int(crops[i]),
+                "draws": int(self.coverage.draws[i]),
+                "full_draws": int(self.coverage.full_draws[i]),
+                "crop_draws": int(self.coverage.crop_draws[i]),
+            }
+            for i in range(len(e) - 1)
+        ]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The coverage counters, as tensors (safetensors-friendly)."""
+        c = self.coverage
+        return {
+            "draws": c.draws.clone(),
+            "full_draws": c.full_draws.clone(),
+            "crop_draws": c.crop_draws.clone(),
+            "redraws": torch.tensor(c.redraws),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        c = self.coverage
+        c.draws, c.full_draws, c.crop_draws = (
+            state["draws"].clone(),
+            state["full_draws"].clone(),
+            state["crop_draws"].clone(),
+        )
+        c.redraws = int(state["redraws"])
+
+
+def random_crop_mask(
+    shape: tuple[int, int, int, int], crop_size: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, 1, H, W) masks: 1 inside one random ``crop_size`` square per sample (all ones where size is 0).
+
+    Crop-trained samples are masked in the loss rather than cut out: shapes stay equal across the
+    batch, and at σ ≤ σ_max the denoiser needs only crop(σ) of context by the definition of crop(σ),
+    so the pixels inside the crop are graded on what a crop of the sample could teach.
+    """
+    b, _, h, w = shape
+    mask = torch.ones(b, 1, h, w)
+    for i in (crop_size > 0).nonzero().flatten().tolist():
+        s = int(min(crop_size[i], h, w))
+        top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
+        mask[i] = 0.0
+        mask[i, :, top : top + s, left : left + s] = 1.0
+    return mask
+
+
+# ------------------------------------------------------------------------------ one training batch
+
+
+@dataclass
+class Batch:
+    """One micro-batch of the ambient objective, built by :func:`ambient_batch`."""
+
+    x_sigma: torch.Tensor  # (B, C, H, W) the network input x_σ
+    x_sigma_n: torch.Tensor  # (B, C, H, W) the sample as observed, x_{σ_n} = y + σ_n·z
+    sigma: torch.Tensor  # (B,) training noise level
+    sigma_n: torch.Tensor  # (B,) the sample's annotation used here (0 for crops below σ_max)
+    mask: torch.Tensor  # (B, 1, H, W) pixels that count in the loss (a crop, or all)
+    index: torch.Tensor  # (B,) rows of the dataset
+
+
+def ambient_batch(
+    sampler: SigmaSampler,
+    images: torch.Tensor,
+    sigma_min: torch.Tensor,
+    batch: int,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """Draw σ first and pair it with eligible rows (:meth:`SigmaSampler.sample`), then noise them.
+
+    ``images`` are uint8 (N, C, H, W), mapped to [-1, 1]. A row annotated σ_n is first noised to
+    x_{σ_n} = y + σ_n·z (all the model may see of it), then to x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z'
+    (Ambient-o Sec. 3.1). Rows drawn through a crop (σ ≤ σ_max) count as clean inside the crop.
+    """
+    sigma, idx, crop_size = sampler.sample(batch, generator)
+    y = images[idx].float() / 127.5 - 1.0
+    sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min[idx])
+    x_n = y + _bcast(sn, y) * torch.randn(y.shape, generator=generator)
+    x_s = x_n + _bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
+    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), idx)
+
+
+def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels)."""
+    dev = x0_pred.device
+    per = ambient_loss(x0_pred, b.x_sigma.to(dev), b.x_sigma_n.to(dev), b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
+    m = b.mask.to(dev)
+    per_sample = (per * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * per.shape[1])
+    return per_sample.mean(), per_sample

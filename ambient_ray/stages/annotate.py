@@ -1,0 +1,769 @@
+"""The annotate stage: σ_min (and σ_max) for every row, from trained classifiers or fixed rules, with Ray Data.
+
+Two phases.
+
+1. **Curves** (the expensive part; Ray Data ``map_batches`` over an actor pool, one input shard per
+   call, each actor loading the classifiers once): for every row, the noise classifier's mean
+   probability of "clean" over ``draws`` noise draws at each σ of the grid (Eq. 3.2's inner
+   expectation), the crops classifier's mean probability of "target" over ``draws`` crops of size
+   crop(σ) (Eq. 3.4), and the quality score. Noise and crops are seeded per row, so a row's curve
+   does not depend on batching, concurrency or resumption. Written per input shard to
+   ``OUT/curves/<shard>.parquet`` with a completion marker ``OUT/_curves_done/<shard>.json``: an
+   interrupted run resumes with the unfinished shards. The curves depend on the classifiers, grid,
+   draws, seed and data, fingerprinted in ``OUT/_manifest.json``; another set into the same ``out``
+   is refused unless ``overwrite``.
+2. **Annotation** (cheap, on the driver, redone on every run, so a new τ or mode re-annotates without
+   recomputing a curve): σ_min per row, by the first rule that applies:
+
+   - the image cannot be decoded or has another shape -> the row goes to ``OUT/quarantine/`` with the reason;
+   - ``scorer``: rows in the top ``top_percent`` % by score become ``quality=clean``, the rest ``corrupted``
+     (the score is kept in ``quality_score``);
+   - the row's ``source`` is in ``fixed`` (``--fixed source=sigma``) -> that σ_min (annotation ``fixed:SOURCE``);
+   - ``quality=clean`` -> 0 (``clean``);
+   - a noise classifier -> σ_min from its curve: the first grid σ with probability > τ (Eq. 3.2), per
+     sample or per dataset (one per corruption spec, or one for all non-clean rows with ``sets=all``)
+     (``classifier``; a curve that never crosses gets the top of the grid and ``classifier:never-crossed``,
+     and is counted in the report);
+   - ``fixed_sigma_min`` -> that σ_min (``fixed``).
+
+   σ_max (with a crops classifier, for rows that are not clean): the largest grid σ whose crop(σ)
+   crops still fool it (Eq. 3.4), 0 if none. Without one, an existing ``sigma_max`` column is kept.
+
+Outputs: ``OUT/data/<shard>.parquet`` (the input rows and columns, plus ``sigma_min``, ``sigma_max``,
+``annotation``, and the provenance as Parquet metadata), ``OUT/quarantine/``, ``OUT/annotation.json``
+(provenance and counts), ``OUT/locality.json`` (the crop(σ) table, where ``train`` finds it),
+``OUT/sigma_min.png`` (histogram per corruption) and ``OUT/curves.png`` (mean probability against σ
+per corruption, with τ: Ambient-o Fig. 2), also logged to MLflow. Rows in = rows out + rows quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, field_validator
+
+from ambient_ray import config as cfgmod
+from ambient_ray.config import ConfigError, Strict
+from ambient_ray.diffusion import thresholds
+from ambient_ray.io import storage
+from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.models.classifier import crop_curves, noise_curves
+from ambient_ray.stages.corrupt import StageFailed
+
+ANNOTATION_COLUMNS = ("sigma_min", "sigma_max", "annotation", "quality_score")
+CURVES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("noise_curve", pa.list_(pa.float32())),
+        ("crop_curve", pa.list_(pa.float32())),
+        ("score", pa.float32()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class AnnotateConfig(Strict):
+    """Config of ``ambient-ray annotate``."""
+
+    data: str = Field(..., description="dataset URI (a corrupt output folder or Parquet shards)")
+    out: str = Field(..., description="output URI")
+    classifier: str | None = Field(
+        None, description="noise classifier (train-classifier --kind noise output) for σ_min"
+    )
+    crops_classifier: str | None = Field(
+        None, description="crops classifier (--kind crops) for σ_max; needs 'locality'"
+    )
+    locality: str | None = Field(None, description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)")
+    locality_eps: float | None = Field(
+        None,
+        ge=0,
+        description="re-derive crop(σ) from the locality table's losses with this ε (default: the table's own crop(σ))",
+    )
+    curves_from: str | None = Field(
+        None,
+        description="another annotate output whose curves to reuse when they were computed with the same plan (a new τ or mode)",
+    )
+    tau: float = Field(0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
+    mode: thresholds.Mode = Field(
+        "per-sample", description="σ_min per sample (the paper's best) or one per corrupted set"
+    )
+    sets: Literal["corruption", "all"] = Field(
+        "corruption",
+        description="per-dataset: a set per corruption spec, or all non-clean rows as one set (one σ_min for all)",
+    )
+    crops_mode: thresholds.Mode = "per-sample"
+    grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
+    grid_hi: float | None = Field(None, gt=0)
+    grid_points: int = Field(24, ge=2, description="σ grid points, log-spaced")
+    draws: int = Field(4, ge=1, description="noise draws (or crops) per grid σ and row")
+    weights: Literal["ema", "raw"] = "ema"
+    fixed: dict[str, float] = Field(default_factory=dict, description="σ_min per source, e.g. {synthetic: 2.0}")
+    fixed_sigma_min: float | None = Field(None, ge=0, description="σ_min for non-clean rows no other rule annotates")
+    scorer: str | None = Field(None, description="quality scorer: 'sharpness', a TorchScript URI or timm:ARCH@WEIGHTS")
+    top_percent: float = Field(10.0, gt=0, le=100, description="with a scorer: the top k % by score are S_G (clean)")
+    batch_size: int = Field(256, ge=1, description="rows per classifier batch inside an actor")
+    max_forward: int | None = Field(
+        None, ge=1, description="noised images per forward pass (default 4096 on CPU, 32768 on GPU)"
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="actors (default: as many as the cluster's CPUs or GPUs allow)"
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (and its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    seed: int = Field(0, ge=0)
+    overwrite: bool = False
+    debug_fail_shard: str | None = Field(None, description="tests: fail on this input shard to exercise resume")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not np.isfinite(x) or x < 0}
+        if bad:
+            raise ValueError(f"fixed σ_min must be finite and >= 0: {bad}")
+        return v
+
+
+def parse_fixed(items: list[str] | None) -> dict[str, float] | None:
+    """``['synthetic=2', 'web=0.5']`` -> {'synthetic': 2.0, 'web': 0.5} (for ``--fixed``)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        src, eq, val = item.partition("=")
+        try:
+            out[src.strip()] = float(val)
+        except ValueError:
+            raise ConfigError(f"--fixed {item!r}: expected SOURCE=SIGMA, e.g. --fixed synthetic=2") from None
+        if not eq or not src.strip():
+            raise ConfigError(f"--fixed {item!r}: expected SOURCE=SIGMA, e.g. --fixed synthetic=2")
+    return out
+
+
+def row_seed(seed: int, rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"annotate/{seed}/{rid}".encode(), digest_size=8).digest(), "big") >> 2
+
+
+# ------------------------------------------------------------------------------ phase 1: curves (Ray Data actors)
+
+
+class CurveActor:
+    """Ray Data actor: loads the classifiers and scorer once, then turns one input shard per call into curves."""
+
+    def __init__(self, plan: dict):
+        from ambient_ray.io.weights import load_classifier
+        from ambient_ray.models.scorers import load_scorer
+
+        self.plan = plan
+        self.device = "cuda" if plan["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(plan["num_cpus"])))
+        h, c = plan["image_size"], plan["channels"]
+        self.noise = self.crops = self.scorer = None
+        if plan["classifier"]:
+            self.noise = load_classifier(plan["classifier"], "noise", plan["weights"], img_resolution=h, channels=c).to(
+                self.device
+            )
+        if plan["crops_classifier"]:
+            self.crops = load_classifier(plan["crops_classifier"], "crops", plan["weights"], channels=c).to(self.device)
+        if plan["scorer"]:
+            self.scorer = load_scorer(plan["scorer"], self.device)
+        self.grid = torch.tensor(plan["grid"])
+        self.max_forward = plan.get("max_forward") or (32768 if self.device == "cuda" else 4096)
+        self.crop_sizes = torch.tensor(plan["crop_sizes"]) if plan["crop_sizes"] else None
+
+    def __call__(self, batch: dict) -> dict:
+        """One shard; a shard that fails is reported (not raised), so the others still finish."""
+        src, name = str(batch["path"][0]), str(batch["name"][0])
+        try:
+            summary = self.shard(src, name)
+        except Exception as e:
+            summary = {"name": name, "rows": 0, "errors": 0, "seconds": 0.0, "failed": f"{type(e).__name__}: {e}"}
+        return {k: np.array([v]) for k, v in summary.items()}
+
+    def shard(self, src: str, name: str) -> dict:
+        t0 = time.perf_counter()
+        if self.plan.get("debug_fail_shard") == name:
+            raise RuntimeError(f"debug_fail_shard={name}: planted failure")
+        fs, path = storage.filesystem(src)
+        table = pq.read_table(path, filesystem=fs, columns=["id", "image"])
+        ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+        arrays, errors = curve_rows(ids, images, self.plan["image_size"], self.plan["channels"])
+        g = len(self.plan["grid"])
+        noise = np.full((len(ids), g), np.nan, np.float32)
+        crop = np.full((len(ids), g), np.nan, np.float32)
+        score = np.full(len(ids), np.nan, np.float32)
+        ok = [i for i, e in enumerate(errors) if not e]
+        bs = self.plan["batch_size"]
+        for s in range(0, len(ok), bs):
+            rows = ok[s : s + bs]
+            y8 = torch.from_numpy(np.stack([arrays[i] for i in rows]))
+            y = (y8.float() / 127.5 - 1.0).to(self.device)
+            seeds = [row_seed(self.plan["seed"], ids[i]) for i in rows]
+            if self.noise is not None:
+                noise[rows] = noise_curves(
+                    self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward
+                ).numpy()
+            if self.crops is not None:
+                crop[rows] = crop_curves(self.crops, y, self.crop_sizes, self.plan["draws"], seeds).numpy()
+            if self.scorer is not None:
+                score[rows] = self.scorer(y8.float() / 255.0).numpy()
+        out = pa.table(
+            {
+                "id": ids,
+                "noise_curve": list(noise),
+                "crop_curve": list(crop),
+                "score": score,
+                "error": errors,
+            },
+            schema=CURVES_SCHEMA,
+        )
+        storage.write_parquet(storage.join(self.plan["out"], "curves", f"{name}.parquet"), out)
+        summary = {
+            "name": name,
+            "rows": len(ids),
+            "errors": len(ids) - len(ok),
+            "seconds": time.perf_counter() - t0,
+            "failed": "",
+        }
+        storage.write_bytes(
+            storage.join(self.plan["out"], "_curves_done", f"{name}.json"), json.dumps(summary).encode()
+        )
+        return summary
+
+
+def curve_rows(
+    ids: list[str], images: list[bytes], size: int, channels: int
+) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Decode a shard's images to uint8 (C, H, W); the reason for each row that cannot be used ('' if fine)."""
+    from ambient_ray.data.sources import decode_png
+
+    arrays, errors = {}, []
+    for i, img in enumerate(images):
+        try:
+            arr = decode_png(img)
+        except Exception as e:  # undecodable bytes: quarantined by phase 2
+            errors.append(f"cannot decode image: {type(e).__name__}: {e}")
+            continue
+        if arr.shape != (size, size, channels):
+            errors.append(
+                f"image is {arr.shape[0]}x{arr.shape[1]}x{arr.shape[2]}, the classifier takes {size}x{size}x{channels}"
+            )
+            continue
+        arrays[i] = np.ascontiguousarray(arr.transpose(2, 0, 1))
+        errors.append("")
+    return arrays, errors
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def _shard_name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _file_digest(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
+    """What the curves depend on (fingerprinted), after checking classifiers, locality and data agree."""
+    from ambient_ray.diffusion.ambient import CropTable
+    from ambient_ray.io.weights import load_classifier, model_dir
+    from ambient_ray.stages.locality import read_table
+    from ambient_ray.train.engine import one_shape
+
+    size, channels = one_shape(meta, cfg.data)
+    wfile = "ema.safetensors" if cfg.weights == "ema" else "model.safetensors"
+    plan: dict = {"classifier": None, "crops_classifier": None, "digests": {}, "locality": None, "crop_sizes": []}
+    noise_meta = None
+    if cfg.classifier:
+        d, noise_meta = model_dir(cfg.classifier)
+        load_classifier(
+            cfg.classifier, "noise", cfg.weights, img_resolution=size, channels=channels
+        )  # refuse here, not in the actors
+        plan["classifier"] = d
+        plan["digests"]["classifier"] = [_file_digest(storage.join(d, n)) for n in ("model.json", wfile)]
+    lo = cfg.grid_lo or (noise_meta["sigma_range"][0] if noise_meta else 0.01)
+    hi = cfg.grid_hi or (noise_meta["sigma_range"][1] if noise_meta else 20.0)
+    if hi <= lo:
+        raise ConfigError(f"config key 'grid_hi': {hi} must exceed grid_lo {lo}")
+    grid = np.geomspace(lo, hi, cfg.grid_points).tolist()
+    if cfg.locality_eps is not None and not (cfg.crops_classifier and cfg.locality):
+        raise ConfigError(
+            "config key 'locality_eps': re-derives crop(σ) for the crops classifier; give crops_classifier and locality too"
+        )
+    if cfg.crops_classifier:
+        if not cfg.locality:
+            raise ConfigError(
+                "config key 'locality': a crops classifier needs the crop(σ) table (ambient-ray locality --out URI)"
+            )
+        d, _ = model_dir(cfg.crops_classifier)
+        load_classifier(cfg.crops_classifier, "crops", cfg.weights, channels=channels)
+        table = read_table(cfg.locality)
+        if cfg.locality_eps is not None:
+            from ambient_ray.stages.locality import crop_sizes
+
+            table = {
+                **table,
+                "eps": cfg.locality_eps,
+                "crop": crop_sizes(
+                    torch.tensor(table["losses"], dtype=torch.float64), table["contexts"], cfg.locality_eps
+                ),
+            }
+        if table["image_size"] != size:
+            raise ValueError(
+                f"the locality table {cfg.locality} was measured on {table['image_size']}px images; the data is {size}px"
+            )
+        crop = CropTable(table["sigmas"], table["crop"])
+        plan["crops_classifier"], plan["locality"] = d, table
+        plan["crop_sizes"] = crop(torch.tensor(grid, dtype=torch.float64)).tolist()
+        plan["digests"]["crops_classifier"] = [_file_digest(storage.join(d, n)) for n in ("model.json", wfile)]
+    plan.update(
+        {
+            "out": out,
+            "grid": grid,
+            "draws": cfg.draws,
+            "seed": cfg.seed,
+            "weights": cfg.weights,
+            "scorer": cfg.scorer,
+            "image_size": size,
+            "channels": channels,
+            "batch_size": cfg.batch_size,
+            "num_cpus": cfg.num_cpus,
+            "num_gpus": cfg.num_gpus,
+            "debug_fail_shard": cfg.debug_fail_shard,
+            "max_forward": cfg.max_forward,
+        }
+    )
+    if cfg.scorer:
+        from ambient_ray.models.scorers import load_scorer, scorer_file
+
+        load_scorer(cfg.scorer)  # refuse a bad scorer here, not in every actor
+        if scorer_file(cfg.scorer):
+            plan["digests"]["scorer"] = _file_digest(scorer_file(cfg.scorer))
+    keep = {
+        k: plan[k]
+        for k in (
+            "classifier",
+            "crops_classifier",
+            "digests",
+            "grid",
+            "draws",
+            "seed",
+            "weights",
+            "scorer",
+            "crop_sizes",
+        )
+    }
+    keep["files"] = [
+        (_shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files
+    ]
+    plan["fingerprint"] = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    return plan
+
+
+def _check_rules(cfg: AnnotateConfig, meta) -> None:
+    """Every non-clean row must have a rule, before any work."""
+    if cfg.classifier or cfg.fixed_sigma_min is not None:
+        return
+    quality = meta["quality"] if "quality" in meta else None
+    todo = np.ones(len(meta), bool) if cfg.scorer or quality is None else (quality != "clean").to_numpy()
+    if "source" in meta and cfg.fixed:
+        todo = todo & ~meta["source"].isin(list(cfg.fixed)).to_numpy()
+    if todo.any():
+        raise ConfigError(
+            f"{int(todo.sum())} rows are not clean and nothing annotates them: give --classifier, "
+            "fixed_sigma_min, or --fixed SOURCE=SIGMA for their sources"
+        )
+
+
+# ------------------------------------------------------------------------------ phase 2: annotation
+
+
+def annotate_rows(cfg: AnnotateConfig, plan: dict, meta, curves) -> dict:
+    """σ_min, σ_max, quality and the annotation label per row (arrays aligned with ``meta``)."""
+    n = len(meta)
+    err = curves["error"].to_numpy()
+    usable = err == ""
+    quality = (
+        meta["quality"].astype(str).to_numpy().copy() if "quality" in meta else np.full(n, "unknown", dtype=object)
+    )
+    score = curves["score"].to_numpy(dtype=np.float64)
+    if cfg.scorer:
+        ranked = np.where(usable, score, -np.inf)
+        k = int(round(cfg.top_percent / 100.0 * usable.sum()))
+        top = np.argsort(-ranked, kind="stable")[:k]
+        quality = np.where(usable, "corrupted", quality).astype(object)
+        quality[top] = "clean"
+    smin = np.zeros(n)
+    label = np.full(n, "", dtype=object)
+    source = meta["source"].astype(str).to_numpy() if "source" in meta else np.full(n, "", dtype=object)
+    fixed = np.array([s in cfg.fixed for s in source], bool)
+    smin[fixed] = [cfg.fixed[s] for s in source[fixed]]
+    label[fixed] = [f"fixed:{s}" for s in source[fixed]]
+    clean = ~fixed & (quality == "clean")
+    label[clean] = "clean"
+    rest = usable & ~fixed & ~clean
+    crossed_all = np.ones(n, bool)
+    if cfg.classifier and rest.any():
+        # per dataset = one σ_min per corrupted set: the curves are pooled within each corruption spec,
+        # or over every non-clean row (sets="all"); per sample the grouping does not matter
+        by_spec = cfg.sets == "corruption" and "corruption" in meta
+        sets = meta["corruption"].fillna("").astype(str).to_numpy() if by_spec else np.full(n, "")
+        for name in dict.fromkeys(sets[rest]):
+            sel = rest & (sets == name)
+            cur = np.stack(curves["noise_curve"].to_numpy()[sel])
+            s, crossed = thresholds.sigma_min(torch.from_numpy(cur), torch.tensor(plan["grid"]), cfg.tau, cfg.mode)
+            smin[sel] = s.numpy()
+            crossed_all[sel] = crossed.numpy()
+            label[sel] = np.where(crossed.numpy(), "classifier", "classifier:never-crossed")
+    elif rest.any():
+        smin[rest] = cfg.fixed_sigma_min
+        label[rest] = "fixed"
+    smax = meta["sigma_max"].to_numpy(dtype=np.float64, na_value=0.0) if "sigma_max" in meta else np.zeros(n)
+    if cfg.crops_classifier:
+        smax = np.zeros(n)
+        crops_rows = usable & ~clean
+        if crops_rows.any():
+            cur = np.stack(curves["crop_curve"].to_numpy()[crops_rows])
+            s, _ = thresholds.sigma_max(torch.from_numpy(cur), torch.tensor(plan["grid"]), cfg.tau, cfg.crops_mode)
+            smax[crops_rows] = s.numpy()
+    return {
+        "sigma_min": smin,
+        "sigma_max": smax,
+        "annotation": label,
+        "quality": quality,
+        "usable": usable,
+        "never_crossed": ~crossed_all,
+        "score": score,
+    }
+
+
+def write_outputs(
+    cfg: AnnotateConfig, out: str, files: list[str], meta, rows: dict, err, provenance: dict
+) -> tuple[int, int]:
+    """The annotated shards and the quarantine; returns (rows out, rows quarantined)."""
+    pos = {rid: i for i, rid in enumerate(meta["id"].tolist())}
+    n_out = n_q = 0
+    for f in files:
+        fs, path = storage.filesystem(f)
+        t = pq.read_table(path, filesystem=fs)
+        t = t.drop_columns([c for c in ANNOTATION_COLUMNS if c in t.column_names])
+        idx = np.array([pos[r] for r in t.column("id").to_pylist()], dtype=np.int64)
+        ok = rows["usable"][idx]
+        name = _shard_name(f)
+        good = t.filter(pa.array(ok))
+        gi = idx[ok]
+        if cfg.scorer:  # the scorer's split replaces the quality column (otherwise it is kept as it was)
+            quality = pa.array(rows["quality"][gi].astype(str))
+            if "quality" in good.column_names:
+                good = good.set_column(good.column_names.index("quality"), "quality", quality)
+            else:
+                good = good.append_column("quality", quality)
+        good = good.append_column("sigma_min", pa.array(rows["sigma_min"][gi], pa.float32()))
+        good = good.append_column("sigma_max", pa.array(rows["sigma_max"][gi], pa.float32()))
+        good = good.append_column("annotation", pa.array(rows["annotation"][gi].astype(str)))
+        if cfg.scorer:
+            good = good.append_column("quality_score", pa.array(rows["score"][gi], pa.float32()))
+        md = dict(good.schema.metadata or {})
+        md[b"ambient_ray.annotation"] = json.dumps(provenance).encode()
+        storage.write_parquet(storage.join(out, "data", f"{name}.parquet"), good.replace_schema_metadata(md))
+        bad = t.filter(pa.array(~ok))
+        qpath = storage.join(out, "quarantine", f"{name}.parquet")
+        if bad.num_rows:
+            q = pa.table(
+                {
+                    "id": bad.column("id"),
+                    "source": bad.column("source")
+                    if "source" in bad.column_names
+                    else pa.nulls(bad.num_rows, pa.string()),
+                    "stage": pa.array(["annotate"] * bad.num_rows),
+                    "reason": pa.array(err[idx[~ok]].astype(str)),
+                    "image": bad.column("image"),
+                }
+            )
+            storage.write_parquet(qpath, q)
+        elif storage.exists(qpath):
+            storage.delete(qpath)
+        n_out += good.num_rows
+        n_q += bad.num_rows
+    return n_out, n_q
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
+    """Run the annotate stage (Ray started in-process if not connected); returns the summary."""
+    import pandas as pd
+    import ray
+
+    from ambient_ray.data.sources import data_dir
+    from ambient_ray.train.engine import load_metadata
+
+    out = storage.normalize(cfg.out)
+    storage.check_reachable(out)
+    inp = data_dir(cfg.data)
+    if any(
+        a == b or a.startswith(b.rstrip("/") + "/")
+        for a, b in ((inp, out), (out, inp), (storage.normalize(cfg.data), out))
+    ):
+        raise ConfigError(f"config key 'out': {out} overlaps the input shards in {inp}; write the annotation elsewhere")
+    if not (cfg.classifier or cfg.crops_classifier or cfg.fixed or cfg.scorer or cfg.fixed_sigma_min is not None):
+        raise ConfigError(
+            "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, --scorer or fixed_sigma_min"
+        )
+    files = storage.list_files(data_dir(cfg.data), (".parquet",))
+    meta = load_metadata(cfg.data)
+    _check_rules(cfg, meta)
+    plan = make_plan(cfg, out, files, meta)
+
+    manifest_uri = storage.join(out, "_manifest.json")
+    if (
+        storage.exists(manifest_uri)
+        and json.loads(storage.read_bytes(manifest_uri)).get("fingerprint") != plan["fingerprint"]
+    ):
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"{out} already holds curves from other classifiers, grid, draws, seed or data; "
+                "use another 'out' or set overwrite=true to recompute them"
+            )
+        for sub in (
+            "curves",
+            "_curves_done",
+            "data",
+            "quarantine",
+            "locality.json",
+            "annotation.json",
+            "summary.json",
+            "sigma_min.png",
+            "sigma_max.png",
+            "curves.png",
+            "crop_curves.png",
+        ):
+            storage.delete(storage.join(out, sub))
+    storage.write_bytes(manifest_uri, json.dumps({"fingerprint": plan["fingerprint"], "shards": len(files)}).encode())
+    cfgmod.save_resolved(cfg, out)
+
+    curves_root = _reusable_curves(cfg, plan, files) or out
+    done = {_shard_name(m) for m in storage.list_files(storage.join(curves_root, "_curves_done"), (".json",))}
+    todo = [f for f in files if _shard_name(f) not in done]
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    if todo:
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING")
+        results = _run_actors(cfg, plan, todo, len(files), progress)
+    seconds = time.perf_counter() - t0
+
+    # phase 2
+    tables = []
+    for f in files:
+        c_uri = storage.join(curves_root, "curves", f"{_shard_name(f)}.parquet")
+        fs, path = storage.filesystem(c_uri)
+        tables.append(pq.read_table(path, filesystem=fs))
+    curves = pa.concat_tables(tables).to_pandas().set_index("id").loc[meta["id"]].reset_index()
+    rows = annotate_rows(cfg, plan, meta, curves)
+    err = curves["error"].to_numpy()
+    provenance = {
+        "classifier": plan["classifier"],
+        "crops_classifier": plan["crops_classifier"],
+        "tau": cfg.tau,
+        "mode": cfg.mode,
+        "sets": cfg.sets,
+        "crops_mode": cfg.crops_mode,
+        "grid": plan["grid"],
+        "draws": cfg.draws,
+        "weights": cfg.weights,
+        "fixed": cfg.fixed,
+        "fixed_sigma_min": cfg.fixed_sigma_min,
+        "scorer": cfg.scorer,
+        "top_percent": cfg.top_percent if cfg.scorer else None,
+        "locality": storage.normalize(cfg.locality) if cfg.locality else None,
+        "locality_eps": cfg.locality_eps,
+        "data": storage.normalize(cfg.data),
+        "curves": curves_root,
+    }
+    n_out, n_q = write_outputs(cfg, out, files, meta, rows, err, provenance)
+    if n_out + n_q != len(meta):
+        raise RuntimeError(f"annotate: row conservation broken: {len(meta)} rows in, {n_out} out, {n_q} quarantined")
+    if plan["locality"]:
+        storage.write_bytes(storage.join(out, "locality.json"), json.dumps(plan["locality"], indent=1).encode())
+
+    usable = rows["usable"]
+    group = _groups(meta, rows)
+    by_group = {g: rows["sigma_min"][(group == g) & usable] for g in dict.fromkeys(group[usable])}
+    annotated = usable & (rows["annotation"] != "clean")
+    summary = {
+        "out": out,
+        "rows_in": len(meta),
+        "rows_out": n_out,
+        "rows_quarantined": n_q,
+        "shards": len(files),
+        "shards_run": len(results),
+        "shards_skipped": len(files) - len(results),
+        "rows_run": int(sum(r["rows"] for r in results)),
+        "seconds_curves": seconds,
+        "images_per_s": sum(r["rows"] for r in results) / seconds if results and seconds > 0 else 0.0,
+        "never_crossed": int((rows["never_crossed"] & usable).sum()),
+        "mean_sigma_min": float(rows["sigma_min"][annotated].mean()) if annotated.any() else 0.0,
+        "mean_sigma_min_by_group": {g: float(v.mean()) for g, v in by_group.items() if len(v)},
+        "rows_with_sigma_max": int((rows["sigma_max"][usable] > 0).sum()),
+        "annotations": pd.Series(rows["annotation"][usable]).value_counts().to_dict(),
+        "provenance": provenance,
+    }
+    storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
+    files_out = _plots(cfg, plan, out, curves, rows, group, summary)
+    _track(cfg, out, summary, files_out)
+    if summary.get("mlflow_run_id"):
+        storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
+    return summary
+
+
+def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str | None:
+    """``curves_from`` when it holds every shard's curves for this very plan; else None (with a note why)."""
+    if not cfg.curves_from:
+        return None
+    src = storage.normalize(cfg.curves_from)
+    manifest = storage.join(src, "_manifest.json")
+    why = None
+    if not storage.exists(manifest):
+        why = "it holds no curves"
+    elif json.loads(storage.read_bytes(manifest)).get("fingerprint") != plan["fingerprint"]:
+        why = "its curves come from other classifiers, grid, draws, seed, crop sizes or data"
+    else:
+        done = {_shard_name(m) for m in storage.list_files(storage.join(src, "_curves_done"), (".json",))}
+        missing = [f for f in files if _shard_name(f) not in done]
+        if missing:
+            why = f"{len(missing)} of {len(files)} shards' curves are unfinished there"
+    if why:
+        print(f"annotate: not reusing the curves in {src}: {why}; computing them in {plan['out']}")
+        return None
+    return src
+
+
+def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:
+    import ray
+    import ray.data
+
+    resources = ray.cluster_resources()
+    if cfg.concurrency:
+        n = cfg.concurrency
+    elif cfg.num_gpus > 0:
+        n = max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
+    else:
+        n = max(1, int(resources.get("CPU", 1) // cfg.num_cpus))
+    n = min(n, len(todo))
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
+    # one actor-pool operator and nothing downstream: no CPUs held back for other operators
+    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = progress, False
+    items = [{"path": f, "name": _shard_name(f)} for f in todo]
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            CurveActor,
+            fn_constructor_kwargs={"plan": plan},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=n),
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus or None,
+        )
+        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
+    except Exception as e:  # the actors could not run at all (e.g. a classifier that does not load there)
+        results = [
+            {"name": _shard_name(f), "failed": (str(e).strip().splitlines() or [type(e).__name__])[0]} for f in todo
+        ]
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    failed = [r for r in results if r.get("failed")]
+    if failed:
+        finished = len(storage.list_files(storage.join(plan["out"], "_curves_done"), (".json",)))
+        listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
+        raise StageFailed(
+            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}; failed:\n  {listing}\n"
+            "completed shards are kept; re-run the same command to resume"
+        )
+    return results
+
+
+def _groups(meta, rows) -> np.ndarray:
+    """A label per row for plots and reports: 'clean', the corruption spec, or the annotation rule."""
+    corr = (
+        meta["corruption"].fillna("").astype(str).to_numpy()
+        if "corruption" in meta
+        else np.full(len(meta), "", dtype=object)
+    )
+    return np.where(corr != "", corr, rows["quality"]).astype(str)
+
+
+def _plots(cfg, plan, out, curves, rows, group, summary) -> dict[str, bytes]:
+    from ambient_ray.io import plots
+
+    files: dict[str, bytes] = {"annotation.json": json.dumps(summary, indent=1, default=float).encode()}
+    usable = rows["usable"]
+    names = list(dict.fromkeys(group[usable]))
+    hist = {g: rows["sigma_min"][(group == g) & usable & (rows["annotation"] != "clean")] for g in names}
+    hist = {g: v for g, v in hist.items() if len(v)}
+    if hist:
+        files["sigma_min.png"] = plots.sigma_histogram(hist, title=f"σ_min per sample (τ={cfg.tau}, {cfg.mode})")
+    for key, kind, fname in (
+        ("noise_curve", "classifier", "curves.png"),
+        ("crop_curve", "crops_classifier", "crop_curves.png"),
+    ):
+        if not plan[kind]:
+            continue
+        series = {}
+        for g in names:
+            sel = (group == g) & usable
+            series[g] = np.stack(curves[key].to_numpy()[sel]).mean(axis=0)
+        marks = {
+            f"mean σ_min {g}": summary["mean_sigma_min_by_group"][g]
+            for g in names
+            if key == "noise_curve" and g != "clean" and summary["mean_sigma_min_by_group"].get(g, 0) > 0
+        }
+        title = (
+            "noise classifier: mean P(clean) vs σ (Ambient-o Fig. 2)"
+            if key == "noise_curve"
+            else "crops classifier: P(target) of crop(σ) crops"
+        )
+        files[fname] = plots.prob_curves(plan["grid"], series, "σ", tau=cfg.tau, title=title, marks=marks)
+    if cfg.crops_classifier and (rows["sigma_max"] > 0).any():
+        files["sigma_max.png"] = plots.sigma_histogram(
+            {"σ_max > 0": rows["sigma_max"][rows["sigma_max"] > 0]}, "σ_max per sample", "σ_max"
+        )
+    for name, data in files.items():
+        if name.endswith(".png"):
+            storage.write_bytes(storage.join(out, name), data)
+    return files
+
+
+def _track(cfg: AnnotateConfig, out: str, summary: dict, files: dict[str, bytes]) -> None:
+    import re
+
+    from ambient_ray.io import tracking
+
+    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": "annotate"})
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    metrics = {
+        k: float(summary[k])
+        for k in ("rows_in", "rows_out", "rows_quarantined", "never_crossed", "mean_sigma_min", "images_per_s")
+    }
+    for g, v in summary["mean_sigma_min_by_group"].items():
+        metrics[f"mean_sigma_min.{re.sub(r'[^A-Za-z0-9_.-]', '_', g)}"] = v
+    client = MlflowClient(uri)
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, v)
+    tracking.log_files(run_id, uri, files)
+    tracking.finish(run_id, uri)
+    summary["mlflow_run_id"] = run_id

@@ -1,0 +1,376 @@
+"""The corrupt stage: make a mixed-quality dataset from a clean one, with Ray Data.
+
+Plan (on the driver, cheap): list the source's ids in a stable order; pick the clean subset by seed
+(the ``round(clean_fraction * N)`` ids with the smallest seeded hash); split the rest evenly among
+the corruption specs; give each row its own seed; cut the rows, in source order, into shards of
+``shard_size``. Work (Ray Data ``map_batches``, one shard per call): load, decode and validate the
+shard's rows, corrupt them (batched numpy/PIL), and write
+
+    OUT/data/shard-NNNNN.parquet        rows: id, image (PNG), height, width, channels, label, caption,
+                                        source, quality, corruption, seed
+    OUT/quarantine/shard-NNNNN.parquet  rows that could not be used: id, source, locator, reason, image
+    OUT/_done/shard-NNNNN.json          the shard's counts, written last: the shard's commit marker
+
+Each file is written atomically, and a shard counts as done only once its marker exists, so a
+re-run after a kill redoes exactly the unfinished shards and never duplicates a row. The plan is
+fingerprinted in ``OUT/_manifest.json``: re-running with a different plan into the same ``out`` is
+refused unless ``overwrite`` is set. Rows in = rows out + rows quarantined, checked at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from ambient_ray import config as cfgmod
+from ambient_ray import corruptions
+from ambient_ray.config import Strict
+from ambient_ray.data.sources import SourceConfig, _unjson, decode, encode_png, list_items, make_source
+from ambient_ray.io import storage
+
+DATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int32()),
+        ("label", pa.int64()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("quality", pa.string()),
+        ("corruption", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("locator", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+
+class CorruptConfig(Strict):
+    """Config of ``ambient-ray corrupt`` (YAML keys; ``--set source.image_size=32`` and so on)."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    corruptions: list[str] = Field(default_factory=lambda: ["blur:sigma=1.0"], min_length=1)
+    clean_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    out: str = Field(..., description="output URI: a local folder or s3://bucket/prefix")
+    shard_size: int = Field(1024, ge=1, le=1_000_000)
+    plugins: list[str] = Field(default_factory=list, description="modules that register extra corruptions")
+    overwrite: bool = False
+    num_cpus_per_task: float = Field(1.0, gt=0)
+    task_retries: int = Field(
+        3, ge=0, description="retries of a shard whose worker died (Ray's own default retries forever)"
+    )
+    preview: int = Field(8, ge=0, description="rows per corruption shown in preview.png (0: none)")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _specs_nonempty(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("corruption specs must not be empty")
+        return v
+
+
+class StageFailed(RuntimeError):
+    """A stage that stopped part-way; the message says what finished and how to resume."""
+
+
+@dataclass
+class CorruptResult:
+    out: str
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    shards_total: int
+    shards_run: int
+    shards_skipped: int
+    rows_run: int
+    seconds: float
+    images_per_s: float
+
+    def summary(self) -> str:
+        return (
+            f"corrupt: {self.rows_in} rows in, {self.rows_out} out, {self.rows_quarantined} quarantined; "
+            f"{self.shards_run} shards run, {self.shards_skipped} already done (of {self.shards_total}); "
+            f"{self.rows_run} rows in {self.seconds:.1f}s = {self.images_per_s:.0f} images/s -> {self.out}"
+        )
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import modules that register corruptions, and ship them to Ray workers by value."""
+    import ray.cloudpickle
+
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            raise cfgmod.ConfigError(f"config key 'plugins': cannot import {name!r}: {e}") from None
+        ray.cloudpickle.register_pickle_by_value(mod)
+
+
+def _hash(*parts: Any) -> int:
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1  # fits int64
+
+
+def plan_rows(ids: list[str], n_specs: int, clean_fraction: float, seed: int) -> tuple[list[str], list[int]]:
+    """Roles (``clean``, ``c<i>`` for spec i, or ``dup`` for a repeated id) and per-row seeds."""
+    roles = ["dup"] * len(ids)
+    seen: set[str] = set()
+    unique: list[int] = []
+    for i, rid in enumerate(ids):
+        if rid not in seen:
+            seen.add(rid)
+            unique.append(i)
+    order = sorted(unique, key=lambda i: _hash("clean", seed, ids[i]))
+    n_clean = int(round(clean_fraction * len(unique)))
+    for rank, i in enumerate(order):
+        roles[i] = "clean" if rank < n_clean else f"c{(rank - n_clean) % n_specs}"
+    seeds = [_hash("row", seed, rid) for rid in ids]
+    return roles, seeds
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def process_shard(batch: dict, *, source, source_cfg: SourceConfig, specs: list, out: str) -> dict:
+    """Ray Data ``map_batches`` function: one shard in, its summary row out."""
+    t0 = time.perf_counter()
+    k = int(batch["shard"][0])
+    payload = json.loads(batch["payload"][0])
+    ids, roles, seeds = payload["ids"], payload["roles"], payload["seeds"]
+    locs = [_unjson(x) for x in payload["locs"]]
+    try:
+        records = source.load(locs)
+    except Exception as e:  # a shard-level read failure: every row of it goes to quarantine with the reason
+        records = [{"error": f"cannot load: {type(e).__name__}: {e}", "image": b""} for _ in locs]
+
+    good: list[dict] = []
+    bad: list[dict] = []
+
+    def quarantine(i: int, reason: str) -> None:
+        raw = records[i].get("image")
+        bad.append(
+            {
+                "id": ids[i],
+                "source": records[i].get("source") or getattr(source, "name", ""),
+                "locator": json.dumps(payload["locs"][i]),
+                "stage": "corrupt",
+                "reason": reason,
+                "image": raw if isinstance(raw, bytes) else (encode_png(raw) if isinstance(raw, np.ndarray) else b""),
+            }
+        )
+
+    arrays: dict[int, np.ndarray] = {}
+    for i, rec in enumerate(records):
+        if roles[i] == "dup":
+            quarantine(i, f"duplicate id {ids[i]!r} (an earlier row has the same id)")
+            continue
+        arr, err = decode(rec, source_cfg)
+        if err:
+            quarantine(i, err)
+        else:
+            arrays[i] = arr
+
+    def emit(i: int, arr: np.ndarray, quality: str, spec: str) -> None:
+        rec = records[i]
+        h, w, c = arr.shape
+        good.append(
+            {
+                "id": ids[i],
+                "image": encode_png(arr),
+                "height": h,
+                "width": w,
+                "channels": c,
+                "label": rec.get("label"),
+                "caption": rec.get("caption"),
+                "source": rec.get("source") or source.name,
+                "quality": quality,
+                "corruption": spec,
+                "seed": seeds[i],
+            }
+        )
+
+    by_role: dict[str, list[int]] = {}
+    for i in arrays:
+        by_role.setdefault(roles[i], []).append(i)
+    for role, idx in by_role.items():
+        if role == "clean":
+            for i in idx:
+                emit(i, arrays[i], "clean", "")
+            continue
+        spec = specs[int(role[1:])]
+        try:
+            outs = corruptions.apply(spec, [arrays[i] for i in idx], [seeds[i] for i in idx])
+            pairs = list(zip(idx, outs))
+        except Exception:  # isolate the rows that fail
+            pairs = []
+            for i in idx:
+                try:
+                    pairs.append((i, corruptions.apply(spec, [arrays[i]], [seeds[i]])[0]))
+                except Exception as e:
+                    quarantine(i, f"corruption {spec.spec} failed: {type(e).__name__}: {e}")
+        for i, arr in pairs:
+            emit(i, arr, "corrupted", spec.spec)
+
+    order = {rid: n for n, rid in enumerate(ids)}
+    good.sort(key=lambda r: order[r["id"]])
+    name = _shard_name(k)
+    if bad:
+        _write_table(storage.join(out, "quarantine", f"{name}.parquet"), bad, QUARANTINE_SCHEMA)
+    _write_table(storage.join(out, "data", f"{name}.parquet"), good, DATA_SCHEMA)
+    summary = {
+        "shard": k,
+        "rows_in": len(ids),
+        "rows_out": len(good),
+        "rows_quarantined": len(bad),
+        "seconds": time.perf_counter() - t0,
+    }
+    if summary["rows_out"] + summary["rows_quarantined"] != summary["rows_in"]:
+        raise RuntimeError(f"shard {k}: row count mismatch {summary}")
+    storage.write_bytes(storage.join(out, "_done", f"{name}.json"), json.dumps(summary).encode())
+    return {key: np.array([v]) for key, v in summary.items()}
+
+
+def _write_table(uri: str, rows: list[dict], schema: pa.Schema) -> None:
+    storage.write_parquet(uri, pa.Table.from_pylist(rows, schema=schema))
+
+
+def _fingerprint(cfg: CorruptConfig, ids: list[str]) -> str:
+    keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "task_retries", "preview"})
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
+    for rid in ids:
+        h.update(rid.encode() + b"\0")
+    return h.hexdigest()
+
+
+def done_shards(out: str) -> dict[int, dict]:
+    # list_files skips names starting with "_" below the given folder, not the folder itself
+    markers = storage.list_files(storage.join(out, "_done"), (".json",))
+    found = {}
+    for m in markers:
+        info = json.loads(storage.read_bytes(m))
+        found[int(info["shard"])] = info
+    return found
+
+
+def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
+    """Run the corrupt stage (connecting to Ray, or starting it in-process)."""
+    import ray
+    import ray.data
+
+    load_plugins(cfg.plugins)
+    specs = [corruptions.parse(s) for s in cfg.corruptions]  # clear errors before any work
+    out = storage.normalize(cfg.out)
+    storage.check_reachable(out)
+    if storage.is_s3(cfg.source.dataset):
+        storage.check_reachable(cfg.source.dataset)
+
+    source = make_source(cfg.source)
+    items = list_items(source, cfg.source)
+    ids = [i for i, _ in items]
+    roles, seeds = plan_rows(ids, len(specs), cfg.clean_fraction, cfg.seed)
+    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    fingerprint = _fingerprint(cfg, ids)
+
+    manifest_uri = storage.join(out, "_manifest.json")
+    if storage.exists(manifest_uri):
+        old = json.loads(storage.read_bytes(manifest_uri))
+        if old.get("fingerprint") != fingerprint:
+            if not cfg.overwrite:
+                raise cfgmod.ConfigError(
+                    f"{out} already holds a corrupt run with a different plan (config or source changed); "
+                    "use another 'out' or set overwrite=true to replace it"
+                )
+            for sub in ("data", "quarantine", "_done"):
+                storage.delete(storage.join(out, sub))
+    manifest = {"fingerprint": fingerprint, "rows": len(items), "shards": n_shards, "shard_size": cfg.shard_size}
+    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+    cfgmod.save_resolved(cfg, out)
+
+    done = done_shards(out)
+    todo = [k for k in range(n_shards) if k not in done]
+    rows = []
+    for k in todo:
+        s = slice(k * cfg.shard_size, (k + 1) * cfg.shard_size)
+        payload = {"ids": ids[s], "locs": [loc for _, loc in items[s]], "roles": roles[s], "seeds": seeds[s]}
+        rows.append({"shard": k, "payload": json.dumps(payload)})
+
+    new: list[dict] = []
+    if rows and not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    t0 = time.perf_counter()
+    if rows:
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
+        # One map operator and nothing downstream: Ray Data's per-operator reservation would hold back
+        # half the CPUs for operators that do not exist (measured: 1 task at a time on 2 CPUs).
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = progress, False
+        try:
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                process_shard,
+                batch_size=1,
+                num_cpus=cfg.num_cpus_per_task,
+                max_retries=cfg.task_retries,
+                fn_kwargs={"source": source, "source_cfg": cfg.source, "specs": specs, "out": out},
+            )
+            new = ds.take_all()
+        except Exception as e:
+            finished = len(done_shards(out))
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise StageFailed(
+                f"corrupt stage failed with {finished} of {n_shards} shards complete in {out}: {cause}\n"
+                "completed shards are kept; re-run the same command to resume"
+            ) from e
+        finally:
+            ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    seconds = time.perf_counter() - t0
+
+    all_done = done_shards(out)
+    missing = sorted(set(range(n_shards)) - set(all_done))
+    if missing:
+        raise RuntimeError(f"corrupt: shards {missing[:10]} of {out} have no completion marker after the run")
+    rows_in = sum(d["rows_in"] for d in all_done.values())
+    rows_out = sum(d["rows_out"] for d in all_done.values())
+    rows_q = sum(d["rows_quarantined"] for d in all_done.values())
+    if rows_in != len(items) or rows_out + rows_q != rows_in:
+        raise RuntimeError(
+            f"corrupt: row conservation broken: {len(items)} listed, {rows_in} in, {rows_out} out, {rows_q} quarantined"
+        )
+    rows_run = sum(int(r["rows_in"]) for r in new)
+    result = CorruptResult(
+        out=out,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rows_quarantined=rows_q,
+        shards_total=n_shards,
+        shards_run=len(new),
+        shards_skipped=n_shards - len(new),
+        rows_run=rows_run,
+        seconds=seconds,
+        images_per_s=rows_run / seconds if seconds > 0 and rows_run else 0.0,
+    )
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(asdict(result), indent=1).encode())
+    if cfg.preview:
+        from ambient_ray.io.plots import corruption_preview
+
+        corruption_preview(out, source, cfg, items, roles, specs, per_spec=cfg.preview)
+    return result

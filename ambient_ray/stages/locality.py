@@ -1,0 +1,168 @@
+"""The locality map crop(σ) of Ambient-o (Sec. 3.2, Figs. 11-14): how much context a denoiser needs.
+
+Math (pure torch): a trained denoiser D is given x_σ = y + σ·z cut to a centred s x s window (its
+context) and graded on the centre ``patch`` x ``patch`` pixels of its x_0 prediction, for growing s
+and a grid of σ. crop(σ) is the smallest context whose loss is within ε of the full-image loss,
+relatively: loss(s) ≤ (1 + ε)·loss(full) (the losses span orders of magnitude across σ, so one
+absolute ε would mean nothing at small σ and be unreachable at large σ). crop(σ) is then made
+non-decreasing in σ, as more noise never needs less context.
+
+Stage (``ambient-ray locality --checkpoint DENOISER --data URI --out URI``): the map on clean rows of
+the data, written as ``OUT/locality.json`` (σ grid, contexts, losses, crop(σ), ε) and
+``OUT/locality.png``. The annotate stage takes it (``--locality``) to size the crops of σ_max and
+copies it beside the annotated data, where ``train`` finds it as its crop(σ) table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ambient_ray.config import Strict
+from ambient_ray.io import storage
+from ambient_ray.io.tracking import MlflowConfig
+
+
+def centre_start(size: int, inner: int) -> int:
+    return (size - inner) // 2
+
+
+@torch.no_grad()
+def locality_losses(
+    net,
+    y: torch.Tensor,
+    sigmas: list[float],
+    contexts: list[int],
+    patch: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(len(sigmas), len(contexts)) mean squared error of D's x_0 prediction at the centre patch.
+
+    ``y`` (B, C, H, W) in [-1, 1], square; the same noise is used for every context of one σ, so the
+    curves differ by context alone.
+    """
+    h = y.shape[-1]
+    p0 = centre_start(h, patch)
+    truth = y[..., p0 : p0 + patch, p0 : p0 + patch]
+    out = torch.empty(len(sigmas), len(contexts), dtype=torch.float64)
+    for i, s in enumerate(sigmas):
+        x = y + s * torch.randn(y.shape, generator=generator)
+        for j, c in enumerate(contexts):
+            c0 = centre_start(h, c)
+            d = net(x[..., c0 : c0 + c, c0 : c0 + c], torch.full((len(y),), float(s)))
+            q0 = centre_start(c, patch)
+            pred = d[..., q0 : q0 + patch, q0 : q0 + patch]
+            out[i, j] = ((pred.float() - truth) ** 2).mean().double()
+    return out
+
+
+def crop_sizes(losses: torch.Tensor, contexts: list[int], eps: float) -> list[int]:
+    """crop(σ) per grid σ: the smallest context with loss ≤ (1 + eps)·loss(full context), non-decreasing in σ."""
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0 (got {eps})")
+    full = losses[:, -1:]
+    ok = losses <= (1.0 + eps) * full
+    first = ok.to(torch.int8).argmax(dim=1)  # the full context always qualifies
+    sizes = [contexts[int(k)] for k in first]
+    return [int(v) for v in np.maximum.accumulate(sizes)]
+
+
+def valid_contexts(img: int, patch: int, factor: int) -> list[int]:
+    """Context sizes from ``patch`` to the image: centred on the patch (same parity) and divisible by
+    the network's downsampling ``factor`` (2^(levels-1) for the U-Net)."""
+    return [c for c in range(patch, img + 1) if (c - patch) % 2 == 0 and c % factor == 0 and (img - c) % 2 == 0]
+
+
+# ------------------------------------------------------------------------------ stage
+
+
+class LocalityConfig(Strict):
+    """Config of ``ambient-ray locality``."""
+
+    checkpoint: str = Field(..., description="a trained denoiser: a train output folder (or its model/)")
+    data: str = Field(..., description="dataset URI; the map is measured on its clean rows")
+    out: str
+    sigma_lo: float = Field(0.02, gt=0)
+    sigma_hi: float = Field(10.0, gt=0)
+    sigma_points: int = Field(12, ge=2)
+    contexts: list[int] = Field(
+        default_factory=list, description="context sizes (default: every valid size up to the image)"
+    )
+    patch: int = Field(2, ge=1, description="side of the centre patch the loss is measured on")
+    eps: float = Field(0.05, ge=0, description="relative tolerance: loss(crop) <= (1 + eps) * loss(full)")
+    rows: int = Field(256, ge=1, description="clean rows measured")
+    weights: str = Field("ema", pattern="^(ema|raw)$")
+    seed: int = Field(0, ge=0)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def run(cfg: LocalityConfig) -> dict:
+    """Measure the map; write ``locality.json`` and ``locality.png``; returns the table."""
+    import pandas as pd
+
+    from ambient_ray import config as cfgmod
+    from ambient_ray.data.sources import read_images
+    from ambient_ray.io import plots, tracking
+    from ambient_ray.stages.sample import load_denoiser
+    from ambient_ray.train.engine import load_metadata
+
+    out = storage.normalize(cfg.out)
+    storage.check_reachable(out)
+    net = load_denoiser(cfg.checkpoint, cfg.weights)
+    mc = net.config
+    meta = load_metadata(cfg.data)
+    clean = meta[meta["quality"] == "clean"] if "quality" in meta else pd.DataFrame()
+    pool = clean if len(clean) else meta
+    rng = np.random.default_rng(cfg.seed)
+    ids = pool["id"].to_numpy()[rng.choice(len(pool), size=min(cfg.rows, len(pool)), replace=False)]
+    _, imgs = read_images(cfg.data, set(ids.tolist()))
+    if imgs.shape[1] != mc.in_channels or imgs.shape[2] != imgs.shape[3]:
+        raise ValueError(
+            f"the data's images are {tuple(imgs.shape[1:])} (C, H, W); the denoiser takes {mc.in_channels} channels, square"
+        )
+    img = imgs.shape[-1]
+    factor = 2 ** (len(mc.channel_mult) - 1)
+    contexts = sorted(cfg.contexts) or valid_contexts(img, cfg.patch, factor)
+    bad = [c for c in contexts if c not in valid_contexts(img, cfg.patch, factor)]
+    if bad or not contexts or contexts[-1] != img:
+        raise ValueError(
+            f"contexts {contexts}: each must be in {valid_contexts(img, cfg.patch, factor)} and the last the image size {img}"
+        )
+    if cfg.sigma_hi <= cfg.sigma_lo:
+        raise ValueError("sigma_hi must exceed sigma_lo")
+    sigmas = np.geomspace(cfg.sigma_lo, cfg.sigma_hi, cfg.sigma_points).tolist()
+    y = imgs.float() / 127.5 - 1.0
+    losses = locality_losses(net, y, sigmas, contexts, cfg.patch, torch.Generator().manual_seed(cfg.seed))
+    crop = crop_sizes(losses, contexts, cfg.eps)
+    table = {
+        "sigmas": sigmas,
+        "contexts": contexts,
+        "losses": losses.tolist(),
+        "crop": crop,
+        "eps": cfg.eps,
+        "patch": cfg.patch,
+        "rows": len(ids),
+        "checkpoint": storage.normalize(cfg.checkpoint),
+        "image_size": img,
+    }
+    cfgmod.save_resolved(cfg, out)
+    storage.write_bytes(storage.join(out, "locality.json"), json.dumps(table, indent=1).encode())
+    png = plots.locality_plot(contexts, sigmas, losses.numpy(), crop)
+    storage.write_bytes(storage.join(out, "locality.png"), png)
+    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": "locality"})
+    tracking.log_files(run_id, uri, {"locality.png": png, "locality.json": json.dumps(table).encode()})
+    tracking.finish(run_id, uri)
+    return {"out": out, "table": table, "mlflow_run_id": run_id}
+
+
+def read_table(uri: str) -> dict:
+    """A ``locality.json`` (the file, or a folder holding it), validated."""
+    uri = storage.normalize(uri)
+    path = uri if uri.endswith(".json") else storage.join(uri, "locality.json")
+    t = json.loads(storage.read_bytes(path))
+    if len(t.get("sigmas", [])) != len(t.get("crop", [])) or not t["sigmas"]:
+        raise ValueError(f"{path}: not a locality table (needs equal-length 'sigmas' and 'crop')")
+    return t

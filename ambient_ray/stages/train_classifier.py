@@ -1,0 +1,252 @@
+"""The train-classifier stage: Ambient-o's noise or crops classifier on the training engine.
+
+``ambient-ray train-classifier --data URI --kind noise|crops --out URI`` trains a half U-Net
+(:mod:`ambient_ray.classifier`) with binary cross-entropy on Ray Train + DeepSpeed, with the same
+checkpoints, resume, failure handling and MLflow tracking as the diffusion model
+(:mod:`ambient_ray.engine`).
+
+Which rows are good (label 1) and bad (label 0) is a row filter ``field=v1,v2`` over ``quality``,
+``source``, ``label`` or ``corruption``: by default ``good: quality=clean`` and bad = every other
+row, i.e. S_G versus S_B of Eq. 3.1 for the noise classifier. A crops classifier needs the target
+named, e.g. ``good: label=0,1,2,3,4`` (those digits are the target data, the others out of
+distribution). Batches are balanced (half good, half bad) unless ``balanced: false``.
+
+Outputs under OUT, as for ``train``: ``model/{ema,model}.safetensors`` and ``model/model.json``
+(``kind`` noise or crops, the architecture, image size, σ range or crop sizes, the row filters),
+``ray/train/checkpoint_*``, ``curves.png`` (the trained classifier's mean probability of "good" for
+good and bad rows against σ, or against the crop size: Ambient-o Fig. 2), ``config.yaml``,
+``mlflow_run.json``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from ambient_ray import config as cfgmod
+from ambient_ray.config import ConfigError
+from ambient_ray.data.sources import match, parse_filter
+from ambient_ray.io import storage
+from ambient_ray.models import classifier as clf
+from ambient_ray.train import engine
+from ambient_ray.train.engine import EngineConfig, load_metadata
+
+
+class ClassifierTrainConfig(EngineConfig):
+    """Config of ``ambient-ray train-classifier`` (the engine's keys, plus the classifier's)."""
+
+    kind: clf.Kind = Field(
+        "noise", description="noise: c(x_σ, σ) for σ_min (Eq. 3.1); crops: target vs other crops for σ_max"
+    )
+    model: clf.ClassifierConfig = Field(default_factory=clf.ClassifierConfig)
+    good: str = Field("quality=clean", description="rows labelled 1 (S_G, or the target data): FIELD=V1[,V2...]")
+    bad: str | None = Field(None, description="rows labelled 0 (S_B, or other data); default: every row not good")
+    balanced: bool = Field(True, description="half good, half bad in every batch (the paper's default)")
+    sigma_lo: float = Field(0.01, gt=0, description="noise kind: σ log-uniform on [sigma_lo, sigma_hi]")
+    sigma_hi: float = Field(20.0, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    crop_sizes: list[int] = Field(
+        default_factory=list, description="crops kind: crop sizes (default: every even size up to the image)"
+    )
+    checkpoint_every: int = Field(200, ge=1)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=2)
+
+    @field_validator("good", "bad")
+    @classmethod
+    def _filter(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_filter(v)
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ClassifierTrainConfig":
+        if self.sigma_hi <= self.sigma_lo:
+            raise ValueError(f"sigma_hi ({self.sigma_hi}) must exceed sigma_lo ({self.sigma_lo})")
+        if any(s < 1 for s in self.crop_sizes):
+            raise ValueError(f"crop_sizes must be >= 1 (got {self.crop_sizes})")
+        return self
+
+    def resolved_crop_sizes(self) -> list[int]:
+        res = self.model.img_resolution
+        return sorted(set(self.crop_sizes)) if self.crop_sizes else list(range(2, res + 1, 2))
+
+
+def model_meta(cfg: ClassifierTrainConfig) -> dict:
+    """``model.json`` of a classifier: what rebuilds it, and what annotation must check against."""
+    return {
+        "kind": cfg.kind,
+        "model": cfg.model.model_dump(mode="json"),
+        "sigma_data": cfg.sigma_data,
+        "img_resolution": cfg.model.img_resolution,
+        "in_channels": cfg.model.in_channels,
+        "sigma_range": [cfg.sigma_lo, cfg.sigma_hi],
+        "crop_sizes": cfg.resolved_crop_sizes(),
+        "good": cfg.good,
+        "bad": cfg.bad,
+        "balanced": cfg.balanced,
+        "data": storage.normalize(cfg.data),
+    }
+
+
+def labels_of(meta, cfg: ClassifierTrainConfig) -> np.ndarray:
+    """1 good, 0 bad, -1 neither (not trained on); clear errors when a side is empty or both overlap."""
+    good = match(meta, cfg.good)
+    bad = match(meta, cfg.bad) if cfg.bad else ~good
+    both = good & bad
+    if both.any():
+        raise ValueError(
+            f"{int(both.sum())} rows match both good={cfg.good!r} and bad={cfg.bad!r}, e.g. {meta['id'][both].head(3).tolist()}"
+        )
+    if not good.any() or not bad.any():
+        side = "good" if not good.any() else "bad"
+        raise ValueError(
+            f"no {side} rows in {cfg.data} (good={cfg.good!r}, bad={cfg.bad or 'the rest'!r}): a classifier needs both"
+        )
+    return np.where(good, 1, np.where(bad, 0, -1))
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+def classifier_loop(config: dict) -> None:
+    """Ray Train worker function: BCE on balanced batches of noised images or crops."""
+    cfg = ClassifierTrainConfig.model_validate(config["cfg"])
+    torch.manual_seed(cfg.seed)
+    net = clf.build_classifier(cfg.model, cfg.kind, cfg.sigma_data)
+    w = engine.Worker(cfg, net, model_meta(cfg), config)
+    _, images, cols, _ = engine.load_rank_rows(w.rank, w.world, {"target": config["labels"]})
+    keep = cols["target"] >= 0
+    images, target = images[keep], cols["target"][keep]
+    if not (target == 1).any() or not (target == 0).any():
+        raise RuntimeError(f"rank {w.rank} of {w.world} got rows of one class only: use fewer workers or more data")
+    w.restore()
+    crop_sizes = cfg.resolved_crop_sizes()
+    loss_sum = correct = seen = 0.0
+    t_last = time.perf_counter()
+    while w.step < cfg.steps:
+        for _ in range(cfg.optim.grad_accum):
+            x, sigma, y = clf.classifier_batch(
+                cfg.kind,
+                images,
+                target,
+                cfg.batch_size,
+                balanced=cfg.balanced,
+                sigma_lo=cfg.sigma_lo,
+                sigma_hi=cfg.sigma_hi,
+                crop_sizes=crop_sizes,
+                generator=w.generator,
+            )
+            logits = w.engine(x.to(w.device), sigma.to(w.device) if sigma is not None else None)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.to(w.device))  # Eq. 3.1
+            w.engine.backward(loss)
+            w.engine.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += float(((logits.detach() > 0).float().cpu() == y).sum())
+            seen += len(y)
+        log_now, checkpoint_now = w.end_step()
+        step = w.step
+        if log_now:
+            now = time.perf_counter()
+            tot = w.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
+            metrics = {
+                "step": step,
+                "loss": float(tot[0] / tot[2]),
+                "accuracy": float(tot[1] / tot[2]),
+                "lr": float(w.scheduler.get_last_lr()[0]),
+                "images_per_s": float(tot[2]) / max(now - t_last, 1e-9),
+            }
+            if w.rank == 0:
+                engine.progress_line(
+                    "train_classifier",
+                    f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.3f}  "
+                    f"{metrics['images_per_s']:.0f} images/s",
+                )
+                w.log(metrics)
+            loss_sum = correct = seen = 0.0
+            t_last = now
+            if checkpoint_now:
+                w.save_and_report(metrics)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def run(cfg: ClassifierTrainConfig) -> dict:
+    """Train the classifier; returns a summary (out, checkpoint, MLflow run, final metrics)."""
+    from ambient_ray.io import plots, tracking
+
+    out = storage.normalize(cfg.out)
+    storage.check_reachable(out)
+    meta = load_metadata(cfg.data)
+    h, _ = engine.check_run(cfg, meta, cfg.model.img_resolution, cfg.model.in_channels)
+    if cfg.kind == "crops" and max(cfg.resolved_crop_sizes()) > h:
+        raise ConfigError(f"config key 'crop_sizes': {cfg.crop_sizes} has sizes above the image size {h}")
+    labels = labels_of(meta, cfg)
+    engine.check_resume(cfg, out, model_meta(cfg))
+    cfgmod.save_resolved(cfg, out)
+    n_good, n_bad = int((labels == 1).sum()), int((labels == 0).sum())
+    tags = {"stage": "train-classifier", "kind": cfg.kind, "good_rows": n_good, "bad_rows": n_bad}
+    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags=tags)
+    print(
+        f"train-classifier ({cfg.kind}): {n_good} good rows ({cfg.good}), {n_bad} bad ({cfg.bad or 'the rest'})"
+        + (f"; MLflow run {run_id} at {uri}" if run_id else "")
+    )
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "labels": dict(zip(meta["id"].tolist(), labels.tolist())),
+        "mlflow_run_id": run_id,
+        "mlflow_uri": uri,
+    }
+    t0 = time.perf_counter()
+    result = engine.fit(cfg, classifier_loop, loop_config, ["id", "image"])
+    seconds = time.perf_counter() - t0
+    ckpt = engine.latest_checkpoint(out)
+    engine.export_weights(out, ckpt)
+    files = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
+    if ckpt:
+        png = plots.prob_curves(
+            *evaluation_curves(cfg, out, meta, labels), tau=None, title=f"{cfg.kind} classifier (EMA)"
+        )
+        storage.write_bytes(storage.join(out, "curves.png"), png)
+        files["curves.png"] = png
+    tracking.log_files(run_id, uri, files)
+    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
+    summary = {
+        "out": out,
+        "checkpoint": ckpt,
+        "mlflow_run_id": run_id,
+        "mlflow_uri": uri,
+        "seconds": seconds,
+        "metrics": result.metrics,
+        "good_rows": n_good,
+        "bad_rows": n_bad,
+    }
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
+    return summary
+
+
+def evaluation_curves(cfg: ClassifierTrainConfig, out: str, meta, labels: np.ndarray, per_class: int = 128):
+    """The trained classifier's mean curves on up to ``per_class`` good and bad rows: (x, {name: curve}, xlabel)."""
+    from ambient_ray.data.sources import read_images
+    from ambient_ray.io.weights import load_classifier
+
+    net = load_classifier(out, cfg.kind)
+    rng = np.random.default_rng(cfg.seed)
+    series = {}
+    g = torch.Generator().manual_seed(cfg.seed)
+    grid = torch.logspace(np.log10(cfg.sigma_lo), np.log10(cfg.sigma_hi), 24)
+    sizes = torch.tensor(cfg.resolved_crop_sizes())
+    for name, lab in (("good", 1), ("bad", 0)):
+        idx = np.nonzero(labels == lab)[0]
+        ids = meta["id"].to_numpy()[rng.choice(idx, size=min(per_class, len(idx)), replace=False)]
+        y = read_images(cfg.data, set(ids.tolist()))[1].float() / 127.5 - 1.0
+        curve = clf.noise_curves(net, y, grid, 4, g) if cfg.kind == "noise" else clf.crop_curves(net, y, sizes, 4, g)
+        series[f"{name} ({cfg.good if lab else cfg.bad or 'the rest'})"] = curve.mean(dim=0)
+    if cfg.kind == "noise":
+        return grid, series, "σ"
+    return sizes.float(), series, "crop size (pixels)"

@@ -1,0 +1,478 @@
+"""The training engine shared by every model ambient-ray trains: Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+
+The diffusion model (:mod:`ambient_ray.train`) and the annotation classifiers
+(:mod:`ambient_ray.train_classifier`) differ in their network and their batch; everything else is
+here: the common config (:class:`EngineConfig`), reading the dataset on the driver and handing each
+worker its share of rows (a stable hash of ``id``), the DeepSpeed engine (ZeRO 0-3, CPU offload,
+bf16 on GPU), the fp32 EMA, checkpoints (DeepSpeed state, EMA, inference weights, each rank's random
+state) that a restarted or ``--resume``d run continues from exactly, MLflow metrics from rank 0, and
+the driver's ``TorchTrainer.fit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ambient_ray.config import ConfigError, Strict
+from ambient_ray.data.sources import data_dir
+from ambient_ray.io import storage
+from ambient_ray.io.tracking import MlflowConfig
+
+META_COLUMNS = (
+    "id",
+    "height",
+    "width",
+    "channels",
+    "quality",
+    "source",
+    "label",
+    "corruption",
+    "sigma_min",
+    "sigma_max",
+)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    decay: Literal["none", "cosine", "linear"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    grad_accum: int = Field(1, ge=1)
+
+
+class EngineConfig(Strict):
+    """What every model trained on the engine shares: data, outputs, Ray Train, DeepSpeed, checkpoints, MLflow."""
+
+    data: str = Field(..., description="dataset URI (a corrupt/annotate output folder or Parquet shards)")
+    out: str = Field(..., description="output URI")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    batch_size: int = Field(32, ge=1, description="micro-batch per worker")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    report_every: int | None = Field(
+        None,
+        ge=1,
+        description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss (Ray Tune's early stopping reads them)",
+    )
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
+    resume: bool = Field(False, description="continue the run already in 'out' from its latest checkpoint")
+    debug_fail_at_step: int | None = Field(None, description="tests: raise once at this step to exercise recovery")
+
+
+# ------------------------------------------------------------------------------ data (driver)
+
+
+def load_metadata(data: str):
+    """The dataset's non-image columns (pandas), validated; raises ValueError naming files and rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = storage.list_files(data_dir(data), (".parquet",))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {data}")
+    tables = []
+    for f in files:
+        fs, path = storage.filesystem(f)
+        names = pq.read_schema(path, filesystem=fs).names
+        for required in ("id", "image"):
+            if required not in names:
+                raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
+        tables.append(pq.read_table(path, filesystem=fs, columns=[c for c in META_COLUMNS if c in names]))
+    meta = pa.concat_tables(tables, promote_options="default").to_pandas()
+    if meta["id"].duplicated().any():
+        raise ValueError(f"duplicate ids in {data}: {meta['id'][meta['id'].duplicated()].head(5).tolist()}")
+    return meta
+
+
+def one_shape(meta, data: str) -> tuple[int, int]:
+    """The dataset's one square (resolution, channels); clear errors for mixed or non-square images."""
+    if not {"height", "width", "channels"} <= set(meta.columns):
+        raise ValueError("dataset lacks height/width/channels columns; write it with the corrupt stage")
+    shapes = meta.groupby(["height", "width", "channels"]).size()
+    if len(shapes) > 1:
+        listing = ", ".join(f"{h}x{w}x{c}: {k} rows" for (h, w, c), k in shapes.items())
+        raise ValueError(f"images of mixed shapes in {data} ({listing}); corrupt with --image-size to resize")
+    (h, w, c) = shapes.index[0]
+    if h != w:
+        raise ValueError(f"images are {h}x{w}; training needs square images (corrupt with --image-size)")
+    return int(h), int(c)
+
+
+def check_run(cfg: EngineConfig, meta, img_resolution: int, in_channels: int) -> tuple[int, int]:
+    """Before any worker starts: the data's one shape matches the model's, and the DeepSpeed options agree."""
+    h, c = one_shape(meta, cfg.data)
+    if h != img_resolution or c != in_channels:
+        raise ConfigError(
+            f"config key 'model.img_resolution'/'model.in_channels': the data is {h}x{h} with {c} channels but the "
+            f"model is {img_resolution}x{img_resolution} with {in_channels}; "
+            f"set --set model.img_resolution={h} --set model.in_channels={c}"
+        )
+    if cfg.zero_stage == 0 and cfg.offload_optimizer:
+        raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    return h, c
+
+
+def row_rank(ids, world: int) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=4).digest(), "big") % world for i in ids])
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+def lr_lambda(cfg: OptimConfig, steps: int):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.decay == "none":
+            return 1.0
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.decay == "cosine" else 1.0 - t
+
+    return f
+
+
+def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.offload_optimizer:  # DeepSpeed builds its CPU Adam for offloaded states
+        o = cfg.optim
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay},
+        }
+    return ds
+
+
+def load_rank_rows(rank: int, world: int, per_row: dict[str, dict], label_dim: int = 0):
+    """This rank's rows of the Ray Data shard "train", sorted by id: ids, images uint8 (N, C, H, W),
+    ``{name: tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None).
+    Rows without per-row values (filtered out on the driver) are skipped."""
+    import ray.train
+
+    from ambient_ray.data.sources import decode_png
+
+    known = next(iter(per_row.values())) if per_row else None
+    it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
+    ids, imgs, labels = [], [], []
+    for batch in it:
+        keep = row_rank(batch["id"], world) == rank
+        if known is not None:
+            keep &= np.array([i in known for i in batch["id"]], dtype=bool)
+        for j in np.nonzero(keep)[0]:
+            ids.append(str(batch["id"][j]))
+            imgs.append(decode_png(batch["image"][j]).transpose(2, 0, 1))
+            labels.append(int(batch["label"][j]) if "label" in batch and batch["label"][j] is not None else 0)
+    if not ids:
+        raise RuntimeError(f"rank {rank} of {world} got no rows: the dataset is smaller than the number of workers")
+    order = np.argsort(ids)
+    ids = [ids[i] for i in order]
+    images = torch.from_numpy(np.stack([imgs[i] for i in order]))
+    values = {name: torch.tensor([col[i] for i in ids]) for name, col in per_row.items()}
+    lab = torch.tensor([labels[i] for i in order]) if label_dim else None
+    return ids, images, values, lab
+
+
+class Worker:
+    """One Ray Train worker's engine: device, DeepSpeed engine, EMA, checkpoints, metrics.
+
+    Build the network under ``torch.manual_seed(cfg.seed)`` (identical initial weights on every rank)
+    and pass it in; ``meta`` is written as ``model.json`` beside the inference weights.
+    """
+
+    def __init__(self, cfg: EngineConfig, net: torch.nn.Module, meta: dict, config: dict):
+        import deepspeed
+        import ray.train
+
+        self.cfg, self.net, self.meta = cfg, net, meta
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        cuda = cfg.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        if self.device.type == "cpu":  # one intra-op thread per CPU the worker holds
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            # DeepSpeed's CPU shared-memory all-reduce op serves only its inference_all_reduce; training's
+            # collectives go through gloo. Left on, it is JIT-compiled at the first run (about a minute per
+            # virtual environment) and loaded by every worker.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.zero3 = cfg.zero_stage == 3
+        self.ema = [p.detach().clone().float().to(self.device) for p in net.parameters()]  # fp32, on the device
+        params = [p for p in net.parameters() if p.requires_grad]
+        o = cfg.optim
+        optimizer = (
+            None
+            if cfg.offload_optimizer
+            else torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        )
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.steps))  # noqa: E731
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=net,
+            model_parameters=params,
+            optimizer=optimizer,
+            lr_scheduler=sched,
+            config=deepspeed_config(cfg, self.bf16),
+            dist_init_required=False,
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.step = 0
+        self.mlflow = _mlflow_client(config) if self.rank == 0 else None
+        self.run_id = config.get("mlflow_run_id")
+
+    def restore(self) -> dict[str, torch.Tensor]:
+        """Continue from Ray Train's checkpoint if there is one; returns this rank's extra state."""
+        import ray.train
+        from safetensors.torch import load_file
+
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return {}
+        with ckpt.as_directory() as d:
+            self.engine.load_checkpoint(d, tag="ds")
+            ema = load_file(os.path.join(d, "ema.safetensors"))
+            self.ema = [ema[n].float().to(self.device) for n, _ in self.net.named_parameters()]
+            state = load_file(_rank_state_file(d, self.rank))
+        self.generator.set_state(state.pop("generator"))
+        self.step = int(state.pop("step"))
+        return state
+
+    def gathered(self):
+        """Full parameters in a context (a collective under ZeRO-3, where each rank holds a partition)."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero3 else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # warm-up of the EMA
+        with self.gathered():
+            for e, p in zip(self.ema, self.engine.module.parameters()):
+                e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def end_step(self) -> tuple[bool, bool]:
+        """After an optimizer step: count it, update the EMA, fail where a test planted it; returns
+        (log now, checkpoint now), from ``log_every``, ``checkpoint_every`` and the last step."""
+        self.step += 1
+        self.update_ema()
+        self.maybe_fail()
+        checkpoint = self.checkpoint_due()
+        return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
+
+    def checkpoint_due(self) -> bool:
+        return self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+
+    def report_due(self) -> bool:
+        """Whether this step reports to Ray Train without a checkpoint (``report_every``, not a checkpoint step)."""
+        r = self.cfg.report_every
+        return bool(r) and self.step % r == 0 and not self.checkpoint_due()
+
+    def report(self, metrics: dict) -> None:
+        """Report metrics without a checkpoint to Ray Train; every rank calls it (it is a barrier)."""
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def maybe_fail(self) -> None:
+        """Tests: a planted failure at ``debug_fail_at_step``, once per output folder."""
+        if self.cfg.debug_fail_at_step is None or self.step != self.cfg.debug_fail_at_step:
+            return
+        marker = storage.join(storage.normalize(self.cfg.out), "_debug_failed")
+        if not storage.exists(marker):
+            if self.rank == 0:
+                storage.write_bytes(marker, b"1")
+            raise RuntimeError(f"debug_fail_at_step={self.step}: planted failure")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a float64 tensor over the ranks."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.double().to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def log(self, metrics: dict, extra_metrics: list | None = None) -> None:
+        """MLflow metrics from rank 0 (``extra_metrics``: ready ``mlflow.entities.Metric`` items)."""
+        if self.mlflow is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, self.step) for k, v in metrics.items() if k != "step"]
+        self.mlflow.log_batch(self.run_id, metrics=items + list(extra_metrics or []))
+
+    def save_and_report(
+        self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
+    ) -> None:
+        """Checkpoint (DeepSpeed state, EMA and raw weights + ``model.json``, this rank's state, rank
+        0's ``files``) and report it with ``metrics`` to Ray Train."""
+        import ray.train
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag="ds")
+            own = {"generator": self.generator.get_state(), "step": torch.tensor(self.step), **(state or {})}
+            save_file(own, _rank_state_file(d, self.rank))
+            names = [n for n, _ in self.net.named_parameters()]
+            with self.gathered():
+                raw = {n: p.detach().float().cpu().contiguous() for n, p in self.engine.module.named_parameters()}
+            if self.rank == 0:
+                save_file(
+                    {n: e.cpu().contiguous() for n, e in zip(names, self.ema)}, os.path.join(d, "ema.safetensors")
+                )
+                save_file(raw, os.path.join(d, "model.safetensors"))
+                with open(os.path.join(d, "model.json"), "w") as f:
+                    json.dump(self.meta, f)
+                for name, text in (files or {}).items():
+                    with open(os.path.join(d, name), "w") as f:
+                        f.write(text)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _rank_state_file(d: str, rank: int) -> str:
+    return os.path.join(d, f"rank-{rank:04d}.safetensors")
+
+
+def _mlflow_client(config: dict):
+    if not config.get("mlflow_run_id"):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(config["mlflow_uri"])
+
+
+def progress_line(name: str, text: str) -> None:
+    """The job's progress line from rank 0: a log record, not print (Ray Train's patched print also
+    tees to a stdout that a library has wrapped, and the driver would show every line twice)."""
+    import logging
+
+    logging.getLogger(f"ambient_ray.{name}").info(text)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """The newest Ray Train checkpoint folder under OUT/ray/train, if any."""
+    root = storage.join(storage.normalize(out), "ray", "train")
+    files = storage.list_files(root, ("model.json",))
+    ckpts = sorted({f.rsplit("/", 2)[-2] for f in files if "/checkpoint_" in f})
+    return storage.join(root, ckpts[-1]) if ckpts else None
+
+
+def check_resume(cfg: EngineConfig, out: str, meta: dict) -> None:
+    """Refuse an ``out`` that holds a run unless resuming, and a resume with another model (``meta``)."""
+    ckpt = latest_checkpoint(out)
+    started = storage.exists(storage.join(out, "ray", "train"))
+    if started and not cfg.resume:
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or use another --out")
+    if cfg.resume and ckpt:
+        saved = json.loads(storage.read_bytes(storage.join(ckpt, "model.json")))
+        if saved.get("kind", "denoiser") != meta.get("kind", "denoiser"):
+            raise ConfigError(
+                f"the checkpoint in {ckpt} is a {saved.get('kind', 'denoiser')}, not a {meta.get('kind')}"
+            )
+        diff = [
+            k for k in sorted(set(saved["model"]) | set(meta["model"])) if saved["model"].get(k) != meta["model"].get(k)
+        ]
+        if diff:
+            details = ", ".join(
+                f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {meta['model'].get(k)!r}" for k in diff
+            )
+            raise ConfigError(f"the checkpoint in {ckpt} was trained with another model config ({details})")
+
+
+def fit(
+    cfg: EngineConfig,
+    loop: Callable[[dict], None],
+    loop_config: dict,
+    columns: list[str],
+    callbacks: list | None = None,
+):
+    """Run ``loop`` on ``cfg.num_workers`` Ray Train workers over the dataset's ``columns``; the Ray Train result.
+
+    ``callbacks``: Ray Train ``UserCallback``s (a Ray Tune trial passes the one that forwards each
+    report to Tune).
+
+    The Parquet shards are read (and decoded nothing yet) in the driver and materialized before the
+    workers take their CPUs: a worker set that holds every CPU of the cluster (2 workers on a 2-CPU
+    node) would leave no CPU for read tasks started from inside the workers.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = storage.normalize(cfg.out)
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
+    fs, path = storage.filesystem(storage.join(out, "ray"))
+    data_fs, data_path = storage.filesystem(data_dir(cfg.data))
+    ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"])
+    ds = ds.select_columns(columns).materialize()
+    # the workers' pass over the materialized rows runs with the dataset's own Data context: no
+    # progress bar for it (its bar would stay on the job's output, redrawn by an idle process)
+    ds.context.enable_progress_bars = False
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks or None,
+        ),
+    )
+    return trainer.fit()
+
+
+def export_weights(out: str, ckpt: str | None) -> None:
+    """Copy the inference weights of the last checkpoint to ``OUT/model/``."""
+    if ckpt:
+        for name in ("ema.safetensors", "model.safetensors", "model.json"):
+            storage.write_bytes(storage.join(out, "model", name), storage.read_bytes(storage.join(ckpt, name)))

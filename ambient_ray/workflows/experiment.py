@@ -1,0 +1,497 @@
+"""The experiment stage: Ambient-o Table 2a at our scale, through the pipeline's own stages.
+
+``ambient-ray experiment --dataset digits --corruption blur:sigma=S --clean-fraction 0.1 --seeds 0,1,2 --out URI``
+
+The dataset is split once (by a hash of the id, the same for every seed) into a training part and a
+held-out part. Per seed, ``corrupt`` keeps ``clean_fraction`` of the training part clean and corrupts
+the rest. Arms, with the same network, optimiser, steps and sampler (the ``train`` and ``sample``
+sections are shared; only the data and its annotation differ):
+
+- ``only-clean``: the clean rows alone (``train --set rows=quality=clean``);
+- ``all-data``: every row treated as clean (plain EDM on the mixed data);
+- ``ambient-fixed``: one σ_min for all corrupted rows of a corruption set (``annotate --mode per-dataset``
+  with the same noise classifier);
+- ``ambient-o``: a σ_min per sample (``annotate --mode per-sample``, Eq. 3.2);
+- ``oracle``: the whole training part clean (``corrupt --clean-fraction 1``).
+
+Each (arm, seed) then runs ``sample`` and ``evaluate``: FD against the clean training part and
+against the held-out part, k-NN precision and recall, the memorization share (against the arm's own
+training rows), and the arm's mean σ_min. The features are the in-project feature network trained on
+the clean training part (``ambient-ray features``) unless ``features`` names others.
+
+Outputs under OUT: ``prep/`` (splits, features), ``seed-<s>/`` (mixed data, classifier,
+annotations), ``runs/<arm>/seed-<s>/`` (train, samples, eval, ``result.json``), ``results.json``,
+``results.md`` (mean ± standard error over seeds) and ``results.png``. MLflow: one parent run; one
+child run per (arm, seed) holding its metrics, with the stage runs nested under it. A re-run with
+the same config skips every (arm, seed) that has its ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from ambient_ray import config as cfgmod
+from ambient_ray.config import Strict
+from ambient_ray.io import storage
+from ambient_ray.io.tracking import MlflowConfig
+
+Arm = Literal["only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle"]
+ARMS: tuple[str, ...] = ("only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle")
+TABLE_METRICS = ("fd", "fd_holdout", "precision", "recall", "memorization", "mean_sigma_min")
+
+
+class ExperimentConfig(Strict):
+    """Config of ``ambient-ray experiment``; the stage sections hold keys of those stages' configs."""
+
+    dataset: str = Field("digits", description="built-in name or URI of the clean images")
+    corruption: list[str] = Field(default_factory=lambda: ["blur:sigma=1"], min_length=1)
+    clean_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1)
+    holdout: float = Field(0.2, gt=0.0, lt=1.0, description="fraction held out as the second FD reference")
+    image_size: int | None = Field(None, ge=4, description="resize the images (corrupt's source.image_size)")
+    features: str | None = Field(None, description="feature spec for the metrics (default: train the in-project net)")
+    samples: int | None = Field(None, ge=2, description="samples per (arm, seed) (default: the training part's size)")
+    out: str
+    features_stage: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray features'")
+    classifier: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train-classifier'")
+    annotate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray annotate'")
+    train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train', shared by every arm")
+    sample: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray sample'")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray evaluate'")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @field_validator("seeds", "arms")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated entries in {v}")
+        return v
+
+
+_OWNED = {  # keys the experiment sets itself in each stage section
+    "classifier": {"data", "out", "kind", "seed", "mlflow"},
+    "annotate": {"data", "out", "classifier", "mode", "sets", "seed", "mlflow"},
+    "train": {"data", "out", "rows", "seed", "resume", "mlflow"},
+    "sample": {"checkpoint", "out", "num", "seed", "mlflow"},
+    "evaluate": {
+        "samples",
+        "reference",
+        "reference_where",
+        "holdout",
+        "holdout_where",
+        "train",
+        "train_where",
+        "features",
+        "out",
+        "mlflow",
+    },
+    "features_stage": {"dataset", "where", "out"},
+}
+
+
+def _stage_configs():
+    from ambient_ray.stages import evaluate, features, sample, train, train_classifier
+    from ambient_ray.stages.annotate import AnnotateConfig
+
+    return {
+        "classifier": train_classifier.ClassifierTrainConfig,
+        "annotate": AnnotateConfig,
+        "train": train.TrainConfig,
+        "sample": sample.SampleConfig,
+        "evaluate": evaluate.EvaluateConfig,
+        "features_stage": features.FeaturesConfig,
+    }
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """Refuse bad stage sections and corruption specs before any work starts."""
+    from ambient_ray.corruptions import parse
+
+    for spec in cfg.corruption:
+        parse(spec)
+    dummy = {"data": "x", "out": "x", "checkpoint": "x", "samples": "x", "reference": "x"}
+    for section, model in _stage_configs().items():
+        fill = {k: v for k, v in dummy.items() if k in model.model_fields}
+        cfgmod.build_section(
+            model,
+            section,
+            getattr(cfg, section),
+            owned=_OWNED[section],
+            owner="the experiment itself (per arm and seed)",
+            fill=fill,
+        )
+
+
+# ------------------------------------------------------------------------------ running the stages
+
+
+class Runner:
+    """Runs the stages of one experiment, each into its own folder, skipping finished ones."""
+
+    def __init__(self, cfg: ExperimentConfig, progress: bool):
+        self.cfg, self.progress = cfg, progress
+        self.out = storage.normalize(cfg.out)
+        self.mlflow = cfg.mlflow.model_dump()
+        self.parent_id: str | None = None
+        self.uri: str | None = None
+
+    def mlflow_for(self, parent: str | None, name: str) -> dict:
+        return {**self.mlflow, "run_name": name, "parent_run_id": parent}
+
+    def corrupt(self, name: str, *, part: str, clean_fraction: float, seed: int) -> str:
+        from ambient_ray.stages import corrupt
+
+        out = storage.join(self.out, name)
+        source = {
+            "dataset": self.cfg.dataset,
+            "holdout": self.cfg.holdout,
+            "part": part,
+            "image_size": self.cfg.image_size,
+        }
+        flags = {
+            "source": source,
+            "corruptions": self.cfg.corruption,
+            "clean_fraction": clean_fraction,
+            "seed": seed,
+            "out": out,
+            "overwrite": True,
+        }
+        corrupt.run(cfgmod.build(corrupt.CorruptConfig, flags=flags), progress=self.progress)
+        return out
+
+    def features(self, clean_train: str) -> str:
+        from ambient_ray.stages import features
+
+        if self.cfg.features:
+            return self.cfg.features
+        out = storage.join(self.out, "prep", "features")
+        if not storage.exists(storage.join(out, "features.json")):
+            flags = {**self.cfg.features_stage, "dataset": clean_train, "where": "quality=clean", "out": out}
+            s = features.run(cfgmod.build(features.FeaturesConfig, flags=flags), progress=self.progress)
+            print(f"experiment: feature net trained ({s['task']}), held-out accuracy {s['accuracy']:.3f}")
+        return f"net@{out}"
+
+    def classifier(self, data: str, seed: int) -> str:
+        from ambient_ray.stages import train_classifier
+
+        out = storage.join(self.out, f"seed-{seed}", "classifier")
+        if not storage.exists(storage.join(out, "summary.json")):
+            _fresh(out)
+            flags = {
+                **self.cfg.classifier,
+                "data": data,
+                "out": out,
+                "kind": "noise",
+                "seed": seed,
+                "mlflow": self.mlflow_for(self.parent_id, f"classifier seed {seed}"),
+            }
+            train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags))
+        return out
+
+    def annotate(self, data: str, classifier: str, mode: str, seed: int) -> tuple[str, float]:
+        from ambient_ray.stages import annotate
+
+        out = storage.join(self.out, f"seed-{seed}", f"annotated-{mode}")
+        report = storage.join(out, "annotation.json")
+        if not storage.exists(report):
+            flags = {
+                **self.cfg.annotate,
+                "data": data,
+                "out": out,
+                "classifier": classifier,
+                "mode": mode,
+                "sets": "all",
+                "seed": seed,
+                "overwrite": True,
+                "mlflow": self.mlflow_for(self.parent_id, f"annotate {mode} seed {seed}"),
+            }
+            annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=self.progress)
+        return out, _mean_sigma_min(out)
+
+    def arm(self, arm: str, seed: int, data: str, rows: str | None, refs: dict, sigma: float | None) -> dict:
+        """train -> sample -> evaluate for one (arm, seed); returns its result (also in result.json)."""
+        from ambient_ray.io import tracking
+        from ambient_ray.stages import evaluate, sample, train
+
+        out = storage.join(self.out, "runs", arm, f"seed-{seed}")
+        done = storage.join(out, "result.json")
+        if storage.exists(done):
+            return json.loads(storage.read_bytes(done))
+        _fresh(out)
+        child, uri = tracking.start_run(
+            MlflowConfig.model_validate(self.mlflow_for(self.parent_id, f"{arm} seed {seed}")),
+            out,
+            params={"arm": arm, "seed": seed, "data": data, "rows": rows or ""},
+            tags={"stage": "experiment-arm", "arm": arm},
+        )
+        t0 = time.perf_counter()
+        tflags = {
+            **self.cfg.train,
+            "data": data,
+            "out": storage.join(out, "train"),
+            "rows": rows,
+            "seed": seed,
+            "mlflow": self.mlflow_for(child, f"train {arm} seed {seed}"),
+        }
+        s = train.run(cfgmod.build(train.TrainConfig, flags=tflags))
+        sflags = {
+            **self.cfg.sample,
+            "checkpoint": s["out"],
+            "out": storage.join(out, "samples"),
+            "num": refs["num"],
+            "seed": seed,
+            "mlflow": self.mlflow_for(child, f"sample {arm} seed {seed}"),
+        }
+        r = sample.run(cfgmod.build(sample.SampleConfig, flags=sflags), progress=self.progress)
+        eflags = {
+            **self.cfg.evaluate,
+            "samples": r["out"],
+            "reference": refs["clean"],
+            "reference_where": "quality=clean",
+            "holdout": refs["holdout"],
+            "holdout_where": "quality=clean",
+            "train": data,
+            "train_where": rows,
+            "features": refs["features"],
+            "out": storage.join(out, "eval"),
+            "mlflow": self.mlflow_for(child, f"evaluate {arm} seed {seed}"),
+        }
+        e = evaluate.run(cfgmod.build(evaluate.EvaluateConfig, flags=eflags), progress=self.progress)
+        values = dict(e["metrics"])
+        if sigma is not None:
+            values["mean_sigma_min"] = sigma
+        result = {
+            "arm": arm,
+            "seed": seed,
+            "metrics": values,
+            "seconds": time.perf_counter() - t0,
+            "train_loss": s["metrics"].get("loss"),
+            "mlflow_run_id": child,
+        }
+        tracking.log_metrics(child, uri, values)
+        tracking.log_files(child, uri, {"grid.png": storage.read_bytes(r["grid"])})
+        tracking.finish(child, uri)
+        storage.write_bytes(done, json.dumps(result, indent=1).encode())
+        return result
+
+
+def _fresh(uri: str) -> None:
+    """Clear a half-finished stage folder (a crashed run) so the stage starts over."""
+    if storage.exists(uri):
+        storage.delete(uri)
+
+
+def _mean_sigma_min(annotated: str) -> float:
+    report = json.loads(storage.read_bytes(storage.join(annotated, "annotation.json")))
+    return float(report["mean_sigma_min"])
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def summarize(results: list[dict], arms: list[str]) -> dict:
+    """Per arm and metric: mean, standard error over seeds (sample std / sqrt(n); 0 for one seed), n, values."""
+    table: dict[str, dict] = {}
+    for arm in arms:
+        rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
+        entry: dict[str, dict] = {}
+        for m in TABLE_METRICS:
+            vals = [r["metrics"][m] for r in rows if m in r["metrics"]]
+            if not vals:
+                continue
+            entry[m] = _mean_se(vals)
+        table[arm] = entry
+    return table
+
+
+def _mean_se(vals: list[float]) -> dict:
+    n = len(vals)
+    se = float(np.std(vals, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": float(np.mean(vals)), "se": se, "n": n, "values": vals}
+
+
+PAIRED_METRICS = ("fd", "fd_holdout")
+BASELINE = "only-clean"
+
+
+def paired(results: list[dict], arms: list[str], base: str = BASELINE) -> dict:
+    """Per arm (other than ``base``): the difference arm − base of each PAIRED_METRICS, seed by seed,
+    then mean ± standard error over seeds. Arms of one seed share its data, classifier and sampler
+    noise, so seed-to-seed swings common to all arms cancel here; an SE read off the per-arm table
+    does not know that. Empty when ``base`` did not run."""
+    by = {(r["arm"], r["seed"]): r["metrics"] for r in results}
+    out: dict[str, dict] = {}
+    for arm in arms:
+        if arm == base:
+            continue
+        seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
+        if not seeds:
+            continue
+        out[arm] = {m: _mean_se([by[(arm, s)][m] - by[(base, s)][m] for s in seeds]) for m in PAIRED_METRICS}
+    return out
+
+
+def markdown(
+    table: dict, cfg: ExperimentConfig, minutes: float, diffs: dict | None = None, arm_minutes: float | None = None
+) -> str:
+    heads = {
+        "fd": "FD (clean train) ↓",
+        "fd_holdout": "FD (held-out) ↓",
+        "precision": "precision ↑",
+        "recall": "recall ↑",
+        "memorization": "memorized",
+        "mean_sigma_min": "mean σ_min",
+    }
+    lines = [
+        f"dataset {cfg.dataset}, corruption {', '.join(cfg.corruption)}, clean fraction {cfg.clean_fraction}, "
+        f"seeds {','.join(map(str, cfg.seeds))}: mean ± standard error over seeds ({minutes:.0f} min"
+        + (
+            f"; the arms' training, sampling and evaluation alone: {arm_minutes:.0f} min, runs skipped as done included"
+            if arm_minutes
+            else ""
+        )
+        + ")",
+        "",
+        "| arm | " + " | ".join(heads[m] for m in TABLE_METRICS) + " |",
+        "|---|" + "---|" * len(TABLE_METRICS),
+    ]
+    for arm, entry in table.items():
+        cells = []
+        for m in TABLE_METRICS:
+            e = entry.get(m)
+            digits = 2 if m in ("fd", "fd_holdout", "mean_sigma_min") else 3
+            cells.append("—" if e is None else f"{e['mean']:.{digits}f} ± {e['se']:.{digits}f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if diffs:
+        lines += [
+            "",
+            f"Paired by seed, each arm minus {BASELINE} (negative: better than filtering to the clean rows):",
+            "",
+            f"| arm | FD − {BASELINE} | held-out FD − {BASELINE} |",
+            "|---|---|---|",
+        ]
+        for arm, d in diffs.items():
+            lines.append(
+                f"| {arm} | " + " | ".join(f"{d[m]['mean']:+.2f} ± {d[m]['se']:.2f}" for m in PAIRED_METRICS) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, title: str) -> bytes:
+    from ambient_ray.io import plots
+
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    arms = list(table)
+    for ax, m in zip(axes, ("fd", "fd_holdout")):
+        means = [table[a].get(m, {}).get("mean", np.nan) for a in arms]
+        ses = [table[a].get(m, {}).get("se", 0.0) for a in arms]
+        ax.bar(
+            range(len(arms)), means, yerr=ses, capsize=4, color=["#888", "#c44", "#d93", "#38c", "#4a4"][: len(arms)]
+        )
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+        ax.set_ylabel("FD (lower is better)")
+        ax.set_title("vs clean training part" if m == "fd" else "vs held-out part", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return plots._figure_png(fig)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Run every (arm, seed); returns {"out", "table", "markdown", "mlflow_run_id", "minutes"}."""
+    from ambient_ray.io import tracking
+
+    check(cfg)
+    r = Runner(cfg, progress)
+    storage.check_reachable(r.out)
+    cfgmod.save_resolved(cfg, r.out)
+    t0 = time.perf_counter()
+    tags = {"stage": "experiment", "dataset": cfg.dataset, "corruption": ",".join(cfg.corruption)}
+    params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] not in ("mlflow",)}
+    r.parent_id, r.uri = tracking.start_run(
+        MlflowConfig.model_validate(r.mlflow_for(None, cfg.mlflow.run_name or "experiment")),
+        r.out,
+        params=params,
+        tags=tags,
+    )
+    try:
+        print(
+            f"experiment: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds on {cfg.dataset}, {', '.join(cfg.corruption)}, "
+            f"{cfg.clean_fraction:.0%} clean -> {r.out}" + (f"; MLflow run {r.parent_id}" if r.parent_id else "")
+        )
+        clean = r.corrupt("prep/clean-train", part="train", clean_fraction=1.0, seed=0)
+        holdout = r.corrupt("prep/clean-holdout", part="holdout", clean_fraction=1.0, seed=0)
+        from ambient_ray.train.engine import load_metadata
+
+        n_train = len(load_metadata(clean))
+        refs = {"clean": clean, "holdout": holdout, "features": r.features(clean), "num": cfg.samples or n_train}
+        results = []
+        total, k = len(cfg.arms) * len(cfg.seeds), 0
+        for seed in cfg.seeds:
+            mixed = r.corrupt(f"seed-{seed}/mixed", part="train", clean_fraction=cfg.clean_fraction, seed=seed)
+            annotated: dict[str, tuple[str, float]] = {}
+            if {"ambient-fixed", "ambient-o"} & set(cfg.arms):
+                clf = r.classifier(mixed, seed)
+                if "ambient-fixed" in cfg.arms:
+                    annotated["ambient-fixed"] = r.annotate(mixed, clf, "per-dataset", seed)
+                if "ambient-o" in cfg.arms:
+                    annotated["ambient-o"] = r.annotate(mixed, clf, "per-sample", seed)
+            for arm in cfg.arms:
+                k += 1
+                print(f"experiment: [{k}/{total}] {arm}, seed {seed}")
+                if arm in annotated:
+                    data, rows, sigma = annotated[arm][0], None, annotated[arm][1]
+                elif arm == "oracle":
+                    data, rows, sigma = clean, None, None
+                else:
+                    data, rows, sigma = mixed, ("quality=clean" if arm == "only-clean" else None), None
+                res = r.arm(arm, seed, data, rows, refs, sigma)
+                results.append(res)
+                m = res["metrics"]
+                print(
+                    f"experiment: {arm}, seed {seed}: FD {m['fd']:.2f} (held-out {m['fd_holdout']:.2f}), "
+                    f"precision {m['precision']:.3f}, recall {m['recall']:.3f}"
+                )
+        minutes = (time.perf_counter() - t0) / 60
+        table = summarize(results, list(cfg.arms))
+        diffs = paired(results, list(cfg.arms))
+        md = markdown(table, cfg, minutes, diffs, sum(x.get("seconds", 0.0) for x in results) / 60)
+        png = plot(
+            table, f"{cfg.dataset}, {', '.join(cfg.corruption)}, {cfg.clean_fraction:.0%} clean, {len(cfg.seeds)} seeds"
+        )
+        report = {
+            "config": cfg.model_dump(mode="json"),
+            "table": table,
+            "paired": diffs,
+            "results": results,
+            "minutes": minutes,
+            "mlflow_run_id": r.parent_id,
+        }
+        files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
+        for name, data in files.items():
+            storage.write_bytes(storage.join(r.out, name), data)
+        flat = {f"{m}.{arm}": e[m]["mean"] for arm, e in table.items() for m in e}
+        tracking.log_metrics(r.parent_id, r.uri, flat)
+        tracking.log_files(r.parent_id, r.uri, files)
+        tracking.finish(r.parent_id, r.uri)
+    except BaseException:
+        tracking.finish(r.parent_id, r.uri, status="FAILED")
+        raise
+    print(md)
+    return {
+        "out": r.out,
+        "table": table,
+        "markdown": md,
+        "mlflow_run_id": r.parent_id,
+        "mlflow_uri": r.uri,
+        "minutes": minutes,
+    }
