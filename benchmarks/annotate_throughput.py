@@ -77,7 +77,7 @@ def plain(
     """(rows, seconds) of the plain loop."""
     import pyarrow.parquet as pq
 
-    from ambient_ray.data.sources import decode_png
+    from ambient_ray.data.images import decode_png
     from ambient_ray.io.weights import load_classifier
     from ambient_ray.models.classifier import noise_curves
 
@@ -122,10 +122,9 @@ def actor_direct(
     data: str, clf: str, out: str, grid_points: int, draws: int, batch: int, device: str
 ) -> tuple[int, float]:
     """The actor's per-shard work without Ray (for a GPU machine that has no Ray)."""
-    from ambient_ray.data.sources import data_dir
+    from ambient_ray.data.metadata import data_dir, load_metadata
     from ambient_ray.io import storage
     from ambient_ray.stages import annotate
-    from ambient_ray.train.engine import load_metadata
 
     cfg = annotate.AnnotateConfig(
         data=data,

@@ -25,8 +25,10 @@ import time
 import numpy as np
 import torch
 
-from ambient_ray.data.sources import SourceConfig, decode_png
-from ambient_ray.diffusion import ambient
+from ambient_ray.data import metadata
+from ambient_ray.data.images import decode_png
+from ambient_ray.data.sources import SourceConfig
+from ambient_ray.diffusion import ambient, edm
 from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 from ambient_ray.stages import train
 from ambient_ray.stages.corrupt import CorruptConfig
@@ -40,7 +42,7 @@ def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ambient_ray.io import storage
 
-    meta = engine.load_metadata(cfg.data)
+    meta = metadata.load_metadata(cfg.data)
     smin, _, _ = train.resolve_sigmas(meta, cfg)
     by_id = {}
     for f in storage.list_files(engine.data_dir(cfg.data), (".parquet",)):
@@ -78,11 +80,11 @@ def plain_loop(cfg: train.TrainConfig, images, smin, steps: int, warmup: int, ob
             loss, _ = ambient.batch_loss(d, b, a.sigma_data)
         else:
             idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-            sigma = ambient.lognormal_sigma(cfg.batch_size, a.p_mean, a.p_std, gen)
+            sigma = edm.lognormal_sigma(cfg.batch_size, a.p_mean, a.p_std, gen)
             y = images[idx].float() / 127.5 - 1.0
             x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen)
             d = net(x.to(dev, dtype), sigma.to(dev, dtype)).float()
-            loss = ambient.edm_loss(d, y.to(dev), sigma.to(dev), a.sigma_data).mean()
+            loss = edm.edm_loss(d, y.to(dev), sigma.to(dev), a.sigma_data).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.grad_clip > 0:

@@ -42,7 +42,11 @@ def fingerprint(out: str) -> dict:
     numeric = ("noise_curve", "crop_curve", "score")
 
     def curve_row(r):
-        return (r["id"], r["error"], *[np.asarray(r[k] if r[k] is not None else [], np.float32).tobytes() for k in numeric])
+        return (
+            r["id"],
+            r["error"],
+            *[np.asarray(r[k] if r[k] is not None else [], np.float32).tobytes() for k in numeric],
+        )
 
     curves_digest = _digest(*[curve_row(r) for r in curves])
     ann = _table(os.path.join(out, "annotated", "data")).select(["id", "sigma_min"]).to_pylist()

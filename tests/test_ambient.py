@@ -8,6 +8,8 @@ import torch
 from scipy import stats
 
 from ambient_ray.diffusion import ambient as A
+from ambient_ray.diffusion import edm
+from ambient_ray.models import precond
 
 
 def test_ambient_loss_with_sigma_n_zero_is_the_edm_loss():
@@ -17,16 +19,16 @@ def test_ambient_loss_with_sigma_n_zero_is_the_edm_loss():
     x_s = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
     pred = torch.randn(x0.shape, generator=g)
     amb = A.ambient_loss(pred, x_s, x0, sigma, torch.zeros(6))
-    torch.testing.assert_close(amb, A.edm_loss(pred, x0, sigma))
+    torch.testing.assert_close(amb, edm.edm_loss(pred, x0, sigma))
 
 
 def test_edm_preconditioning_identities():
     sigma = torch.tensor([0.002, 0.5, 80.0])
-    c_skip, c_out, c_in, c_noise = A.edm_precond(sigma)
+    c_skip, c_out, c_in, c_noise = precond.edm_precond(sigma)
     # unit variance of the network's input and target (Karras et al. 2022, App. B.6)
     torch.testing.assert_close(c_in**2 * (sigma**2 + 0.25), torch.ones(3))
     torch.testing.assert_close(c_skip * (sigma**2 + 0.25), torch.full((3,), 0.25))
-    torch.testing.assert_close(A.edm_weight(sigma) * c_out**2, torch.ones(3))
+    torch.testing.assert_close(edm.edm_weight(sigma) * c_out**2, torch.ones(3))
     torch.testing.assert_close(c_noise, sigma.log() / 4)
 
 
@@ -59,7 +61,7 @@ def test_minimiser_of_the_ambient_loss_is_tweedie(sigma):
     assert float(ab[0]) == pytest.approx(a_true, abs=0.01)
     assert float(ab[1]) == pytest.approx(mu * (1 - a_true), abs=0.01)
     # treating the noisy samples as clean learns the wrong (noisier) distribution
-    naive = fit(lambda d: A.edm_loss(d, x_n, sig))
+    naive = fit(lambda d: edm.edm_loss(d, x_n, sig))
     assert abs(float(naive[0]) - a_true) > 0.05
 
 
@@ -160,10 +162,10 @@ def test_crops_without_a_table_are_refused_and_masks_have_the_size():
 def test_validation_losses_against_analytic_values():
     """Per σ, summed over rows: 0 for a denoiser that returns the truth; λ(σ)·Σ mean(y²) for one that returns 0."""
     y = torch.rand(5, 1, 4, 4) * 2 - 1
-    sig = A.VAL_SIGMAS
-    perfect = A.validation_losses(lambda x, s, c: y, y, sig)
+    sig = edm.VAL_SIGMAS
+    perfect = edm.validation_losses(lambda x, s, c: y, y, sig)
     assert torch.equal(perfect, torch.zeros(len(sig), dtype=torch.float64))
-    zero = A.validation_losses(lambda x, s, c: torch.zeros_like(x), y, sig, sigma_data=0.5)
+    zero = edm.validation_losses(lambda x, s, c: torch.zeros_like(x), y, sig, sigma_data=0.5)
     expect = (
         torch.tensor([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sig], dtype=torch.float64)
         * (y**2).mean(dim=(1, 2, 3)).sum().double()
@@ -174,5 +176,5 @@ def test_validation_losses_against_analytic_values():
     def shrink(x, s, c):
         return x / (1 + s.view(-1, 1, 1, 1) ** 2)
 
-    a, b = A.validation_losses(shrink, y, sig, seed=3), A.validation_losses(shrink, y, sig, seed=3)
-    assert torch.equal(a, b) and not torch.equal(a, A.validation_losses(shrink, y, sig, seed=4))
+    a, b = edm.validation_losses(shrink, y, sig, seed=3), edm.validation_losses(shrink, y, sig, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, edm.validation_losses(shrink, y, sig, seed=4))

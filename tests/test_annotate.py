@@ -209,7 +209,7 @@ def test_bad_rows_are_quarantined_and_counted(blurred, noise_clf, tmp_path):
         t = pq.read_table(f)
         if f.endswith("shard-00000.parquet"):
             img = t.column("image").to_pylist()
-            from ambient_ray.data.sources import encode_png
+            from ambient_ray.data.images import encode_png
 
             img[0] = b"not a png"
             img[1] = encode_png(np.zeros((16, 16, 1), np.uint8))
@@ -308,11 +308,11 @@ def test_cli_annotate_with_fixed(blurred, tmp_path, capsys):
 def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred, noise_clf, tmp_path):
     """Digits 0-4 are the target, 5-9 the other data; crop(σ) from the locality map of a (fresh)
     denoiser; σ_max lands on the grid, only for rows that are not clean, and training then draws crops."""
+    from ambient_ray.data.metadata import load_metadata
     from ambient_ray.diffusion import ambient
     from ambient_ray.stages.locality import LocalityConfig
     from ambient_ray.stages.locality import run as locality_run
     from ambient_ray.stages.train import TrainConfig, load_crop_table, resolve_sigmas
-    from ambient_ray.train.engine import load_metadata
     from tests.test_locality import write_denoiser
 
     crops = str(tmp_path / "crops")
@@ -373,7 +373,7 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     _, _, crop_size = sampler.sample(4096, torch.Generator().manual_seed(0))
     assert (crop_size > 0).any()
     # the crop-size threshold: locality_eps re-derives crop(σ) from the table's losses (what `tune` searches)
-    from ambient_ray.stages.locality import crop_sizes
+    from ambient_ray.diffusion.locality import crop_sizes
 
     with pytest.raises(ConfigError, match="locality_eps"):
         annotate.run(acfg(blurred, str(tmp_path / "x"), classifier=noise_clf[0], locality_eps=0.5), progress=False)

@@ -16,7 +16,8 @@ import ray
 
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
-from ambient_ray.data.sources import SourceConfig, _builtin_arrays, decode_png
+from ambient_ray.data.images import decode_png
+from ambient_ray.data.sources import SourceConfig, _builtin_arrays
 from ambient_ray.io import storage
 from ambient_ray.stages.corrupt import CorruptConfig, run
 

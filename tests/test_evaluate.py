@@ -13,7 +13,7 @@ from ambient_ray.cli import main as cli
 from ambient_ray.corruptions import apply, parse
 from ambient_ray.data.sources import read_array
 from ambient_ray.io import storage
-from ambient_ray.stages import features
+from ambient_ray.models import features
 from ambient_ray.stages.evaluate import EvaluateConfig
 from ambient_ray.stages.evaluate import run as evaluate
 
@@ -264,7 +264,7 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
     assert f"| ambient-o | {diff['mean']:+.2f} ± 0.00 |" in md
     # only-clean saw the clean rows alone; ambient-o all of them
     mixed = storage.join(out, "seed-0", "mixed")
-    from ambient_ray.train.engine import load_metadata
+    from ambient_ray.data.metadata import load_metadata
 
     meta = load_metadata(mixed)
     n_clean = int((meta["quality"] == "clean").sum())

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
 from ambient_ray.io import storage
-from ambient_ray.stages.locality import LocalityConfig, crop_sizes, locality_losses, run, valid_contexts
+from ambient_ray.stages.locality import LocalityConfig, run
 
 
 def test_crop_is_the_smallest_context_within_eps_and_grows_with_sigma():

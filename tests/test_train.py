@@ -88,8 +88,8 @@ def denoising_loss(data, out=None, model=None, sigmas=(0.3, 0.6, 1.0, 2.0, 4.0),
     raw weights in ``out``, or a fresh network of ``model`` (the initial weights of every run)."""
     import torch
 
-    from ambient_ray.data.sources import decode_png
-    from ambient_ray.diffusion.ambient import edm_loss
+    from ambient_ray.data.images import decode_png
+    from ambient_ray.diffusion.edm import edm_loss
     from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
     from ambient_ray.stages.sample import load_denoiser
 

@@ -5,8 +5,8 @@ import torch
 from pydantic import ValidationError
 
 from ambient_ray.config import ConfigError, Strict, build
-from ambient_ray.diffusion.ambient import edm_precond
 from ambient_ray.models.ddpmpp import EDMDenoiser, UNet, UNetConfig, build_denoiser
+from ambient_ray.models.precond import edm_precond
 
 
 def _randomize_output(net: UNet) -> None:

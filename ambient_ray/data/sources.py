@@ -27,6 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from ambient_ray.config import Strict
+from ambient_ray.data.images import decode_png, encode_png, resize_square
+from ambient_ray.data.metadata import FILTER_FIELDS, data_dir, match
 from ambient_ray.io import storage
 
 BUILTINS = ("digits", "faces", "photos")
@@ -402,76 +404,61 @@ def decode(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, str | No
     return np.ascontiguousarray(arr), None
 
 
-def resize_square(arr: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop to a square, then resize (bicubic) to ``size`` x ``size``."""
-    h, w, c = arr.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    arr = arr[top : top + s, left : left + s]
-    im = Image.fromarray(arr[..., 0] if c == 1 else arr).resize((size, size), Image.BICUBIC)
-    return np.asarray(im).reshape(size, size, c)
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode stored image bytes to uint8 (H, W, C)."""
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
 # ------------------------------------------------------------------------------ stage outputs
 
 
-def data_dir(uri: str) -> str:
-    """The Parquet folder of a stage's output (``URI/data``), or ``uri`` itself if it has no ``data/``."""
-    uri = storage.normalize(uri)
-    sub = storage.join(uri, "data")
-    return sub if storage.is_dir(sub) else uri
+# ------------------------------------------------------------------------------ Ray Data
 
 
-def read_images(uri: str, ids: set[str] | None = None):
-    """(ids, uint8 tensor (N, C, H, W)) of a stage output's rows (those in ``ids``, or all), in file order."""
-    import pyarrow.parquet as pq
-    import torch
+def read(uri_or_cfg: str | SourceConfig, *, chunk: int = 512):
+    """Any source as a Ray Dataset of ``id, image (PNG), height, width, channels, label, caption, source``
+    plus ``error`` (empty when the row decoded; otherwise the reason, and ``image`` holds the raw bytes).
 
-    got, imgs = [], []
-    for f in storage.list_files(data_dir(uri), (".parquet",)):
-        fs, path = storage.filesystem(f)
-        t = pq.read_table(path, filesystem=fs, columns=["id", "image"])
-        for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
-            if ids is None or rid in ids:
-                got.append(rid)
-                imgs.append(decode_png(img).transpose(2, 0, 1))
-    if not imgs:
-        raise ValueError(f"no rows read from {uri}" + (f" among {len(ids)} ids asked for" if ids is not None else ""))
-    return got, torch.from_numpy(np.stack(imgs))
+    A folder written by a stage (Parquet shards under ``data/``) is read with ``ray.data.read_parquet``.
+    """
+    import ray.data
+
+    cfg = uri_or_cfg if isinstance(uri_or_cfg, SourceConfig) else SourceConfig(dataset=uri_or_cfg)
+    source = make_source(cfg)
+    if isinstance(source, ParquetSource) and cfg.image_size is None and cfg.channels is None and cfg.repeat == 1:
+        fs, path = storage.filesystem(source.uri)
+        return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    items = list_items(source, cfg)
+    chunks = [
+        {
+            "ids": json.dumps([i for i, _ in items[s : s + chunk]]),
+            "locs": json.dumps([loc for _, loc in items[s : s + chunk]]),
+        }
+        for s in range(0, len(items), chunk)
+    ]
+
+    def load_chunk(batch: dict) -> dict:
+        cols: dict[str, list] = defaultdict(list)
+        for ids_json, locs_json in zip(batch["ids"], batch["locs"]):
+            ids, locs = json.loads(ids_json), [unjson(x) for x in json.loads(locs_json)]
+            for rid, rec in zip(ids, source.load(locs)):
+                arr, err = decode(rec, cfg)
+                raw = rec.get("image")
+                cols["id"].append(rid)
+                cols["image"].append(encode_png(arr) if arr is not None else (raw if isinstance(raw, bytes) else b""))
+                h, w, c = arr.shape if arr is not None else (0, 0, 0)
+                cols["height"].append(h)
+                cols["width"].append(w)
+                cols["channels"].append(c)
+                cols["label"].append(rec.get("label"))
+                cols["caption"].append(rec.get("caption"))
+                cols["source"].append(rec.get("source", source.name))
+                cols["error"].append(err or "")
+        return {
+            k: np.array(v, dtype=object) if k in ("image", "label", "caption") else np.array(v) for k, v in cols.items()
+        }
+
+    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(load_chunk, batch_size=1)
 
 
-FILTER_FIELDS = ("quality", "source", "label", "corruption")
-
-
-def parse_filter(spec: str) -> tuple[str, set[str]]:
-    """A row filter ``FIELD=V1[,V2...]``: ``label=0,1`` -> ('label', {'0', '1'})."""
-    field, eq, values = spec.partition("=")
-    field = field.strip()
-    vals = {v.strip() for v in values.split(",") if v.strip()}
-    if not eq or field not in FILTER_FIELDS or not vals:
-        raise ValueError(f"row filter {spec!r}: expected FIELD=V1[,V2...] with FIELD one of {', '.join(FILTER_FIELDS)}")
-    return field, vals
-
-
-def match(meta, spec: str) -> np.ndarray:
-    """Boolean mask of the rows of a metadata frame that a row filter selects."""
-    field, vals = parse_filter(spec)
-    if field not in meta:
-        raise ValueError(f"row filter {spec!r}: the dataset has no '{field}' column")
-    return meta[field].astype(str).isin(vals).to_numpy()
+def unjson(loc: Any) -> Any:
+    """Locators go through JSON: tuples come back as lists."""
+    return tuple(loc) if isinstance(loc, list) else loc
 
 
 def read_array(uri: str, where: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -521,57 +508,3 @@ def read_array(uri: str, where: str | None = None) -> tuple[np.ndarray, np.ndarr
     if "label" in meta and meta["label"].notna().all():
         labels = meta["label"].to_numpy(dtype=np.int64)
     return np.stack(imgs), labels
-
-
-# ------------------------------------------------------------------------------ Ray Data
-
-
-def read(uri_or_cfg: str | SourceConfig, *, chunk: int = 512):
-    """Any source as a Ray Dataset of ``id, image (PNG), height, width, channels, label, caption, source``
-    plus ``error`` (empty when the row decoded; otherwise the reason, and ``image`` holds the raw bytes).
-
-    A folder written by a stage (Parquet shards under ``data/``) is read with ``ray.data.read_parquet``.
-    """
-    import ray.data
-
-    cfg = uri_or_cfg if isinstance(uri_or_cfg, SourceConfig) else SourceConfig(dataset=uri_or_cfg)
-    source = make_source(cfg)
-    if isinstance(source, ParquetSource) and cfg.image_size is None and cfg.channels is None and cfg.repeat == 1:
-        fs, path = storage.filesystem(source.uri)
-        return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-    items = list_items(source, cfg)
-    chunks = [
-        {
-            "ids": json.dumps([i for i, _ in items[s : s + chunk]]),
-            "locs": json.dumps([loc for _, loc in items[s : s + chunk]]),
-        }
-        for s in range(0, len(items), chunk)
-    ]
-
-    def load_chunk(batch: dict) -> dict:
-        cols: dict[str, list] = defaultdict(list)
-        for ids_json, locs_json in zip(batch["ids"], batch["locs"]):
-            ids, locs = json.loads(ids_json), [_unjson(x) for x in json.loads(locs_json)]
-            for rid, rec in zip(ids, source.load(locs)):
-                arr, err = decode(rec, cfg)
-                raw = rec.get("image")
-                cols["id"].append(rid)
-                cols["image"].append(encode_png(arr) if arr is not None else (raw if isinstance(raw, bytes) else b""))
-                h, w, c = arr.shape if arr is not None else (0, 0, 0)
-                cols["height"].append(h)
-                cols["width"].append(w)
-                cols["channels"].append(c)
-                cols["label"].append(rec.get("label"))
-                cols["caption"].append(rec.get("caption"))
-                cols["source"].append(rec.get("source", source.name))
-                cols["error"].append(err or "")
-        return {
-            k: np.array(v, dtype=object) if k in ("image", "label", "caption") else np.array(v) for k, v in cols.items()
-        }
-
-    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(load_chunk, batch_size=1)
-
-
-def _unjson(loc: Any) -> Any:
-    """Locators go through JSON: tuples come back as lists."""
-    return tuple(loc) if isinstance(loc, list) else loc

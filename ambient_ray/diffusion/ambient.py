@@ -1,4 +1,4 @@
-"""The ambient math in pure torch (no Ray): EDM preconditioning, the ambient loss, the buffer, and
+"""The ambient math in pure torch (no Ray): the ambient loss, the buffer, and
 the σ-first sampler that pairs each training noise level with a sample that may train it.
 
 Conventions: variance-exploding EDM, x_σ = x_0 + σ·z, data in [-1, 1], σ_data = 0.5 by default.
@@ -6,7 +6,7 @@ A sample annotated with σ_n (``sigma_min``) is only ever seen as x_{σ_n} = y +
 a clean sample. A crops-annotated sample (``sigma_max`` > 0) may also train σ ≤ sigma_max through a
 random crop of size crop(σ).
 
-Papers: Karras et al. 2022 (EDM), Table 1 for the preconditioning; Ambient Diffusion Omni (Daras et
+Papers: Karras et al. 2022 (EDM), Table 1 (:mod:`ambient_ray.diffusion.edm`); Ambient Diffusion Omni (Daras et
 al. 2025), Sec. 3.1 and App. D (Eq. D.1, D.2) for the ambient loss, weight and buffer.
 """
 
@@ -17,65 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def _bcast(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample value (B,) reshaped to broadcast over a (B, ...) tensor."""
-    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
-    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim == 1 else v
-
+from ambient_ray.diffusion.edm import bcast, edm_weight, lognormal_sigma
 
 # ------------------------------------------------------------------------------ EDM
-
-
-def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
-    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise.
-
-    D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)).
-    """
-    s2 = sigma**2 + sigma_data**2
-    c_skip = sigma_data**2 / s2
-    c_out = sigma * sigma_data / s2.sqrt()
-    c_in = 1.0 / s2.sqrt()
-    c_noise = sigma.log() / 4.0
-    return c_skip, c_out, c_in, c_noise
-
-
-def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """EDM loss weight λ(σ) = (σ² + σ_data²) / (σ·σ_data)² (Karras et al. 2022, Table 1)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
-def edm_loss(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """Per-element EDM loss λ(σ)·(D(x_σ; σ) − x_0)²."""
-    return _bcast(edm_weight(sigma, sigma_data), x0) * (x0_pred - x0) ** 2
-
-
-VAL_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-@torch.no_grad()
-def validation_losses(
-    denoise,
-    y: torch.Tensor,
-    sigmas=VAL_SIGMAS,
-    sigma_data: float = 0.5,
-    seed: int = 0,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sum over ``y``'s rows of the EDM loss λ(σ)·‖D(y + σz; σ) − y‖² (per-element mean), one entry per σ.
-
-    A comparable yardstick for runs whose training losses are not (another τ moves every σ_min, another
-    λ_max the buffer): the plain denoising loss on clean rows at a fixed σ grid, with noise fixed by
-    ``seed``, so two evaluations differ by the network alone. ``denoise(x, sigma, labels)`` returns x_0.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.zeros(len(sigmas), dtype=torch.float64)
-    for i, s in enumerate(sigmas):
-        z = torch.randn(y.shape, generator=gen)
-        sigma = torch.full((len(y),), float(s))
-        pred = denoise((y + s * z).to(y.device), sigma.to(y.device), labels).float().cpu()
-        out[i] = edm_loss(pred, y.float().cpu(), sigma, sigma_data).flatten(1).mean(1).sum().double()
-    return out
 
 
 # ------------------------------------------------------------------------------ ambient
@@ -108,7 +52,7 @@ def ambient_x0_to_xn(
     With x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z', Tweedie gives
     E[x_{σ_n} | x_σ] = α·E[x_0 | x_σ] + (1 − α)·x_σ with α = (σ² − σ_n²)/σ².
     """
-    alpha = _bcast((sigma**2 - sigma_n**2) / sigma**2, x_sigma)
+    alpha = bcast((sigma**2 - sigma_n**2) / sigma**2, x_sigma)
     return alpha * x0_pred + (1.0 - alpha) * x_sigma
 
 
@@ -129,15 +73,10 @@ def ambient_loss(
     sigma_n = torch.as_tensor(sigma_n, dtype=x_sigma.dtype, device=x_sigma.device)
     pred_n = ambient_x0_to_xn(x0_pred, x_sigma, sigma, sigma_n)
     w = edm_weight(sigma, sigma_data) * ambient_weight(sigma, sigma_n)
-    return _bcast(w, x_sigma) * (pred_n - x_sigma_n) ** 2
+    return bcast(w, x_sigma) * (pred_n - x_sigma_n) ** 2
 
 
 # ------------------------------------------------------------------------------ σ sampler
-
-
-def lognormal_sigma(n: int, p_mean: float, p_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """σ = exp(P_mean + P_std·ε), ε ~ N(0, 1): the EDM training distribution."""
-    return (p_mean + p_std * torch.randn(n, generator=generator)).exp()
 
 
 @dataclass
@@ -392,8 +331,8 @@ def ambient_batch(
     sigma, idx, crop_size = sampler.sample(batch, generator)
     y = images[idx].float() / 127.5 - 1.0
     sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min[idx])
-    x_n = y + _bcast(sn, y) * torch.randn(y.shape, generator=generator)
-    x_s = x_n + _bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
+    x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
+    x_s = x_n + bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
     return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), idx)
 
 

@@ -7,11 +7,12 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 
-from ambient_ray.data.sources import decode, decode_png
+from ambient_ray.data.images import decode_png
+from ambient_ray.data.sources import decode
 from ambient_ray.io import storage
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -44,7 +45,7 @@ def image_rows(rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> byt
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def corruption_preview(out: str, source, cfg, items, roles, specs, per_spec: int = 8) -> str:
@@ -123,10 +124,10 @@ def coverage_plot(donut: list[dict], title: str = "σ coverage") -> bytes:
         a.set_xlabel("σ bucket")
         a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +148,7 @@ def prob_curves(
 ) -> bytes:
     """Classifier probability against σ (or crop size), one line per group (Ambient-o Fig. 2), with
     the threshold τ as a dashed line and optional vertical ``marks`` (name -> x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = np.asarray(x, dtype=float)
     for name, curve in series.items():
@@ -165,12 +166,12 @@ def prob_curves(
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def sigma_histogram(groups: dict, title: str = "σ_min per sample", xlabel: str = "σ_min") -> bytes:
     """Histogram of an annotation (σ_min or σ_max) per group of rows (e.g. per corruption), log-spaced bins."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     vals = [np.asarray(v, dtype=float) for v in groups.values()]
     pos = np.concatenate([v[v > 0] for v in vals]) if vals else np.array([])
@@ -184,13 +185,13 @@ def sigma_histogram(groups: dict, title: str = "σ_min per sample", xlabel: str 
     ax.set_ylabel("rows")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def locality_plot(contexts, sigmas, losses, crop) -> bytes:
     """Ambient-o Figs. 11-12: centre-patch denoising loss against the context size, one line per σ
     (the chosen crop(σ) marked), and crop(σ) against σ."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     cmap = plt.get_cmap("viridis")
     losses = np.asarray(losses, dtype=float)
@@ -208,4 +209,4 @@ def locality_plot(contexts, sigmas, losses, crop) -> bytes:
     a2.set_xlabel("σ")
     a2.set_ylabel("crop(σ) (pixels)")
     a2.set_title("context needed for the full-context loss", fontsize=9)
-    return _figure_png(fig)
+    return figure_png(fig)

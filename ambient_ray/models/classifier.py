@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ambient_ray.diffusion.ambient import edm_precond
 from ambient_ray.models.ddpmpp import Mlp, UNetConfig, build_encoder, noise_embedding
+from ambient_ray.models.precond import edm_precond
 
 Kind = Literal["noise", "crops"]
 

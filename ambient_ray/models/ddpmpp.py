@@ -25,7 +25,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from ambient_ray.config import Strict
-from ambient_ray.diffusion.ambient import edm_precond
+from ambient_ray.models.precond import edm_precond
 
 
 class UNetConfig(Strict):

@@ -1,11 +1,4 @@
-"""The locality map crop(σ) of Ambient-o (Sec. 3.2, Figs. 11-14): how much context a denoiser needs.
-
-Math (pure torch): a trained denoiser D is given x_σ = y + σ·z cut to a centred s x s window (its
-context) and graded on the centre ``patch`` x ``patch`` pixels of its x_0 prediction, for growing s
-and a grid of σ. crop(σ) is the smallest context whose loss is within ε of the full-image loss,
-relatively: loss(s) ≤ (1 + ε)·loss(full) (the losses span orders of magnitude across σ, so one
-absolute ε would mean nothing at small σ and be unreachable at large σ). crop(σ) is then made
-non-decreasing in σ, as more noise never needs less context.
+"""The locality stage of Ambient-o (Sec. 3.2): the map crop(σ) (:mod:`ambient_ray.diffusion.locality`) on data.
 
 Stage (``ambient-ray locality --checkpoint DENOISER --data URI --out URI``): the map on clean rows of
 the data, written as ``OUT/locality.json`` (σ grid, contexts, losses, crop(σ), ε) and
@@ -22,61 +15,9 @@ import torch
 from pydantic import Field
 
 from ambient_ray.config import Strict
+from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
-
-
-def centre_start(size: int, inner: int) -> int:
-    return (size - inner) // 2
-
-
-@torch.no_grad()
-def locality_losses(
-    net,
-    y: torch.Tensor,
-    sigmas: list[float],
-    contexts: list[int],
-    patch: int = 2,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """(len(sigmas), len(contexts)) mean squared error of D's x_0 prediction at the centre patch.
-
-    ``y`` (B, C, H, W) in [-1, 1], square; the same noise is used for every context of one σ, so the
-    curves differ by context alone.
-    """
-    h = y.shape[-1]
-    p0 = centre_start(h, patch)
-    truth = y[..., p0 : p0 + patch, p0 : p0 + patch]
-    out = torch.empty(len(sigmas), len(contexts), dtype=torch.float64)
-    for i, s in enumerate(sigmas):
-        x = y + s * torch.randn(y.shape, generator=generator)
-        for j, c in enumerate(contexts):
-            c0 = centre_start(h, c)
-            d = net(x[..., c0 : c0 + c, c0 : c0 + c], torch.full((len(y),), float(s)))
-            q0 = centre_start(c, patch)
-            pred = d[..., q0 : q0 + patch, q0 : q0 + patch]
-            out[i, j] = ((pred.float() - truth) ** 2).mean().double()
-    return out
-
-
-def crop_sizes(losses: torch.Tensor, contexts: list[int], eps: float) -> list[int]:
-    """crop(σ) per grid σ: the smallest context with loss ≤ (1 + eps)·loss(full context), non-decreasing in σ."""
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0 (got {eps})")
-    full = losses[:, -1:]
-    ok = losses <= (1.0 + eps) * full
-    first = ok.to(torch.int8).argmax(dim=1)  # the full context always qualifies
-    sizes = [contexts[int(k)] for k in first]
-    return [int(v) for v in np.maximum.accumulate(sizes)]
-
-
-def valid_contexts(img: int, patch: int, factor: int) -> list[int]:
-    """Context sizes from ``patch`` to the image: centred on the patch (same parity) and divisible by
-    the network's downsampling ``factor`` (2^(levels-1) for the U-Net)."""
-    return [c for c in range(patch, img + 1) if (c - patch) % 2 == 0 and c % factor == 0 and (img - c) % 2 == 0]
-
-
-# ------------------------------------------------------------------------------ stage
 
 
 class LocalityConfig(Strict):
@@ -104,10 +45,10 @@ def run(cfg: LocalityConfig) -> dict:
     import pandas as pd
 
     from ambient_ray import config as cfgmod
-    from ambient_ray.data.sources import read_images
+    from ambient_ray.data.images import read_images
+    from ambient_ray.data.metadata import load_metadata
     from ambient_ray.io import plots, tracking
     from ambient_ray.stages.sample import load_denoiser
-    from ambient_ray.train.engine import load_metadata
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)

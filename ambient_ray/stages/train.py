@@ -27,11 +27,12 @@ from pydantic import Field
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict
-from ambient_ray.diffusion import ambient
+from ambient_ray.data.metadata import load_metadata
+from ambient_ray.diffusion import ambient, edm
 from ambient_ray.io import storage
 from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 from ambient_ray.train import engine
-from ambient_ray.train.engine import EngineConfig, load_metadata
+from ambient_ray.train.engine import EngineConfig
 
 
 class AmbientConfig(Strict):
@@ -214,7 +215,7 @@ def _validation(w, images: torch.Tensor, labels, rows: torch.Tensor, cfg: TrainC
     lab = labels[rows].to(w.device) if labels is not None else None
     was_training = w.engine.module.training
     w.engine.module.eval()
-    sums = ambient.validation_losses(
+    sums = edm.validation_losses(
         lambda x, s, c: w.engine(x.to(w.device), s.to(w.device), c),
         y,
         sigma_data=cfg.ambient.sigma_data,
@@ -227,7 +228,7 @@ def _validation(w, images: torch.Tensor, labels, rows: torch.Tensor, cfg: TrainC
     # a diverged run reports VAL_LOSS_CAP, not NaN or inf: schedulers compare with <, where NaN is never
     # worse, and take percentiles, where inf makes NaN
     vals = [min(v, VAL_LOSS_CAP) if math.isfinite(v) else VAL_LOSS_CAP for v in per_sigma.tolist()]
-    out = {f"val_loss_sigma_{s:g}": v for s, v in zip(ambient.VAL_SIGMAS, vals)}
+    out = {f"val_loss_sigma_{s:g}": v for s, v in zip(edm.VAL_SIGMAS, vals)}
     out["val_loss"] = float(sum(vals) / len(vals))
     return out
 
@@ -255,7 +256,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     storage.check_reachable(out)
     meta = load_metadata(cfg.data)
     if cfg.rows:
-        from ambient_ray.data.sources import match
+        from ambient_ray.data.metadata import match
 
         meta = meta[match(meta, cfg.rows)].reset_index(drop=True)
         if meta.empty:
@@ -303,6 +304,30 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         "rows": len(meta),
         "sigma_min": origin,
     }
-    tracking.finish_training(cfg, out, ckpt, run_id, uri)
+    finish_training(cfg, out, ckpt, run_id, uri)
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
     return summary
+
+
+def finish_training(cfg, out: str, ckpt: str | None, run_id: str | None, uri: str | None) -> None:
+    """Export inference weights, draw the σ donut and a sample grid, and log them to the run."""
+    from ambient_ray.io import plots, tracking
+
+    files: dict[str, bytes] = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
+    if ckpt:
+        engine.export_weights(out, ckpt)
+        cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
+        storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())
+        png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
+        storage.write_bytes(storage.join(out, "coverage.png"), png)
+        files.update({"coverage.png": png, "coverage.json": json.dumps(cov).encode()})
+        if cfg.sample_grid:
+            from ambient_ray.stages.sample import draw, load_denoiser
+
+            net = load_denoiser(storage.join(out, "model"))
+            imgs = draw(net, cfg.sample_grid, seed=cfg.seed)
+            grid = plots.image_grid_png(imgs)
+            storage.write_bytes(storage.join(out, "samples.png"), grid)
+            files["samples.png"] = grid
+    tracking.log_files(run_id, uri, files)
+    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})

@@ -29,11 +29,11 @@ from pydantic import Field, field_validator, model_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError
-from ambient_ray.data.sources import match, parse_filter
+from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
 from ambient_ray.models import classifier as clf
 from ambient_ray.train import engine
-from ambient_ray.train.engine import EngineConfig, load_metadata
+from ambient_ray.train.engine import EngineConfig
 
 
 class ClassifierTrainConfig(EngineConfig):
@@ -232,7 +232,7 @@ def run(cfg: ClassifierTrainConfig) -> dict:
 
 def evaluation_curves(cfg: ClassifierTrainConfig, out: str, meta, labels: np.ndarray, per_class: int = 128):
     """The trained classifier's mean curves on up to ``per_class`` good and bad rows: (x, {name: curve}, xlabel)."""
-    from ambient_ray.data.sources import read_images
+    from ambient_ray.data.images import read_images
     from ambient_ray.io.weights import load_classifier
 
     net = load_classifier(out, cfg.kind)

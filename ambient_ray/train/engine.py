@@ -25,22 +25,9 @@ import torch
 from pydantic import Field
 
 from ambient_ray.config import ConfigError, Strict
-from ambient_ray.data.sources import data_dir
+from ambient_ray.data.metadata import data_dir, one_shape
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
-
-META_COLUMNS = (
-    "id",
-    "height",
-    "width",
-    "channels",
-    "quality",
-    "source",
-    "label",
-    "corruption",
-    "sigma_min",
-    "sigma_max",
-)
 
 
 class OptimConfig(Strict):
@@ -84,42 +71,6 @@ class EngineConfig(Strict):
 
 
 # ------------------------------------------------------------------------------ data (driver)
-
-
-def load_metadata(data: str):
-    """The dataset's non-image columns (pandas), validated; raises ValueError naming files and rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = storage.list_files(data_dir(data), (".parquet",))
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards under {data}")
-    tables = []
-    for f in files:
-        fs, path = storage.filesystem(f)
-        names = pq.read_schema(path, filesystem=fs).names
-        for required in ("id", "image"):
-            if required not in names:
-                raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
-        tables.append(pq.read_table(path, filesystem=fs, columns=[c for c in META_COLUMNS if c in names]))
-    meta = pa.concat_tables(tables, promote_options="default").to_pandas()
-    if meta["id"].duplicated().any():
-        raise ValueError(f"duplicate ids in {data}: {meta['id'][meta['id'].duplicated()].head(5).tolist()}")
-    return meta
-
-
-def one_shape(meta, data: str) -> tuple[int, int]:
-    """The dataset's one square (resolution, channels); clear errors for mixed or non-square images."""
-    if not {"height", "width", "channels"} <= set(meta.columns):
-        raise ValueError("dataset lacks height/width/channels columns; write it with the corrupt stage")
-    shapes = meta.groupby(["height", "width", "channels"]).size()
-    if len(shapes) > 1:
-        listing = ", ".join(f"{h}x{w}x{c}: {k} rows" for (h, w, c), k in shapes.items())
-        raise ValueError(f"images of mixed shapes in {data} ({listing}); corrupt with --image-size to resize")
-    (h, w, c) = shapes.index[0]
-    if h != w:
-        raise ValueError(f"images are {h}x{w}; training needs square images (corrupt with --image-size)")
-    return int(h), int(c)
 
 
 def check_run(cfg: EngineConfig, meta, img_resolution: int, in_channels: int) -> tuple[int, int]:
@@ -185,7 +136,7 @@ def load_rank_rows(rank: int, world: int, per_row: dict[str, dict], label_dim: i
     Rows without per-row values (filtered out on the driver) are skipped."""
     import ray.train
 
-    from ambient_ray.data.sources import decode_png
+    from ambient_ray.data.images import decode_png
 
     known = next(iter(per_row.values())) if per_row else None
     it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
