@@ -78,11 +78,11 @@ def plain(
     import pyarrow.parquet as pq
 
     from ambient_ray.data.images import decode_png
-    from ambient_ray.io.weights import load_classifier
+    from ambient_ray.io.weights import load
     from ambient_ray.models.classifier import noise_curves
 
     torch.set_num_threads(threads)
-    net = load_classifier(clf, "noise").to(device)
+    net = load(clf, "noise").to(device)
     g = torch.Generator().manual_seed(0)
     files = sorted(
         os.path.join(data, "data", f) for f in os.listdir(os.path.join(data, "data")) if f.endswith(".parquet")

@@ -25,7 +25,7 @@ import torch
 
 from ambient_ray.data.sources import read_array
 from ambient_ray.diffusion.thresholds import sigma_min
-from ambient_ray.io.weights import load_classifier
+from ambient_ray.io.weights import load
 from ambient_ray.models.classifier import noise_curves
 
 
@@ -48,7 +48,7 @@ def main() -> None:
 
     imgs, _ = read_array(a.data, "quality=corrupted")
     y = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    net = load_classifier(a.classifier, "noise", img_resolution=y.shape[-1], channels=y.shape[1]).eval()
+    net = load(a.classifier, "noise", img_resolution=y.shape[-1], channels=y.shape[1]).eval()
     grid = torch.from_numpy(np.geomspace(0.01, 20.0, a.grid)).float()
     print(f"{len(y)} corrupted rows of {a.data}; tau {a.tau}; grid {a.grid} points")
 

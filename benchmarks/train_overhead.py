@@ -34,6 +34,7 @@ from ambient_ray.stages import train
 from ambient_ray.stages.corrupt import CorruptConfig
 from ambient_ray.stages.corrupt import run as corrupt_run
 from ambient_ray.train import engine
+from ambient_ray.train.schedules import lr_lambda
 
 
 def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +65,7 @@ def plain_loop(cfg: train.TrainConfig, images, smin, steps: int, warmup: int, ob
     ema = [p.detach().clone().float() for p in params]
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_lambda(o, warmup + steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, warmup + steps))
     a = cfg.ambient
     sampler = ambient.SigmaSampler(smin, lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std)
     gen = torch.Generator().manual_seed(0)

@@ -196,10 +196,10 @@ def test_wrong_classifier_is_refused(blurred, tmp_path):
     storage.write_bytes(f"{denoiser}/model/model.json", json.dumps({"model": {}}).encode())
     with pytest.raises(ValueError, match="holds a diffusion model"):
         annotate.run(acfg(blurred, str(tmp_path / "o3"), classifier=str(denoiser)), progress=False)
-    from ambient_ray.stages.sample import load_denoiser
+    from ambient_ray.io.weights import load
 
     with pytest.raises(ValueError, match="holds a noise classifier, not a diffusion model"):
-        load_denoiser(big)
+        load(big, "denoiser")
 
 
 def test_bad_rows_are_quarantined_and_counted(blurred, noise_clf, tmp_path):

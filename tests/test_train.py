@@ -90,11 +90,11 @@ def denoising_loss(data, out=None, model=None, sigmas=(0.3, 0.6, 1.0, 2.0, 4.0),
 
     from ambient_ray.data.images import decode_png
     from ambient_ray.diffusion.edm import edm_loss
+    from ambient_ray.io.weights import load
     from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
-    from ambient_ray.stages.sample import load_denoiser
 
     if out is not None:
-        net = load_denoiser(out, weights="raw")
+        net = load(out, "denoiser", weights="raw")
     else:
         torch.manual_seed(0)
         net = build_denoiser(UNetConfig(**model)).eval()
@@ -227,7 +227,8 @@ def test_bad_data_is_refused_before_training(digits, tmp_path):
 
 
 def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
-    from ambient_ray.stages.sample import SampleConfig, load_denoiser
+    from ambient_ray.io.weights import load
+    from ambient_ray.stages.sample import SampleConfig
     from ambient_ray.stages.sample import run as sample_run
 
     cfg, _ = zero2_run
@@ -249,7 +250,7 @@ def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
     (bad / "model.json").write_text(json.dumps(meta))
     (bad / "ema.safetensors").write_bytes(storage.read_bytes(storage.join(cfg.out, "model", "ema.safetensors")))
     with pytest.raises(ValueError, match="do not fit"):
-        load_denoiser(str(bad))
+        load(str(bad), "denoiser")
 
 
 def test_cli_train_with_zero_offload_then_sample(digits, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Inference weights on storage: a folder with ``model.json`` (what the network is) and safetensors.
 
-Written by the training engine (``OUT/model/``); read here for sampling, annotation and the locality
-map. Nothing is unpickled. A folder of the wrong kind (a denoiser where a classifier is wanted, a
+Written by the training engine (``OUT/model/``); read here (:func:`load`, for every kind and arch) for
+sampling, annotation and the locality map. Nothing is unpickled. A folder of the wrong kind (a denoiser where a classifier is wanted, a
 crops classifier where a noise classifier is wanted) or for another image size is refused with a
 message that says what it is.
 """
@@ -61,23 +61,34 @@ def load_into(net: torch.nn.Module, d: str, weights: str = "ema") -> torch.nn.Mo
     return net.eval()
 
 
-def load_classifier(
-    uri: str, kind: str, weights: str = "ema", *, img_resolution: int | None = None, channels: int | None = None
-):
-    """A trained classifier of ``kind`` (noise or crops), checked against the data's image size and channels."""
-    from ambient_ray.models.classifier import ClassifierConfig, build_classifier
+def load(
+    uri: str,
+    kind: str | None = None,
+    weights: str = "ema",
+    *,
+    img_resolution: int | None = None,
+    channels: int | None = None,
+) -> torch.nn.Module:
+    """Any trained network of ambient-ray: rebuilt from ``model.json`` through the model registry (its ``arch``;
+    a file without one is ``ddpmpp``) and loaded from safetensors, in eval mode, with ``.meta`` = its model.json.
+
+    ``kind`` (``denoiser``, ``noise``, ``crops``) refuses a folder of another kind; ``img_resolution`` and
+    ``channels`` check the network against the data (a crops classifier takes any crop size)."""
+    from ambient_ray.models import registry
 
     d, meta = model_dir(uri)
-    check_kind(uri, meta, kind)
-    if channels is not None and meta["in_channels"] != channels:
+    if kind is not None:
+        check_kind(uri, meta, kind)
+    kind = meta.get("kind", "denoiser")
+    model = meta["model"]
+    name = KIND_NAMES.get(kind, kind)
+    if channels is not None and model["in_channels"] != channels:
+        raise ValueError(f"the {name} in {uri} takes {model['in_channels']}-channel images; the data has {channels}")
+    if kind != "crops" and img_resolution is not None and model["img_resolution"] != img_resolution:
+        res = model["img_resolution"]
         raise ValueError(
-            f"the {KIND_NAMES[kind]} in {uri} takes {meta['in_channels']}-channel images; the data has {channels}"
+            f"the {name} in {uri} was trained on {res}x{res} images; the data is {img_resolution}x{img_resolution}"
         )
-    if kind == "noise" and img_resolution is not None and meta["img_resolution"] != img_resolution:
-        raise ValueError(
-            f"the noise classifier in {uri} was trained on {meta['img_resolution']}x{meta['img_resolution']} images; "
-            f"the data is {img_resolution}x{img_resolution}"
-        )
-    net = build_classifier(ClassifierConfig.model_validate(meta["model"]), kind, meta.get("sigma_data", 0.5))
+    net = registry.build(meta)
     net.meta = meta
     return load_into(net, d, weights)

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from ambient_ray.models.ddpmpp import Mlp, UNetConfig, build_encoder, noise_embedding
@@ -37,6 +37,8 @@ Kind = Literal["noise", "crops"]
 
 class ClassifierConfig(UNetConfig):
     """The half U-Net's architecture: the U-Net's encoder keys (``label_dim`` must stay 0)."""
+
+    arch: Literal["classifier"] = Field("classifier", description="model architecture: the half U-Net")
 
     @model_validator(mode="after")
     def _no_labels(self) -> "ClassifierConfig":

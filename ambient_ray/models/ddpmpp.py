@@ -17,6 +17,7 @@ attn_resolutions=[16], dropout=0.13``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,22 @@ from torch import nn
 from ambient_ray.config import Strict
 from ambient_ray.models.precond import edm_precond
 
+# Sizes of the family, one line each; a preset fills the keys a config leaves unset (``model.preset``).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(model_channels=32, channel_mult=[1, 2], num_blocks=1),
+    "small": dict(model_channels=64, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[8]),
+    "cifar10": dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13),
+}
+
 
 class UNetConfig(Strict):
-    """Architecture of :class:`UNet` (saved in ``model.json``; rebuilds the network for sampling)."""
+    """Architecture of :class:`UNet` (saved in ``model.json``; rebuilds the network for sampling).
 
+    ``img_resolution`` and ``in_channels`` are the interface: a stage takes them from its data, and a value
+    given in the config must agree with the data."""
+
+    arch: Literal["ddpmpp"] = Field("ddpmpp", description="model architecture (see ambient_ray.models.registry)")
+    preset: str | None = Field(None, description=f"a size of the family: {', '.join(PRESETS)}; explicit keys win")
     img_resolution: int = Field(16, ge=4, description="square image side in pixels")
     in_channels: int = Field(1, ge=1, le=4, description="image channels (1 grey, 3 RGB)")
     model_channels: int = Field(32, ge=8, description="channels at the first level")
@@ -47,6 +60,15 @@ class UNetConfig(Strict):
         0.0, ge=0.0, le=1.0, description="probability of dropping a training label (classifier-free guidance)"
     )
     groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every level's channel count")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r}; {cls.__name__} has {', '.join(PRESETS)}")
+            data = {**PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:

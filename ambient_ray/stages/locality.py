@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, flag
 from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
@@ -23,9 +23,15 @@ from ambient_ray.io.tracking import MlflowConfig
 class LocalityConfig(Strict):
     """Config of ``ambient-ray locality``."""
 
-    checkpoint: str = Field(..., description="a trained denoiser: a train output folder (or its model/)")
-    data: str = Field(..., description="dataset URI; the map is measured on its clean rows")
-    out: str
+    checkpoint: str = Field(
+        ...,
+        description="a trained denoiser: a train output folder (or its model/)",
+        json_schema_extra=flag("--checkpoint"),
+    )
+    data: str = Field(
+        ..., description="dataset URI; the map is measured on its clean rows", json_schema_extra=flag("--data")
+    )
+    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     sigma_lo: float = Field(0.02, gt=0)
     sigma_hi: float = Field(10.0, gt=0)
     sigma_points: int = Field(12, ge=2)
@@ -33,7 +39,12 @@ class LocalityConfig(Strict):
         default_factory=list, description="context sizes (default: every valid size up to the image)"
     )
     patch: int = Field(2, ge=1, description="side of the centre patch the loss is measured on")
-    eps: float = Field(0.05, ge=0, description="relative tolerance: loss(crop) <= (1 + eps) * loss(full)")
+    eps: float = Field(
+        0.05,
+        ge=0,
+        description="relative tolerance: loss(crop) <= (1 + eps) * loss(full)",
+        json_schema_extra=flag("--eps"),
+    )
     rows: int = Field(256, ge=1, description="clean rows measured")
     weights: str = Field("ema", pattern="^(ema|raw)$")
     seed: int = Field(0, ge=0)
@@ -48,11 +59,11 @@ def run(cfg: LocalityConfig) -> dict:
     from ambient_ray.data.images import read_images
     from ambient_ray.data.metadata import load_metadata
     from ambient_ray.io import plots, tracking
-    from ambient_ray.stages.sample import load_denoiser
+    from ambient_ray.io.weights import load
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    net = load_denoiser(cfg.checkpoint, cfg.weights)
+    net = load(cfg.checkpoint, "denoiser", cfg.weights)
     mc = net.config
     meta = load_metadata(cfg.data)
     clean = meta[meta["quality"] == "clean"] if "quality" in meta else pd.DataFrame()

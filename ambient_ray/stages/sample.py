@@ -16,42 +16,41 @@ import torch
 from pydantic import Field
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict
-from ambient_ray.io import storage
+from ambient_ray.config import ConfigError, Strict, flag
+from ambient_ray.io import storage, weights
 from ambient_ray.io.tracking import MlflowConfig
 
 
 class SampleConfig(Strict):
     """Config of ``ambient-ray sample``."""
 
-    checkpoint: str = Field(..., description="training output folder, or a folder with model.json + ema.safetensors")
-    out: str
-    num: int = Field(64, ge=1)
-    steps: int = Field(18, ge=1, description="Heun steps (2*steps-1 network evaluations)")
+    checkpoint: str = Field(
+        ...,
+        description="training output folder, or a folder with model.json + ema.safetensors",
+        json_schema_extra=flag("--checkpoint"),
+    )
+    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
+    num: int = Field(64, ge=1, description="number of images", json_schema_extra=flag("--num"))
+    steps: int = Field(
+        18, ge=1, description="Heun steps (2*steps-1 network evaluations)", json_schema_extra=flag("--steps")
+    )
     weights: Literal["ema", "raw"] = "ema"
-    stochastic: bool = Field(False, description="EDM stochastic sampler (Algorithm 2) instead of the deterministic one")
+    stochastic: bool = Field(
+        False,
+        description="EDM stochastic sampler (Algorithm 2) instead of the deterministic one",
+        json_schema_extra=flag("--stochastic"),
+    )
     s_churn: float = Field(40.0, ge=0)
     s_min: float = Field(0.05, ge=0)
     s_max: float = Field(50.0, ge=0)
     s_noise: float = Field(1.003, ge=0)
     sigma_max: float = Field(80.0, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, json_schema_extra=flag("--seed"))
     batch_size: int = Field(256, ge=1)
     class_label: int | None = Field(
         None, ge=0, description="class for a class-conditional model (default: cycle through classes)"
     )
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-
-
-def load_denoiser(uri: str, weights: str = "ema"):
-    """Rebuild the network from ``model.json`` and load its safetensors weights (clear errors on mismatch)."""
-    from ambient_ray.io.weights import check_kind, load_into, model_dir
-    from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
-
-    d, meta = model_dir(uri)
-    check_kind(uri, meta, "denoiser")
-    net = build_denoiser(UNetConfig.model_validate(meta["model"]), sigma_data=meta.get("sigma_data", 0.5))
-    return load_into(net, d, weights)
 
 
 def draw(
@@ -107,7 +106,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict:
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    net = load_denoiser(cfg.checkpoint, cfg.weights)
+    net = weights.load(cfg.checkpoint, "denoiser", cfg.weights)
     if cfg.class_label is not None and not net.config.label_dim:
         raise ConfigError("config key 'class_label': the model is not class-conditional")
     cfgmod.save_resolved(cfg, out)

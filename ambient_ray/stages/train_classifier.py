@@ -28,23 +28,38 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError
+from ambient_ray.config import ConfigError, flag
 from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
 from ambient_ray.models import classifier as clf
-from ambient_ray.train import engine
+from ambient_ray.models import registry
+from ambient_ray.train import engine, loop
 from ambient_ray.train.engine import EngineConfig
+from ambient_ray.train.tasks.classifier import ClassifierTask
 
 
 class ClassifierTrainConfig(EngineConfig):
     """Config of ``ambient-ray train-classifier`` (the engine's keys, plus the classifier's)."""
 
     kind: clf.Kind = Field(
-        "noise", description="noise: c(x_σ, σ) for σ_min (Eq. 3.1); crops: target vs other crops for σ_max"
+        "noise",
+        description="noise: c(x_σ, σ) for σ_min (Eq. 3.1); crops: target vs other crops for σ_max",
+        json_schema_extra=flag("--kind"),
     )
-    model: clf.ClassifierConfig = Field(default_factory=clf.ClassifierConfig)
-    good: str = Field("quality=clean", description="rows labelled 1 (S_G, or the target data): FIELD=V1[,V2...]")
-    bad: str | None = Field(None, description="rows labelled 0 (S_B, or other data); default: every row not good")
+    model: registry.config_type("classifier") = Field(
+        default_factory=clf.ClassifierConfig,
+        description="the half U-Net (model.arch classifier); resolution and channels come from the data",
+    )
+    good: str = Field(
+        "quality=clean",
+        description="rows labelled 1 (S_G, or the target data): FIELD=V1[,V2...]",
+        json_schema_extra=flag("--good"),
+    )
+    bad: str | None = Field(
+        None,
+        description="rows labelled 0 (S_B, or other data); default: every row not good",
+        json_schema_extra=flag("--bad"),
+    )
     balanced: bool = Field(True, description="half good, half bad in every batch (the paper's default)")
     sigma_lo: float = Field(0.01, gt=0, description="noise kind: σ log-uniform on [sigma_lo, sigma_hi]")
     sigma_hi: float = Field(20.0, gt=0)
@@ -80,6 +95,7 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
     """``model.json`` of a classifier: what rebuilds it, and what annotation must check against."""
     return {
         "kind": cfg.kind,
+        "arch": cfg.model.arch,
         "model": cfg.model.model_dump(mode="json"),
         "sigma_data": cfg.sigma_data,
         "img_resolution": cfg.model.img_resolution,
@@ -116,61 +132,7 @@ def labels_of(meta, cfg: ClassifierTrainConfig) -> np.ndarray:
 def classifier_loop(config: dict) -> None:
     """Ray Train worker function: BCE on balanced batches of noised images or crops."""
     cfg = ClassifierTrainConfig.model_validate(config["cfg"])
-    torch.manual_seed(cfg.seed)
-    net = clf.build_classifier(cfg.model, cfg.kind, cfg.sigma_data)
-    w = engine.Worker(cfg, net, model_meta(cfg), config)
-    _, images, cols, _ = engine.load_rank_rows(w.rank, w.world, {"target": config["labels"]})
-    keep = cols["target"] >= 0
-    images, target = images[keep], cols["target"][keep]
-    if not (target == 1).any() or not (target == 0).any():
-        raise RuntimeError(f"rank {w.rank} of {w.world} got rows of one class only: use fewer workers or more data")
-    w.restore()
-    crop_sizes = cfg.resolved_crop_sizes()
-    loss_sum = correct = seen = 0.0
-    t_last = time.perf_counter()
-    while w.step < cfg.steps:
-        for _ in range(cfg.optim.grad_accum):
-            x, sigma, y = clf.classifier_batch(
-                cfg.kind,
-                images,
-                target,
-                cfg.batch_size,
-                balanced=cfg.balanced,
-                sigma_lo=cfg.sigma_lo,
-                sigma_hi=cfg.sigma_hi,
-                crop_sizes=crop_sizes,
-                generator=w.generator,
-            )
-            logits = w.engine(x.to(w.device), sigma.to(w.device) if sigma is not None else None)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.to(w.device))  # Eq. 3.1
-            w.engine.backward(loss)
-            w.engine.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += float(((logits.detach() > 0).float().cpu() == y).sum())
-            seen += len(y)
-        log_now, checkpoint_now = w.end_step()
-        step = w.step
-        if log_now:
-            now = time.perf_counter()
-            tot = w.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
-            metrics = {
-                "step": step,
-                "loss": float(tot[0] / tot[2]),
-                "accuracy": float(tot[1] / tot[2]),
-                "lr": float(w.scheduler.get_last_lr()[0]),
-                "images_per_s": float(tot[2]) / max(now - t_last, 1e-9),
-            }
-            if w.rank == 0:
-                engine.progress_line(
-                    "train_classifier",
-                    f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.3f}  "
-                    f"{metrics['images_per_s']:.0f} images/s",
-                )
-                w.log(metrics)
-            loss_sum = correct = seen = 0.0
-            t_last = now
-            if checkpoint_now:
-                w.save_and_report(metrics)
+    loop.run(ClassifierTask(cfg, config, model_meta(cfg)), cfg, config)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -183,7 +145,8 @@ def run(cfg: ClassifierTrainConfig) -> dict:
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     meta = load_metadata(cfg.data)
-    h, _ = engine.check_run(cfg, meta, cfg.model.img_resolution, cfg.model.in_channels)
+    h, c = engine.check_run(cfg, meta)
+    cfg.model = registry.with_interface(cfg.model, h, c)
     if cfg.kind == "crops" and max(cfg.resolved_crop_sizes()) > h:
         raise ConfigError(f"config key 'crop_sizes': {cfg.crop_sizes} has sizes above the image size {h}")
     labels = labels_of(meta, cfg)
@@ -233,9 +196,9 @@ def run(cfg: ClassifierTrainConfig) -> dict:
 def evaluation_curves(cfg: ClassifierTrainConfig, out: str, meta, labels: np.ndarray, per_class: int = 128):
     """The trained classifier's mean curves on up to ``per_class`` good and bad rows: (x, {name: curve}, xlabel)."""
     from ambient_ray.data.images import read_images
-    from ambient_ray.io.weights import load_classifier
+    from ambient_ray.io.weights import load
 
-    net = load_classifier(out, cfg.kind)
+    net = load(out, cfg.kind)
     rng = np.random.default_rng(cfg.seed)
     series = {}
     g = torch.Generator().manual_seed(cfg.seed)

@@ -14,20 +14,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import tempfile
-import time
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.data.metadata import data_dir, one_shape
-from ambient_ray.io import storage
+from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.registry import Registry
+from ambient_ray.train.ema import EMAS
+from ambient_ray.train.schedules import lr_lambda
 
 
 class OptimConfig(Strict):
@@ -35,7 +36,11 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    decay: Literal["none", "cosine", "linear"] = "cosine"
+    name: Literal["adamw", "adam"] = Field("adamw", description="optimizer (DeepSpeed's CPU Adam under offload)")
+    decay: Literal["none", "cosine", "linear", "inv_sqrt"] = Field(
+        "cosine", description="learning-rate schedule after warm-up (ambient_ray.train.schedules)"
+    )
+    ref_steps: int = Field(10_000, ge=1, description="inv_sqrt: t_ref, the step where the decay starts")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     grad_accum: int = Field(1, ge=1)
 
@@ -43,18 +48,25 @@ class OptimConfig(Strict):
 class EngineConfig(Strict):
     """What every model trained on the engine shares: data, outputs, Ray Train, DeepSpeed, checkpoints, MLflow."""
 
-    data: str = Field(..., description="dataset URI (a corrupt/annotate output folder or Parquet shards)")
-    out: str = Field(..., description="output URI")
+    data: str = Field(
+        ...,
+        description="dataset URI (a corrupt/annotate output folder or Parquet shards)",
+        json_schema_extra=flag("--data"),
+    )
+    out: str = Field(..., description="output URI for checkpoints, weights and plots", json_schema_extra=flag("--out"))
     optim: OptimConfig = Field(default_factory=OptimConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     batch_size: int = Field(32, ge=1, description="micro-batch per worker")
-    steps: int = Field(200, ge=1, description="optimizer steps")
-    num_workers: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1, description="optimizer steps", json_schema_extra=flag("--steps"))
+    num_workers: int = Field(1, ge=1, json_schema_extra=flag("--num-workers", "Ray Train workers"))
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(
+        2, ge=0, le=3, json_schema_extra=flag("--zero-stage", "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    ema: Literal["warmup"] = Field("warmup", description="EMA of the weights (ambient_ray.train.ema)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
@@ -66,22 +78,21 @@ class EngineConfig(Strict):
     )
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
-    resume: bool = Field(False, description="continue the run already in 'out' from its latest checkpoint")
+    resume: bool = Field(
+        False,
+        description="continue the run already in 'out' from its latest checkpoint",
+        json_schema_extra=flag("--resume", "continue the run in --out from its latest checkpoint"),
+    )
     debug_fail_at_step: int | None = Field(None, description="tests: raise once at this step to exercise recovery")
 
 
 # ------------------------------------------------------------------------------ data (driver)
 
 
-def check_run(cfg: EngineConfig, meta, img_resolution: int, in_channels: int) -> tuple[int, int]:
-    """Before any worker starts: the data's one shape matches the model's, and the DeepSpeed options agree."""
+def check_run(cfg: EngineConfig, meta) -> tuple[int, int]:
+    """Before any worker starts: the data has one square shape (returned: resolution, channels) and the
+    DeepSpeed options agree."""
     h, c = one_shape(meta, cfg.data)
-    if h != img_resolution or c != in_channels:
-        raise ConfigError(
-            f"config key 'model.img_resolution'/'model.in_channels': the data is {h}x{h} with {c} channels but the "
-            f"model is {img_resolution}x{img_resolution} with {in_channels}; "
-            f"set --set model.img_resolution={h} --set model.in_channels={c}"
-        )
     if cfg.zero_stage == 0 and cfg.offload_optimizer:
         raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
     return h, c
@@ -94,16 +105,10 @@ def row_rank(ids, world: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ worker
 
 
-def lr_lambda(cfg: OptimConfig, steps: int):
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.decay == "none":
-            return 1.0
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.decay == "cosine" else 1.0 - t
-
-    return f
+OPTIMIZERS: Registry[Callable] = Registry("optim.name")
+OPTIMIZERS.register("adamw", torch.optim.AdamW)
+OPTIMIZERS.register("adam", torch.optim.Adam)
+DEEPSPEED_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}  # offloaded states: DeepSpeed builds its CPU Adam
 
 
 def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
@@ -124,7 +129,7 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
     if cfg.offload_optimizer:  # DeepSpeed builds its CPU Adam for offloaded states
         o = cfg.optim
         ds["optimizer"] = {
-            "type": "AdamW",
+            "type": DEEPSPEED_OPTIMIZERS[o.name],
             "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay},
         }
     return ds
@@ -183,13 +188,14 @@ class Worker:
             # virtual environment) and loaded by every worker.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
-        self.ema = [p.detach().clone().float().to(self.device) for p in net.parameters()]  # fp32, on the device
+        self.ema = EMAS.get(cfg.ema)(net.parameters(), self.device, cfg)  # fp32, on the device
+        self.post_step_hooks: list[Callable[[Worker], None]] = []
         params = [p for p in net.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = (
             None
             if cfg.offload_optimizer
-            else torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+            else OPTIMIZERS.get(o.name)(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         )
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.steps))  # noqa: E731
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -202,8 +208,7 @@ class Worker:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.step = 0
-        self.mlflow = _mlflow_client(config) if self.rank == 0 else None
-        self.run_id = config.get("mlflow_run_id")
+        self.mlflow = (config.get("mlflow_run_id"), config.get("mlflow_uri")) if self.rank == 0 else (None, None)
 
     def restore(self) -> dict[str, torch.Tensor]:
         """Continue from Ray Train's checkpoint if there is one; returns this rank's extra state."""
@@ -216,7 +221,7 @@ class Worker:
         with ckpt.as_directory() as d:
             self.engine.load_checkpoint(d, tag="ds")
             ema = load_file(os.path.join(d, "ema.safetensors"))
-            self.ema = [ema[n].float().to(self.device) for n, _ in self.net.named_parameters()]
+            self.ema.load([ema[n] for n, _ in self.net.named_parameters()])
             state = load_file(_rank_state_file(d, self.rank))
         self.generator.set_state(state.pop("generator"))
         self.step = int(state.pop("step"))
@@ -229,18 +234,15 @@ class Worker:
         params = list(self.engine.module.parameters())
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero3 else contextlib.nullcontext()
 
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # warm-up of the EMA
-        with self.gathered():
-            for e, p in zip(self.ema, self.engine.module.parameters()):
-                e.mul_(d).add_(p.detach().float(), alpha=1 - d)
-
     def end_step(self) -> tuple[bool, bool]:
-        """After an optimizer step: count it, update the EMA, fail where a test planted it; returns
-        (log now, checkpoint now), from ``log_every``, ``checkpoint_every`` and the last step."""
+        """After an optimizer step: count it, run the post-step hooks (in registration order, on every rank:
+        a hook may be a collective), update the EMA, fail where a test planted it; returns (log now,
+        checkpoint now), from ``log_every``, ``checkpoint_every`` and the last step."""
         self.step += 1
-        self.update_ema()
+        for hook in self.post_step_hooks:
+            hook(self)
+        with self.gathered():
+            self.ema.update(self.engine.module.parameters(), self.step)
         self.maybe_fail()
         checkpoint = self.checkpoint_due()
         return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
@@ -279,15 +281,12 @@ class Worker:
         dist.all_reduce(t)
         return t.cpu()
 
-    def log(self, metrics: dict, extra_metrics: list | None = None) -> None:
-        """MLflow metrics from rank 0 (``extra_metrics``: ready ``mlflow.entities.Metric`` items)."""
-        if self.mlflow is None:
-            return
-        from mlflow.entities import Metric
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, self.step) for k, v in metrics.items() if k != "step"]
-        self.mlflow.log_batch(self.run_id, metrics=items + list(extra_metrics or []))
+    def log(self, metrics: dict) -> None:
+        """MLflow metrics of this step, from rank 0 (``step`` is the step, not a metric)."""
+        tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, self.step)
 
     def save_and_report(
         self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
@@ -306,7 +305,8 @@ class Worker:
                 raw = {n: p.detach().float().cpu().contiguous() for n, p in self.engine.module.named_parameters()}
             if self.rank == 0:
                 save_file(
-                    {n: e.cpu().contiguous() for n, e in zip(names, self.ema)}, os.path.join(d, "ema.safetensors")
+                    {n: e.cpu().contiguous() for n, e in zip(names, self.ema.tensors)},
+                    os.path.join(d, "ema.safetensors"),
                 )
                 save_file(raw, os.path.join(d, "model.safetensors"))
                 with open(os.path.join(d, "model.json"), "w") as f:
@@ -319,14 +319,6 @@ class Worker:
 
 def _rank_state_file(d: str, rank: int) -> str:
     return os.path.join(d, f"rank-{rank:04d}.safetensors")
-
-
-def _mlflow_client(config: dict):
-    if not config.get("mlflow_run_id"):
-        return None
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(config["mlflow_uri"])
 
 
 def progress_line(name: str, text: str) -> None:
@@ -360,13 +352,13 @@ def check_resume(cfg: EngineConfig, out: str, meta: dict) -> None:
             raise ConfigError(
                 f"the checkpoint in {ckpt} is a {saved.get('kind', 'denoiser')}, not a {meta.get('kind')}"
             )
-        diff = [
-            k for k in sorted(set(saved["model"]) | set(meta["model"])) if saved["model"].get(k) != meta["model"].get(k)
-        ]
+        from ambient_ray.models.registry import config_of
+
+        # both through the registry, so a checkpoint written before a key existed compares with its default
+        was, now = (config_of(m).model_dump(mode="json", exclude={"preset"}) for m in (saved, meta))
+        diff = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
         if diff:
-            details = ", ".join(
-                f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {meta['model'].get(k)!r}" for k in diff
-            )
+            details = ", ".join(f"model.{k}: checkpoint {was.get(k)!r} vs config {now.get(k)!r}" for k in diff)
             raise ConfigError(f"the checkpoint in {ckpt} was trained with another model config ({details})")
 
 

@@ -1,0 +1,112 @@
+"""The model registry: every network ambient-ray trains, chosen by ``model.arch`` (pure torch, no Ray).
+
+An :class:`Arch` names its config class (a pydantic model whose ``arch`` field is its tag), its role
+(``denoiser``: D(x; σ) for training and sampling; ``classifier``: the annotation classifiers) and how to
+build the network from a ``model.json``. The interface of a network (image resolution and channels) comes
+from the data (:func:`with_interface`); ``model.json`` records ``arch`` (a file without it is ``ddpmpp``, or
+``classifier`` for a noise or crops classifier, as written before the registry existed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, Field
+from torch import nn
+
+from ambient_ray.models import classifier, ddpmpp
+from ambient_ray.registry import Registry
+
+Role = Literal["denoiser", "classifier"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    role: Role
+    config: type[BaseModel]
+    build: Callable[[Any, dict], nn.Module]  # (validated config, model.json) -> network
+    presets: dict[str, dict]
+
+
+ARCHS: Registry[Arch] = Registry("model.arch")
+ARCHS.register(
+    "ddpmpp",
+    Arch(
+        "denoiser",
+        ddpmpp.UNetConfig,
+        lambda cfg, meta: ddpmpp.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
+        ddpmpp.PRESETS,
+    ),
+)
+ARCHS.register(
+    "classifier",
+    Arch(
+        "classifier",
+        classifier.ClassifierConfig,
+        lambda cfg, meta: classifier.build_classifier(cfg, meta["kind"], meta.get("sigma_data", 0.5)),
+        ddpmpp.PRESETS,
+    ),
+)
+
+
+def names(role: Role) -> list[str]:
+    return [n for n, a in ARCHS.items() if a.role == role]
+
+
+def _default_arch(role: Role):
+    allowed = names(role)
+
+    def fill(data):
+        if isinstance(data, dict):
+            arch = data.get("arch", allowed[0])
+            if arch not in allowed:
+                raise ValueError(f"unknown model.arch {arch!r}; allowed here: {', '.join(allowed)}")
+            data = {**data, "arch": arch}
+        return data
+
+    return fill
+
+
+def config_type(role: Role):
+    """The type of a stage's ``model`` key: the union of the role's configs, told apart by ``arch``
+    (which defaults to the role's first arch, so configs written before the registry still load)."""
+    classes = tuple(ARCHS.get(n).config for n in names(role))
+    union = classes[0] if len(classes) == 1 else Annotated[Union[classes], Field(discriminator="arch")]
+    return Annotated[union, BeforeValidator(_default_arch(role))]
+
+
+def arch_of(meta: dict) -> str:
+    """The arch a ``model.json`` records; files written before the registry have none."""
+    return (
+        meta.get("arch")
+        or meta.get("model", {}).get("arch")
+        or ("ddpmpp" if meta.get("kind", "denoiser") == "denoiser" else "classifier")
+    )
+
+
+def config_of(meta: dict) -> BaseModel:
+    """The validated model config of a ``model.json``."""
+    arch = ARCHS.get(arch_of(meta))
+    return arch.config.model_validate({**meta["model"], "arch": arch_of(meta)})
+
+
+def build(meta: dict) -> nn.Module:
+    """A fresh network (global torch seed) for a ``model.json``-shaped dict: ``{"model": ..., "kind": ...}``."""
+    return ARCHS.get(arch_of(meta)).build(config_of(meta), meta)
+
+
+def with_interface(model: BaseModel, resolution: int, channels: int, key: str = "model") -> BaseModel:
+    """The model config with the data's image resolution and channels; a value the user set must agree."""
+    from ambient_ray.config import ConfigError
+
+    given = model.model_fields_set
+    for name, value in (("img_resolution", resolution), ("in_channels", channels)):
+        if name in given and getattr(model, name) != value:
+            raise ConfigError(
+                f"config key '{key}.img_resolution'/'{key}.in_channels': the data is {resolution}x{resolution} with "
+                f"{channels} channels but the model is {model.img_resolution}x{model.img_resolution} with "
+                f"{model.in_channels}; drop them (the data sets them) or set --set {key}.img_resolution={resolution} "
+                f"--set {key}.in_channels={channels}"
+            )
+    return type(model).model_validate({**model.model_dump(), "img_resolution": resolution, "in_channels": channels})

@@ -1,0 +1,127 @@
+"""The architecture, checked from the code: math and networks import no Ray, DeepSpeed or MLflow; the model
+registry builds, saves and reloads every arch; unknown arches are refused naming the allowed ones."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+from pydantic import Field
+
+from ambient_ray.config import ConfigError, Strict, build
+from ambient_ray.io import weights
+from ambient_ray.models import registry
+
+PKG = pathlib.Path(__file__).resolve().parent.parent / "ambient_ray"
+FORBIDDEN = ("ray", "deepspeed", "mlflow")
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("sub", ["models", "diffusion"])
+def test_math_and_networks_import_no_ray_deepspeed_or_mlflow(sub):
+    files = sorted((PKG / sub).rglob("*.py"))
+    assert files
+    bad = {f"{f.relative_to(PKG)}: {m}" for f in files for m in _imports(f) if m.split(".")[0] in FORBIDDEN}
+    assert not bad, f"Ray/DeepSpeed/MLflow imported under ambient_ray/{sub}: {sorted(bad)}"
+
+
+def test_the_import_check_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    import ray.train\n    from mlflow.entities import Metric\n")
+    assert _imports(f) == {"ray.train", "mlflow.entities"}
+
+
+def _meta(arch: str) -> dict:
+    a = registry.ARCHS.get(arch)
+    model = a.config(img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2]).model_dump(mode="json")
+    kind = "denoiser" if a.role == "denoiser" else "noise"
+    return {"kind": kind, "arch": arch, "model": model, "sigma_data": 0.5}
+
+
+def _save(net: torch.nn.Module, meta: dict, folder: pathlib.Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    state = {n: p.detach().contiguous() for n, p in net.named_parameters()}
+    save_file(state, str(folder / "ema.safetensors"))
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("arch", registry.ARCHS.names())
+def test_every_registered_arch_builds_saves_and_reloads(arch, tmp_path):
+    meta = _meta(arch)
+    torch.manual_seed(0)
+    net = registry.build(meta)
+    with torch.no_grad():
+        for p in net.parameters():  # random weights everywhere, so a reload that drops any tensor is seen
+            p.copy_(torch.randn_like(p))
+    _save(net, meta, tmp_path / "model")
+    back = weights.load(str(tmp_path), meta["kind"])
+    assert type(back) is type(net) and back.meta["arch"] == arch
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(back(x, sigma), net.eval()(x, sigma))
+
+
+def test_an_old_model_json_without_arch_loads_as_ddpmpp(tmp_path):
+    meta = _meta("ddpmpp")
+    torch.manual_seed(1)
+    net = registry.build(meta)
+    old = {"kind": "denoiser", "model": {k: v for k, v in meta["model"].items() if k not in ("arch", "preset")}}
+    _save(net, old, tmp_path / "model")
+    back = weights.load(str(tmp_path), "denoiser")
+    assert registry.arch_of(back.meta) == "ddpmpp" and type(back).__name__ == "EDMDenoiser"
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(back(x, 1.0), net.eval()(x, 1.0))
+
+
+def test_an_unknown_arch_is_refused_naming_the_allowed_ones():
+    class Section(Strict):
+        model: registry.config_type("denoiser") = Field(default_factory=registry.ARCHS.get("ddpmpp").config)
+
+    with pytest.raises(ConfigError, match=r"config key 'model'.*unknown model.arch 'edm9'.*allowed here: ddpmpp"):
+        build(Section, sets=["model.arch=edm9"])
+    with pytest.raises(ConfigError, match="allowed here: ddpmpp"):  # a classifier is not a denoiser
+        build(Section, sets=["model.arch=classifier"])
+    assert build(Section).model.arch == "ddpmpp"
+    with pytest.raises(KeyError, match="unknown model.arch 'edm9'; registered: classifier, ddpmpp"):
+        registry.ARCHS.get("edm9")
+
+
+def test_a_model_json_of_an_unknown_arch_is_refused_on_load(tmp_path):
+    meta = {**_meta("ddpmpp"), "arch": "edm9"}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(KeyError, match="unknown model.arch 'edm9'"):
+        weights.load(str(tmp_path))
+
+
+def test_presets_fill_unset_keys_and_explicit_keys_win():
+    cfg = registry.ARCHS.get("ddpmpp").config
+    c = cfg(preset="cifar10", dropout=0.0)
+    assert (c.model_channels, c.num_blocks, c.channel_mult, c.dropout) == (128, 4, [2, 2, 2], 0.0)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        cfg(preset="huge")
+
+
+def test_the_interface_comes_from_the_data_and_a_given_value_must_agree():
+    cfg = registry.ARCHS.get("ddpmpp").config
+    m = registry.with_interface(cfg(model_channels=16), 8, 3)
+    assert (m.img_resolution, m.in_channels, m.model_channels) == (8, 3, 16)
+    with pytest.raises(ConfigError, match="model.img_resolution"):
+        registry.with_interface(cfg(img_resolution=16), 8, 1)
+    assert os.path.basename(registry.__file__) == "registry.py"
