@@ -8,10 +8,15 @@ errors name the offending key and what is allowed. The resolved config is writte
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from ambient_ray.io import storage
 
@@ -27,6 +32,73 @@ class Strict(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of one config field, declared beside it with :func:`flag`.
+
+    The CLI derives the rest from the field: the argparse type from its annotation, choices from a
+    ``Literal``, ``store_true`` for a bool, a repeatable flag for a list, the help from its description.
+    ``parse`` converts what the user typed (a string; with ``repeat``, the list of strings) into the
+    config value, for values argparse cannot type (``0,1,2`` -> ``[0, 1, 2]``, ``SOURCE=SIGMA`` items)."""
+
+    name: str
+    help: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    repeat: bool = False
+    metavar: str | None = None
+    choices: tuple | None = None
+
+    def __call__(self, schema: dict) -> None:  # pydantic's json_schema_extra hook: the JSON schema names the flag
+        schema["x-flag"] = self.name
+
+
+def flag(
+    name: str,
+    help: str | None = None,
+    *,
+    parse: Callable[[Any], Any] | None = None,
+    repeat: bool = False,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+) -> Flag:
+    """Declare a field's flag: ``steps: int = Field(200, ge=1, json_schema_extra=flag("--steps"))``."""
+    if not name.startswith("--"):
+        raise TypeError(f"flag {name!r}: a flag name starts with '--'")
+    return Flag(name, help, parse, repeat, metavar, choices)
+
+
+def csv(cast: Callable[[str], Any] = str) -> Callable[[str], list]:
+    """A :class:`Flag` ``parse`` for comma-separated values: ``csv(int)('0, 1,2')`` -> ``[0, 1, 2]``."""
+
+    def parse(text: str) -> list:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse.__name__ = f"csv({getattr(cast, '__name__', 'str')})"
+    return parse
+
+
+def unwrap_optional(annotation: Any) -> Any:
+    """``int | None`` -> ``int``; any other annotation unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def declared_flags(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo, Flag]]:
+    """Every ``(dotted key, field, flag)`` declared in ``model`` and in its nested sections."""
+    for name, field in model.model_fields.items():
+        # a field a subclass redeclares (a new default, say) keeps the flag declared on its base
+        declared = [c.model_fields[name] for c in model.__mro__ if issubclass(c, BaseModel) and name in c.model_fields]
+        fl = next((f.json_schema_extra for f in declared if isinstance(f.json_schema_extra, Flag)), None)
+        if fl is not None:
+            yield prefix + name, field, fl
+        sub = unwrap_optional(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            yield from declared_flags(sub, f"{prefix}{name}.")
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
@@ -113,7 +185,8 @@ def build(model: type[M], path: str | None = None, sets: list[str] | None = None
 def build_section(
     model: type[M], section: str, keys: dict, *, owned: set[str], owner: str, fill: dict | None = None
 ) -> M:
-    """Build a stage's ``model`` from ``keys``, one section of a larger config (an experiment's, a search's, a pipeline's).
+    """Build a stage's ``model`` from ``keys``, one section of a larger config (an experiment's, a search's,
+    a pipeline's).
 
     Keys the owner sets itself (``owned``) are refused, naming ``section.key`` and ``owner``; ``fill`` gives
     them (the real values, or placeholders for a check). Validation errors name the key as ``section.key``."""

@@ -36,7 +36,7 @@ from pydantic import Field
 from ray.tune import Callback
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
 from tuning import space as spacemod
@@ -48,11 +48,18 @@ class TuneConfig(Strict):
     space: dict[str, Any] = Field(
         default_factory=dict, description="searched keys: STAGE.KEY -> {uniform|loguniform|choice|grid|randint: ...}"
     )
-    data: str = Field(..., description="the mixed dataset (a corrupt output)")
-    out: str = Field(..., description="output URI of the search")
-    num_samples: int = Field(4, ge=1, description="trials (with grid keys: repeats of the whole grid)")
-    searcher: Literal["random", "grid", "optuna", "hyperopt"] = "random"
-    scheduler: Literal["none", "asha"] = "asha"
+    data: str = Field(..., description="the mixed dataset (a corrupt output)", json_schema_extra=flag("--data"))
+    out: str = Field(..., description="output URI of the search", json_schema_extra=flag("--out"))
+    num_samples: int = Field(
+        4,
+        ge=1,
+        description="trials (with grid keys: repeats of the whole grid)",
+        json_schema_extra=flag("--num-samples"),
+    )
+    searcher: Literal["random", "grid", "optuna", "hyperopt"] = Field(
+        "random", json_schema_extra=flag("--searcher", "how trials are drawn")
+    )
+    scheduler: Literal["none", "asha"] = Field("asha", json_schema_extra=flag("--scheduler", "early stopping"))
     metric: Literal["val_loss", "fd"] = Field(
         "val_loss", description="what picks the best trial (ASHA and the searcher use val_loss)"
     )
@@ -70,7 +77,9 @@ class TuneConfig(Strict):
     fail_fast: bool = Field(False, description="stop the whole search at the first failed trial")
     seed: int = Field(0, ge=0, description="seed of the searcher")
     classifier: str | None = Field(
-        None, description="shared noise classifier (default: train one into OUT/prep/classifier)"
+        None,
+        description="shared noise classifier (default: train one into OUT/prep/classifier)",
+        json_schema_extra=flag("--classifier"),
     )
     samples: int = Field(256, ge=0, description="images each completed trial samples for its FD (0: no FD)")
     classifier_train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train-classifier'")

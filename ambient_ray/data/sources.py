@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, flag
 from ambient_ray.data.images import decode_png, encode_png, resize_square
 from ambient_ray.data.metadata import FILTER_FIELDS, data_dir, match
 from ambient_ray.io import storage
@@ -59,11 +59,25 @@ PHOTO_FILES = (
 class SourceConfig(Strict):
     """Where images come from and how they are normalised."""
 
-    dataset: str = Field("digits", description="built-in name (digits, faces, photos) or a URI of user data")
+    dataset: str = Field(
+        "digits",
+        description="built-in name (digits, faces, photos) or a URI of user data",
+        json_schema_extra=flag(
+            "--dataset", "built-in (digits, faces, photos) or URI of an image folder, tar shards or Parquet"
+        ),
+    )
     format: Literal["auto", "builtin", "folder", "webdataset", "parquet"] = "auto"
-    image_size: int | None = Field(None, ge=1, le=4096, description="resize to this square size (centre crop first)")
+    image_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="resize to this square size (centre crop first)",
+        json_schema_extra=flag("--image-size"),
+    )
     channels: Literal[1, 3] | None = Field(
-        None, description="convert grey<->RGB to this many channels; None keeps each image's own"
+        None,
+        description="convert grey<->RGB to this many channels; None keeps each image's own",
+        json_schema_extra=flag("--channels"),
     )
     repeat: int = Field(1, ge=1, description="tile the source this many times with distinct ids (benchmarks)")
     limit: int | None = Field(None, ge=1, description="use only the first N items")

@@ -50,7 +50,7 @@ import torch
 from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.diffusion import thresholds
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
@@ -72,15 +72,25 @@ CURVES_SCHEMA = pa.schema(
 class AnnotateConfig(Strict):
     """Config of ``ambient-ray annotate``."""
 
-    data: str = Field(..., description="dataset URI (a corrupt output folder or Parquet shards)")
-    out: str = Field(..., description="output URI")
+    data: str = Field(
+        ..., description="dataset URI (a corrupt output folder or Parquet shards)", json_schema_extra=flag("--data")
+    )
+    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     classifier: str | None = Field(
-        None, description="noise classifier (train-classifier --kind noise output) for σ_min"
+        None,
+        description="noise classifier (train-classifier --kind noise output) for σ_min",
+        json_schema_extra=flag("--classifier"),
     )
     crops_classifier: str | None = Field(
-        None, description="crops classifier (--kind crops) for σ_max; needs 'locality'"
+        None,
+        description="crops classifier (--kind crops) for σ_max; needs 'locality'",
+        json_schema_extra=flag("--crops-classifier"),
     )
-    locality: str | None = Field(None, description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)")
+    locality: str | None = Field(
+        None,
+        description="locality.json (or its folder) from 'ambient-ray locality': crop(σ)",
+        json_schema_extra=flag("--locality"),
+    )
     locality_eps: float | None = Field(
         None,
         ge=0,
@@ -90,9 +100,13 @@ class AnnotateConfig(Strict):
         None,
         description="another annotate output whose curves to reuse when they were computed with the same plan (a new τ or mode)",
     )
-    tau: float = Field(0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)")
+    tau: float = Field(
+        0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)", json_schema_extra=flag("--tau")
+    )
     mode: thresholds.Mode = Field(
-        "per-sample", description="σ_min per sample (the paper's best) or one per corrupted set"
+        "per-sample",
+        description="σ_min per sample (the paper's best) or one per corrupted set",
+        json_schema_extra=flag("--mode"),
     )
     sets: Literal["corruption", "all"] = Field(
         "corruption",
@@ -104,10 +118,30 @@ class AnnotateConfig(Strict):
     grid_points: int = Field(24, ge=2, description="σ grid points, log-spaced")
     draws: int = Field(4, ge=1, description="noise draws (or crops) per grid σ and row")
     weights: Literal["ema", "raw"] = "ema"
-    fixed: dict[str, float] = Field(default_factory=dict, description="σ_min per source, e.g. {synthetic: 2.0}")
+    fixed: dict[str, float] = Field(
+        default_factory=dict,
+        description="σ_min per source, e.g. {synthetic: 2.0}",
+        json_schema_extra=flag(
+            "--fixed",
+            "σ_min for every row of a source (repeatable)",
+            parse=lambda items: parse_fixed(items),
+            repeat=True,
+            metavar="SOURCE=SIGMA",
+        ),
+    )
     fixed_sigma_min: float | None = Field(None, ge=0, description="σ_min for non-clean rows no other rule annotates")
-    scorer: str | None = Field(None, description="quality scorer: 'sharpness', a TorchScript URI or timm:ARCH@WEIGHTS")
-    top_percent: float = Field(10.0, gt=0, le=100, description="with a scorer: the top k % by score are S_G (clean)")
+    scorer: str | None = Field(
+        None,
+        description="quality scorer: 'sharpness', a TorchScript URI or timm:ARCH@WEIGHTS",
+        json_schema_extra=flag("--scorer"),
+    )
+    top_percent: float = Field(
+        10.0,
+        gt=0,
+        le=100,
+        description="with a scorer: the top k % by score are S_G (clean)",
+        json_schema_extra=flag("--top-percent"),
+    )
     batch_size: int = Field(256, ge=1, description="rows per classifier batch inside an actor")
     max_forward: int | None = Field(
         None, ge=1, description="noised images per forward pass (default 4096 on CPU, 32768 on GPU)"
@@ -118,7 +152,7 @@ class AnnotateConfig(Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (and its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
     seed: int = Field(0, ge=0)
-    overwrite: bool = False
+    overwrite: bool = Field(False, json_schema_extra=flag("--overwrite", "recompute curves of another run in --out"))
     debug_fail_shard: str | None = Field(None, description="tests: fail on this input shard to exercise resume")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, flag
 from ambient_ray.data.sources import SourceConfig, _unjson, decode, encode_png, list_items, make_source
 from ambient_ray.io import storage
 
@@ -67,13 +67,29 @@ class CorruptConfig(Strict):
     """Config of ``ambient-ray corrupt`` (YAML keys; ``--set source.image_size=32`` and so on)."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
-    corruptions: list[str] = Field(default_factory=lambda: ["blur:sigma=1.0"], min_length=1)
-    clean_fraction: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
-    out: str = Field(..., description="output URI: a local folder or s3://bucket/prefix")
-    shard_size: int = Field(1024, ge=1, le=1_000_000)
-    plugins: list[str] = Field(default_factory=list, description="modules that register extra corruptions")
-    overwrite: bool = False
+    corruptions: list[str] = Field(
+        default_factory=lambda: ["blur:sigma=1.0"],
+        min_length=1,
+        json_schema_extra=flag(
+            "--corruption", "corruption spec, e.g. blur:sigma=0.6 (repeat to split the corrupted part)"
+        ),
+    )
+    clean_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, json_schema_extra=flag("--clean-fraction", "fraction of rows kept clean")
+    )
+    seed: int = Field(0, ge=0, json_schema_extra=flag("--seed", "seed for the clean subset and the corruptions"))
+    out: str = Field(
+        ..., description="output URI: a local folder or s3://bucket/prefix", json_schema_extra=flag("--out")
+    )
+    shard_size: int = Field(1024, ge=1, le=1_000_000, json_schema_extra=flag("--shard-size", "rows per output shard"))
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules that register extra corruptions",
+        json_schema_extra=flag("--plugin", "module registering extra corruptions (repeatable)"),
+    )
+    overwrite: bool = Field(
+        False, json_schema_extra=flag("--overwrite", "replace an existing run with a different plan")
+    )
     num_cpus_per_task: float = Field(1.0, gt=0)
     task_retries: int = Field(
         3, ge=0, description="retries of a shard whose worker died (Ray's own default retries forever)"

@@ -31,35 +31,65 @@ import numpy as np
 from pydantic import Field
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, flag
 from ambient_ray.data.sources import read_array
 from ambient_ray.evaluation import metrics
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages import features as feats
 
+# a feature spec (see ambient_ray.models.features.load), checked when the config is built
+FEATURE_SPEC = r"^\s*(pixels|inception@\S.*|dinov2(:[^@]*)?@\S.*|net@\S.*)\s*$"
+
 
 class EvaluateConfig(Strict):
     """Config of ``ambient-ray evaluate``."""
 
-    samples: str = Field(..., description="generated images: a sample output folder, .npy, or stage output")
-    reference: str = Field(..., description="reference images: a built-in name, .npy, or stage output")
-    reference_where: str | None = Field(None, description="row filter on the reference, e.g. quality=clean")
-    holdout: str | None = Field(None, description="a held-out reference split: adds fd_holdout")
+    samples: str = Field(
+        ...,
+        description="generated images: a sample output folder, .npy, or stage output",
+        json_schema_extra=flag("--samples"),
+    )
+    reference: str = Field(
+        ...,
+        description="reference images: a built-in name, .npy, or stage output",
+        json_schema_extra=flag("--reference"),
+    )
+    reference_where: str | None = Field(
+        None,
+        description="row filter on the reference, e.g. quality=clean",
+        json_schema_extra=flag("--reference-where"),
+    )
+    holdout: str | None = Field(
+        None, description="a held-out reference split: adds fd_holdout", json_schema_extra=flag("--holdout")
+    )
     holdout_where: str | None = None
-    features: str = Field("pixels", description="pixels, inception@WEIGHTS, dinov2[:ARCH]@WEIGHTS or net@FOLDER")
-    train: str | None = Field(None, description="the training data: adds the memorization share")
+    features: str = Field(
+        "pixels",
+        pattern=FEATURE_SPEC,
+        description="pixels, inception@WEIGHTS, dinov2[:ARCH]@WEIGHTS or net@FOLDER",
+        json_schema_extra=flag("--features"),
+    )
+    train: str | None = Field(
+        None, description="the training data: adds the memorization share", json_schema_extra=flag("--train")
+    )
     train_where: str | None = None
-    memorization_features: str = Field("pixels", description="feature spec for the memorization distances")
+    memorization_features: str = Field(
+        "pixels", pattern=FEATURE_SPEC, description="feature spec for the memorization distances"
+    )
     memorization_threshold: float = Field(1.0 / 3.0, gt=0, le=1)
-    proximal: str | None = Field(None, description="corruption spec of the training data: adds proximal_fd")
-    proximal_reference: str | None = Field(None, description="corrupted training rows (default: train)")
+    proximal: str | None = Field(
+        None, description="corruption spec of the training data: adds proximal_fd", json_schema_extra=flag("--proximal")
+    )
+    proximal_reference: str | None = Field(
+        None, description="corrupted training rows (default: train)", json_schema_extra=flag("--proximal-reference")
+    )
     proximal_where: str | None = Field("quality=corrupted", description="row filter on the proximal reference")
     k: int = Field(3, ge=1, description="k of the k-NN precision/recall")
     max_samples: int | None = Field(None, ge=2, description="use at most this many samples (the first ones)")
     seed: int = Field(0, ge=0, description="seeds of the proximal corruption")
     device: str = Field("auto", description="auto (cuda if available), cpu or cuda")
-    out: str
+    out: str = Field(..., description="output URI (metrics.json)", json_schema_extra=flag("--out"))
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

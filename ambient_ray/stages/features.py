@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, flag
 from ambient_ray.io import storage
 from ambient_ray.models.features import save_feature_net, train_feature_net
 
@@ -13,10 +13,14 @@ from ambient_ray.models.features import save_feature_net, train_feature_net
 class FeaturesConfig(Strict):
     """Config of ``ambient-ray features`` (train the in-project feature network)."""
 
-    dataset: str = Field("digits", description="built-in name or a stage output URI")
-    where: str | None = Field(None, description="row filter on a stage output, e.g. quality=clean")
-    out: str
-    steps: int = Field(400, ge=1)
+    dataset: str = Field(
+        "digits", description="built-in name or a stage output URI", json_schema_extra=flag("--dataset")
+    )
+    where: str | None = Field(
+        None, description="row filter on a stage output, e.g. quality=clean", json_schema_extra=flag("--where")
+    )
+    out: str = Field(..., description="output URI (use it as --features net@OUT)", json_schema_extra=flag("--out"))
+    steps: int = Field(400, ge=1, json_schema_extra=flag("--steps", "training steps"))
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     width: int = Field(16, ge=8, description="channels of the first conv stage (a multiple of 8)")

@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, csv, flag
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
 
@@ -49,16 +49,30 @@ TABLE_METRICS = ("fd", "fd_holdout", "precision", "recall", "memorization", "mea
 class ExperimentConfig(Strict):
     """Config of ``ambient-ray experiment``; the stage sections hold keys of those stages' configs."""
 
-    dataset: str = Field("digits", description="built-in name or URI of the clean images")
-    corruption: list[str] = Field(default_factory=lambda: ["blur:sigma=1"], min_length=1)
-    clean_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1)
+    dataset: str = Field(
+        "digits", description="built-in name or URI of the clean images", json_schema_extra=flag("--dataset")
+    )
+    corruption: list[str] = Field(
+        default_factory=lambda: ["blur:sigma=1"],
+        min_length=1,
+        json_schema_extra=flag("--corruption", "corruption spec (repeatable)"),
+    )
+    clean_fraction: float = Field(0.1, gt=0.0, lt=1.0, json_schema_extra=flag("--clean-fraction"))
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        json_schema_extra=flag("--seeds", "comma-separated seeds, e.g. 0,1,2", parse=csv(int)),
+    )
+    arms: list[Arm] = Field(
+        default_factory=lambda: list(ARMS),
+        min_length=1,
+        json_schema_extra=flag("--arms", "comma-separated arms: " + ",".join(ARMS), parse=csv()),
+    )
     holdout: float = Field(0.2, gt=0.0, lt=1.0, description="fraction held out as the second FD reference")
     image_size: int | None = Field(None, ge=4, description="resize the images (corrupt's source.image_size)")
     features: str | None = Field(None, description="feature spec for the metrics (default: train the in-project net)")
     samples: int | None = Field(None, ge=2, description="samples per (arm, seed) (default: the training part's size)")
-    out: str
+    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     features_stage: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray features'")
     classifier: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train-classifier'")
     annotate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray annotate'")

@@ -22,9 +22,11 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
+    from ambient_ray.config import ConfigError
+
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ValueError(
+        raise ConfigError(
             "no cluster given: pass --address http://HOST:8265 or set RAY_ADDRESS (cluster/local.sh env prints it)"
         )
     return JobSubmissionClient(address)

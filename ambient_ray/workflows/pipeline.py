@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
 
@@ -51,7 +51,11 @@ MARKER = "pipeline_stage.json"
 class PipelineConfig(Strict):
     """Config of ``ambient-ray pipeline``; each stage section holds keys of that stage's config."""
 
-    out: str = Field(..., description="output URI (local folder or s3://bucket/prefix); one folder per stage under it")
+    out: str = Field(
+        ...,
+        description="output URI (local folder or s3://bucket/prefix); one folder per stage under it",
+        json_schema_extra=flag("--out"),
+    )
     corrupt: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray corrupt'")
     classifier: dict[str, Any] = Field(
         default_factory=dict, description="keys of 'ambient-ray train-classifier' (the noise classifier)"
