@@ -1,9 +1,9 @@
 """Inference weights on storage: a folder with ``model.json`` (what the network is) and safetensors.
 
 Written by the training engine (``OUT/model/``); read here (:func:`load`, for every kind and arch) for
-sampling, annotation and the locality map. Nothing is unpickled. A folder of the wrong kind (a denoiser where a classifier is wanted, a
-crops classifier where a noise classifier is wanted) or for another image size is refused with a
-message that says what it is.
+sampling, annotation and the locality map. Nothing is unpickled. A folder of the wrong kind (a denoiser where
+a classifier is wanted, a crops classifier where a noise classifier is wanted) or for another image size is
+refused with a message that says what it is.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The denoiser wraps it with the EDM preconditioning of Table 1:
     D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)),   c_noise = ln(σ)/4.
 
 Defaults are tiny (16x16 grey, 0.7M parameters; a training step of 64 images takes ~0.5 s on two
-CPU cores, see ``benchmarks/train_overhead.py``). Paper sizes come from the config, e.g. EDM's CIFAR-10 DDPM++ (57M parameters here):
+CPU cores, see ``benchmarks/train_overhead.py``). Paper sizes come from the config, e.g. EDM's CIFAR-10
+DDPM++ (57M parameters here):
 ``img_resolution=32, in_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
 attn_resolutions=[16], dropout=0.13``.
 """
@@ -88,7 +89,8 @@ class UNetConfig(Strict):
         bad = [self.model_channels * m for m in self.channel_mult if (self.model_channels * m) % self.groups]
         if bad:
             raise ValueError(
-                f"groups={self.groups} must divide every level's channels (model_channels*channel_mult); {bad} are not divisible"
+                f"groups={self.groups} must divide every level's channels (model_channels*channel_mult); "
+                f"{bad} are not divisible"
             )
         return self
 

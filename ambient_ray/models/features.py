@@ -302,7 +302,8 @@ def feature_net(uri: str, device: str = "cpu") -> Extractor:
     def fn(x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != channels or x.shape[2] != size or x.shape[3] != size:
             raise ValueError(
-                f"the feature net in {uri} takes {size}x{size} images with {channels} channels; got {tuple(x.shape[1:])}"
+                f"the feature net in {uri} takes {size}x{size} images with {channels} channels; "
+                f"got {tuple(x.shape[1:])}"
             )
         return net.features(x)
 

@@ -8,6 +8,7 @@ from pydantic import Field
 from ambient_ray.config import Strict, flag
 from ambient_ray.io import storage
 from ambient_ray.models.features import save_feature_net, train_feature_net
+from ambient_ray.stages.results import FeaturesResult
 
 
 class FeaturesConfig(Strict):
@@ -29,7 +30,7 @@ class FeaturesConfig(Strict):
     use_labels: bool = Field(True, description="train on the labels when the data has them (else: rotation)")
 
 
-def run(cfg: FeaturesConfig, progress: bool = True) -> dict:
+def run(cfg: FeaturesConfig, progress: bool = True) -> FeaturesResult:
     """Train and save the feature network; returns {"out", "spec", "accuracy", "task"}."""
     from ambient_ray.data.sources import read_array
 

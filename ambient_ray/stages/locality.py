@@ -18,6 +18,7 @@ from ambient_ray.config import Strict, flag
 from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages.results import LocalityResult
 
 
 class LocalityConfig(Strict):
@@ -51,7 +52,7 @@ class LocalityConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
-def run(cfg: LocalityConfig) -> dict:
+def run(cfg: LocalityConfig) -> LocalityResult:
     """Measure the map; write ``locality.json`` and ``locality.png``; returns the table."""
     import pandas as pd
 
@@ -73,7 +74,8 @@ def run(cfg: LocalityConfig) -> dict:
     _, imgs = read_images(cfg.data, set(ids.tolist()))
     if imgs.shape[1] != mc.in_channels or imgs.shape[2] != imgs.shape[3]:
         raise ValueError(
-            f"the data's images are {tuple(imgs.shape[1:])} (C, H, W); the denoiser takes {mc.in_channels} channels, square"
+            f"the data's images are {tuple(imgs.shape[1:])} (C, H, W); "
+            f"the denoiser takes {mc.in_channels} channels, square"
         )
     img = imgs.shape[-1]
     factor = 2 ** (len(mc.channel_mult) - 1)
@@ -81,7 +83,8 @@ def run(cfg: LocalityConfig) -> dict:
     bad = [c for c in contexts if c not in valid_contexts(img, cfg.patch, factor)]
     if bad or not contexts or contexts[-1] != img:
         raise ValueError(
-            f"contexts {contexts}: each must be in {valid_contexts(img, cfg.patch, factor)} and the last the image size {img}"
+            f"contexts {contexts}: each must be in {valid_contexts(img, cfg.patch, factor)} "
+            f"and the last the image size {img}"
         )
     if cfg.sigma_hi <= cfg.sigma_lo:
         raise ValueError("sigma_hi must exceed sigma_lo")

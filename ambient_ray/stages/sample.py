@@ -19,6 +19,7 @@ from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.io import storage, weights
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages.results import SampleResult
 
 
 class SampleConfig(Strict):
@@ -101,7 +102,7 @@ def draw(
     return np.concatenate(out)
 
 
-def run(cfg: SampleConfig, progress: bool = True) -> dict:
+def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
     from ambient_ray.io import plots, tracking
 
     out = storage.normalize(cfg.out)

@@ -18,12 +18,10 @@ the network), ``coverage.json`` and ``coverage.png`` (the σ donut), ``samples.p
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 from pydantic import Field
 
-from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict
 from ambient_ray.data.metadata import load_metadata
 from ambient_ray.io import storage
@@ -77,7 +75,10 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
         origin = "no sigma_min column: every row treated as clean (plain EDM)"
         n_bad = int((meta["quality"] == "corrupted").sum()) if "quality" in meta else 0
         if n_bad:
-            origin += f"; warning: {n_bad} rows marked corrupted train as clean (annotate them, or set ambient.corrupted_sigma_min)"
+            origin += (
+                f"; warning: {n_bad} rows marked corrupted train as clean "
+                "(annotate them, or set ambient.corrupted_sigma_min)"
+            )
     bad = ~np.isfinite(smin) | (smin < 0)
     if bad.any():
         rows = meta["id"][bad].head(5).tolist()
@@ -119,7 +120,6 @@ def train_loop(config: dict) -> None:
 def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     """Train; returns a summary dict (out URIs, MLflow run id, final metrics). ``callbacks``: Ray Train
     ``UserCallback``s (a Ray Tune trial passes the one that forwards each report to Tune)."""
-    from ambient_ray.io import tracking
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -133,71 +133,35 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     load_crop_table(cfg)
     smin, smax, origin = resolve_sigmas(meta, cfg)
     cfg.model = registry.with_interface(cfg.model, *engine.check_run(cfg, meta))
-    engine.check_resume(cfg, out, model_meta(cfg))
-    cfgmod.save_resolved(cfg, out)
-
-    run_id, uri = tracking.start_run(
-        cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": "train", "sigma_min": origin}
-    )
-    print(
-        f"train: {len(meta)} rows"
-        + (f" with {cfg.rows}" if cfg.rows else "")
-        + f" ({origin})"
-        + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off")
-    )
     ids = meta["id"].tolist()
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "sigma_min": dict(zip(ids, smin.tolist())),
-        "sigma_max": dict(zip(ids, smax.tolist())),
-        "mlflow_run_id": run_id,
-        "mlflow_uri": uri,
-    }
-    t0 = time.perf_counter()
-    result = engine.fit(
+    return engine.train(
         cfg,
         train_loop,
-        loop_config,
+        model_meta(cfg),
+        {"sigma_min": dict(zip(ids, smin.tolist())), "sigma_max": dict(zip(ids, smax.tolist()))},
         [c for c in ("id", "image", "label") if c in meta.columns or c == "image"],
-        callbacks,
+        stage="train",
+        tags={"sigma_min": origin},
+        headline=f"train: {len(meta)} rows" + (f" with {cfg.rows}" if cfg.rows else "") + f" ({origin})",
+        artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
+        extra={"rows": len(meta), "sigma_min": origin},
+        callbacks=callbacks,
     )
-    seconds = time.perf_counter() - t0
-    ckpt = engine.latest_checkpoint(out)
-    summary = {
-        "out": out,
-        "checkpoint": ckpt,
-        "mlflow_run_id": run_id,
-        "mlflow_uri": uri,
-        "seconds": seconds,
-        "metrics": result.metrics,
-        "rows": len(meta),
-        "sigma_min": origin,
-    }
-    finish_training(cfg, out, ckpt, run_id, uri)
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
-    return summary
 
 
-def finish_training(cfg, out: str, ckpt: str | None, run_id: str | None, uri: str | None) -> None:
-    """Export inference weights, draw the σ donut and a sample grid, and log them to the run."""
-    from ambient_ray.io import plots, tracking
+def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
+    """The σ donut (``coverage.json``, ``coverage.png``) of the last checkpoint and a sample grid of its EMA."""
+    from ambient_ray.io import plots
+    from ambient_ray.io.weights import load
+    from ambient_ray.stages.sample import draw
 
-    files: dict[str, bytes] = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
-    if ckpt:
-        engine.export_weights(out, ckpt)
-        cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
-        storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())
-        png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
-        storage.write_bytes(storage.join(out, "coverage.png"), png)
-        files.update({"coverage.png": png, "coverage.json": json.dumps(cov).encode()})
-        if cfg.sample_grid:
-            from ambient_ray.io.weights import load
-            from ambient_ray.stages.sample import draw
-
-            net = load(storage.join(out, "model"), "denoiser")
-            imgs = draw(net, cfg.sample_grid, seed=cfg.seed)
-            grid = plots.image_grid_png(imgs)
-            storage.write_bytes(storage.join(out, "samples.png"), grid)
-            files["samples.png"] = grid
-    tracking.log_files(run_id, uri, files)
-    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
+    cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
+    storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())
+    png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
+    storage.write_bytes(storage.join(out, "coverage.png"), png)
+    files = {"coverage.png": png, "coverage.json": json.dumps(cov).encode()}
+    if cfg.sample_grid:
+        imgs = draw(load(storage.join(out, "model"), "denoiser"), cfg.sample_grid, seed=cfg.seed)
+        files["samples.png"] = grid = plots.image_grid_png(imgs)
+        storage.write_bytes(storage.join(out, "samples.png"), grid)
+    return files

@@ -20,14 +20,10 @@ good and bad rows against σ, or against the crop size: Ambient-o Fig. 2), ``con
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, flag
 from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
@@ -116,7 +112,8 @@ def labels_of(meta, cfg: ClassifierTrainConfig) -> np.ndarray:
     both = good & bad
     if both.any():
         raise ValueError(
-            f"{int(both.sum())} rows match both good={cfg.good!r} and bad={cfg.bad!r}, e.g. {meta['id'][both].head(3).tolist()}"
+            f"{int(both.sum())} rows match both good={cfg.good!r} and bad={cfg.bad!r}, "
+            f"e.g. {meta['id'][both].head(3).tolist()}"
         )
     if not good.any() or not bad.any():
         side = "good" if not good.any() else "bad"
@@ -140,7 +137,7 @@ def classifier_loop(config: dict) -> None:
 
 def run(cfg: ClassifierTrainConfig) -> dict:
     """Train the classifier; returns a summary (out, checkpoint, MLflow run, final metrics)."""
-    from ambient_ray.io import plots, tracking
+    from ambient_ray.io import plots
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -150,47 +147,27 @@ def run(cfg: ClassifierTrainConfig) -> dict:
     if cfg.kind == "crops" and max(cfg.resolved_crop_sizes()) > h:
         raise ConfigError(f"config key 'crop_sizes': {cfg.crop_sizes} has sizes above the image size {h}")
     labels = labels_of(meta, cfg)
-    engine.check_resume(cfg, out, model_meta(cfg))
-    cfgmod.save_resolved(cfg, out)
     n_good, n_bad = int((labels == 1).sum()), int((labels == 0).sum())
-    tags = {"stage": "train-classifier", "kind": cfg.kind, "good_rows": n_good, "bad_rows": n_bad}
-    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags=tags)
-    print(
-        f"train-classifier ({cfg.kind}): {n_good} good rows ({cfg.good}), {n_bad} bad ({cfg.bad or 'the rest'})"
-        + (f"; MLflow run {run_id} at {uri}" if run_id else "")
-    )
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "labels": dict(zip(meta["id"].tolist(), labels.tolist())),
-        "mlflow_run_id": run_id,
-        "mlflow_uri": uri,
-    }
-    t0 = time.perf_counter()
-    result = engine.fit(cfg, classifier_loop, loop_config, ["id", "image"])
-    seconds = time.perf_counter() - t0
-    ckpt = engine.latest_checkpoint(out)
-    engine.export_weights(out, ckpt)
-    files = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
-    if ckpt:
-        png = plots.prob_curves(
-            *evaluation_curves(cfg, out, meta, labels), tau=None, title=f"{cfg.kind} classifier (EMA)"
-        )
+
+    def artifacts(out: str, ckpt: str) -> dict[str, bytes]:
+        curves = evaluation_curves(cfg, out, meta, labels)
+        png = plots.prob_curves(*curves, tau=None, title=f"{cfg.kind} classifier (EMA)")
         storage.write_bytes(storage.join(out, "curves.png"), png)
-        files["curves.png"] = png
-    tracking.log_files(run_id, uri, files)
-    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
-    summary = {
-        "out": out,
-        "checkpoint": ckpt,
-        "mlflow_run_id": run_id,
-        "mlflow_uri": uri,
-        "seconds": seconds,
-        "metrics": result.metrics,
-        "good_rows": n_good,
-        "bad_rows": n_bad,
-    }
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
-    return summary
+        return {"curves.png": png}
+
+    return engine.train(
+        cfg,
+        classifier_loop,
+        model_meta(cfg),
+        {"labels": dict(zip(meta["id"].tolist(), labels.tolist()))},
+        ["id", "image"],
+        stage="train-classifier",
+        tags={"kind": cfg.kind, "good_rows": n_good, "bad_rows": n_bad},
+        headline=f"train-classifier ({cfg.kind}): {n_good} good rows ({cfg.good}), "
+        f"{n_bad} bad ({cfg.bad or 'the rest'})",
+        artifacts=artifacts,
+        extra={"good_rows": n_good, "bad_rows": n_bad},
+    )
 
 
 def evaluation_curves(cfg: ClassifierTrainConfig, out: str, meta, labels: np.ndarray, per_class: int = 128):

@@ -1,12 +1,12 @@
 """The training engine shared by every model ambient-ray trains: Ray Train (TorchTrainer) + DeepSpeed ZeRO.
 
-The diffusion model (:mod:`ambient_ray.train`) and the annotation classifiers
-(:mod:`ambient_ray.train_classifier`) differ in their network and their batch; everything else is
-here: the common config (:class:`EngineConfig`), reading the dataset on the driver and handing each
-worker its share of rows (a stable hash of ``id``), the DeepSpeed engine (ZeRO 0-3, CPU offload,
-bf16 on GPU), the fp32 EMA, checkpoints (DeepSpeed state, EMA, inference weights, each rank's random
-state) that a restarted or ``--resume``d run continues from exactly, MLflow metrics from rank 0, and
-the driver's ``TorchTrainer.fit``.
+This is the only Ray Train and DeepSpeed glue. The one training loop (:mod:`ambient_ray.train.loop`) runs a
+task (:mod:`ambient_ray.train.tasks`) on a :class:`Worker` here: the common config (:class:`EngineConfig`),
+each worker's share of rows (a stable hash of ``id``), the DeepSpeed engine (ZeRO 0-3, CPU offload, bf16
+on GPU) with its optimizer (``optim.name``) and schedule (:mod:`ambient_ray.train.schedules`), the fp32 EMA
+(:mod:`ambient_ray.train.ema`), post-step hooks, checkpoints (DeepSpeed state, EMA, inference weights, each
+rank's random and task state) that a restarted or ``--resume``d run continues from exactly, MLflow metrics
+from rank 0, and the driver (:func:`train`, :func:`fit`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from typing import Callable, Literal
 
 import numpy as np
@@ -74,7 +75,8 @@ class EngineConfig(Strict):
     report_every: int | None = Field(
         None,
         ge=1,
-        description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss (Ray Tune's early stopping reads them)",
+        description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss "
+        "(Ray Tune's early stopping reads them)",
     )
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
@@ -382,9 +384,10 @@ def fit(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ambient_ray.io import ray_runtime
+
     out = storage.normalize(cfg.out)
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+    ray_runtime.ray_init(out)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
     fs, path = storage.filesystem(storage.join(out, "ray"))
     data_fs, data_path = storage.filesystem(data_dir(cfg.data))
@@ -401,7 +404,8 @@ def fit(
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # explicit options: Train's defaults pass the deprecated ExecutionOptions.exclude_resources
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions()),
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=path,
@@ -412,6 +416,50 @@ def fit(
         ),
     )
     return trainer.fit()
+
+
+def train(
+    cfg: EngineConfig,
+    worker: Callable[[dict], None],
+    meta: dict,
+    per_row: dict[str, dict],
+    columns: list[str],
+    *,
+    stage: str,
+    tags: dict,
+    headline: str,
+    artifacts: Callable[[str, str], dict[str, bytes]],
+    extra: dict,
+    callbacks: list | None = None,
+) -> dict:
+    """A training stage's driver, after its own checks: refuse a clash with an earlier run, save the resolved
+    config, open the MLflow run, :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name: {id: value}}``),
+    export the last checkpoint's weights to ``OUT/model/``, write and log the stage's ``artifacts(out, ckpt)``,
+    close the run and write ``summary.json`` (``extra`` added to it). Returns the summary."""
+    from ambient_ray import config as cfgmod
+
+    out = storage.normalize(cfg.out)
+    check_resume(cfg, out, meta)
+    cfgmod.save_resolved(cfg, out)
+    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": stage, **tags})
+    print(headline + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
+    loop_config = {"cfg": cfg.model_dump(mode="json"), **per_row, "mlflow_run_id": run_id, "mlflow_uri": uri}
+    t0 = time.perf_counter()
+    result = fit(cfg, worker, loop_config, columns, callbacks)
+    seconds = time.perf_counter() - t0
+    ckpt = latest_checkpoint(out)
+    export_weights(out, ckpt)
+    files = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
+    if ckpt:
+        files.update(artifacts(out, ckpt))
+    tracking.log_files(run_id, uri, files)
+    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
+    summary = {
+        **{"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds},
+        **{"metrics": result.metrics, **extra},
+    }
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
+    return summary
 
 
 def export_weights(out: str, ckpt: str | None) -> None:
