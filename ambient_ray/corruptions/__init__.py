@@ -22,14 +22,12 @@ and name its module in the ``plugins`` config list (or ``--plugin``) so workers 
 
 from __future__ import annotations
 
-import io
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
 
 class CorruptionError(ValueError):
@@ -180,106 +178,4 @@ def apply(corruption: Corruption, images: list[np.ndarray], seeds: list[int]) ->
     return out  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------- built-ins
-
-
-@register("blur", sigma=Param(float, None, lo=0.0, lo_open=True))
-def _blur(x, rngs, sigma):
-    """Gaussian blur with standard deviation ``sigma`` pixels (reflecting borders)."""
-    return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="reflect", truncate=4.0)
-
-
-def motion_kernel(length: float, angle: float) -> np.ndarray:
-    """A normalised line kernel of ``length`` pixels at ``angle`` degrees (bilinear rasterisation)."""
-    half = (length - 1) / 2.0
-    size = 2 * int(math.ceil(half)) + 1
-    k = np.zeros((size, size), np.float64)
-    c = size // 2
-    theta = math.radians(angle)
-    n = max(2, int(math.ceil(length)) * 4)
-    for t in np.linspace(-half, half, n):
-        # rows grow downwards, so a positive angle tilts the line up and to the right
-        px, py = c + t * math.cos(theta), c - t * math.sin(theta)
-        x0, y0 = int(math.floor(px)), int(math.floor(py))
-        fx, fy = px - x0, py - y0
-        for dy, wy in ((0, 1 - fy), (1, fy)):
-            for dx, wx in ((0, 1 - fx), (1, fx)):
-                if 0 <= y0 + dy < size and 0 <= x0 + dx < size:
-                    k[y0 + dy, x0 + dx] += wx * wy
-    return (k / k.sum()).astype(np.float32)
-
-
-@register("motion_blur", length=Param(float, None, lo=1.0), angle=Param(float, 0.0, lo=-360.0, hi=360.0))
-def _motion_blur(x, rngs, length, angle):
-    """Linear motion blur along a line of ``length`` pixels at ``angle`` degrees."""
-    k = motion_kernel(length, angle)
-    return ndimage.convolve(x, k[None, :, :, None], mode="reflect")
-
-
-@register("jpeg", quality=Param(int, None, lo=1, hi=95))
-def _jpeg(x, rngs, quality):
-    """JPEG compression at ``quality`` (PIL, 4:2:0 chroma subsampling for colour images)."""
-    out = np.empty_like(x)
-    for i, img in enumerate(np.round(x * 255.0).astype(np.uint8)):
-        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-        buf = io.BytesIO()
-        pil.save(buf, format="JPEG", quality=quality)
-        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
-        out[i] = dec.reshape(img.shape)
-    return out
-
-
-@register("mask", p=Param(float, None, lo=0.0, hi=1.0))
-def _mask(x, rngs, p):
-    """Hide each pixel (all channels) independently with probability ``p`` (set to 0)."""
-    keep = np.stack([rng.random(x.shape[1:3]) >= p for rng in rngs])
-    return x * keep[..., None]
-
-
-@register("block_mask", size=Param(int, None, lo=1), count=Param(int, 1, lo=1))
-def _block_mask(x, rngs, size, count):
-    """Hide ``count`` square blocks of ``size`` pixels at uniformly random positions (set to 0)."""
-    out = x.copy()
-    h, w = x.shape[1:3]
-    bh, bw = min(size, h), min(size, w)
-    for i, rng in enumerate(rngs):
-        for _ in range(count):
-            top = int(rng.integers(0, h - bh + 1))
-            left = int(rng.integers(0, w - bw + 1))
-            out[i, top : top + bh, left : left + bw, :] = 0.0
-    return out
-
-
-@register("noise", sigma=Param(float, None, lo=0.0))
-def _noise(x, rngs, sigma):
-    """Additive Gaussian noise of standard deviation ``sigma`` in the [-1, 1] data scale."""
-    z = np.stack([rng.standard_normal(x.shape[1:], dtype=np.float32) for rng in rngs])
-    return x + (sigma / 2.0) * z
-
-
-@register("contrast", factor=Param(float, None, lo=0.0))
-def _contrast(x, rngs, factor):
-    """Scale each image's deviation from its own mean intensity by ``factor`` (<1 lowers contrast)."""
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    return (x - mean) * factor + mean
-
-
-@register(
-    "color_shift",
-    r=Param(float, 0.0, lo=-1.0, hi=1.0),
-    g=Param(float, 0.0, lo=-1.0, hi=1.0),
-    b=Param(float, 0.0, lo=-1.0, hi=1.0),
-    max=Param(float, 0.0, lo=0.0, hi=1.0),
-)
-def _color_shift(x, rngs, r, g, b, max):
-    """Add per-channel offsets: fixed ``r,g,b`` plus, if ``max`` > 0, a per-image draw in [-max, max].
-
-    On single-channel images the mean of the three offsets is added.
-    """
-    fixed = np.array([r, g, b], np.float32)
-    shifts = np.stack([fixed + (rng.uniform(-max, max, 3).astype(np.float32) if max > 0 else 0.0) for rng in rngs])
-    if x.shape[-1] == 1:
-        shifts = shifts.mean(axis=1, keepdims=True)
-    elif x.shape[-1] != 3:
-        raise ValueError(f"color_shift expects 1 or 3 channels, got {x.shape[-1]}")
-    return x + shifts[:, None, None, :]
+importlib.import_module(f"{__name__}.builtin")  # registers the built-in corruptions
