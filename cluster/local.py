@@ -46,7 +46,8 @@ def state_dir(arg: str | None) -> str:
 
 
 def ray_temp_dir(state: str) -> str:
-    """Ray's session folder. Its Unix socket paths must stay short (about 100 bytes), so a long STATE gets /tmp/ar-<hash>."""
+    """Ray's session folder. Its Unix socket paths must stay short (about 100 bytes), so a long STATE gets
+    /tmp/ar-<hash>."""
     inside = os.path.join(state, "ray")
     return inside if len(inside) <= 40 else f"/tmp/ar-{hashlib.sha1(state.encode()).hexdigest()[:10]}"
 
@@ -185,7 +186,9 @@ def up(args) -> int:
         )
         dashboard = f"http://127.0.0.1:{ports['dashboard']}"
         started["ray"] = services.Service("ray", proc, dashboard, ray_log)
-        services._wait(lambda: dashboard_ready(dashboard, token), "Ray head (dashboard)", proc, ray_log, args.timeout)
+        services.wait_ready(
+            lambda: dashboard_ready(dashboard, token), "Ray head (dashboard)", proc, ray_log, args.timeout
+        )
     except BaseException:
         for svc in reversed(list(started.values())):
             svc.stop()
@@ -204,7 +207,8 @@ def up(args) -> int:
     write_private(os.path.join(state, "state.json"), json.dumps(st, indent=1))
     write_private(os.path.join(state, "env.sh"), exports(env))
     log(
-        f"up: Ray dashboard {dashboard} (GCS {st['ray_gcs']}), S3 {os.environ['AWS_ENDPOINT_URL']} bucket {args.bucket}, "
+        f"up: Ray dashboard {dashboard} (GCS {st['ray_gcs']}), "
+        f"S3 {os.environ['AWS_ENDPOINT_URL']} bucket {args.bucket}, "
         f"MLflow {ml.url}; logs in {state}"
     )
     log(f'use it from a shell: eval "$(cluster/local.sh env)"   (or: source {state}/env.sh)')
@@ -239,7 +243,8 @@ def down(args) -> int:
             except (psutil.Error, ProcessLookupError):
                 pass
         log(
-            f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: {', '.join(sorted(names))}"
+            f"killed {len(left)} processes that did not stop in {args.grace:.0f}s after SIGTERM: "
+            f"{', '.join(sorted(names))}"
         )
     deadline = time.time() + 10  # a killed process is gone once the kernel has torn it down
     while (left := stragglers(st)) and time.time() < deadline:

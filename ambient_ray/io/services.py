@@ -61,7 +61,7 @@ class Service:
             self.proc.wait(5)
 
 
-def _wait(check, what: str, proc: subprocess.Popen, log: str, timeout: float) -> None:
+def wait_ready(check, what: str, proc: subprocess.Popen, log: str, timeout: float) -> None:
     deadline = time.time() + timeout
     last: Exception | None = None
     while time.time() < deadline:
@@ -180,7 +180,7 @@ def start_seaweedfs(
         return ok
 
     try:
-        _wait(ready, "SeaweedFS", proc, log, timeout)
+        wait_ready(ready, "SeaweedFS", proc, log, timeout)
     except BaseException:
         svc.stop()
         raise
@@ -249,7 +249,7 @@ def start_mlflow(folder: str, artifacts_uri: str, env: dict | None = None, timeo
             return r.status == 200
 
     try:
-        _wait(ready, "MLflow server", proc, log, timeout)
+        wait_ready(ready, "MLflow server", proc, log, timeout)
     except BaseException:
         svc.stop()
         raise
