@@ -31,7 +31,7 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("sub", ["models", "diffusion"])
+@pytest.mark.parametrize("sub", ["models", "diffusion", "evaluation"])
 def test_math_and_networks_import_no_ray_deepspeed_or_mlflow(sub):
     files = sorted((PKG / sub).rglob("*.py"))
     assert files
