@@ -11,6 +11,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pydantic import Field
 
@@ -62,6 +64,30 @@ def ray_job_tags() -> dict[str, str]:
     return {"ray.job_submission_id": job_id} if job_id else {}
 
 
+# MLflow 3's UI opens an experiment in the view of its kind, read from this tag; an experiment without it may
+# open in the GenAI view (traces, judges). "custom_model_development" (the UI's model-training kind) opens the
+# runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def mark_training(client, exp_id: str) -> None:
+    """Tag an experiment as model training unless it already has a kind (a user's choice is kept)."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment ``name``, created (tagged as model training) if it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    mark_training(client, exp.experiment_id)
+    return exp.experiment_id
+
+
 def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[str | None, str | None]:
     """Create (or, for a resumed job, reopen) the job's MLflow run; returns (run_id, tracking_uri)."""
     if not mcfg.enabled:
@@ -76,6 +102,7 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
         recorded = json.loads(storage.read_bytes(marker))
         run_id = recorded["run_id"]
         if _run_exists(client, run_id):
+            mark_training(client, client.get_run(run_id).info.experiment_id)
             client.set_terminated(run_id, "RUNNING")
             return run_id, uri
         # resumed against another tracking server or store: keep the work, open a new run there
@@ -84,12 +111,7 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
             "starting a new run",
             file=sys.stderr,
         )
-    exp = client.get_experiment_by_name(mcfg.experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(mcfg.experiment, artifact_location=mcfg.artifact_location)
-    )
+    exp_id = experiment_id(client, mcfg.experiment, mcfg.artifact_location)
     tags = {
         k: str(v) for k, v in {"out": out, **ray_job_tags(), **(tags or {})}.items()
     }  # the REST API takes strings only
@@ -141,27 +163,60 @@ def finish(run_id: str | None, uri: str | None, status: str = "FINISHED", tags: 
     client.set_terminated(run_id, status)
 
 
-def finish_training(cfg, out: str, ckpt: str | None, run_id: str | None, uri: str | None) -> None:
-    """Export inference weights, draw the σ donut and a sample grid, and log them to the run."""
-    from ambient_ray.io import plots
+def child(mcfg, name: str, parent: str | None) -> dict:
+    """The ``mlflow`` section of a stage a workflow runs: the workflow's settings, the stage's run name,
+    and nested under ``parent`` (the workflow's run, or one of its children)."""
+    base = mcfg if isinstance(mcfg, dict) else mcfg.model_dump()
+    return {**base, "run_name": name, "parent_run_id": parent}
 
-    files: dict[str, bytes] = {"config.yaml": storage.read_bytes(storage.join(out, "config.yaml"))}
-    if ckpt:
-        from ambient_ray.train.engine import export_weights
 
-        export_weights(out, ckpt)
-        cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
-        storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())
-        png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
-        storage.write_bytes(storage.join(out, "coverage.png"), png)
-        files.update({"coverage.png": png, "coverage.json": json.dumps(cov).encode()})
-        if cfg.sample_grid:
-            from ambient_ray.stages.sample import draw, load_denoiser
+class Run(tuple):
+    """``(run_id, tracking_uri)`` of an open run (both None when MLflow is off), and what :func:`run` sets
+    when its block ends well: ``status`` (default FINISHED) and extra ``tags``."""
 
-            net = load_denoiser(storage.join(out, "model"))
-            imgs = draw(net, cfg.sample_grid, seed=cfg.seed)
-            grid = plots.image_grid_png(imgs)
-            storage.write_bytes(storage.join(out, "samples.png"), grid)
-            files["samples.png"] = grid
-    log_files(run_id, uri, files)
-    finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
+    status: str
+    tags: dict
+
+    def __new__(cls, run_id: str | None, uri: str | None):
+        self = super().__new__(cls, (run_id, uri))
+        self.status, self.tags = "FINISHED", {}
+        return self
+
+    @property
+    def run_id(self) -> str | None:
+        return self[0]
+
+    @property
+    def uri(self) -> str | None:
+        return self[1]
+
+
+@contextmanager
+def run(
+    mcfg,
+    out: str,
+    *,
+    name: str | None = None,
+    parent: str | None = None,
+    params: dict | None = None,
+    tags: dict | None = None,
+    close_on_error: bool = True,
+) -> Iterator[Run]:
+    """Open (or, for a resumed ``out``, reopen) a run for the block; ``with tracking.run(...) as (run_id, uri)``.
+
+    ``name`` and ``parent`` override the config's ``run_name`` and ``parent_run_id`` (nesting the run
+    under another one). The run ends FINISHED (or the yielded :class:`Run`'s ``status``, with its
+    ``tags``) when the block does, FAILED on an exception, KILLED on Ctrl-C (KeyboardInterrupt).
+    ``close_on_error=False`` leaves a run that raised open for its owner to close (a Tune trial's run:
+    the driver knows whether the trial failed or was stopped early)."""
+    if isinstance(mcfg, dict):
+        mcfg = MlflowConfig.model_validate(mcfg)
+    update = {k: v for k, v in (("run_name", name), ("parent_run_id", parent)) if v is not None}
+    handle = Run(*start_run(mcfg.model_copy(update=update), out, params or {}, tags))
+    try:
+        yield handle
+    except BaseException as e:
+        if close_on_error:
+            finish(*handle, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finish(*handle, status=handle.status, tags=handle.tags)
