@@ -26,6 +26,7 @@ from ambient_ray.config import ConfigError, Strict
 from ambient_ray.data.metadata import load_metadata
 from ambient_ray.io import storage
 from ambient_ray.models import registry
+from ambient_ray.stages.results import TrainResult
 from ambient_ray.train import engine, loop
 from ambient_ray.train.engine import EngineConfig
 from ambient_ray.train.tasks.ambient import AmbientTask, model_meta
@@ -117,7 +118,7 @@ def train_loop(config: dict) -> None:
 # ------------------------------------------------------------------------------ driver
 
 
-def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train; returns a summary dict (out URIs, MLflow run id, final metrics). ``callbacks``: Ray Train
     ``UserCallback``s (a Ray Tune trial passes the one that forwards each report to Tune)."""
 

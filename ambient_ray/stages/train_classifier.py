@@ -29,6 +29,7 @@ from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
 from ambient_ray.models import classifier as clf
 from ambient_ray.models import registry
+from ambient_ray.stages.results import ClassifierResult
 from ambient_ray.train import engine, loop
 from ambient_ray.train.engine import EngineConfig
 from ambient_ray.train.tasks.classifier import ClassifierTask
@@ -135,7 +136,7 @@ def classifier_loop(config: dict) -> None:
 # ------------------------------------------------------------------------------ driver
 
 
-def run(cfg: ClassifierTrainConfig) -> dict:
+def run(cfg: ClassifierTrainConfig) -> ClassifierResult:
     """Train the classifier; returns a summary (out, checkpoint, MLflow run, final metrics)."""
     from ambient_ray.io import plots
 

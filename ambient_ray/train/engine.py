@@ -28,6 +28,7 @@ from ambient_ray.data.metadata import data_dir, one_shape
 from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.registry import Registry
+from ambient_ray.stages.results import TrainingResult
 from ambient_ray.train.ema import EMAS
 from ambient_ray.train.schedules import lr_lambda
 
@@ -431,7 +432,7 @@ def train(
     artifacts: Callable[[str, str], dict[str, bytes]],
     extra: dict,
     callbacks: list | None = None,
-) -> dict:
+) -> TrainingResult:
     """A training stage's driver, after its own checks: refuse a clash with an earlier run, save the resolved
     config, open the MLflow run, :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name: {id: value}}``),
     export the last checkpoint's weights to ``OUT/model/``, write and log the stage's ``artifacts(out, ckpt)``,
