@@ -9,7 +9,8 @@ row's probability curve:
 (b) **annotate**: ``annotate.run`` with N actors of 1 CPU each on a local Ray cluster with N CPUs
     (phase 1 only: ``seconds_curves``; per-row seeded noise, Parquet curves and markers written).
 
-Printed: images/s of each and the ratio annotate / plain at the same N (the goal: >= 0.9 per CPU).
+Printed: images/s of each and the ratio annotate / plain at the same N (the goal: >= 0.9 per CPU), from the
+medians of ``--repeats`` interleaved rounds after an untimed one (:mod:`benchmarks.timing`).
 With ``--device cuda --no-ray`` (a GPU machine without Ray), (b) is the actor's per-shard function
 called directly in this process on the GPU, which measures our per-shard work against the plain loop
 there; Ray's own cost is the CPU figure.
@@ -27,6 +28,7 @@ import tempfile
 import time
 
 import numpy as np
+import timing  # benchmarks/timing.py, beside this script
 import torch
 
 
@@ -156,6 +158,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of both sides, after an untimed one")
     ap.add_argument("--no-ray", action="store_true", help="(b) = the actor's shard function called directly")
     ap.add_argument("--data", help="an existing corrupt output to use (e.g. made here for a machine without Ray)")
     ap.add_argument("--warm", help="with --data: a small corrupt output for the untimed warm-up (default: --data)")
@@ -180,7 +183,8 @@ def main() -> None:
             pq.read_metadata(os.path.join(data, "data", f)).num_rows for f in os.listdir(os.path.join(data, "data"))
         )
         print(
-            f"{n_img} images {args.size}x{args.size}, half U-Net width {args.width}, {args.grid} σ x {args.draws} draws = {evals} classifier "
+            f"{n_img} images {args.size}x{args.size}, half U-Net width {args.width}, "
+            f"{args.grid} σ x {args.draws} draws = {evals} classifier "
             f"evaluations per image, batch {args.batch} rows, device {args.device}"
         )
         plain(warm, clf, grid, args.draws, args.batch, 1, args.device)  # warm-up (allocator, caches)
@@ -190,22 +194,33 @@ def main() -> None:
                 data, clf, os.path.join(root, "direct"), args.grid, args.draws, args.batch, args.device
             )
             print(
-                f"plain loop: {n0 / t0:8.1f} images/s | actor shard function (no Ray): {n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}"
+                f"plain loop: {n0 / t0:8.1f} images/s | actor shard function (no Ray): {n1 / t1:8.1f} images/s | "
+                f"ratio {(n1 / t1) / (n0 / t0):.3f}"
             )
             return
         import ray
 
+        from ambient_ray.io import ray_runtime
+
         for cpus in [int(c) for c in args.cpus.split(",")]:
-            n0, t0 = plain(data, clf, grid, args.draws, args.batch, cpus, "cpu")
-            ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-            stage(
-                warm, clf, os.path.join(root, f"warm{cpus}"), cpus, args.grid, args.draws, args.batch
-            )  # Ray Data's first run
-            n1, t1 = stage(data, clf, os.path.join(root, f"run{cpus}"), cpus, args.grid, args.draws, args.batch)
+            ray_runtime.ray_init(None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+            def plain_side(r: int, cpus=cpus) -> float:  # seconds per image
+                n, t = plain(data, clf, grid, args.draws, args.batch, cpus, "cpu")
+                return t / n
+
+            def stage_side(r: int, cpus=cpus) -> float:  # a fresh folder each round (a used one resumes)
+                out = os.path.join(root, f"run{cpus}-{r + 1}")
+                n, t = stage(data, clf, out, cpus, args.grid, args.draws, args.batch)
+                return t / n
+
+            st = timing.interleave({"plain": plain_side, "annotate": stage_side}, args.repeats)
             ray.shutdown()
             print(
-                f"CPUs {cpus}: plain loop ({cpus} threads) {n0 / t0:8.1f} images/s | annotate ({cpus} actors x 1 CPU) "
-                f"{n1 / t1:8.1f} images/s | ratio {(n1 / t1) / (n0 / t0):.3f}"
+                f"CPUs {cpus}: plain loop ({cpus} threads) {1 / st['plain'].median:8.1f} images/s | annotate "
+                f"({cpus} actors x 1 CPU) {1 / st['annotate'].median:8.1f} images/s | ratio of medians "
+                f"{timing.ratio(st['plain'], st['annotate']):.3f} (spread: plain {st['plain'].spread:.1%}, "
+                f"annotate {st['annotate'].spread:.1%}; {args.repeats} interleaved rounds after a warm-up)"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)

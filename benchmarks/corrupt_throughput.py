@@ -4,7 +4,8 @@ For each image size, the same plan (built-in digits tiled to >= 20,000 images an
 (a) by the corrupt stage on a local Ray cluster with N CPUs and (b) by a plain Python loop that calls
 the very same per-shard function (load, decode, corrupt, PNG-encode, write Parquet) one shard after
 another in this process. Both write to a local temporary folder. Printed: images/s of each and the
-ratio to ideal scaling, ray / (single x N). Ray start-up and a warm-up run are not timed.
+ratio to ideal scaling, ray / (single x N), from the medians of ``--repeats`` interleaved rounds
+(:mod:`benchmarks.timing`; Ray start-up and a warm-up round are not timed).
 
     python benchmarks/corrupt_throughput.py [--cpus 2] [--images 20000] [--sizes 32,64] [--corruption blur:sigma=1]
 """
@@ -20,9 +21,11 @@ import tempfile
 import time
 
 import ray
+import timing  # benchmarks/timing.py, beside this script
 
 from ambient_ray import corruptions
 from ambient_ray.data.sources import SourceConfig, list_items, make_source
+from ambient_ray.io import ray_runtime
 from ambient_ray.stages import corrupt as stage
 
 
@@ -54,34 +57,42 @@ def main() -> None:
     ap.add_argument("--sizes", default="32,64")
     ap.add_argument("--corruption", default="blur:sigma=1")
     ap.add_argument("--shard-size", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of both sides, after an untimed one")
     args = ap.parse_args()
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_runtime.ray_init(None, num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="ambient-bench-")
     repeat = math.ceil(args.images / 1797)
     rows = []
     try:
-        # warm-up: start the worker processes and import everything once
-        stage.run(
-            stage.CorruptConfig(out=f"{tmp}/warm", corruptions=[args.corruption], shard_size=256, preview=0),
-            progress=False,
-        )
         for size in (int(s) for s in args.sizes.split(",")):
             src = SourceConfig(dataset="digits", image_size=size, repeat=repeat, limit=args.images)
             common = dict(source=src, corruptions=[args.corruption], shard_size=args.shard_size, preview=0)
-            single_s = plain_loop(stage.CorruptConfig(out=f"{tmp}/plain{size}", **common))
-            res = stage.run(stage.CorruptConfig(out=f"{tmp}/ray{size}", **common), progress=False)
-            n = res.rows_run
-            single_ips, ray_ips = n / single_s, n / res.seconds
-            rows.append((size, n, single_ips, ray_ips, ray_ips / (single_ips * args.cpus)))
+            n = args.images
+
+            def single(r: int, size=size, common=common) -> float:  # seconds per image
+                return plain_loop(stage.CorruptConfig(out=f"{tmp}/plain{size}-{r + 1}", **common)) / n
+
+            def on_ray(r: int, size=size, common=common) -> float:
+                res = stage.run(stage.CorruptConfig(out=f"{tmp}/ray{size}-{r + 1}", **common), progress=False)
+                return res.seconds / res.rows_run
+
+            stats = timing.interleave({"single": single, "ray": on_ray}, args.repeats)
+            rows.append((size, n, stats["single"], stats["ray"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ray.shutdown()
-    print(f"corrupt stage throughput, {args.corruption}, {args.cpus} CPUs, shards of {args.shard_size}")
-    print(f"{'size':>6} {'images':>7} {'single img/s':>13} {'ray img/s':>10} {'ray/(single*cpus)':>18}")
-    for size, n, s_ips, r_ips, ratio in rows:
-        print(f"{size:>4}px {n:>7} {s_ips:>13.0f} {r_ips:>10.0f} {ratio:>18.2f}")
+    print(
+        f"corrupt stage throughput, {args.corruption}, {args.cpus} CPUs, shards of {args.shard_size}; "
+        f"medians of {args.repeats} interleaved rounds after a warm-up round"
+    )
+    print(f"{'size':>6} {'images':>7} {'single img/s':>13} {'ray img/s':>10} {'ray/(single*cpus)':>18}  spread")
+    for size, n, single, on_ray in rows:
+        ratio = timing.ratio(single, on_ray) / args.cpus  # images/s ratio = inverse of the seconds ratio
+        print(
+            f"{size:>4}px {n:>7} {1 / single.median:>13.0f} {1 / on_ray.median:>10.0f} {ratio:>18.2f}  "
+            f"single {single.spread:.1%}, ray {on_ray.spread:.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@
 
 Step times exclude start-up and warm-up: the train stage's is read from the worker's own timing of
 its last logging interval (``images_per_s``, no checkpoint inside it); the plain loops time the steps
-after ``--warmup``. The plain loops run before Ray is started, so no Ray daemon shares their CPUs.
+after ``--warmup``. The three sides run in turns (:mod:`benchmarks.timing`): one untimed round, then
+``--repeats`` rounds of plain ambient, plain EDM, train stage; printed are the medians, their spread
+and the ratios of the medians. Ray stays up throughout, so its idle daemons share every side's CPUs.
 
-    python benchmarks/train_overhead.py [--cpus 2] [--steps 60] [--batch 64] [--size 16] [--device cpu|cuda]
+    python benchmarks/train_overhead.py [--cpus 2] [--steps 60] [--repeats 3] [--batch 64] [--size 16]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+import timing  # benchmarks/timing.py, beside this script
 import torch
 
 from ambient_ray.data import metadata
@@ -108,6 +112,7 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=60, help="timed steps")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of every side, after an untimed one")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=16, help="image side (digits are resized)")
     ap.add_argument("--channels", type=int, default=32, help="model_channels of the U-Net")
@@ -116,24 +121,20 @@ def main() -> None:
 
     import ray
 
+    from ambient_ray.io import ray_runtime
+
     tmp = tempfile.mkdtemp(prefix="ambient-bench-train-")
     gpu = args.device == "cuda"
     try:
-        ray.init(
-            num_cpus=args.cpus,
-            num_gpus=1 if gpu else 0,
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=False,
+        ray_runtime.ray_init(
+            None, num_cpus=args.cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False
         )
-        ray.data.DataContext.get_current().enable_progress_bars = False
         data = f"{tmp}/data"
         src = SourceConfig(dataset="digits", image_size=args.size)
         corrupt_run(
             CorruptConfig(out=data, source=src, corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0),
             progress=False,
         )
-        ray.shutdown()
 
         model = UNetConfig(img_resolution=args.size, in_channels=1, model_channels=args.channels)
         # the train stage times interval [steps/2 .. steps]: warm-up + timed steps, split in two intervals
@@ -156,42 +157,33 @@ def main() -> None:
         )
         images, smin = load_images(cfg)
         torch.set_num_threads(args.cpus)
-        plain_ambient = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
-        plain_edm = plain_loop(cfg, images, smin, args.steps, args.warmup, "edm", args.device)
 
-        ray.init(
-            num_cpus=args.cpus,
-            num_gpus=1 if gpu else 0,
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
-        summary = train.run(cfg)
-        ray_step = args.batch / summary["metrics"]["images_per_s"]
-        plain_ambient2 = plain_loop(cfg, images, smin, args.steps, args.warmup, "ambient", args.device)
+        def plain(objective: str):
+            return lambda r: plain_loop(cfg, images, smin, args.steps, args.warmup, objective, args.device)
+
+        def stage(r: int) -> float:  # a fresh run folder each time (a used one would resume)
+            summary = train.run(cfg.model_copy(update={"out": f"{tmp}/run{r + 1}"}))
+            return args.batch / summary["metrics"]["images_per_s"]
+
+        names = ("plain loop, ambient objective", "plain loop, EDM objective", "Ray Train + DeepSpeed ZeRO-2, 1 worker")
+        stats = timing.interleave(dict(zip(names, (plain("ambient"), plain("edm"), stage))), args.repeats)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    plain_ambient, plain_edm, ray_step = (stats[n] for n in names)
     n_params = sum(p.numel() for p in build_denoiser(model).parameters())
     print(
         f"train overhead: {args.size}x{args.size} grey, U-Net {n_params / 1e6:.2f}M params, batch {args.batch}, "
-        f"{args.cpus} CPUs, device {args.device}, {args.steps} timed steps"
+        f"{args.cpus} CPUs, device {args.device}, {args.steps} timed steps; "
+        f"median of {args.repeats} interleaved rounds [min..max] after a warm-up round"
     )
-    rows = [
-        ("plain loop, ambient objective", plain_ambient),
-        ("plain loop, ambient objective (again, Ray up)", plain_ambient2),
-        ("plain loop, EDM objective", plain_edm),
-        ("Ray Train + DeepSpeed ZeRO-2, 1 worker", ray_step),
-    ]
-    for name, s in rows:
-        print(f"  {name:48s} {1000 * s:8.1f} ms/step {args.batch / s:9.0f} images/s")
-    print(
-        f"(a) Ray Train + DeepSpeed ZeRO-2 / plain loop: {ray_step / plain_ambient:.3f}  (goal <= 1.10; "
-        f"vs the plain loop with Ray up: {ray_step / plain_ambient2:.3f})"
-    )
-    print(f"(b) ambient objective / plain EDM objective:  {plain_ambient / plain_edm:.3f}  (goal <= 1.03)")
-    if not math.isfinite(ray_step):
+    for st in (plain_ambient, plain_edm, ray_step):
+        print(f"  {st.name:40s} {st.show(1000, 'ms/step')}  {args.batch / st.median:7.0f} images/s")
+    a, b = timing.ratio(ray_step, plain_ambient), timing.ratio(plain_ambient, plain_edm)
+    print(f"(a) Ray Train + DeepSpeed ZeRO-2 / plain loop: {a:.3f}  (ratio of medians; goal <= 1.10)")
+    print(f"(b) ambient objective / plain EDM objective:  {b:.3f}  (ratio of medians; goal <= 1.03)")
+    if not math.isfinite(ray_step.median):
         raise SystemExit("the train stage reported no images/s")
 
 

@@ -19,7 +19,7 @@ import sys
 import yaml
 
 from ambient_ray import config as cfgmod
-from ambient_ray.io import storage
+from ambient_ray.io import ray_runtime, storage
 from ambient_ray.stages import annotate, corrupt, sample, train, train_classifier
 
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         mlflow["artifact_location"] = os.path.join(out, "mlflow-artifacts")
 
+    ray_runtime.ray_init(out)  # one log file for the whole demo: OUT/ray.log
     print("== ambient-ray demo: 1/5 corrupt ==")
     ccfg = cfgmod.build(corrupt.CorruptConfig, flags=dict(spec["corrupt"], out=f"{out}/corrupt", overwrite=True))
     result = corrupt.run(ccfg)

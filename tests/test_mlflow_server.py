@@ -168,3 +168,30 @@ def test_resumed_job_reopens_its_run_or_starts_one_in_another_store(tmp_path, ca
     assert MlflowClient(b).get_run(other).data.params == {"x": "1"}
     assert json.loads((tmp_path / "job" / "mlflow_run.json").read_text()) == {"run_id": other, "tracking_uri": b}
     assert f"run {first} recorded in" in capsys.readouterr().err
+
+
+def test_experiments_are_marked_as_model_training(mlflow_server, tmp_path):
+    """MLflow 3's UI opens an experiment by its ``mlflow.experimentKind`` tag: ours open on the runs table."""
+    from mlflow.tracking import MlflowClient
+
+    from ambient_ray.io import tracking
+
+    client = MlflowClient(mlflow_server.url)
+    name = f"ambient-kind-{os.getpid()}-{time.time_ns()}"
+
+    def start(experiment: str, out: str) -> None:
+        mcfg = tracking.MlflowConfig(tracking_uri=mlflow_server.url, experiment=experiment)
+        run_id, uri = tracking.start_run(mcfg, str(tmp_path / out), {"x": 1})
+        tracking.finish(run_id, uri)
+
+    start(name, "new")  # a new experiment is created with the tag
+    assert client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") == "custom_model_development"
+
+    old = client.create_experiment(f"{name}-old")  # made before ambient-ray tagged them: no kind yet
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    start(f"{name}-old", "old")
+    assert client.get_experiment(old).tags.get("mlflow.experimentKind") == "custom_model_development"
+
+    chosen = client.create_experiment(f"{name}-genai", tags={"mlflow.experimentKind": "genai_development"})
+    start(f"{name}-genai", "genai")  # a kind someone chose is kept
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"

@@ -1,0 +1,216 @@
+"""Ray glue in one place: starting Ray, where Ray's own output goes, and a stage's progress line.
+
+``ray_init`` is the only ``ray.init`` of the package. It keeps the console for ambient-ray:
+
+* Ray's Python loggers (``ray``, ``ray.data``, ``ray.train``, ``ray.tune``) write to the run's log
+  file, ``ray.log`` beside the job's outputs (a local ``out``), else ``ambient-ray.log`` in Ray's
+  session log folder; the path is printed once.
+* The output of Ray's workers and actors (Ray Train's controller, DeepSpeed, Ray Data's executors)
+  goes to the same file; only ambient-ray's own progress lines from the training workers
+  (``step N/M  ...``) reach the console.
+* Ray Data's progress bars are off in the driver: a stage shows its own (``progress``,
+  ``run_tasks``), one bar on a terminal, else one line per interval.
+
+Ray's C++ core worker writes its error lines to the process's stderr itself; those cannot be routed
+from Python and stay on the console (see the README, "Console and logs").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from ambient_ray.io import storage
+
+LOG_NAME = "ray.log"
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+# what a training worker prints that is ours: the loop's progress line (train/loop.py)
+OURS = re.compile(r"^step \d+/\d+\s")
+INTERVAL_S = 10.0  # one progress line per interval off a terminal
+
+_lock = threading.Lock()
+_state: dict = {"path": None, "file": None}
+
+
+def log_path(out: str | None) -> str | None:
+    """``OUT/ray.log`` for a local ``out``; None for an object-store one (Ray's session folder is used)."""
+    if not out:
+        return None
+    out = storage.normalize(out)
+    return None if storage.is_s3(out) else os.path.join(out, LOG_NAME)
+
+
+def ray_init(out: str | None = None, **kwargs) -> str | None:
+    """Start (or join, with ``RAY_ADDRESS``) Ray once per process with ambient-ray's console; returns the
+    log file. ``out``: the job's output folder (its ``ray.log`` is the log file). ``kwargs`` go to
+    ``ray.init`` (e.g. ``num_cpus``, ``address``). A no-op when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return _state["path"]
+    path = log_path(out)
+    if path:
+        _open(path)
+        _route_loggers()
+    options = {"logging_level": "INFO", "log_to_driver": True, **kwargs}
+    ray.init(**options)
+    if not path:  # now Ray's session folder exists
+        from ray._private.worker import global_worker
+
+        _open(os.path.join(global_worker.node.get_logs_dir_path(), "ambient-ray.log"))
+        _route_loggers()
+    _quiet_data()
+    if options["log_to_driver"]:
+        _route_worker_output()
+    print(f"ray: Ray's own logs (and its workers' output) go to {_state['path']}", flush=True)
+    return _state["path"]
+
+
+def _open(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if _state["file"] is not None:
+        _state["file"].close()
+    _state["path"], _state["file"] = path, open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+
+def _write(text: str) -> None:
+    with _lock:
+        if _state["file"] is not None:
+            _state["file"].write(text if text.endswith("\n") else text + "\n")
+
+
+class _FileHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write(self.format(record))
+        except Exception:  # logging must never break a stage
+            self.handleError(record)
+
+
+def _route_loggers() -> None:
+    """Ray's Python loggers: their console handlers out, the run's log file in (files Ray keeps stay)."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger on import; configure it after that)
+
+    handler = _FileHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s"))
+    for name in RAY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, _FileHandler) or not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.propagate = False
+
+
+def _quiet_data() -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _route_worker_output() -> None:
+    """Every worker line to the log file; ambient-ray's progress lines also to the console."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: keep its default printing
+        return
+
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        tag = f"({who + ' ' if who else ''}pid={data.get('pid')}{'' if data.get('is_err') is False else ' err'})"
+        lines = [str(x) for x in data.get("lines", [])]
+        for line in lines:
+            _write(f"{tag} {line}")
+        for line in lines:
+            if OURS.match(line):
+                print(f"  {line}", flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """A stage's progress over ``total`` items: a bar on a terminal, else a line per ``INTERVAL_S``."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool = True):
+        self.label, self.total, self.unit, self.n = label, total, unit, 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, dynamic_ncols=True)
+        self.enabled = enabled
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= INTERVAL_S and self.n < self.total:
+            self.last = now
+            print(f"  {self.label}: {self.n}/{self.total} {self.unit} ({now - self.t0:.0f}s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress(rows: Iterable[dict], label: str, total: int, unit: str, enabled: bool = True) -> list[dict]:
+    """All rows of a Ray Data dataset's iterator (``ds.iter_rows()``), counting them in a progress bar."""
+    bar = Progress(label, total, unit, enabled)
+    out: list[dict] = []
+    try:
+        for row in rows:
+            out.append(row)
+            bar.update()
+    finally:
+        bar.close()
+    return out
+
+
+def run_tasks(
+    fn: Callable,
+    args: list,
+    *,
+    label: str,
+    unit: str,
+    num_cpus: float,
+    max_retries: int,
+    kwargs: dict | None = None,
+    enabled: bool = True,
+) -> list:
+    """``fn(arg, **kwargs)`` for each arg as Ray tasks (``num_cpus`` each; a task whose worker died is retried
+    ``max_retries`` times, Ray Core's own option); results in the order of ``args``, with a progress bar.
+    ``kwargs`` are put in the object store once. The first failure is raised."""
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=max_retries)
+    shared = {k: ray.put(v) for k, v in (kwargs or {}).items()}
+    refs = [remote.remote(a, **shared) for a in args]
+    index = {r: i for i, r in enumerate(refs)}
+    results: list = [None] * len(refs)
+    bar = Progress(label, len(refs), unit, enabled)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                results[index[r]] = ray.get(r)
+                bar.update()
+    except BaseException:
+        for r in pending:
+            ray.cancel(r, force=True)
+        raise
+    finally:
+        bar.close()
+    return results
