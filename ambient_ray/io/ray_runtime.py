@@ -34,7 +34,7 @@ OURS = re.compile(r"^step \d+/\d+\s")
 INTERVAL_S = 10.0  # one progress line per interval off a terminal
 
 _lock = threading.Lock()
-_state: dict = {"path": None, "file": None}
+_state: dict = {"path": None, "file": None, "pending": []}
 
 
 def log_path(out: str | None) -> str | None:
@@ -56,14 +56,13 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
     path = log_path(out)
     if path:
         _open(path)
-        _route_loggers()
+    _route_loggers()  # before ray.init, which logs (kept until the file opens when there is no OUT)
     options = {"logging_level": "INFO", "log_to_driver": True, **kwargs}
     ray.init(**options)
     if not path:  # now Ray's session folder exists
         from ray._private.worker import global_worker
 
         _open(os.path.join(global_worker.node.get_logs_dir_path(), "ambient-ray.log"))
-        _route_loggers()
     _quiet_data()
     if options["log_to_driver"]:
         _route_worker_output()
@@ -73,15 +72,22 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
 
 def _open(path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if _state["file"] is not None:
-        _state["file"].close()
-    _state["path"], _state["file"] = path, open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    with _lock:
+        if _state["file"] is not None:
+            _state["file"].close()
+        _state["path"], _state["file"] = path, open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        for text in _state["pending"]:
+            _state["file"].write(text)
+        _state["pending"].clear()
 
 
 def _write(text: str) -> None:
     with _lock:
+        text = text if text.endswith("\n") else text + "\n"
         if _state["file"] is not None:
-            _state["file"].write(text if text.endswith("\n") else text + "\n")
+            _state["file"].write(text)
+        else:
+            _state["pending"].append(text)
 
 
 class _FileHandler(logging.Handler):
