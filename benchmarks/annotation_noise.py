@@ -66,7 +66,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for k, ((s1, d1), (s2, _)) in res.items():
         print(
-            f"| {k} | {s1.mean():.2f} | {d1:.2f} | {(s1 < d1 - 1e-6).mean():.0%} | {(s1 == s2).mean():.0%} | {spearman(s1, s2):.2f} |"
+            f"| {k} | {s1.mean():.2f} | {d1:.2f} | {(s1 < d1 - 1e-6).mean():.0%} | "
+            f"{(s1 == s2).mean():.0%} | {spearman(s1, s2):.2f} |"
         )
     few, many = res[a.draws][0][0], res[a.many][0][0]
     print(

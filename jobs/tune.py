@@ -1,4 +1,5 @@
-"""``python -m jobs.tune --space tuning/ambient_o.yaml --data URI --out URI [--resume URI]``: the search as a Ray job."""
+"""``python -m jobs.tune --space tuning/ambient_o.yaml --data URI --out URI [--resume URI]``:
+the search as a Ray job."""
 
 import sys
 

@@ -64,7 +64,8 @@ def cluster(tmp_path_factory):
 
 
 def client_env(cluster: dict, **extra) -> dict:
-    """This process's environment with the cluster's exports, less anything pointing at the test session's own services."""
+    """This process's environment with the cluster's exports, less anything pointing at the test session's
+    own services."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     return {**base, **cluster["env"], **extra}
 
@@ -90,7 +91,10 @@ def submit(
 
 
 def job_status(cluster: dict, job_id: str) -> str:
-    code = "import sys; from ray.job_submission import JobSubmissionClient as C; print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)"
+    code = (
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)"
+    )
     r = subprocess.run(
         [sys.executable, "-c", code, cluster["env"]["RAY_ADDRESS"], job_id],
         env=client_env(cluster),

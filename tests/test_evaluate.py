@@ -294,6 +294,35 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
         )
         == 2
     )
+    _changed_train_key_redoes_the_arms_only(experiment, flags, s, again, out, client, exp_id, parent.info.run_id)
+
+
+def _changed_train_key_redoes_the_arms_only(experiment, flags, first, again, out, client, exp_id, parent_id):
+    """Resume (data/shards): the unchanged re-run did no step; one changed train key redoes each arm's
+    train, sample and evaluate, and nothing before them (corrupt splits, features, classifier, annotations)."""
+    import glob
+    import os
+
+    import yaml
+
+    assert again["ran"] == [] and len(first["ran"]) > 6
+    markers = sorted(glob.glob(f"{out}/**/_step.json", recursive=True))
+    stamps = {m: os.stat(m).st_mtime_ns for m in markers}
+    arms = [m for m in markers if "/runs/" in m]
+    assert len(arms) == 2 * 4 and len(markers) > len(arms)  # (train, samples, eval, the arm) x 2 arms
+    changed = {**flags, "train": {**flags["train"], "optim": {"lr": 2e-3}}}
+    third = experiment.run(cfgmod.build(experiment.ExperimentConfig, flags=changed), progress=False)
+    expected = {f"runs/{a}/seed-0/{step}" for a in ("only-clean", "ambient-o") for step in ("train", "samples", "eval")}
+    assert set(third["ran"]) == expected and len(third["ran"]) == len(expected)
+    assert all(os.stat(m).st_mtime_ns != stamps[m] for m in arms)
+    assert all(os.stat(m).st_mtime_ns == stamps[m] for m in markers if m not in arms)
+    cfg = yaml.safe_load(open(f"{out}/runs/ambient-o/seed-0/train/config.yaml"))
+    assert cfg["optim"]["lr"] == 2e-3
+    # a redone arm logs into its own child run again: still one child per (arm, seed)
+    arm_runs = client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'experiment-arm'"
+    )
+    assert len(arm_runs) == 2 and all(r.info.status == "FINISHED" for r in arm_runs)
 
 
 def test_experiment_refuses_bad_sections(tmp_path):

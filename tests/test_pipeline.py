@@ -1,4 +1,5 @@
-"""The pipeline's config checks, fingerprints and resume decisions (no Ray: the job itself runs in test_cluster_local)."""
+"""The pipeline's config checks, fingerprints and resume decisions (no Ray: the job itself runs in
+test_cluster_local)."""
 
 from __future__ import annotations
 

@@ -229,6 +229,40 @@ def test_best_config_round_trips_into_train(searched, tmp_path):
     assert rc == 0 and storage.exists(f"{tmp_path}/again/model/ema.safetensors")
 
 
+def test_a_rerun_redoes_exactly_what_a_changed_key_touches(searched, mixed, tmp_path):
+    """Resume (data/shards): a one-trial search on the searched run's classifier; re-run unchanged, nothing
+    runs (not even Tune); with one train key changed, the trial is redone and the curves are kept."""
+    small = dict(
+        classifier=f"{searched[0]}/prep/classifier",
+        num_samples=1,
+        scheduler="none",
+        samples=0,
+        report_every=2,
+        annotate=dict(grid_points=4, draws=1),
+        train=dict(steps=4, checkpoint_every=4, log_every=2),
+    )
+    out = str(tmp_path / "small")
+    space = {"annotate.tau": {"grid": [0.3]}}
+    first = search.run(job(mixed, out, space, **small))
+    assert first["completed"] == 1 and first["unfinished"] == 0
+    (done,) = storage.list_files(f"{out}/trials", ("result.json",))
+    curves = f"{out}/prep/annotated/_step.json"
+    stamps = {p: os.stat(p).st_mtime_ns for p in (done, curves, f"{out}/summary.json")}
+    again = search.run(job(mixed, out, space, **small))
+    assert again["best"]["trial_id"] == first["best"]["trial_id"]
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())  # nothing was redone, nothing rewritten
+    changed = dict(small, train=dict(small["train"], optim=dict(warmup_steps=2, lr=2e-3)))
+    third = search.run(job(mixed, out, space, **changed))
+    assert third["completed"] == 1 and third["best"]["trial_id"] != first["best"]["trial_id"]
+    assert not os.path.exists(done)  # the old trial's outputs are gone: they came from another train config
+    new = f"{out}/trials/{third['best']['trial_id']}"
+    assert yaml.safe_load(open(f"{new}/train/config.yaml"))["optim"]["lr"] == 2e-3
+    assert os.stat(curves).st_mtime_ns == stamps[curves]  # the curves do not depend on train keys: kept
+    assert json.loads(storage.read_bytes(f"{new}/annotated/annotation.json"))["provenance"]["curves"] == (
+        f"{out}/prep/annotated"
+    )
+
+
 @pytest.mark.parametrize(
     "sets, message",
     [

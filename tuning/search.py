@@ -1,6 +1,7 @@
 """The tune stage: a Ray Tune search over Ambient-o's knobs (λ_max, τ, crop-size threshold ε, any training key).
 
-``ambient-ray tune --space tuning/ambient_o.yaml --data URI --out URI --num-samples N [--scheduler asha] [--searcher optuna]``
+``ambient-ray tune --space tuning/ambient_o.yaml --data URI --out URI --num-samples N
+[--scheduler asha] [--searcher optuna]``
 
 Once per search (the driver, into ``OUT/prep``): the shared noise classifier (``classifier`` if
 given, else trained on the data with the ``classifier_train`` keys) and the annotation curves
@@ -8,10 +9,12 @@ given, else trained on the data with the ``classifier_train`` keys) and the anno
 ``OUT/trials/<trial_id>``): re-annotate with the trial's τ (and ε) from those curves (phase 2 only),
 train on its own Ray Train run nested inside the trial (the trial is the Train driver; each report
 of the workers reaches Tune through ``TuneReportCallback``), then sample and score FD against the
-data's clean rows. Every step is idempotent, so a restarted or resumed trial continues where it was.
+data's clean rows. Every step leaves a fingerprinted done-marker (:mod:`ambient_ray.data.shards`), so a
+restarted or resumed trial continues where it was, and a search re-run into its ``out`` with another
+config redoes its trials but keeps the classifier and curves when their own inputs are unchanged.
 
 The intermediate metric is ``val_loss``: the denoising loss of the network at a fixed σ grid on
-clean rows (:func:`ambient_ray.diffusion.ambient.validation_losses`), comparable across trials, unlike the
+clean rows (:func:`ambient_ray.diffusion.edm.validation_losses`), comparable across trials, unlike the
 training loss (another τ moves every σ_min, another λ_max the buffer). ASHA and the searcher both use
 it; the best trial is the completed one with the lowest ``metric`` (``val_loss`` or ``fd``).
 
@@ -37,7 +40,8 @@ from ray.tune import Callback
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.io import storage
+from ambient_ray.data import shards
+from ambient_ray.io import ray_runtime, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from tuning import space as spacemod
 
@@ -123,7 +127,8 @@ def _require(searcher: str) -> None:
 
     if importlib.util.find_spec(searcher) is None:
         raise ConfigError(
-            f"searcher '{searcher}' needs the {searcher} package: pip install {searcher} (or pip install 'ambient-ray[tune]')"
+            f"searcher '{searcher}' needs the {searcher} package: pip install {searcher} "
+            "(or pip install 'ambient-ray[tune]')"
         )
 
 
@@ -138,38 +143,62 @@ def trial_dir(job: dict, trial_id: str) -> str:
     return storage.join(job["out"], "trials", trial_id)
 
 
+STEP = "_step"  # a step's done-marker (ambient_ray.data.shards): <the step's folder>/_step.json
+
+
 def _mlflow(job: dict, parent: str | None, name: str) -> dict:
-    return {**job["mlflow"], "run_name": name, "parent_run_id": parent}
+    return tracking.child(job["mlflow"], name, parent)
+
+
+def trial_print(job: dict, config: dict) -> str:
+    """A trial's fingerprint: its searched values within this search (the search's own fingerprint)."""
+    return shards.fingerprint({"search": job["fingerprint"], "params": {k: config[k] for k in sorted(config)}})
+
+
+def _step(folder: str, fp: str, work) -> dict:
+    """``work()`` unless ``folder`` holds its done-marker with this fingerprint; its summary either way."""
+    kept = shards.done(folder, STEP, fp)
+    if kept is None:
+        kept = dict(work())
+        shards.mark_done(folder, STEP, fp, kept)
+    return kept
 
 
 def trial(config: dict, job: dict | None = None, parent: str | None = None) -> None:
-    """One trial: re-annotate with its τ, train (reporting to Tune), sample, score; result.json."""
+    """One trial: re-annotate with its τ, train (reporting to Tune), sample, score; result.json.
+
+    Each step leaves its done-marker, so a trial restarted by Tune continues after its last finished step."""
     import ray.tune
     import torch
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ambient_ray.io import tracking
     from ambient_ray.stages import annotate, evaluate, sample, train
 
     assert job is not None
     torch.set_num_threads(max(1, int(job["trial_cpus"])))  # sampling and FD in this process: its own CPUs
     trial_id = ray.tune.get_context().get_trial_id()
     out = trial_dir(job, trial_id)
-    done = storage.join(out, "result.json")
-    if storage.exists(done):  # finished before an interruption: hand Tune its last result again
-        ray.tune.report(json.loads(storage.read_bytes(done))["metrics"])
+    fp = trial_print(job, config)
+    kept = shards.done(out, STEP, fp)
+    if kept is not None:  # finished before an interruption: hand Tune its last result again
+        ray.tune.report(kept["metrics"])
         return
     params = {k: config[k] for k in sorted(config)}
     over = spacemod.split(params)
-    child, uri = tracking.start_run(
-        MlflowConfig.model_validate(_mlflow(job, parent, f"trial {trial_id}")),
-        out,
-        params={**params, "trial_id": trial_id},
-        tags={"stage": "tune-trial", "trial_id": trial_id},
-    )
     prep = storage.join(job["out"], "prep")
     annotated = storage.join(out, "annotated")
-    if not storage.exists(storage.join(annotated, "annotation.json")):
+    train_out = storage.join(out, "train")
+    # the driver closes the run of a trial that failed or was stopped early (TrialRuns)
+    with tracking.run(
+        job["mlflow"],
+        out,
+        name=f"trial {trial_id}",
+        parent=parent,
+        params={**params, "trial_id": trial_id},
+        tags={"stage": "tune-trial", "trial_id": trial_id},
+        close_on_error=False,
+    ) as handle:
+        child = handle.run_id
         aflags = {
             **_merge(job["annotate"], over.get("annotate", {})),
             "data": job["data"],
@@ -179,55 +208,60 @@ def trial(config: dict, job: dict | None = None, parent: str | None = None) -> N
             "overwrite": True,
             "mlflow": _mlflow(job, child, "annotate"),
         }
-        annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=aflags), progress=False)
-    report = json.loads(storage.read_bytes(storage.join(annotated, "annotation.json")))
-    train_out = storage.join(out, "train")
-    tflags = {
-        **job["train"],
-        "data": annotated,
-        "out": train_out,
-        "report_every": job["report_every"],
-        "resume": storage.exists(storage.join(train_out, "ray", "train")),
-        "mlflow": _mlflow(job, child, "train"),
-    }
-    tcfg = cfgmod.build(train.TrainConfig, flags=_merge(tflags, over.get("train", {})))
-    s = train.run(tcfg, callbacks=[TuneReportCallback()])
-    metrics = {k: v for k, v in (s["metrics"] or {}).items() if isinstance(v, (int, float))}
-    metrics.setdefault("val_loss", math.nan)  # a run resumed after its last step reports nothing new: unknown
-    metrics.update({"step": tcfg.steps, "mean_sigma_min": float(report["mean_sigma_min"])})
-    if job["samples"]:
-        sflags = {
-            **_merge(job["sample"], over.get("sample", {})),
-            "checkpoint": s["out"],
-            "out": storage.join(out, "samples"),
-            "num": job["samples"],
-            "mlflow": _mlflow(job, child, "sample"),
+        acfg = cfgmod.build(annotate.AnnotateConfig, flags=aflags)
+        a_fp = shards.config_print(acfg, job["curves_fingerprint"])
+        report = _step(annotated, a_fp, lambda: annotate.run(acfg, progress=False))
+        tflags = {
+            **job["train"],
+            "data": annotated,
+            "out": train_out,
+            "report_every": job["report_every"],
+            "resume": storage.exists(storage.join(train_out, "ray", "train")),
+            "mlflow": _mlflow(job, child, "train"),
         }
-        r = sample.run(cfgmod.build(sample.SampleConfig, flags=sflags), progress=False)
-        eflags = {
-            **job["evaluate"],
-            "samples": r["out"],
-            "reference": job["data"],
-            "reference_where": "quality=clean",
-            "out": storage.join(out, "eval"),
-            "mlflow": _mlflow(job, child, "evaluate"),
+        tcfg = cfgmod.build(train.TrainConfig, flags=_merge(tflags, over.get("train", {})))
+        t_fp = shards.config_print(tcfg, a_fp)
+        s = _step(train_out, t_fp, lambda: train.run(tcfg, callbacks=[TuneReportCallback()]))
+        metrics = {k: v for k, v in (s["metrics"] or {}).items() if isinstance(v, (int, float))}
+        metrics.setdefault("val_loss", math.nan)  # a run resumed after its last step reports nothing new: unknown
+        metrics.update({"step": tcfg.steps, "mean_sigma_min": float(report["mean_sigma_min"])})
+        if job["samples"]:
+            sflags = {
+                **_merge(job["sample"], over.get("sample", {})),
+                "checkpoint": s["out"],
+                "out": storage.join(out, "samples"),
+                "num": job["samples"],
+                "mlflow": _mlflow(job, child, "sample"),
+            }
+            scfg = cfgmod.build(sample.SampleConfig, flags=sflags)
+            s_fp = shards.config_print(scfg, t_fp)
+            r = _step(sflags["out"], s_fp, lambda: sample.run(scfg, progress=False))
+            eflags = {
+                **job["evaluate"],
+                "samples": r["out"],
+                "reference": job["data"],
+                "reference_where": "quality=clean",
+                "out": storage.join(out, "eval"),
+                "mlflow": _mlflow(job, child, "evaluate"),
+            }
+            ecfg = cfgmod.build(evaluate.EvaluateConfig, flags=eflags)
+            e = _step(eflags["out"], shards.config_print(ecfg, s_fp), lambda: evaluate.run(ecfg, progress=False))
+            metrics.update({k: v for k, v in e["metrics"].items() if k in ("fd", "precision", "recall")})
+        metrics["completed"] = 1
+        result = {
+            "trial_id": trial_id,
+            "params": params,
+            "metrics": metrics,
+            "checkpoint": s["checkpoint"],
+            "model": storage.join(train_out, "model"),
+            "annotated": annotated,
+            "train_config": storage.join(train_out, "config.yaml"),
+            "mlflow_run_id": child,
         }
-        e = evaluate.run(cfgmod.build(evaluate.EvaluateConfig, flags=eflags), progress=False)
-        metrics.update({k: v for k, v in e["metrics"].items() if k in ("fd", "precision", "recall")})
-    metrics["completed"] = 1
-    result = {
-        "trial_id": trial_id,
-        "params": params,
-        "metrics": metrics,
-        "checkpoint": s["checkpoint"],
-        "model": storage.join(train_out, "model"),
-        "annotated": annotated,
-        "train_config": storage.join(train_out, "config.yaml"),
-        "mlflow_run_id": child,
-    }
-    tracking.log_metrics(child, uri, {k: v for k, v in metrics.items() if k != "step"}, step=tcfg.steps)
-    tracking.finish(child, uri, tags={"checkpoint": s["checkpoint"] or ""})
-    storage.write_bytes(done, json.dumps(result, indent=1).encode())
+        tracking.log_metrics(child, handle.uri, {k: v for k, v in metrics.items() if k != "step"}, step=tcfg.steps)
+        handle.tags = {"checkpoint": s["checkpoint"] or ""}
+    shards.write_json(storage.join(out, "result.json"), result)
+    shards.mark_done(out, STEP, fp, result)
     ray.tune.report(metrics)
 
 
@@ -261,18 +295,14 @@ class TrialRuns(Callback):
         return self.known[key]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from ambient_ray.io import tracking
-
         values = {k: v for k, v in result.items() if k.startswith("val_loss") or k in ("loss", "lr")}
         values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if values and "completed" not in result:  # the final result is logged by the trial itself
             tracking.log_metrics(*self._run(trial), values, step=int(result.get("step", 0)))
 
     def _close(self, trial, status: str, outcome: str) -> None:
-        from ambient_ray.io import tracking
-
         folder = trial_dir(self.job, trial.trial_id)
-        if storage.exists(storage.join(folder, "result.json")):
+        if shards.done(folder, STEP, trial_print(self.job, trial.config)) is not None:
             return  # completed: the trial closed its own runs
         storage.write_bytes(storage.join(folder, "outcome.json"), json.dumps({"outcome": outcome}).encode())
         for sub in (("train",), ()):
@@ -376,36 +406,66 @@ def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
     )
 
 
-def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
-    """The shared classifier and the annotation curves, once per search (skipped when done)."""
+NOT_SEARCH = {"out", "mlflow", "max_concurrent_trials", "trial_cpus", "trial_gpus", "trial_max_failures", "fail_fast"}
+SEARCH = "_search"  # the search's done-marker: OUT/_search.json
+
+
+def _prep_configs(cfg: TuneConfig, parent: str | None) -> tuple[Any, Any]:
+    """The shared classifier's config (None when ``classifier`` is given) and the curves' annotate config."""
     from ambient_ray.stages import annotate, train_classifier
 
-    prep = storage.join(job["out"], "prep")
-    if not job["classifier"]:
-        clf = storage.join(prep, "classifier")
-        if not storage.exists(storage.join(clf, "summary.json")):
-            if storage.exists(clf):
-                storage.delete(clf)
-            flags = {
-                **cfg.classifier_train,
-                "data": job["data"],
-                "out": clf,
-                "kind": "noise",
-                "mlflow": _mlflow(job, parent, "classifier"),
-            }
-            train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags))
-        job["classifier"] = clf
-    out = storage.join(prep, "annotated")
-    if not storage.exists(storage.join(out, "annotation.json")):
+    prep = storage.join(cfg.out, "prep")
+    mlflow = cfg.mlflow.model_dump()
+    clf = None
+    if not cfg.classifier:
         flags = {
-            **cfg.annotate,
-            "data": job["data"],
-            "out": out,
-            "classifier": job["classifier"],
-            "overwrite": True,
-            "mlflow": _mlflow(job, parent, "annotate (curves)"),
+            **cfg.classifier_train,
+            "data": cfg.data,
+            "out": storage.join(prep, "classifier"),
+            "kind": "noise",
+            "mlflow": tracking.child(mlflow, "classifier", parent),
         }
-        annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=True)
+        clf = cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags)
+    flags = {
+        **cfg.annotate,
+        "data": cfg.data,
+        "out": storage.join(prep, "annotated"),
+        "classifier": cfg.classifier or clf.out,
+        "overwrite": True,
+        "mlflow": tracking.child(mlflow, "annotate (curves)", parent),
+    }
+    return clf, cfgmod.build(annotate.AnnotateConfig, flags=flags)
+
+
+def fingerprints(cfg: TuneConfig) -> dict[str, str]:
+    """Fingerprints (:mod:`ambient_ray.data.shards`) of the shared classifier, the curves, and the search
+    (every key its trials depend on: all but ``out``, MLflow and the trials' resources)."""
+    manifest = shards.read_marker(cfg.data, "_manifest")  # a corrupt output: the plan that made it
+    data = (manifest or {}).get("fingerprint", "")
+    clf_cfg, curves_cfg = _prep_configs(cfg, None)
+    clf = shards.config_print(clf_cfg, data) if clf_cfg else shards.fingerprint(cfg.classifier)
+    curves = shards.config_print(curves_cfg, data, clf)
+    keep = cfg.model_dump(mode="json", exclude=NOT_SEARCH)
+    search = shards.fingerprint({"config": keep, "data": data, "classifier": clf, "curves": curves})
+    return {"classifier": clf, "curves": curves, "search": search}
+
+
+def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
+    """The shared classifier and the annotation curves, once per search (skipped when done with the same
+    fingerprint, so a search redone for another train key keeps them)."""
+    from ambient_ray.stages import annotate, train_classifier
+
+    prints = fingerprints(cfg)
+    clf, curves = _prep_configs(cfg, parent)
+    if clf is not None:
+        if shards.done(clf.out, STEP, prints["classifier"]) is None:
+            shards.clear(clf.out)
+            s = train_classifier.run(clf)
+            shards.mark_done(clf.out, STEP, prints["classifier"], dict(s))
+        job["classifier"] = clf.out
+    if shards.done(curves.out, STEP, prints["curves"]) is None:
+        s = annotate.run(curves, progress=True)
+        shards.mark_done(curves.out, STEP, prints["curves"], {"out": s["out"], "mean_sigma_min": s["mean_sigma_min"]})
 
 
 def collect(job: dict, grid, metric: str) -> list[dict]:
@@ -414,8 +474,7 @@ def collect(job: dict, grid, metric: str) -> list[dict]:
     for res in grid:
         m = dict(res.metrics or {})
         tid = os.path.basename(res.path.rstrip("/"))  # _dirname: the trial id
-        done = storage.join(trial_dir(job, tid), "result.json")
-        final = json.loads(storage.read_bytes(done)) if storage.exists(done) else None
+        final = shards.done(trial_dir(job, tid), STEP, trial_print(job, res.config or {}))
         if final:
             m.update(final["metrics"])
         outcome = storage.join(trial_dir(job, tid), "outcome.json")
@@ -464,7 +523,7 @@ def plot(rows: list[dict], metric: str) -> bytes:
     """The metric against each searched key, one panel per key; completed trials filled, stopped ones hollow."""
     from ambient_ray.io import plots
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     keys = [k for k in rows[0] if k.startswith("param:")] if rows else []
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False)
     for ax, k in zip(axes[0], keys):
@@ -489,7 +548,7 @@ def plot(rows: list[dict], metric: str) -> bytes:
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"search: {len(rows)} trials", fontsize=9)
-    return plots._figure_png(fig)
+    return plots.figure_png(fig)
 
 
 def best_config(job: dict, best: dict) -> str:
@@ -516,11 +575,12 @@ def best_config(job: dict, best: dict) -> str:
 
 
 def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
-    """Run (or, with ``resume`` = a search's OUT, continue) a search; returns the summary."""
-    import ray
+    """Run (or, with ``resume`` = a search's OUT, continue) a search; returns the summary.
 
-    from ambient_ray.io import tracking
-
+    Into the ``out`` of an earlier search: a finished one with the same fingerprint (:func:`fingerprints`)
+    is not run again (its recorded summary is returned); one of another config is redone, keeping
+    its classifier and curves where their own fingerprints are unchanged; an unfinished one of the same
+    config is refused (continue it with ``resume``)."""
     if resume:
         uri = storage.join(storage.normalize(resume), "tune.yaml")
         if not storage.exists(uri):
@@ -529,10 +589,6 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
     assert cfg is not None
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    if not resume and storage.exists(storage.join(out, "tune.yaml")):
-        raise ConfigError(f"{out} already holds a search; continue it with --resume {out}, or use another --out")
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
     # trials run in their own folders: every URI absolute, the tracking URI resolved here
     cfg = cfg.model_copy(
         update={
@@ -541,13 +597,29 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
             "classifier": storage.normalize(cfg.classifier) if cfg.classifier else None,
         }
     )
+    prints = fingerprints(cfg)
+    if not resume and storage.exists(storage.join(out, "tune.yaml")):
+        kept = shards.done(out, SEARCH, prints["search"])
+        if kept is not None:
+            print(f"tune: the search in {out} finished with this very config; nothing to redo")
+            return kept
+        if not shards.manifest_changed(out, prints["search"]):
+            raise ConfigError(f"{out} already holds a search; continue it with --resume {out}, or use another --out")
+        print(
+            f"tune: the config of the search in {out} changed since it ran: its trials are redone "
+            "(the classifier and curves are kept where unchanged)"
+        )
+        for sub in ("tune", "trials", f"{SEARCH}.json", "mlflow_run.json"):  # a new search: a new MLflow run
+            shards.clear(storage.join(out, sub))
+    ray_runtime.ray_init(out)
     cfg.mlflow = cfg.mlflow.model_copy(
         update={"tracking_uri": tracking.tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None}
     )
     resources(cfg)
     if not resume:
         cfgmod.save_resolved(cfg, out, "tune.yaml")
-    job = cfg.model_dump(mode="json")
+    shards.write_manifest(out, prints["search"])
+    job = {**cfg.model_dump(mode="json"), "fingerprint": prints["search"], "curves_fingerprint": prints["curves"]}
     flat = spacemod.flatten(cfg.space)
     params = {
         "space": json.dumps(flat),
@@ -558,14 +630,15 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
         "report_every": cfg.report_every,
         "data": cfg.data,
     }
-    parent, muri = tracking.start_run(
-        cfg.mlflow.model_copy(update={"run_name": cfg.mlflow.run_name or "tune"}),
+    t0 = time.perf_counter()
+    with tracking.run(
+        cfg.mlflow,
         out,
+        name=cfg.mlflow.run_name or "tune",
         params=params,
         tags={"stage": "tune", "space_digest": spacemod.digest(flat)},
-    )
-    t0 = time.perf_counter()
-    try:
+    ) as handle:
+        parent, muri = handle
         prepare(cfg, job, parent)
         print(
             f"tune: {cfg.num_samples} samples of {', '.join(flat)} ({cfg.searcher}, scheduler {cfg.scheduler}) -> {out}"
@@ -616,17 +689,18 @@ def run(cfg: TuneConfig | None = None, resume: str | None = None) -> dict:
             if best
             else {}
         )
-        tracking.finish(parent, muri, status="FAILED" if unfinished else "FINISHED", tags=tags)
-    except BaseException:
-        tracking.finish(parent, muri, status="FAILED")
-        raise
+        handle.status, handle.tags = ("FAILED" if unfinished else "FINISHED"), tags
+    if not unfinished:
+        shards.mark_done(out, SEARCH, prints["search"], summary)
     print(md)
     if unfinished:
         print(
-            f"tune: {len(unfinished)} trials failed or did not finish; continue the search with: ambient-ray tune --resume {out}"
+            f"tune: {len(unfinished)} trials failed or did not finish; continue the search with: "
+            f"ambient-ray tune --resume {out}"
         )
     elif best:
         print(
-            f"tune: best trial {best['trial_id']} ({cfg.metric} {best[cfg.metric]}); its train config: {storage.join(out, 'best.yaml')}"
+            f"tune: best trial {best['trial_id']} ({cfg.metric} {best[cfg.metric]}); "
+            f"its train config: {storage.join(out, 'best.yaml')}"
         )
     return summary

@@ -59,7 +59,8 @@ def flatten(space: dict, prefix: str = "") -> dict[str, dict]:
             flat.update(flatten(v, key + "."))
         else:
             raise ConfigError(
-                f"search space key '{key}': expected a domain, one of {', '.join(DOMAINS)} (e.g. {{uniform: [0.3, 0.5]}}); got {v!r}"
+                f"search space key '{key}': expected a domain, one of {', '.join(DOMAINS)} "
+                f"(e.g. {{uniform: [0.3, 0.5]}}); got {v!r}"
             )
     return flat
 
@@ -94,7 +95,8 @@ def check(space: dict, base: dict[str, dict], searcher: str) -> dict[str, dict]:
     flat = flatten(space)
     if not flat:
         raise ConfigError(
-            "config key 'space': the search space is empty; name at least one key, e.g. annotate.tau: {uniform: [0.3, 0.5]}"
+            "config key 'space': the search space is empty; name at least one key, "
+            "e.g. annotate.tau: {uniform: [0.3, 0.5]}"
         )
     models = stage_models()
     dummy = {"data": "x", "out": "x", "checkpoint": "x"}

@@ -398,7 +398,8 @@ def decode(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, str | No
                 else:
                     return (
                         None,
-                        f"unsupported image mode {mode} ({len(im.getbands())} channels); expected 1 (L) or 3 (RGB) channels",
+                        f"unsupported image mode {mode} ({len(im.getbands())} channels); "
+                        "expected 1 (L) or 3 (RGB) channels",
                     )
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             return None, f"undecodable image: {type(e).__name__}: {e}"

@@ -116,7 +116,8 @@ def check_reachable(uri: str) -> None:
             raise StorageError(f"S3 bucket '{bucket}' (for {uri}) does not exist at {where}; create it first") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise StorageError(
-                f"access to S3 bucket '{bucket}' (for {uri}) at {where} was denied ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                f"access to S3 bucket '{bucket}' (for {uri}) at {where} was denied ({code}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             ) from None
         raise StorageError(f"S3 error for {uri} at {where}: {e}") from None
     except BotoCoreError as e:

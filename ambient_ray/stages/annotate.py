@@ -51,11 +51,12 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
+from ambient_ray.data import shards
 from ambient_ray.diffusion import thresholds
-from ambient_ray.io import storage
+from ambient_ray.io import ray_runtime, storage
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.models.classifier import crop_curves, noise_curves
-from ambient_ray.stages.corrupt import StageFailed
+from ambient_ray.stages.results import AnnotateResult, StageFailed
 
 ANNOTATION_COLUMNS = ("sigma_min", "sigma_max", "annotation", "quality_score")
 CURVES_SCHEMA = pa.schema(
@@ -98,7 +99,8 @@ class AnnotateConfig(Strict):
     )
     curves_from: str | None = Field(
         None,
-        description="another annotate output whose curves to reuse when they were computed with the same plan (a new τ or mode)",
+        description="another annotate output whose curves to reuse when they were computed with the same plan "
+        "(a new τ or mode)",
     )
     tau: float = Field(
         0.45, gt=0, le=0.5, description="threshold τ = 0.5 − ε (Eq. 3.2, 3.4)", json_schema_extra=flag("--tau")
@@ -192,7 +194,7 @@ class CurveActor:
     """Ray Data actor: loads the classifiers and scorer once, then turns one input shard per call into curves."""
 
     def __init__(self, plan: dict):
-        from ambient_ray.io.weights import load_classifier
+        from ambient_ray.io.weights import load
         from ambient_ray.models.scorers import load_scorer
 
         self.plan = plan
@@ -202,11 +204,11 @@ class CurveActor:
         h, c = plan["image_size"], plan["channels"]
         self.noise = self.crops = self.scorer = None
         if plan["classifier"]:
-            self.noise = load_classifier(plan["classifier"], "noise", plan["weights"], img_resolution=h, channels=c).to(
+            self.noise = load(plan["classifier"], "noise", plan["weights"], img_resolution=h, channels=c).to(
                 self.device
             )
         if plan["crops_classifier"]:
-            self.crops = load_classifier(plan["crops_classifier"], "crops", plan["weights"], channels=c).to(self.device)
+            self.crops = load(plan["crops_classifier"], "crops", plan["weights"], channels=c).to(self.device)
         if plan["scorer"]:
             self.scorer = load_scorer(plan["scorer"], self.device)
         self.grid = torch.tensor(plan["grid"])
@@ -267,9 +269,7 @@ class CurveActor:
             "seconds": time.perf_counter() - t0,
             "failed": "",
         }
-        storage.write_bytes(
-            storage.join(self.plan["out"], "_curves_done", f"{name}.json"), json.dumps(summary).encode()
-        )
+        shards.mark_done(storage.join(self.plan["out"], "_curves_done"), name, self.plan["fingerprint"], summary)
         return summary
 
 
@@ -277,7 +277,7 @@ def curve_rows(
     ids: list[str], images: list[bytes], size: int, channels: int
 ) -> tuple[dict[int, np.ndarray], list[str]]:
     """Decode a shard's images to uint8 (C, H, W); the reason for each row that cannot be used ('' if fine)."""
-    from ambient_ray.data.sources import decode_png
+    from ambient_ray.data.images import decode_png
 
     arrays, errors = {}, []
     for i, img in enumerate(images):
@@ -309,10 +309,10 @@ def _file_digest(uri: str) -> str:
 
 def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     """What the curves depend on (fingerprinted), after checking classifiers, locality and data agree."""
+    from ambient_ray.data.metadata import one_shape
     from ambient_ray.diffusion.ambient import CropTable
-    from ambient_ray.io.weights import load_classifier, model_dir
+    from ambient_ray.io.weights import load, model_dir
     from ambient_ray.stages.locality import read_table
-    from ambient_ray.train.engine import one_shape
 
     size, channels = one_shape(meta, cfg.data)
     wfile = "ema.safetensors" if cfg.weights == "ema" else "model.safetensors"
@@ -320,7 +320,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     noise_meta = None
     if cfg.classifier:
         d, noise_meta = model_dir(cfg.classifier)
-        load_classifier(
+        load(
             cfg.classifier, "noise", cfg.weights, img_resolution=size, channels=channels
         )  # refuse here, not in the actors
         plan["classifier"] = d
@@ -332,7 +332,8 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     grid = np.geomspace(lo, hi, cfg.grid_points).tolist()
     if cfg.locality_eps is not None and not (cfg.crops_classifier and cfg.locality):
         raise ConfigError(
-            "config key 'locality_eps': re-derives crop(σ) for the crops classifier; give crops_classifier and locality too"
+            "config key 'locality_eps': re-derives crop(σ) for the crops classifier; "
+            "give crops_classifier and locality too"
         )
     if cfg.crops_classifier:
         if not cfg.locality:
@@ -340,10 +341,10 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
                 "config key 'locality': a crops classifier needs the crop(σ) table (ambient-ray locality --out URI)"
             )
         d, _ = model_dir(cfg.crops_classifier)
-        load_classifier(cfg.crops_classifier, "crops", cfg.weights, channels=channels)
+        load(cfg.crops_classifier, "crops", cfg.weights, channels=channels)
         table = read_table(cfg.locality)
         if cfg.locality_eps is not None:
-            from ambient_ray.stages.locality import crop_sizes
+            from ambient_ray.diffusion.locality import crop_sizes
 
             table = {
                 **table,
@@ -354,7 +355,8 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
             }
         if table["image_size"] != size:
             raise ValueError(
-                f"the locality table {cfg.locality} was measured on {table['image_size']}px images; the data is {size}px"
+                f"the locality table {cfg.locality} was measured on {table['image_size']}px images; "
+                f"the data is {size}px"
             )
         crop = CropTable(table["sigmas"], table["crop"])
         plan["crops_classifier"], plan["locality"] = d, table
@@ -400,7 +402,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     keep["files"] = [
         (_shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files
     ]
-    plan["fingerprint"] = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    plan["fingerprint"] = shards.fingerprint(keep)
     return plan
 
 
@@ -535,13 +537,11 @@ def write_outputs(
 # ------------------------------------------------------------------------------ the stage
 
 
-def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
+def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
     """Run the annotate stage (Ray started in-process if not connected); returns the summary."""
     import pandas as pd
-    import ray
 
-    from ambient_ray.data.sources import data_dir
-    from ambient_ray.train.engine import load_metadata
+    from ambient_ray.data.metadata import data_dir, load_metadata
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -553,18 +553,15 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
         raise ConfigError(f"config key 'out': {out} overlaps the input shards in {inp}; write the annotation elsewhere")
     if not (cfg.classifier or cfg.crops_classifier or cfg.fixed or cfg.scorer or cfg.fixed_sigma_min is not None):
         raise ConfigError(
-            "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, --scorer or fixed_sigma_min"
+            "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, "
+            "--scorer or fixed_sigma_min"
         )
     files = storage.list_files(data_dir(cfg.data), (".parquet",))
     meta = load_metadata(cfg.data)
     _check_rules(cfg, meta)
     plan = make_plan(cfg, out, files, meta)
 
-    manifest_uri = storage.join(out, "_manifest.json")
-    if (
-        storage.exists(manifest_uri)
-        and json.loads(storage.read_bytes(manifest_uri)).get("fingerprint") != plan["fingerprint"]
-    ):
+    if shards.manifest_changed(out, plan["fingerprint"]):
         if not cfg.overwrite:
             raise ConfigError(
                 f"{out} already holds curves from other classifiers, grid, draws, seed or data; "
@@ -584,17 +581,16 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> dict:
             "crop_curves.png",
         ):
             storage.delete(storage.join(out, sub))
-    storage.write_bytes(manifest_uri, json.dumps({"fingerprint": plan["fingerprint"], "shards": len(files)}).encode())
+    shards.write_manifest(out, plan["fingerprint"], shards=len(files))
     cfgmod.save_resolved(cfg, out)
 
     curves_root = _reusable_curves(cfg, plan, files) or out
-    done = {_shard_name(m) for m in storage.list_files(storage.join(curves_root, "_curves_done"), (".json",))}
+    done = shards.done_all(storage.join(curves_root, "_curves_done"), plan["fingerprint"])
     todo = [f for f in files if _shard_name(f) not in done]
     t0 = time.perf_counter()
     results: list[dict] = []
     if todo:
-        if not ray.is_initialized():
-            ray.init(logging_level="WARNING")
+        ray_runtime.ray_init(out)
         results = _run_actors(cfg, plan, todo, len(files), progress)
     seconds = time.perf_counter() - t0
 
@@ -667,14 +663,13 @@ def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str |
     if not cfg.curves_from:
         return None
     src = storage.normalize(cfg.curves_from)
-    manifest = storage.join(src, "_manifest.json")
     why = None
-    if not storage.exists(manifest):
+    if not storage.exists(storage.join(src, "_manifest.json")):
         why = "it holds no curves"
-    elif json.loads(storage.read_bytes(manifest)).get("fingerprint") != plan["fingerprint"]:
+    elif shards.manifest_changed(src, plan["fingerprint"]):
         why = "its curves come from other classifiers, grid, draws, seed, crop sizes or data"
     else:
-        done = {_shard_name(m) for m in storage.list_files(storage.join(src, "_curves_done"), (".json",))}
+        done = shards.done_all(storage.join(src, "_curves_done"), plan["fingerprint"])
         missing = [f for f in files if _shard_name(f) not in done]
         if missing:
             why = f"{len(missing)} of {len(files)} shards' curves are unfinished there"
@@ -698,8 +693,9 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
     n = min(n, len(todo))
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
-    # one actor-pool operator and nothing downstream: no CPUs held back for other operators
-    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = progress, False
+    # one actor-pool operator and nothing downstream: no CPUs held back for other operators; the stage's own
+    # progress bar instead of Ray Data's
+    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = False, False
     items = [{"path": f, "name": _shard_name(f)} for f in todo]
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -710,7 +706,8 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus or None,
         )
-        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
+        rows = ray_runtime.progress(ds.iter_rows(), "annotate", len(items), "shards", enabled=progress)
+        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in rows]
     except Exception as e:  # the actors could not run at all (e.g. a classifier that does not load there)
         results = [
             {"name": _shard_name(f), "failed": (str(e).strip().splitlines() or [type(e).__name__])[0]} for f in todo
@@ -719,10 +716,11 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
         ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
     failed = [r for r in results if r.get("failed")]
     if failed:
-        finished = len(storage.list_files(storage.join(plan["out"], "_curves_done"), (".json",)))
+        finished = len(shards.done_all(storage.join(plan["out"], "_curves_done"), plan["fingerprint"]))
         listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
         raise StageFailed(
-            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}; failed:\n  {listing}\n"
+            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}; "
+            f"failed:\n  {listing}\n"
             "completed shards are kept; re-run the same command to resume"
         )
     return results

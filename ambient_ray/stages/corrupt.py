@@ -10,6 +10,7 @@ shard's rows, corrupt them (batched numpy/PIL), and write
                                         source, quality, corruption, seed
     OUT/quarantine/shard-NNNNN.parquet  rows that could not be used: id, source, locator, reason, image
     OUT/_done/shard-NNNNN.json          the shard's counts, written last: the shard's commit marker
+                                        (a done-marker of :mod:`ambient_ray.data.shards`, with the plan's fingerprint)
 
 Each file is written atomically, and a shard counts as done only once its marker exists, so a
 re-run after a kill redoes exactly the unfinished shards and never duplicates a row. The plan is
@@ -33,8 +34,11 @@ from pydantic import Field, field_validator
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
 from ambient_ray.config import Strict, flag
-from ambient_ray.data.sources import SourceConfig, _unjson, decode, encode_png, list_items, make_source
-from ambient_ray.io import storage
+from ambient_ray.data import shards
+from ambient_ray.data.images import encode_png
+from ambient_ray.data.sources import SourceConfig, decode, list_items, make_source, unjson
+from ambient_ray.io import ray_runtime, storage
+from ambient_ray.stages.results import StageFailed
 
 DATA_SCHEMA = pa.schema(
     [
@@ -104,10 +108,6 @@ class CorruptConfig(Strict):
         return v
 
 
-class StageFailed(RuntimeError):
-    """A stage that stopped part-way; the message says what finished and how to resume."""
-
-
 @dataclass
 class CorruptResult:
     out: str
@@ -167,13 +167,15 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def process_shard(batch: dict, *, source, source_cfg: SourceConfig, specs: list, out: str) -> dict:
+def process_shard(
+    batch: dict, *, source, source_cfg: SourceConfig, specs: list, out: str, fingerprint: str = ""
+) -> dict:
     """Ray Data ``map_batches`` function: one shard in, its summary row out."""
     t0 = time.perf_counter()
     k = int(batch["shard"][0])
     payload = json.loads(batch["payload"][0])
     ids, roles, seeds = payload["ids"], payload["roles"], payload["seeds"]
-    locs = [_unjson(x) for x in payload["locs"]]
+    locs = [unjson(x) for x in payload["locs"]]
     try:
         records = source.load(locs)
     except Exception as e:  # a shard-level read failure: every row of it goes to quarantine with the reason
@@ -262,7 +264,7 @@ def process_shard(batch: dict, *, source, source_cfg: SourceConfig, specs: list,
     }
     if summary["rows_out"] + summary["rows_quarantined"] != summary["rows_in"]:
         raise RuntimeError(f"shard {k}: row count mismatch {summary}")
-    storage.write_bytes(storage.join(out, "_done", f"{name}.json"), json.dumps(summary).encode())
+    shards.mark_done(storage.join(out, "_done"), name, fingerprint, summary)
     return {key: np.array([v]) for key, v in summary.items()}
 
 
@@ -272,27 +274,16 @@ def _write_table(uri: str, rows: list[dict], schema: pa.Schema) -> None:
 
 def _fingerprint(cfg: CorruptConfig, ids: list[str]) -> str:
     keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "task_retries", "preview"})
-    h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
-    for rid in ids:
-        h.update(rid.encode() + b"\0")
-    return h.hexdigest()
+    return shards.fingerprint(keep, ids)
 
 
-def done_shards(out: str) -> dict[int, dict]:
-    # list_files skips names starting with "_" below the given folder, not the folder itself
-    markers = storage.list_files(storage.join(out, "_done"), (".json",))
-    found = {}
-    for m in markers:
-        info = json.loads(storage.read_bytes(m))
-        found[int(info["shard"])] = info
-    return found
+def done_shards(out: str, fingerprint: str) -> dict[int, dict]:
+    """The shards of this plan that have their done-marker (a marker of another plan does not count)."""
+    return {int(s["shard"]): s for s in shards.done_all(storage.join(out, "_done"), fingerprint).values()}
 
 
 def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
     """Run the corrupt stage (connecting to Ray, or starting it in-process)."""
-    import ray
-    import ray.data
-
     load_plugins(cfg.plugins)
     specs = [corruptions.parse(s) for s in cfg.corruptions]  # clear errors before any work
     out = storage.normalize(cfg.out)
@@ -307,22 +298,18 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     fingerprint = _fingerprint(cfg, ids)
 
-    manifest_uri = storage.join(out, "_manifest.json")
-    if storage.exists(manifest_uri):
-        old = json.loads(storage.read_bytes(manifest_uri))
-        if old.get("fingerprint") != fingerprint:
-            if not cfg.overwrite:
-                raise cfgmod.ConfigError(
-                    f"{out} already holds a corrupt run with a different plan (config or source changed); "
-                    "use another 'out' or set overwrite=true to replace it"
-                )
-            for sub in ("data", "quarantine", "_done"):
-                storage.delete(storage.join(out, sub))
-    manifest = {"fingerprint": fingerprint, "rows": len(items), "shards": n_shards, "shard_size": cfg.shard_size}
-    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+    if shards.manifest_changed(out, fingerprint):
+        if not cfg.overwrite:
+            raise cfgmod.ConfigError(
+                f"{out} already holds a corrupt run with a different plan (config or source changed); "
+                "use another 'out' or set overwrite=true to replace it"
+            )
+        for sub in ("data", "quarantine", "_done"):
+            storage.delete(storage.join(out, sub))
+    shards.write_manifest(out, fingerprint, rows=len(items), shards=n_shards, shard_size=cfg.shard_size)
     cfgmod.save_resolved(cfg, out)
 
-    done = done_shards(out)
+    done = done_shards(out, fingerprint)
     todo = [k for k in range(n_shards) if k not in done]
     rows = []
     for k in todo:
@@ -331,36 +318,41 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
         rows.append({"shard": k, "payload": json.dumps(payload)})
 
     new: list[dict] = []
-    if rows and not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+    if rows:
+        ray_runtime.ray_init(out)
     t0 = time.perf_counter()
     if rows:
-        ctx = ray.data.DataContext.get_current()
-        saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
-        # One map operator and nothing downstream: Ray Data's per-operator reservation would hold back
-        # half the CPUs for operators that do not exist (measured: 1 task at a time on 2 CPUs).
-        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = progress, False
         try:
-            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            # one Ray task per shard: Ray Core's max_retries bounds the retries of a shard whose worker died
+            # (Ray Data's map_batches takes it only through the deprecated ray_remote_args)
+            batches = [{"shard": [r["shard"]], "payload": [r["payload"]]} for r in rows]
+            summaries = ray_runtime.run_tasks(
                 process_shard,
-                batch_size=1,
+                batches,
+                label="corrupt",
+                unit="shards",
                 num_cpus=cfg.num_cpus_per_task,
                 max_retries=cfg.task_retries,
-                fn_kwargs={"source": source, "source_cfg": cfg.source, "specs": specs, "out": out},
+                kwargs={
+                    "source": source,
+                    "source_cfg": cfg.source,
+                    "specs": specs,
+                    "out": out,
+                    "fingerprint": fingerprint,
+                },
+                enabled=progress,
             )
-            new = ds.take_all()
+            new = [{k: v[0] for k, v in summary.items()} for summary in summaries]
         except Exception as e:
-            finished = len(done_shards(out))
+            finished = len(done_shards(out, fingerprint))
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise StageFailed(
                 f"corrupt stage failed with {finished} of {n_shards} shards complete in {out}: {cause}\n"
                 "completed shards are kept; re-run the same command to resume"
             ) from e
-        finally:
-            ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
     seconds = time.perf_counter() - t0
 
-    all_done = done_shards(out)
+    all_done = done_shards(out, fingerprint)
     missing = sorted(set(range(n_shards)) - set(all_done))
     if missing:
         raise RuntimeError(f"corrupt: shards {missing[:10]} of {out} have no completion marker after the run")

@@ -36,7 +36,8 @@ from ambient_ray.data.sources import read_array
 from ambient_ray.evaluation import metrics
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
-from ambient_ray.stages import features as feats
+from ambient_ray.models import features as feats
+from ambient_ray.stages.results import EvaluateResult
 
 # a feature spec (see ambient_ray.models.features.load), checked when the config is built
 FEATURE_SPEC = r"^\s*(pixels|inception@\S.*|dinov2(:[^@]*)?@\S.*|net@\S.*)\s*$"
@@ -175,7 +176,7 @@ def _nearest_png(samples: np.ndarray, train: np.ndarray, pairs: list[tuple[int, 
     )
 
 
-def run(cfg: EvaluateConfig, progress: bool = True) -> dict:
+def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     """Evaluate; returns {"out", "metrics", "details", "mlflow_run_id"}."""
     from ambient_ray.io import tracking
 

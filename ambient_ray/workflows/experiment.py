@@ -22,8 +22,13 @@ the clean training part (``ambient-ray features``) unless ``features`` names oth
 Outputs under OUT: ``prep/`` (splits, features), ``seed-<s>/`` (mixed data, classifier,
 annotations), ``runs/<arm>/seed-<s>/`` (train, samples, eval, ``result.json``), ``results.json``,
 ``results.md`` (mean ± standard error over seeds) and ``results.png``. MLflow: one parent run; one
-child run per (arm, seed) holding its metrics, with the stage runs nested under it. A re-run with
-the same config skips every (arm, seed) that has its ``result.json``.
+child run per (arm, seed) holding its metrics, with the stage runs nested under it.
+
+Resuming (:mod:`ambient_ray.data.shards`): every step (each corrupt split, the feature net, each
+seed's classifier and annotations, and each arm's train, sample and evaluate) leaves a done-marker
+``_step.json`` in its folder with the fingerprint of its resolved config chained with the steps it
+reads from. A re-run skips every step whose fingerprint is unchanged and redoes exactly those whose
+config or inputs changed (a changed train key: every arm's train, sample and evaluate; nothing before).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, csv, flag
-from ambient_ray.io import storage
+from ambient_ray.data import shards
+from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 
 Arm = Literal["only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle"]
@@ -146,8 +152,12 @@ def check(cfg: ExperimentConfig) -> None:
 # ------------------------------------------------------------------------------ running the stages
 
 
+STEP = "_step"  # a step's done-marker (ambient_ray.data.shards): OUT/<the step's folder>/_step.json
+
+
 class Runner:
-    """Runs the stages of one experiment, each into its own folder, skipping finished ones."""
+    """Runs the stages of one experiment, each into its own folder, skipping those finished with the same
+    fingerprint (its resolved config chained with the fingerprints of the steps it reads from)."""
 
     def __init__(self, cfg: ExperimentConfig, progress: bool):
         self.cfg, self.progress = cfg, progress
@@ -155,9 +165,26 @@ class Runner:
         self.mlflow = cfg.mlflow.model_dump()
         self.parent_id: str | None = None
         self.uri: str | None = None
+        self.prints: dict[str, str] = {}  # output URI (or feature spec) -> the fingerprint of what made it
+        self.ran: list[str] = []  # the steps this run did (not skipped as finished), in order
 
     def mlflow_for(self, parent: str | None, name: str) -> dict:
-        return {**self.mlflow, "run_name": name, "parent_run_id": parent}
+        return tracking.child(self.mlflow, name, parent)
+
+    def step(self, out: str, fp: str, work, *, clear: bool = True) -> dict:
+        """``work()`` into the folder ``out``, unless it finished with fingerprint ``fp``; its summary.
+
+        ``clear``: start from an empty folder (else the stage resumes or overwrites on its own)."""
+        self.prints[out] = fp
+        kept = shards.done(out, STEP, fp)
+        if kept is not None:
+            return kept
+        if clear:
+            shards.clear(out)
+        summary = work()
+        shards.mark_done(out, STEP, fp, summary)
+        self.ran.append(storage.join(out)[len(self.out) + 1 :])
+        return summary
 
     def corrupt(self, name: str, *, part: str, clean_fraction: float, seed: int) -> str:
         from ambient_ray.stages import corrupt
@@ -177,134 +204,165 @@ class Runner:
             "out": out,
             "overwrite": True,
         }
-        corrupt.run(cfgmod.build(corrupt.CorruptConfig, flags=flags), progress=self.progress)
+        ccfg = cfgmod.build(corrupt.CorruptConfig, flags=flags)
+
+        def work() -> dict:
+            res = corrupt.run(ccfg, progress=self.progress)
+            return {"out": res.out, "rows_out": res.rows_out, "rows_quarantined": res.rows_quarantined}
+
+        self.step(out, shards.config_print(ccfg), work, clear=False)  # corrupt resumes shard by shard
         return out
 
     def features(self, clean_train: str) -> str:
         from ambient_ray.stages import features
 
         if self.cfg.features:
+            self.prints[self.cfg.features] = shards.fingerprint(self.cfg.features)
             return self.cfg.features
         out = storage.join(self.out, "prep", "features")
-        if not storage.exists(storage.join(out, "features.json")):
-            flags = {**self.cfg.features_stage, "dataset": clean_train, "where": "quality=clean", "out": out}
-            s = features.run(cfgmod.build(features.FeaturesConfig, flags=flags), progress=self.progress)
+        flags = {**self.cfg.features_stage, "dataset": clean_train, "where": "quality=clean", "out": out}
+        fcfg = cfgmod.build(features.FeaturesConfig, flags=flags)
+
+        def work() -> dict:
+            s = features.run(fcfg, progress=self.progress)
             print(f"experiment: feature net trained ({s['task']}), held-out accuracy {s['accuracy']:.3f}")
+            return dict(s)
+
+        self.step(out, shards.config_print(fcfg, self.prints[clean_train]), work)
+        self.prints[f"net@{out}"] = self.prints[out]
         return f"net@{out}"
 
     def classifier(self, data: str, seed: int) -> str:
         from ambient_ray.stages import train_classifier
 
         out = storage.join(self.out, f"seed-{seed}", "classifier")
-        if not storage.exists(storage.join(out, "summary.json")):
-            _fresh(out)
-            flags = {
-                **self.cfg.classifier,
-                "data": data,
-                "out": out,
-                "kind": "noise",
-                "seed": seed,
-                "mlflow": self.mlflow_for(self.parent_id, f"classifier seed {seed}"),
-            }
-            train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags))
+        flags = {
+            **self.cfg.classifier,
+            "data": data,
+            "out": out,
+            "kind": "noise",
+            "seed": seed,
+            "mlflow": self.mlflow_for(self.parent_id, f"classifier seed {seed}"),
+        }
+        ccfg = cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags)
+        self.step(out, shards.config_print(ccfg, self.prints[data]), lambda: dict(train_classifier.run(ccfg)))
         return out
 
     def annotate(self, data: str, classifier: str, mode: str, seed: int) -> tuple[str, float]:
         from ambient_ray.stages import annotate
 
         out = storage.join(self.out, f"seed-{seed}", f"annotated-{mode}")
-        report = storage.join(out, "annotation.json")
-        if not storage.exists(report):
-            flags = {
-                **self.cfg.annotate,
-                "data": data,
-                "out": out,
-                "classifier": classifier,
-                "mode": mode,
-                "sets": "all",
-                "seed": seed,
-                "overwrite": True,
-                "mlflow": self.mlflow_for(self.parent_id, f"annotate {mode} seed {seed}"),
-            }
-            annotate.run(cfgmod.build(annotate.AnnotateConfig, flags=flags), progress=self.progress)
-        return out, _mean_sigma_min(out)
+        flags = {
+            **self.cfg.annotate,
+            "data": data,
+            "out": out,
+            "classifier": classifier,
+            "mode": mode,
+            "sets": "all",
+            "seed": seed,
+            "overwrite": True,
+            "mlflow": self.mlflow_for(self.parent_id, f"annotate {mode} seed {seed}"),
+        }
+        acfg = cfgmod.build(annotate.AnnotateConfig, flags=flags)
+        fp = shards.config_print(acfg, self.prints[data], self.prints[classifier])
+
+        def work() -> dict:
+            s = annotate.run(acfg, progress=self.progress)
+            return {"out": s["out"], "mean_sigma_min": s["mean_sigma_min"]}
+
+        # annotate keeps curves of the same plan (a new τ or mode) and overwrites the rest on its own
+        return out, float(self.step(out, fp, work, clear=False)["mean_sigma_min"])
 
     def arm(self, arm: str, seed: int, data: str, rows: str | None, refs: dict, sigma: float | None) -> dict:
-        """train -> sample -> evaluate for one (arm, seed); returns its result (also in result.json)."""
-        from ambient_ray.io import tracking
+        """train -> sample -> evaluate for one (arm, seed); returns its result (also in result.json).
+
+        Each of the three steps is skipped when it finished with the same fingerprint, so a changed
+        evaluate key re-evaluates without retraining, and a changed train key redoes all three."""
         from ambient_ray.stages import evaluate, sample, train
 
         out = storage.join(self.out, "runs", arm, f"seed-{seed}")
-        done = storage.join(out, "result.json")
-        if storage.exists(done):
-            return json.loads(storage.read_bytes(done))
-        _fresh(out)
-        child, uri = tracking.start_run(
-            MlflowConfig.model_validate(self.mlflow_for(self.parent_id, f"{arm} seed {seed}")),
-            out,
-            params={"arm": arm, "seed": seed, "data": data, "rows": rows or ""},
-            tags={"stage": "experiment-arm", "arm": arm},
-        )
-        t0 = time.perf_counter()
-        tflags = {
-            **self.cfg.train,
-            "data": data,
-            "out": storage.join(out, "train"),
-            "rows": rows,
-            "seed": seed,
-            "mlflow": self.mlflow_for(child, f"train {arm} seed {seed}"),
-        }
-        s = train.run(cfgmod.build(train.TrainConfig, flags=tflags))
-        sflags = {
-            **self.cfg.sample,
-            "checkpoint": s["out"],
-            "out": storage.join(out, "samples"),
-            "num": refs["num"],
-            "seed": seed,
-            "mlflow": self.mlflow_for(child, f"sample {arm} seed {seed}"),
-        }
-        r = sample.run(cfgmod.build(sample.SampleConfig, flags=sflags), progress=self.progress)
-        eflags = {
-            **self.cfg.evaluate,
-            "samples": r["out"],
-            "reference": refs["clean"],
-            "reference_where": "quality=clean",
-            "holdout": refs["holdout"],
-            "holdout_where": "quality=clean",
-            "train": data,
-            "train_where": rows,
-            "features": refs["features"],
-            "out": storage.join(out, "eval"),
-            "mlflow": self.mlflow_for(child, f"evaluate {arm} seed {seed}"),
-        }
-        e = evaluate.run(cfgmod.build(evaluate.EvaluateConfig, flags=eflags), progress=self.progress)
-        values = dict(e["metrics"])
-        if sigma is not None:
-            values["mean_sigma_min"] = sigma
-        result = {
-            "arm": arm,
-            "seed": seed,
-            "metrics": values,
-            "seconds": time.perf_counter() - t0,
-            "train_loss": s["metrics"].get("loss"),
-            "mlflow_run_id": child,
-        }
-        tracking.log_metrics(child, uri, values)
-        tracking.log_files(child, uri, {"grid.png": storage.read_bytes(r["grid"])})
-        tracking.finish(child, uri)
-        storage.write_bytes(done, json.dumps(result, indent=1).encode())
+
+        def tcfg(parent):
+            flags = {
+                **self.cfg.train,
+                "data": data,
+                "out": storage.join(out, "train"),
+                "rows": rows,
+                "seed": seed,
+                "mlflow": self.mlflow_for(parent, f"train {arm} seed {seed}"),
+            }
+            return cfgmod.build(train.TrainConfig, flags=flags)
+
+        def scfg(parent):
+            flags = {
+                **self.cfg.sample,
+                "checkpoint": storage.join(out, "train"),
+                "out": storage.join(out, "samples"),
+                "num": refs["num"],
+                "seed": seed,
+                "mlflow": self.mlflow_for(parent, f"sample {arm} seed {seed}"),
+            }
+            return cfgmod.build(sample.SampleConfig, flags=flags)
+
+        def ecfg(parent):
+            flags = {
+                **self.cfg.evaluate,
+                "samples": storage.join(out, "samples"),
+                "reference": refs["clean"],
+                "reference_where": "quality=clean",
+                "holdout": refs["holdout"],
+                "holdout_where": "quality=clean",
+                "train": data,
+                "train_where": rows,
+                "features": refs["features"],
+                "out": storage.join(out, "eval"),
+                "mlflow": self.mlflow_for(parent, f"evaluate {arm} seed {seed}"),
+            }
+            return cfgmod.build(evaluate.EvaluateConfig, flags=flags)
+
+        p = self.prints
+        train_fp = shards.config_print(tcfg(None), p[data])
+        sample_fp = shards.config_print(scfg(None), train_fp)
+        inputs = (sample_fp, p[data], p[refs["clean"]], p[refs["holdout"]], p[refs["features"]])
+        eval_fp = shards.config_print(ecfg(None), *inputs)
+        arm_fp = shards.fingerprint({"evaluate": eval_fp, "sigma": sigma})
+        kept = shards.done(out, STEP, arm_fp)
+        if kept is not None:
+            return kept
+        params = {"arm": arm, "seed": seed, "data": data, "rows": rows or ""}
+        tags = {"stage": "experiment-arm", "arm": arm}
+        # a redone arm logs into its own child run again (reopened from OUT/runs/ARM/seed-S/mlflow_run.json)
+        with tracking.run(
+            self.mlflow, out, name=f"{arm} seed {seed}", parent=self.parent_id, params=params, tags=tags
+        ) as (child, uri):
+            t0 = time.perf_counter()
+            s = self.step(storage.join(out, "train"), train_fp, lambda: dict(train.run(tcfg(child))))
+            r = self.step(
+                storage.join(out, "samples"),
+                sample_fp,
+                lambda: dict(sample.run(scfg(child), progress=self.progress)),
+            )
+            e = self.step(
+                storage.join(out, "eval"),
+                eval_fp,
+                lambda: dict(evaluate.run(ecfg(child), progress=self.progress)),
+            )
+            values = dict(e["metrics"])
+            if sigma is not None:
+                values["mean_sigma_min"] = sigma
+            result = {
+                "arm": arm,
+                "seed": seed,
+                "metrics": values,
+                "seconds": time.perf_counter() - t0,
+                "train_loss": s["metrics"].get("loss"),
+                "mlflow_run_id": child,
+            }
+            tracking.log_metrics(child, uri, values)
+            tracking.log_files(child, uri, {"grid.png": storage.read_bytes(r["grid"])})
+        shards.write_json(storage.join(out, "result.json"), result)
+        shards.mark_done(out, STEP, arm_fp, result)
         return result
-
-
-def _fresh(uri: str) -> None:
-    """Clear a half-finished stage folder (a crashed run) so the stage starts over."""
-    if storage.exists(uri):
-        storage.delete(uri)
-
-
-def _mean_sigma_min(annotated: str) -> float:
-    report = json.loads(storage.read_bytes(storage.join(annotated, "annotation.json")))
-    return float(report["mean_sigma_min"])
 
 
 # ------------------------------------------------------------------------------ the table
@@ -401,7 +459,7 @@ def markdown(
 def plot(table: dict, title: str) -> bytes:
     from ambient_ray.io import plots
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     arms = list(table)
     for ax, m in zip(axes, ("fd", "fd_holdout")):
@@ -414,16 +472,15 @@ def plot(table: dict, title: str) -> bytes:
         ax.set_ylabel("FD (lower is better)")
         ax.set_title("vs clean training part" if m == "fd" else "vs held-out part", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    return plots._figure_png(fig)
+    return plots.figure_png(fig)
 
 
 # ------------------------------------------------------------------------------ driver
 
 
 def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Run every (arm, seed); returns {"out", "table", "markdown", "mlflow_run_id", "minutes"}."""
-    from ambient_ray.io import tracking
-
+    """Run every (arm, seed); returns {"out", "table", "markdown", "mlflow_run_id", "minutes", "ran"}
+    ("ran": the steps done by this call, those skipped as finished left out)."""
     check(cfg)
     r = Runner(cfg, progress)
     storage.check_reachable(r.out)
@@ -431,20 +488,16 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     tags = {"stage": "experiment", "dataset": cfg.dataset, "corruption": ",".join(cfg.corruption)}
     params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] not in ("mlflow",)}
-    r.parent_id, r.uri = tracking.start_run(
-        MlflowConfig.model_validate(r.mlflow_for(None, cfg.mlflow.run_name or "experiment")),
-        r.out,
-        params=params,
-        tags=tags,
-    )
-    try:
+    with tracking.run(
+        cfg.mlflow, r.out, name=cfg.mlflow.run_name or "experiment", parent="", params=params, tags=tags
+    ) as (r.parent_id, r.uri):
         print(
             f"experiment: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds on {cfg.dataset}, {', '.join(cfg.corruption)}, "
             f"{cfg.clean_fraction:.0%} clean -> {r.out}" + (f"; MLflow run {r.parent_id}" if r.parent_id else "")
         )
         clean = r.corrupt("prep/clean-train", part="train", clean_fraction=1.0, seed=0)
         holdout = r.corrupt("prep/clean-holdout", part="holdout", clean_fraction=1.0, seed=0)
-        from ambient_ray.train.engine import load_metadata
+        from ambient_ray.data.metadata import load_metadata
 
         n_train = len(load_metadata(clean))
         refs = {"clean": clean, "holdout": holdout, "features": r.features(clean), "num": cfg.samples or n_train}
@@ -496,10 +549,6 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         flat = {f"{m}.{arm}": e[m]["mean"] for arm, e in table.items() for m in e}
         tracking.log_metrics(r.parent_id, r.uri, flat)
         tracking.log_files(r.parent_id, r.uri, files)
-        tracking.finish(r.parent_id, r.uri)
-    except BaseException:
-        tracking.finish(r.parent_id, r.uri, status="FAILED")
-        raise
     print(md)
     return {
         "out": r.out,
@@ -508,4 +557,5 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         "mlflow_run_id": r.parent_id,
         "mlflow_uri": r.uri,
         "minutes": minutes,
+        "ran": r.ran,
     }

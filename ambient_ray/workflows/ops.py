@@ -37,7 +37,9 @@ def list_jobs(address: str | None) -> int:
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
         print(
-            f"{j.submission_id or j.job_id:28s} {str(j.status.value if hasattr(j.status, 'value') else j.status):10s} {started}  {' '.join(j.entrypoint.split())[:80]}"
+            f"{j.submission_id or j.job_id:28s} "
+            f"{str(j.status.value if hasattr(j.status, 'value') else j.status):10s} "
+            f"{started}  {' '.join(j.entrypoint.split())[:80]}"
         )
     if not jobs:
         print("no jobs")

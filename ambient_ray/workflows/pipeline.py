@@ -24,7 +24,6 @@ MLflow: one parent run for the pipeline (reopened when resumed), with each stage
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -33,8 +32,10 @@ from pydantic import Field
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.io import storage
+from ambient_ray.data import shards
+from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages.results import StageFailed
 
 STAGES = ("corrupt", "classifier", "annotate", "train", "sample", "evaluate")
 FOLDERS = {
@@ -45,7 +46,8 @@ FOLDERS = {
     "sample": "samples",
     "evaluate": "eval",
 }
-MARKER = "pipeline_stage.json"
+MARKER = "pipeline_stage.json"  # a done-marker of ambient_ray.data.shards
+_MARKER_NAME = MARKER.removesuffix(".json")
 
 
 class PipelineConfig(Strict):
@@ -68,10 +70,6 @@ class PipelineConfig(Strict):
         description="keys of 'ambient-ray evaluate' (default reference: the clean rows of the corrupt output)",
     )
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-
-
-class StageFailed(RuntimeError):
-    """A stage raised; the message names the stage and the input it was working on."""
 
 
 _OWNED = {  # keys the pipeline sets itself in each section
@@ -112,7 +110,7 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
             raise ConfigError(f"config key 'corrupt.corruptions': {e}") from None
 
     def mlflow(name: str) -> dict:
-        return {**cfg.mlflow.model_dump(), "run_name": name, "parent_run_id": parent_run}
+        return tracking.child(cfg.mlflow, name, parent_run)
 
     wiring = {
         "corrupt": {"out": dirs["corrupt"]},
@@ -147,15 +145,12 @@ def fingerprints(stages: dict[str, Any]) -> dict[str, str]:
     """Per stage: a hash of its resolved config (less MLflow and resume switches) chained with the stage before it."""
     prints, prev = {}, ""
     for name in STAGES:
-        keep = stages[name].model_dump(mode="json", exclude={"mlflow", "resume", "overwrite"})
-        prev = hashlib.sha256((prev + json.dumps(keep, sort_keys=True)).encode()).hexdigest()[:16]
-        prints[name] = prev
+        prev = prints[name] = shards.chain(prev, stages[name].model_dump(mode="json", exclude=set(shards.NOT_WORK)))
     return prints
 
 
 def _marker(stage_out: str) -> dict | None:
-    uri = storage.join(stage_out, MARKER)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    return shards.read_marker(stage_out, _MARKER_NAME)
 
 
 def _prepare(name: str, scfg, fingerprint: str) -> Any:
@@ -166,7 +161,8 @@ def _prepare(name: str, scfg, fingerprint: str) -> Any:
     old = _marker(out)
     if old is not None:  # finished, but with another config (or after a changed earlier stage)
         print(
-            f"pipeline: {name}: its config or an earlier stage changed since it finished ({old['fingerprint']} -> {fingerprint}); redoing it"
+            f"pipeline: {name}: its config or an earlier stage changed since it finished "
+            f"({old['fingerprint']} -> {fingerprint}); redoing it"
         )
         storage.delete(out)
         return scfg
@@ -231,9 +227,8 @@ def _input_of(name: str, scfg) -> str:
 
 
 def run(cfg: PipelineConfig, progress: bool = True) -> dict:
-    """Run (or resume) the pipeline; returns {"out", "stages": {name: summary}, "mlflow_run_id", "mlflow_uri", "minutes"}."""
-    from ambient_ray.io import tracking
-
+    """Run (or resume) the pipeline; returns {"out", "stages": {name: summary}, "mlflow_run_id", "mlflow_uri",
+    "minutes"}."""
     stages = stage_configs(cfg)  # every key checked before anything is written
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -241,23 +236,19 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
     prints = fingerprints(stages)
     t0 = time.perf_counter()
     params = {k: v for k, v in cfgmod.flatten(cfg).items() if not k.startswith("mlflow.")}
-    parent, uri = tracking.start_run(
-        cfg.mlflow.model_copy(update={"run_name": cfg.mlflow.run_name or "pipeline"}),
-        out,
-        params=params,
-        tags={"stage": "pipeline"},
-    )
-    stages = stage_configs(cfg, parent)
-    print(f"pipeline: {' -> '.join(STAGES)} -> {out}" + (f"; MLflow run {parent} at {uri}" if parent else ""))
-    done: dict[str, dict] = {}
-    try:
+    with tracking.run(
+        cfg.mlflow, out, name=cfg.mlflow.run_name or "pipeline", params=params, tags={"stage": "pipeline"}
+    ) as (parent, uri):
+        stages = stage_configs(cfg, parent)
+        print(f"pipeline: {' -> '.join(STAGES)} -> {out}" + (f"; MLflow run {parent} at {uri}" if parent else ""))
+        done: dict[str, dict] = {}
         for i, name in enumerate(STAGES, 1):
             scfg = stages[name]
             head = f"pipeline: [{i}/{len(STAGES)}] {name}"
-            old = _marker(scfg.out)
-            if old is not None and old["fingerprint"] == prints[name]:
-                done[name] = old["summary"]
-                print(f"{head}: finished earlier, skipped ({old['summary']['out']})")
+            kept = shards.done(scfg.out, _MARKER_NAME, prints[name])
+            if kept is not None:
+                done[name] = kept
+                print(f"{head}: finished earlier, skipped ({kept['out']})")
                 continue
             scfg = _prepare(name, scfg, prints[name])
             print(f"{head}: {_input_of(name, scfg)} -> {scfg.out}")
@@ -268,13 +259,11 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
                 raise
             except Exception as e:
                 raise StageFailed(
-                    f"stage '{name}' failed on input {_input_of(name, scfg)} (output {scfg.out}): {type(e).__name__}: {e}"
+                    f"stage '{name}' failed on input {_input_of(name, scfg)} (output {scfg.out}): "
+                    f"{type(e).__name__}: {e}"
                 ) from e
             summary["seconds"] = round(time.perf_counter() - s0, 1)
-            storage.write_bytes(
-                storage.join(scfg.out, MARKER),
-                json.dumps({"stage": name, "fingerprint": prints[name], "summary": summary}, indent=1).encode(),
-            )
+            shards.mark_done(scfg.out, _MARKER_NAME, prints[name], summary)
             done[name] = summary
             figs = ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("figures", {}).items()
@@ -296,8 +285,4 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
         }
         tracking.log_metrics(parent, uri, metrics)
         tracking.log_files(parent, uri, {"pipeline.json": report_json})
-        tracking.finish(parent, uri)
-    except BaseException:
-        tracking.finish(parent, uri, status="FAILED")
-        raise
     return {**report, "minutes": minutes}
