@@ -86,7 +86,10 @@ def test_digits_local_and_s3_give_the_same_rows(ray_cluster, tmp_path, s3_prefix
 def test_seed_changes_the_clean_subset(ray_cluster, tmp_path):
     a = run(make_cfg(str(tmp_path / "a"), source=SourceConfig(dataset="faces"), seed=1), progress=False)
     b = run(make_cfg(str(tmp_path / "b"), source=SourceConfig(dataset="faces"), seed=2), progress=False)
-    clean = lambda out: {r["id"] for r in read_rows(out) if r["quality"] == "clean"}  # noqa: E731
+
+    def clean(out):
+        return {r["id"] for r in read_rows(out) if r["quality"] == "clean"}
+
     assert len(clean(a.out)) == len(clean(b.out)) == 20 and clean(a.out) != clean(b.out)
 
 

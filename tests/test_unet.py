@@ -78,7 +78,10 @@ def test_preconditioning_is_wired_as_in_edm_table_1():
     x = torch.randn(3, 1, 16, 16)
     sigma = torch.tensor([0.05, 0.7, 20.0])
     c_skip, c_out, c_in, c_noise = edm_precond(sigma, 0.7)
-    b = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+
+    def b(v):
+        return v.view(-1, 1, 1, 1)
+
     torch.testing.assert_close(net(x, sigma), b(c_skip) * x + b(c_out))
     torch.testing.assert_close(seen["x"], b(c_in) * x)
     torch.testing.assert_close(seen["c_noise"], sigma.log() / 4)

@@ -17,6 +17,7 @@ from Python and stay on the console (see the README, "Console and logs").
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -75,7 +76,7 @@ def _open(path: str) -> None:
     with _lock:
         if _state["file"] is not None:
             _state["file"].close()
-        _state["path"], _state["file"] = path, open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        _state["path"], _state["file"] = path, open(path, "a", buffering=1, encoding="utf-8")
         for text in _state["pending"]:
             _state["file"].write(text)
         _state["pending"].clear()
@@ -100,7 +101,7 @@ class _FileHandler(logging.Handler):
 
 def _route_loggers() -> None:
     """Ray's Python loggers: their console handlers out, the run's log file in (files Ray keeps stay)."""
-    import ray.data  # noqa: F401  (configures the "ray.data" logger on import; configure it after that)
+    importlib.import_module("ray.data")  # configures the "ray.data" logger on import: configure it after that
 
     handler = _FileHandler(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s"))

@@ -7,6 +7,7 @@ is kept in ``OUT/mlflow_run.json`` so a resumed job logs into the same run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -18,6 +19,9 @@ from pydantic import Field
 
 from ambient_ray.config import Strict
 from ambient_ray.io import storage
+
+# a local SQLite store announces its table creation and migration at INFO on the console of every new run folder
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class MlflowConfig(Strict):

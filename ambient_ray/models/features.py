@@ -94,7 +94,7 @@ def _state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
 
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+    except Exception as e:  # any unreadable file gets the same clear message
         raise ValueError(
             f"{what} weights: {path} is not a readable state dict ({str(e).splitlines()[0][:200]})"
         ) from None

@@ -1,9 +1,9 @@
-"""The corrupt stage: make a mixed-quality dataset from a clean one, with Ray Data.
+"""The corrupt stage: make a mixed-quality dataset from a clean one, on Ray.
 
 Plan (on the driver, cheap): list the source's ids in a stable order; pick the clean subset by seed
 (the ``round(clean_fraction * N)`` ids with the smallest seeded hash); split the rest evenly among
 the corruption specs; give each row its own seed; cut the rows, in source order, into shards of
-``shard_size``. Work (Ray Data ``map_batches``, one shard per call): load, decode and validate the
+``shard_size``. Work (one Ray task per shard): load, decode and validate the
 shard's rows, corrupt them (batched numpy/PIL), and write
 
     OUT/data/shard-NNNNN.parquet        rows: id, image (PNG), height, width, channels, label, caption,
@@ -170,7 +170,7 @@ def _shard_name(k: int) -> str:
 def process_shard(
     batch: dict, *, source, source_cfg: SourceConfig, specs: list, out: str, fingerprint: str = ""
 ) -> dict:
-    """Ray Data ``map_batches`` function: one shard in, its summary row out."""
+    """One shard in (its plan as a one-row batch), its summary row out; runs as a Ray task."""
     t0 = time.perf_counter()
     k = int(batch["shard"][0])
     payload = json.loads(batch["payload"][0])

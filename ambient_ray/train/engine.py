@@ -200,7 +200,10 @@ class Worker:
             if cfg.offload_optimizer
             else OPTIMIZERS.get(o.name)(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         )
-        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.steps))  # noqa: E731
+
+        def sched(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.steps))
+
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=net,
             model_parameters=params,
