@@ -1,0 +1,81 @@
+"""The engine's pluggable parts in pure torch: learning-rate schedules against their closed forms, the
+warm-up EMA against the recurrence, and the registries that choose them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ambient_ray.train.ema import EMAS, WarmupEMA
+from ambient_ray.train.engine import OPTIMIZERS, EngineConfig, OptimConfig
+from ambient_ray.train.schedules import SCHEDULES, lr_lambda
+
+
+def test_warmup_then_cosine_and_linear_reach_zero_at_the_last_step():
+    for decay, mid in (("cosine", 0.5), ("linear", 0.5), ("none", 1.0)):
+        f = lr_lambda(OptimConfig(decay=decay, warmup_steps=10), steps=110)
+        assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+        assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(mid)
+        assert f(110) == pytest.approx(0.0 if decay != "none" else 1.0, abs=1e-12)
+
+
+def test_inv_sqrt_is_edm2s_decay_after_the_reference_step():
+    o = OptimConfig(decay="inv_sqrt", warmup_steps=0, ref_steps=100)
+    f = lr_lambda(o, steps=10_000)
+    assert f(0) == f(50) == f(100) == 1.0
+    for t in (400, 2500, 9900):
+        assert f(t) == pytest.approx(1 / math.sqrt(t / 100))
+
+
+def test_warmup_ema_follows_its_recurrence():
+    p = [torch.zeros(3)]
+    ema = WarmupEMA(p, torch.device("cpu"), decay=0.9)
+    expect = torch.zeros(3)
+    for step in range(1, 30):
+        p[0] = torch.full((3,), float(step))
+        ema.update(p, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expect = d * expect + (1 - d) * p[0]
+    torch.testing.assert_close(ema.tensors[0], expect)
+    ema.load([torch.ones(3, dtype=torch.float64)])
+    assert ema.tensors[0].dtype == torch.float32 and ema.tensors[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_registries_choose_by_config_key_and_name_the_known_ones():
+    assert SCHEDULES.names() == ["cosine", "inv_sqrt", "linear", "none"]
+    assert OPTIMIZERS.get("adam") is torch.optim.Adam and EMAS.names() == ["warmup"]
+    with pytest.raises(KeyError, match="unknown optim.decay 'step'; registered: cosine, inv_sqrt, linear, none"):
+        SCHEDULES.get("step")
+    cfg = EngineConfig(data="d", out="o", optim={"name": "adam", "decay": "inv_sqrt"})
+    assert (cfg.optim.name, cfg.optim.decay, cfg.ema) == ("adam", "inv_sqrt", "warmup")
+
+
+def test_post_step_hooks_run_in_order_before_the_ema_sees_the_weights():
+    """end_step: count the step, run the hooks in registration order, then average the weights they left."""
+    from types import SimpleNamespace
+
+    from ambient_ray.train.engine import Worker
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    w = Worker.__new__(Worker)  # the step bookkeeping alone: no Ray Train context, no DeepSpeed engine
+    w.cfg = EngineConfig(data="d", out="o", steps=10, log_every=5, checkpoint_every=10, ema_decay=0.0)
+    w.engine, w.zero3, w.step = SimpleNamespace(module=net), False, 0
+    w.ema = WarmupEMA(net.parameters(), torch.device("cpu"), decay=0.0)  # decay 0: the EMA is the weights
+    calls = []
+
+    def renormalise(worker):
+        calls.append(("renormalise", worker.step))
+        with torch.no_grad():
+            net.weight.div_(net.weight.norm())
+
+    w.post_step_hooks = [renormalise, lambda worker: calls.append(("count", worker.step))]
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    assert w.end_step() == (False, False)
+    assert calls == [("renormalise", 1), ("count", 1)]
+    torch.testing.assert_close(w.ema.tensors[0].norm(), torch.tensor(1.0))
+    for _ in range(4):
+        log_now, checkpoint_now = w.end_step()
+    assert (w.step, log_now, checkpoint_now) == (5, True, False) and len(calls) == 10
