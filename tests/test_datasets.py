@@ -41,6 +41,12 @@ def test_builtins(name, n, shape):
     assert err is None and arr.shape == shape and arr.dtype == np.uint8
     if name == "digits":
         assert [r["label"] for r in recs] == [0, 1, 2, 3, 4]
+        assert recs[3]["caption"] == "a handwritten digit three"
+        assert {r["caption"] for r in src.load([loc for _, loc in items])} == {
+            f"a handwritten digit {w}" for w in D.DIGIT_WORDS
+        }
+    if name == "faces":
+        assert {r["caption"] for r in recs} == {"a photo of a face"}
         assert max(r["image"].max() for r in src.load([loc for _, loc in items])) == 255  # 0..16 scaled to 0..255
     if name == "photos":  # crops of several photographs, not one repeated patch
         assert len({r["image"].tobytes() for r in src.load([loc for _, loc in items[:20]])}) == 20

@@ -181,11 +181,22 @@ class BuiltinSource(Source):
             {
                 "image": imgs[i],
                 "label": None if labels is None else int(labels[i]),
-                "caption": None,
+                "caption": builtin_caption(self.name, None if labels is None else int(labels[i])),
                 "source": self.name,
             }
             for i in locators
         ]
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def builtin_caption(name: str, label: int | None) -> str:
+    """The caption of a built-in row, so the text-to-image path has real captions to run on: ``a handwritten
+    digit seven`` (digits, from the label), ``a photo of a face`` (faces), ``a crop of a photograph`` (photos)."""
+    if name == "digits":
+        return f"a handwritten digit {DIGIT_WORDS[label]}"
+    return {"faces": "a photo of a face", "photos": "a crop of a photograph"}[name]
 
 
 class FolderSource(Source):
