@@ -36,35 +36,10 @@ from ambient_ray import corruptions
 from ambient_ray.config import Strict, flag
 from ambient_ray.data import shards
 from ambient_ray.data.images import encode_png
+from ambient_ray.data.schema import DATA_SCHEMA, QUARANTINE_SCHEMA
 from ambient_ray.data.sources import SourceConfig, decode, list_items, make_source, unjson
 from ambient_ray.io import ray_runtime, storage
 from ambient_ray.stages.results import StageFailed
-
-DATA_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("image", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("channels", pa.int32()),
-        ("label", pa.int64()),
-        ("caption", pa.string()),
-        ("source", pa.string()),
-        ("quality", pa.string()),
-        ("corruption", pa.string()),
-        ("seed", pa.int64()),
-    ]
-)
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("locator", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("image", pa.binary()),
-    ]
-)
 
 
 class CorruptConfig(Strict):
