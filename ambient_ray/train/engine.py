@@ -7,6 +7,13 @@ on GPU) with its optimizer (``optim.name``) and schedule (:mod:`ambient_ray.trai
 (:mod:`ambient_ray.train.ema`), post-step hooks, checkpoints (DeepSpeed state, EMA, inference weights, each
 rank's random and task state) that a restarted or ``--resume``d run continues from exactly, MLflow metrics
 from rank 0, and the driver (:func:`train`, :func:`fit`).
+
+The EMA per rank: under ZeRO 0/1/2 every rank holds the whole module and the whole fp32 EMA. Under ZeRO-3 a
+rank holds only its partition of each parameter, and of the EMA only that partition's (built after
+``deepspeed.initialize``, updated from ``p.ds_tensor`` with no communication); the full EMA, like the full
+raw weights, is gathered only when a checkpoint is saved, one parameter at a time, into ``ema.safetensors``
+(what sampling loads) beside each rank's own partitions (``ema-rank-NNNN.safetensors``), which a restore on
+as many ranks loads alone; any other restore slices its partitions out of ``ema.safetensors``.
 """
 
 from __future__ import annotations
@@ -191,7 +198,8 @@ class Worker:
             # virtual environment) and loaded by every worker.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
-        self.ema = EMAS.get(cfg.ema)(net.parameters(), self.device, cfg)  # fp32, on the device
+        # fp32, on the device: of the full weights, or under ZeRO-3 of this rank's partitions (after initialize)
+        self.ema = None if self.zero3 else EMAS.get(cfg.ema)(net.parameters(), self.device, cfg)
         self.post_step_hooks: list[Callable[[Worker], None]] = []
         params = [p for p in net.parameters() if p.requires_grad]
         o = cfg.optim
@@ -212,6 +220,8 @@ class Worker:
             config=deepspeed_config(cfg, self.bf16),
             dist_init_required=False,
         )
+        if self.zero3:  # the partitions exist from here on
+            self.ema = EMAS.get(cfg.ema)(self.engine.module.parameters(), self.device, cfg, sharded=True)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.step = 0
         self.mlflow = (config.get("mlflow_run_id"), config.get("mlflow_uri")) if self.rank == 0 else (None, None)
@@ -219,6 +229,7 @@ class Worker:
     def restore(self) -> dict[str, torch.Tensor]:
         """Continue from Ray Train's checkpoint if there is one; returns this rank's extra state."""
         import ray.train
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         ckpt = ray.train.get_checkpoint()
@@ -226,29 +237,36 @@ class Worker:
             return {}
         with ckpt.as_directory() as d:
             self.engine.load_checkpoint(d, tag="ds")
-            ema = load_file(os.path.join(d, "ema.safetensors"))
-            self.ema.load([ema[n] for n, _ in self.net.named_parameters()])
+            names = [n for n, _ in self.net.named_parameters()]
+            own = _ema_rank_file(d, self.rank)
+            if self.zero3 and os.path.exists(own) and self.ema.fits(_metadata(own)):
+                part = load_file(own)  # ZeRO-3: this rank's own EMA partitions
+                self.ema.load_partitions(part[n] for n in names)
+            else:  # the gathered EMA, a tensor at a time (under ZeRO-3, from any world size: this rank's slices)
+                with safe_open(os.path.join(d, "ema.safetensors"), framework="pt") as f:
+                    self.ema.load(f.get_tensor(n) for n in names)
             state = load_file(_rank_state_file(d, self.rank))
         self.generator.set_state(state.pop("generator"))
         self.step = int(state.pop("step"))
         return state
 
-    def gathered(self):
-        """Full parameters in a context (a collective under ZeRO-3, where each rank holds a partition)."""
+    def gathered(self, params=None):
+        """Full parameters (``params``, default all) in a context (a collective under ZeRO-3, where each rank holds
+        a partition)."""
         import deepspeed
 
-        params = list(self.engine.module.parameters())
+        params = list(self.engine.module.parameters() if params is None else params)
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero3 else contextlib.nullcontext()
 
     def end_step(self) -> tuple[bool, bool]:
         """After an optimizer step: count it, run the post-step hooks (in registration order, on every rank:
-        a hook may be a collective), update the EMA, fail where a test planted it; returns (log now,
-        checkpoint now), from ``log_every``, ``checkpoint_every`` and the last step."""
+        a hook may be a collective), update the EMA (under ZeRO-3 from this rank's partitions: no gather), fail
+        where a test planted it; returns (log now, checkpoint now), from ``log_every``, ``checkpoint_every`` and
+        the last step."""
         self.step += 1
         for hook in self.post_step_hooks:
             hook(self)
-        with self.gathered():
-            self.ema.update(self.engine.module.parameters(), self.step)
+        self.ema.update(self.engine.module.parameters(), self.step)
         self.maybe_fail()
         checkpoint = self.checkpoint_due()
         return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
@@ -297,8 +315,9 @@ class Worker:
     def save_and_report(
         self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
     ) -> None:
-        """Checkpoint (DeepSpeed state, EMA and raw weights + ``model.json``, this rank's state, rank
-        0's ``files``) and report it with ``metrics`` to Ray Train."""
+        """Checkpoint (DeepSpeed state, EMA and raw weights + ``model.json``, this rank's state and under ZeRO-3
+        its EMA partitions, rank 0's ``files``) and report it with ``metrics`` to Ray Train. Collective: under
+        ZeRO-3 the full weights and EMA are gathered one parameter at a time."""
         import ray.train
         from safetensors.torch import save_file
 
@@ -307,13 +326,17 @@ class Worker:
             own = {"generator": self.generator.get_state(), "step": torch.tensor(self.step), **(state or {})}
             save_file(own, _rank_state_file(d, self.rank))
             names = [n for n, _ in self.net.named_parameters()]
-            with self.gathered():
-                raw = {n: p.detach().float().cpu().contiguous() for n, p in self.engine.module.named_parameters()}
+            raw = {}
+            for n, p in self.engine.module.named_parameters():  # one parameter whole at a time
+                with self.gathered([p]):
+                    if self.rank == 0:
+                        raw[n] = p.detach().float().cpu().clone()
+            ema = dict(zip(names, self.ema.export(keep=self.rank == 0)))  # ZeRO-3: gathered a parameter at a time
+            if self.zero3:  # and this rank's own partitions, which a restore on as many ranks loads alone
+                part = {n: t.cpu().contiguous() for n, t in zip(names, self.ema.tensors)}
+                save_file(part, _ema_rank_file(d, self.rank), metadata=self.ema.meta())
             if self.rank == 0:
-                save_file(
-                    {n: e.cpu().contiguous() for n, e in zip(names, self.ema.tensors)},
-                    os.path.join(d, "ema.safetensors"),
-                )
+                save_file(ema, os.path.join(d, "ema.safetensors"))
                 save_file(raw, os.path.join(d, "model.safetensors"))
                 with open(os.path.join(d, "model.json"), "w") as f:
                     json.dump(self.meta, f)
@@ -325,6 +348,17 @@ class Worker:
 
 def _rank_state_file(d: str, rank: int) -> str:
     return os.path.join(d, f"rank-{rank:04d}.safetensors")
+
+
+def _ema_rank_file(d: str, rank: int) -> str:
+    return os.path.join(d, f"ema-rank-{rank:04d}.safetensors")
+
+
+def _metadata(path: str) -> dict[str, str] | None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
 
 
 def progress_line(name: str, text: str) -> None:
