@@ -241,6 +241,23 @@ def _annotate(args) -> int:
     return 0
 
 
+def _precompute(args) -> int:
+    from ambient_ray.stages import precompute
+
+    s = precompute.run(config(args), progress=not args.no_progress)
+    lat = s["latents"]
+    print(
+        f"precompute: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
+        f"{s['shards_run']} shards run, {s['shards_skipped']} already done; {s['images_per_s']:.1f} images/s"
+    )
+    print(
+        f"  latents {'x'.join(map(str, lat['latent_shape']))} (mean, std) at {lat['resolution']}px; "
+        f"normalisation {lat['how']}" + (f"; caption embeddings {lat['emb_shape']}" if lat["emb_shape"] else "")
+    )
+    print(f"  data: {s['out']}/data/   report: {s['out']}/latents.json")
+    return 0
+
+
 def _features(args) -> int:
     from ambient_ray.stages import features
 
@@ -353,6 +370,11 @@ STAGES: dict[str, Stage] = {
         _corrupt,
         _model("ambient_ray.stages.corrupt", "CorruptConfig"),
         _corrupt_extra,
+    ),
+    "precompute": Stage(
+        "images -> VAE latents, captions -> text embeddings, from local or S3 weights (Ray Data)",
+        _precompute,
+        _model("ambient_ray.stages.precompute", "PrecomputeConfig"),
     ),
     "train-classifier": Stage(
         "train the noise (σ_min) or crops (σ_max) classifier (Ray Train + DeepSpeed)",

@@ -315,21 +315,55 @@ class Batch:
     index: torch.Tensor  # (B,) rows of the dataset
 
 
+@dataclass
+class Latents:
+    """Rows stored as a latent distribution (EDM2's convention): ``mean_std`` (N, 2c, h, w) holds each
+    row's latent mean, then its std; every use draws a fresh latent z = mean + std·ε and normalises it
+    per channel, x_0 = (z − shift)·scale (the precompute stage measured shift and scale so that each
+    channel has the configured std). ``pixels`` data has std 0, shift 0 and scale 1: x_0 is the image."""
+
+    mean_std: torch.Tensor
+    shift: torch.Tensor  # (c,)
+    scale: torch.Tensor  # (c,)
+
+    def __len__(self) -> int:
+        return len(self.mean_std)
+
+    def clean(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.mean_std.shape[1] // 2
+        rows = self.mean_std[idx].float()
+        mean, std = rows[:, :c], rows[:, c:]
+        z = mean + std * torch.randn(mean.shape, generator=generator) if bool((std > 0).any()) else mean
+        return (z - self.shift.view(1, -1, 1, 1)) * self.scale.view(1, -1, 1, 1)
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent z of a normalised x (before decoding it with the VAE)."""
+        return x / self.scale.view(1, -1, 1, 1).to(x) + self.shift.view(1, -1, 1, 1).to(x)
+
+
+def clean_rows(rows: torch.Tensor | Latents, idx: torch.Tensor, generator: torch.Generator | None = None):
+    """x_0 of the rows ``idx``: uint8 images (N, C, H, W) mapped to [-1, 1], or a fresh draw of :class:`Latents`."""
+    if isinstance(rows, Latents):
+        return rows.clean(idx, generator)
+    return rows[idx].float() / 127.5 - 1.0
+
+
 def ambient_batch(
     sampler: SigmaSampler,
-    images: torch.Tensor,
+    images: torch.Tensor | Latents,
     sigma_min: torch.Tensor,
     batch: int,
     generator: torch.Generator | None = None,
 ) -> Batch:
     """Draw σ first and pair it with eligible rows (:meth:`SigmaSampler.sample`), then noise them.
 
-    ``images`` are uint8 (N, C, H, W), mapped to [-1, 1]. A row annotated σ_n is first noised to
-    x_{σ_n} = y + σ_n·z (all the model may see of it), then to x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z'
-    (Ambient-o Sec. 3.1). Rows drawn through a crop (σ ≤ σ_max) count as clean inside the crop.
+    ``images`` are uint8 (N, C, H, W), mapped to [-1, 1], or :class:`Latents` (a fresh latent per use).
+    A row annotated σ_n is first noised to x_{σ_n} = y + σ_n·z (all the model may see of it), then to
+    x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z' (Ambient-o Sec. 3.1). Rows drawn through a crop (σ ≤ σ_max) count
+    as clean inside the crop.
     """
     sigma, idx, crop_size = sampler.sample(batch, generator)
-    y = images[idx].float() / 127.5 - 1.0
+    y = clean_rows(images, idx, generator)
     sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min[idx])
     x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
     x_s = x_n + bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)

@@ -32,6 +32,7 @@ Two phases.
 Outputs: ``OUT/data/<shard>.parquet`` (the input rows and columns, plus ``sigma_min``, ``sigma_max``,
 ``annotation``, and the provenance as Parquet metadata), ``OUT/quarantine/``, ``OUT/annotation.json``
 (provenance and counts), ``OUT/locality.json`` (the crop(σ) table, where ``train`` finds it),
+``OUT/latents.json`` (copied from precomputed input: the latents' normalisation),
 ``OUT/sigma_min.png`` (histogram per corruption) and ``OUT/curves.png`` (mean probability against σ
 per corruption, with τ: Ambient-o Fig. 2), also logged to MLflow. Rows in = rows out + rows quarantined.
 """
@@ -573,6 +574,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
             "data",
             "quarantine",
             "locality.json",
+            "latents.json",
             "annotation.json",
             "summary.json",
             "sigma_min.png",
@@ -627,6 +629,9 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
         raise RuntimeError(f"annotate: row conservation broken: {len(meta)} rows in, {n_out} out, {n_q} quarantined")
     if plan["locality"]:
         storage.write_bytes(storage.join(out, "locality.json"), json.dumps(plan["locality"], indent=1).encode())
+    latents = storage.join(storage.normalize(cfg.data), "latents.json")
+    if storage.exists(latents):  # precomputed latents: training and sampling read their normalisation beside the data
+        storage.write_bytes(storage.join(out, "latents.json"), storage.read_bytes(latents))
 
     usable = rows["usable"]
     group = _groups(meta, rows)

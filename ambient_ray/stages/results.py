@@ -61,6 +61,18 @@ class AnnotateResult(StageResult):
     provenance: dict[str, Any]
 
 
+class PrecomputeResult(StageResult):
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    shards: int
+    shards_run: int
+    shards_skipped: int
+    seconds: float
+    images_per_s: float
+    latents: dict[str, Any]
+
+
 class SampleResult(StageResult):
     samples: str
     grid: str

@@ -70,12 +70,14 @@ def draw(
     sigma_max: float = 80.0,
     progress: bool = False,
 ) -> np.ndarray:
-    """``num`` images as uint8 (N, H, W, C); a progress bar over the batches with ``progress``."""
+    """``num`` images as uint8 (N, H, W, C); a progress bar over the batches with ``progress``. A model
+    trained on precomputed latents (``latents`` in its model.json) has its samples decoded by its VAE."""
     from tqdm.auto import tqdm
 
     from ambient_ray.diffusion.samplers import heun_sample, to_uint8
 
     cfg = net.config
+    decode = latent_decoder(getattr(net, "meta", None))
     g = torch.Generator().manual_seed(seed)
     out = []
     starts = range(0, num, batch_size)
@@ -98,8 +100,35 @@ def draw(
             s_max=s_max,
             s_noise=s_noise,
         )
-        out.append(to_uint8(x))
+        out.append(to_uint8(decode(x) if decode else x))
     return np.concatenate(out)
+
+
+def latent_decoder(meta: dict | None):
+    """For a model trained on precomputed latents: normalised latents -> images in [-1, 1] (the
+    normalisation undone, then the VAE's decoder; grey data averages the VAE's RGB back to one channel).
+    None for a pixel-space model. A VAE other than the one the latents were made with is refused."""
+    from ambient_ray.diffusion.ambient import Latents
+
+    info = (meta or {}).get("latents")
+    if not info:
+        return None
+    lat = Latents(torch.zeros(0), torch.tensor(info["shift"]), torch.tensor(info["scale"]))
+    if info["vae"] == "pixels":
+        return lat.undo
+    from ambient_ray.stages.precompute import image_encoder
+
+    vae = image_encoder(info["vae"], info.get("vae_subfolder"), info["channels"])
+    if vae.fingerprint != info["vae_fingerprint"]:
+        raise ConfigError(
+            f"the VAE at {info['vae']} is not the one this model's latents were made with (its weights changed)"
+        )
+
+    @torch.no_grad()
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        return vae.decode(lat.undo(x), channels=info["channels"]).float()
+
+    return decode
 
 
 def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:

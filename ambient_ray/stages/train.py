@@ -96,6 +96,19 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     return smin.astype(np.float32), smax.astype(np.float32), origin
 
 
+def latents_of(data: str) -> dict | None:
+    """The precompute stage's ``latents.json`` beside the data (annotate carries it forward): the rows are
+    latents (column ``latent``: mean and std), normalised per channel by its shift and scale. None for
+    pixel data."""
+    from ambient_ray.stages.precompute import read_latents_info
+
+    info = read_latents_info(data)
+    if info is None:
+        return None
+    keys = ("vae", "vae_subfolder", "vae_fingerprint", "channels", "latent_shape", "shift", "scale", "resolution")
+    return {k: info.get(k) for k in keys}
+
+
 def load_crop_table(cfg: TrainConfig) -> None:
     """Without a crop(σ) table in the config, take ``locality.json`` beside the data (annotate writes it)."""
     table_uri = storage.join(storage.normalize(cfg.data), "locality.json")
@@ -133,17 +146,24 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             raise ConfigError(f"config key 'rows': no row of {cfg.data} matches {cfg.rows!r}")
     load_crop_table(cfg)
     smin, smax, origin = resolve_sigmas(meta, cfg)
-    cfg.model = registry.with_interface(cfg.model, *engine.check_run(cfg, meta))
+    latents = latents_of(cfg.data)
+    shape = (latents["latent_shape"][1], latents["latent_shape"][0] // 2) if latents else None
+    cfg.model = registry.with_interface(cfg.model, *engine.check_run(cfg, meta, shape))
     ids = meta["id"].tolist()
+    space = f"{'x'.join(map(str, latents['latent_shape']))} latents" if latents else "pixels"
     return engine.train(
         cfg,
         train_loop,
-        model_meta(cfg),
-        {"sigma_min": dict(zip(ids, smin.tolist())), "sigma_max": dict(zip(ids, smax.tolist()))},
-        [c for c in ("id", "image", "label") if c in meta.columns or c == "image"],
+        model_meta(cfg, latents),
+        {
+            "sigma_min": dict(zip(ids, smin.tolist())),
+            "sigma_max": dict(zip(ids, smax.tolist())),
+            "latents": latents,
+        },
+        [c for c in ("id", "latent" if latents else "image", "label") if c in meta.columns or c != "label"],
         stage="train",
-        tags={"sigma_min": origin},
-        headline=f"train: {len(meta)} rows" + (f" with {cfg.rows}" if cfg.rows else "") + f" ({origin})",
+        tags={"sigma_min": origin, "space": space},
+        headline=f"train: {len(meta)} rows" + (f" with {cfg.rows}" if cfg.rows else "") + f" ({origin}; {space})",
         artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
         extra={"rows": len(meta), "sigma_min": origin},
         callbacks=callbacks,

@@ -99,10 +99,10 @@ class EngineConfig(Strict):
 # ------------------------------------------------------------------------------ data (driver)
 
 
-def check_run(cfg: EngineConfig, meta) -> tuple[int, int]:
-    """Before any worker starts: the data has one square shape (returned: resolution, channels) and the
-    DeepSpeed options agree."""
-    h, c = one_shape(meta, cfg.data)
+def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Before any worker starts: the data has one square shape (returned: resolution, channels; ``shape``
+    when the stage knows it, as for precomputed latents) and the DeepSpeed options agree."""
+    h, c = shape or one_shape(meta, cfg.data)
     if cfg.zero_stage == 0 and cfg.offload_optimizer:
         raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
     return h, c
@@ -145,10 +145,13 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
     return ds
 
 
-def load_rank_rows(rank: int, world: int, per_row: dict[str, dict], label_dim: int = 0):
-    """This rank's rows of the Ray Data shard "train", sorted by id: ids, images uint8 (N, C, H, W),
-    ``{name: tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None).
-    Rows without per-row values (filtered out on the driver) are skipped."""
+def load_rank_rows(
+    rank: int, world: int, per_row: dict[str, dict], label_dim: int = 0, tensor: tuple[str, list[int]] | None = None
+):
+    """This rank's rows of the Ray Data shard "train", sorted by id: ids, images uint8 (N, C, H, W) (or,
+    with ``tensor`` = (column, shape), that float32 tensor column, e.g. precomputed latents), ``{name:
+    tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None). Rows
+    without per-row values (filtered out on the driver) are skipped."""
     import ray.train
 
     from ambient_ray.data.images import decode_png
@@ -162,7 +165,10 @@ def load_rank_rows(rank: int, world: int, per_row: dict[str, dict], label_dim: i
             keep &= np.array([i in known for i in batch["id"]], dtype=bool)
         for j in np.nonzero(keep)[0]:
             ids.append(str(batch["id"][j]))
-            imgs.append(decode_png(batch["image"][j]).transpose(2, 0, 1))
+            if tensor:
+                imgs.append(np.asarray(batch[tensor[0]][j], dtype=np.float32).reshape(tensor[1]))
+            else:
+                imgs.append(decode_png(batch["image"][j]).transpose(2, 0, 1))
             labels.append(int(batch["label"][j]) if "label" in batch and batch["label"][j] is not None else 0)
     if not ids:
         raise RuntimeError(f"rank {rank} of {world} got no rows: the dataset is smaller than the number of workers")

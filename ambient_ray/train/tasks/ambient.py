@@ -21,14 +21,18 @@ from ambient_ray.train import engine
 VAL_LOSS_CAP = 1e12
 
 
-def model_meta(cfg) -> dict:
-    """``model.json`` of a denoiser: what rebuilds the network for sampling."""
-    return {
+def model_meta(cfg, latents: dict | None = None) -> dict:
+    """``model.json`` of a denoiser: what rebuilds the network for sampling (and, for a model of precomputed
+    latents, the VAE and normalisation that decode its samples)."""
+    meta = {
         "kind": "denoiser",
         "arch": cfg.model.arch,
         "model": cfg.model.model_dump(mode="json"),
         "sigma_data": cfg.ambient.sigma_data,
     }
+    if latents:
+        meta["latents"] = latents
+    return meta
 
 
 class AmbientTask:
@@ -41,12 +45,16 @@ class AmbientTask:
         return registry.build(self.meta())
 
     def meta(self) -> dict:
-        return model_meta(self.cfg)
+        return model_meta(self.cfg, self.config.get("latents"))
 
     def setup(self, w: engine.Worker) -> None:
         cfg, config = self.cfg, self.config
         per_row = {"sigma_min": config["sigma_min"], "sigma_max": config["sigma_max"]}
-        _, self.images, cols, self.labels = engine.load_rank_rows(w.rank, w.world, per_row, cfg.model.label_dim)
+        lat = config.get("latents")
+        tensor = ("latent", lat["latent_shape"]) if lat else None
+        _, rows, cols, self.labels = engine.load_rank_rows(w.rank, w.world, per_row, cfg.model.label_dim, tensor)
+        # uint8 images, or latents (mean, std) drawn afresh at every use
+        self.images = ambient.Latents(rows, torch.tensor(lat["shift"]), torch.tensor(lat["scale"])) if lat else rows
         self.smin, smax = cols["sigma_min"], cols["sigma_max"]
         a = cfg.ambient
         crop = ambient.CropTable(a.crop_sigmas, a.crop_sizes) if a.crop_sigmas else None
@@ -113,7 +121,7 @@ class AmbientTask:
         if self.val_rows is None:
             return {}
         rows = self.val_rows
-        y = self.images[rows].float().div(127.5).sub(1.0)
+        y = ambient.clean_rows(self.images, rows, torch.Generator().manual_seed(self.cfg.seed + 104729))
         lab = self.labels[rows].to(w.device) if self.labels is not None else None
         was_training = w.engine.module.training
         w.engine.module.eval()
