@@ -330,8 +330,12 @@ class Latents:
         return len(self.mean_std)
 
     def clean(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        c = self.mean_std.shape[1] // 2
-        rows = self.mean_std[idx].float()
+        return self.draw(self.mean_std[idx], generator)
+
+    def draw(self, mean_std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_0 of rows given as (B, 2c, h, w) mean and std."""
+        c = mean_std.shape[1] // 2
+        rows = mean_std.float()
         mean, std = rows[:, :c], rows[:, c:]
         z = mean + std * torch.randn(mean.shape, generator=generator) if bool((std > 0).any()) else mean
         return (z - self.shift.view(1, -1, 1, 1)) * self.scale.view(1, -1, 1, 1)
@@ -364,10 +368,23 @@ def ambient_batch(
     """
     sigma, idx, crop_size = sampler.sample(batch, generator)
     y = clean_rows(images, idx, generator)
-    sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min[idx])
+    return noise_batch(sigma, y, sigma_min[idx], crop_size, idx, generator)
+
+
+def noise_batch(
+    sigma: torch.Tensor,
+    y: torch.Tensor,
+    sigma_min: torch.Tensor,
+    crop_size: torch.Tensor,
+    index: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """The ambient batch of rows ``y`` (x_0 in [-1, 1] or normalised latents) paired with ``sigma``: each row
+    noised to its own σ_n (0 inside a crop), then to σ (Ambient-o Sec. 3.1), and its crop mask."""
+    sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min)
     x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
     x_s = x_n + bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
-    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), idx)
+    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), index)
 
 
 def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,11 +18,12 @@ the network), ``coverage.json`` and ``coverage.png`` (the σ donut), ``samples.p
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
-from ambient_ray.config import ConfigError, Strict
+from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.data.metadata import load_metadata
 from ambient_ray.io import storage
 from ambient_ray.models import registry
@@ -44,6 +45,21 @@ class AmbientConfig(Strict):
     crop_sizes: list[int] = Field(default_factory=list, description="crop(σ) table: crop size for σ ≤ each threshold")
 
 
+class StreamConfig(Strict):
+    """How the workers get their rows (README "Streaming training")."""
+
+    mode: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="memory: every worker holds its share in RAM (exact random access, the small-data default); "
+        "stream: each worker reads only its share through Ray Data into bounded per-stratum pools; "
+        "auto: stream above 'above_rows' rows",
+        json_schema_extra=flag("--data-path", "memory, stream or auto", choices=("auto", "memory", "stream")),
+    )
+    above_rows: int = Field(200_000, ge=0, description="auto: stream datasets with more rows than this")
+    pool_rows: int = Field(8192, ge=16, description="stream: rows a worker keeps in its per-stratum pools in all")
+    read_batch: int = Field(256, ge=1, description="stream: rows per Ray Data batch read by a worker")
+
+
 class TrainConfig(EngineConfig):
     """Config of ``ambient-ray train`` (the engine's keys, plus the model and the ambient objective)."""
 
@@ -57,6 +73,7 @@ class TrainConfig(EngineConfig):
         None, description="train only on the rows this filter selects, FIELD=V1[,V2] (e.g. quality=clean)"
     )
     val_rows: int = Field(64, ge=1, description="with report_every: clean rows per worker for the validation loss")
+    stream: StreamConfig = Field(default_factory=StreamConfig)
 
 
 # ------------------------------------------------------------------------------ data
@@ -109,6 +126,41 @@ def latents_of(data: str) -> dict | None:
     return {k: info.get(k) for k in keys}
 
 
+def strata_counts(cfg: TrainConfig, smin: np.ndarray, smax: np.ndarray) -> dict:
+    """The dataset-wide stratum counts of the streaming σ-first sampler: edges from the annotations' own
+    values where they are few (a grid: nothing is rounded), else the default log grid (thresholds rounded up,
+    σ_max down)."""
+    import torch
+
+    from ambient_ray.diffusion import stratified
+
+    lam = cfg.ambient.lambda_max
+    values_min, values_max = np.unique(smin), np.unique(smax[smax > 0])
+    if len(values_min) + len(values_max) <= 256:
+        edges = stratified.grid_edges(values_min, values_max, lam) or stratified.DEFAULT_EDGES
+    else:
+        edges = stratified.DEFAULT_EDGES
+    ids, table = stratified.strata_of(torch.from_numpy(smin), torch.from_numpy(smax), lam, edges)
+    n = torch.bincount(ids, minlength=len(table))
+    nz = n.nonzero().flatten()
+    return {"edges": edges, "strata": nz.tolist(), "counts": n[nz].tolist()}
+
+
+def with_sigmas(ds, cfg: TrainConfig):
+    """The streamed dataset's lazy steps: the ``rows`` filter, then ``sigma_min``/``sigma_max`` columns by the
+    same rules as :func:`resolve_sigmas` (on each batch: a row's annotation depends on the row alone)."""
+
+    def add(batch):
+        if cfg.rows:
+            from ambient_ray.data.metadata import match
+
+            batch = batch[match(batch, cfg.rows)].reset_index(drop=True)
+        smin, smax, _ = resolve_sigmas(batch, cfg)
+        return batch.assign(sigma_min=smin, sigma_max=smax)
+
+    return ds.map_batches(add, batch_format="pandas")
+
+
 def load_crop_table(cfg: TrainConfig) -> None:
     """Without a crop(σ) table in the config, take ``locality.json`` beside the data (annotate writes it)."""
     table_uri = storage.join(storage.normalize(cfg.data), "locality.json")
@@ -151,19 +203,28 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     cfg.model = registry.with_interface(cfg.model, *engine.check_run(cfg, meta, shape))
     ids = meta["id"].tolist()
     space = f"{'x'.join(map(str, latents['latent_shape']))} latents" if latents else "pixels"
+    streaming = cfg.stream.mode == "stream" or (cfg.stream.mode == "auto" and len(meta) > cfg.stream.above_rows)
+    x = "latent" if latents else "image"
+    if streaming:  # the annotations travel as columns; the workers get the strata's counts only
+        per_row = {"stream": strata_counts(cfg, smin, smax), "latents": latents}
+        columns = ["id", x, *[c for c in meta.columns if c != "id"]]
+    else:
+        per_row = {"sigma_min": dict(zip(ids, smin.tolist())), "sigma_max": dict(zip(ids, smax.tolist()))}
+        per_row["latents"] = latents
+        columns = [c for c in ("id", x, "label") if c in meta.columns or c != "label"]
+    how = "streamed" if streaming else "in memory"
     return engine.train(
         cfg,
         train_loop,
         model_meta(cfg, latents),
-        {
-            "sigma_min": dict(zip(ids, smin.tolist())),
-            "sigma_max": dict(zip(ids, smax.tolist())),
-            "latents": latents,
-        },
-        [c for c in ("id", "latent" if latents else "image", "label") if c in meta.columns or c != "label"],
+        per_row,
+        columns,
         stage="train",
-        tags={"sigma_min": origin, "space": space},
-        headline=f"train: {len(meta)} rows" + (f" with {cfg.rows}" if cfg.rows else "") + f" ({origin}; {space})",
+        tags={"sigma_min": origin, "space": space, "data_path": how},
+        headline=f"train: {len(meta)} rows"
+        + (f" with {cfg.rows}" if cfg.rows else "")
+        + f" ({origin}; {space}; {how})",
+        stream=(lambda ds: with_sigmas(ds, cfg)) if streaming else None,
         artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
         extra={"rows": len(meta), "sigma_min": origin},
         callbacks=callbacks,

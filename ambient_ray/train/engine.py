@@ -68,6 +68,12 @@ class EngineConfig(Strict):
     batch_size: int = Field(32, ge=1, description="micro-batch per worker")
     steps: int = Field(200, ge=1, description="optimizer steps", json_schema_extra=flag("--steps"))
     num_workers: int = Field(1, ge=1, json_schema_extra=flag("--num-workers", "Ray Train workers"))
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="elastic (zero_stage 0 only): a run that loses workers restarts from its last checkpoint on as "
+        "many as fit, at least this many (Ray Train's ScalingConfig(num_workers=(min, max))); None: num_workers always",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: int = Field(
@@ -105,6 +111,11 @@ def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> 
     h, c = shape or one_shape(meta, cfg.data)
     if cfg.zero_stage == 0 and cfg.offload_optimizer:
         raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    if cfg.min_workers is not None and cfg.min_workers > cfg.num_workers:
+        raise ConfigError(f"config key 'min_workers': {cfg.min_workers} is more than num_workers={cfg.num_workers}")
+    if cfg.min_workers is not None and cfg.min_workers < cfg.num_workers and cfg.zero_stage > 0:
+        # DeepSpeed refuses a ZeRO >= 1 checkpoint saved on another number of ranks
+        raise ConfigError("config key 'min_workers': fewer workers than num_workers needs zero_stage 0")
     return h, c
 
 
@@ -408,21 +419,32 @@ def check_resume(cfg: EngineConfig, out: str, meta: dict) -> None:
             raise ConfigError(f"the checkpoint in {ckpt} was trained with another model config ({details})")
 
 
+def elastic_workers(cfg: EngineConfig) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: ``num_workers``, or with ``min_workers`` below it the elastic range (min, max)."""
+    if cfg.min_workers is None or cfg.min_workers >= cfg.num_workers:
+        return cfg.num_workers
+    return (cfg.min_workers, cfg.num_workers)
+
+
 def fit(
     cfg: EngineConfig,
     loop: Callable[[dict], None],
     loop_config: dict,
     columns: list[str],
     callbacks: list | None = None,
+    stream: Callable | None = None,
 ):
     """Run ``loop`` on ``cfg.num_workers`` Ray Train workers over the dataset's ``columns``; the Ray Train result.
 
     ``callbacks``: Ray Train ``UserCallback``s (a Ray Tune trial passes the one that forwards each
     report to Tune).
 
-    The Parquet shards are read (and decoded nothing yet) in the driver and materialized before the
-    workers take their CPUs: a worker set that holds every CPU of the cluster (2 workers on a 2-CPU
-    node) would leave no CPU for read tasks started from inside the workers.
+    In memory (``stream`` None): the Parquet shards are read (and decoded nothing yet) in the driver and
+    materialized before the workers take their CPUs (a worker set that holds every CPU of the cluster, 2
+    workers on a 2-CPU node, would leave no CPU for read tasks started from inside the workers), and every
+    worker iterates all of it (:func:`load_rank_rows` keeps its share). Streaming: ``stream(dataset)``
+    adds its lazy steps (e.g. the annotation columns) and each worker reads only its own share through
+    ``streaming_split`` (:func:`stream_batches`); the read tasks need CPUs beside the workers'.
     """
     import ray
     import ray.train
@@ -436,20 +458,26 @@ def fit(
     fs, path = storage.filesystem(storage.join(out, "ray"))
     data_fs, data_path = storage.filesystem(data_dir(cfg.data))
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"])
-    ds = ds.select_columns(columns).materialize()
-    # the workers' pass over the materialized rows runs with the dataset's own Data context: no
-    # progress bar for it (its bar would stay on the job's output, redrawn by an idle process)
+    ds = ds.select_columns(columns)
+    ds = stream(ds) if stream else ds.materialize()
+    # the workers' pass over the rows runs with the dataset's own Data context: no progress bar for it
+    # (its bar would stay on the job's output, redrawn by an idle process)
     ds.context.enable_progress_bars = False
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=elastic_workers(cfg),
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": ds},
         # explicit options: Train's defaults pass the deprecated ExecutionOptions.exclude_resources
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions()),
+        # streamed: Ray Train's streaming_split(equal=True), so every worker steps through as many rows
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if stream else [], execution_options=ray.data.ExecutionOptions()
+        ),
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=path,
@@ -460,6 +488,23 @@ def fit(
         ),
     )
     return trainer.fit()
+
+
+def stream_batches(batch_size: int, name: str = "train"):
+    """Worker side of streaming: this worker's share of the Ray Data shard ``name`` as numpy batches, epoch
+    after epoch, forever; yields ``(batch, epoch)``."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    epoch = 0
+    while True:
+        rows = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            rows += len(next(iter(batch.values())))
+            yield batch, epoch
+        if rows == 0:
+            raise RuntimeError("this worker's share of the training data is empty (fewer rows than workers?)")
+        epoch += 1
 
 
 def train(
@@ -475,6 +520,7 @@ def train(
     artifacts: Callable[[str, str], dict[str, bytes]],
     extra: dict,
     callbacks: list | None = None,
+    stream: Callable | None = None,
 ) -> TrainingResult:
     """A training stage's driver, after its own checks: refuse a clash with an earlier run, save the resolved
     config, open the MLflow run, :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name: {id: value}}``),
@@ -489,7 +535,7 @@ def train(
     print(headline + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
     loop_config = {"cfg": cfg.model_dump(mode="json"), **per_row, "mlflow_run_id": run_id, "mlflow_uri": uri}
     t0 = time.perf_counter()
-    result = fit(cfg, worker, loop_config, columns, callbacks)
+    result = fit(cfg, worker, loop_config, columns, callbacks, stream)
     seconds = time.perf_counter() - t0
     ckpt = latest_checkpoint(out)
     export_weights(out, ckpt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 
 from ambient_ray.diffusion import ambient, edm
@@ -48,6 +49,10 @@ class AmbientTask:
         return model_meta(self.cfg, self.config.get("latents"))
 
     def setup(self, w: engine.Worker) -> None:
+        self.pools = None
+        self.wait_seen = 0.0
+        if self.config.get("stream"):
+            return self.setup_stream(w)
         cfg, config = self.cfg, self.config
         per_row = {"sigma_min": config["sigma_min"], "sigma_max": config["sigma_max"]}
         lat = config.get("latents")
@@ -73,14 +78,106 @@ class AmbientTask:
             clean = torch.nonzero(self.smin == 0).flatten()
             self.val_rows = (clean if len(clean) else torch.arange(len(self.smin)))[: cfg.val_rows]
 
+    def setup_stream(self, w: engine.Worker) -> None:
+        """Streaming: this worker reads only its share (Ray Data ``streaming_split``) into bounded
+        per-stratum pools (:mod:`ambient_ray.data.streaming`); σ-first pairing through the stratified
+        sampler with the dataset-wide stratum counts (:mod:`ambient_ray.diffusion.stratified`)."""
+        from ambient_ray.data import streaming
+        from ambient_ray.data.images import decode_png
+        from ambient_ray.diffusion import stratified
+
+        cfg, st, lat = self.cfg, self.config["stream"], self.config.get("latents")
+        a = cfg.ambient
+        crop = ambient.CropTable(a.crop_sigmas, a.crop_sizes) if a.crop_sigmas else None
+        table = stratified.strata_table(st["edges"])
+        self.n_full = torch.zeros(len(table), dtype=torch.long)
+        self.n_full[torch.tensor(st["strata"], dtype=torch.long)] = torch.tensor(st["counts"], dtype=torch.long)
+        self.table, self.crop = table, crop
+        self.sampler = self.stratified(self.n_full)
+        self.view = self.stratified(self.n_full) if w.rank == 0 else None
+        # pool sizes by each stratum's share of the draws (σ's drawn with a fixed seed: the same on every rank)
+        g = torch.Generator().manual_seed(cfg.seed + 31337)
+        probs = self.sampler.stratum_probs(self.sampler.sample(20_000, g)[0]).mean(0)
+        self.sampler.coverage.__post_init__()  # those draws were for sizing only
+        self.sampler.coverage.redraws = 0
+        caps = streaming.capacities(probs, self.sampler.active, cfg.stream.pool_rows)
+        label_dim, shape = cfg.model.label_dim, lat["latent_shape"] if lat else None
+
+        def rows(batch: dict) -> dict:  # a Ray Data batch -> x (image uint8 CHW or latent), σ's, label
+            n = len(batch["id"])
+            if lat:
+                x = np.asarray(batch["latent"], dtype=np.float32).reshape(n, *shape)
+            else:
+                x = np.stack([decode_png(b).transpose(2, 0, 1) for b in batch["image"]])
+            label = batch["label"] if label_dim and "label" in batch else np.zeros(n)
+            return {
+                "x": x,
+                "sigma_min": np.array(batch["sigma_min"], np.float32),  # copies: Ray's arrays are read-only
+                "sigma_max": np.array(batch["sigma_max"], np.float32),
+                "label": np.nan_to_num(np.asarray(label, np.float64)).astype(np.int64),
+            }
+
+        def stratum_of(batch: dict) -> np.ndarray:
+            return stratified.strata_of(batch["sigma_min"], batch["sigma_max"], a.lambda_max, st["edges"])[0].numpy()
+
+        stream = ((rows(b), e) for b, e in engine.stream_batches(cfg.stream.read_batch))
+        self.pools = streaming.StratumPools(
+            stream, stratum_of, caps, torch.Generator().manual_seed(cfg.seed * 7 + w.rank)
+        )
+        self.latents = (
+            ambient.Latents(torch.zeros(0), torch.tensor(lat["shift"]), torch.tensor(lat["scale"])) if lat else None
+        )
+        self.labels = True if label_dim else None
+        self.n_buckets = len(self.sampler.coverage.edges) - 1
+        self.bucket_loss, self.bucket_n = torch.zeros(self.n_buckets), torch.zeros(self.n_buckets)
+        self.seen = 0
+        self.val_rows = None
+        if cfg.report_every:  # the first val_rows rows of this worker's clean strata (or of any, if none is clean)
+            clean = [
+                k for k in self.sampler.active.tolist() if float(table[k, 0]) == 0.0
+            ] or self.sampler.active.tolist()
+            picks = [self.pools.take(torch.full((cfg.val_rows,), k)) for k in clean[:1]]
+            if picks and picks[0] is not None:
+                self.val = picks[0]
+                self.val_rows = torch.arange(cfg.val_rows)
+
+    def stratified(self, n: torch.Tensor):
+        from ambient_ray.diffusion.stratified import StratifiedSigmaSampler
+
+        a = self.cfg.ambient
+        return StratifiedSigmaSampler(
+            self.table[:, 0], self.table[:, 1], n, p_mean=a.p_mean, p_std=a.p_std, crop=self.crop
+        )
+
+    def stream_batch(self, w: engine.Worker) -> tuple[ambient.Batch, torch.Tensor | None]:
+        """σ first, then a stratum, then a row of its pool; a stratum absent from this worker's share is
+        dropped from its draws (counted in the pools) and the batch redrawn."""
+        while True:
+            sigma, strata, crop_size = self.sampler.sample(self.cfg.batch_size, w.generator)
+            rows = self.pools.take(strata)
+            if rows is not None:
+                break
+            n = self.n_full.clone()
+            n[torch.tensor(sorted(self.pools.absent), dtype=torch.long)] = 0
+            state = self.sampler.state_dict()
+            self.sampler = self.stratified(n)
+            self.sampler.load_state_dict(state)
+        y = self.latents.draw(rows["x"], w.generator) if self.latents is not None else rows["x"].float() / 127.5 - 1.0
+        b = ambient.noise_batch(sigma, y, rows["sigma_min"], crop_size, torch.arange(len(sigma)), w.generator)
+        return b, rows["label"] if self.labels is not None else None
+
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             prefix = "sampler."
             self.sampler.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
     def loss(self, w: engine.Worker) -> torch.Tensor:
-        b = ambient.ambient_batch(self.sampler, self.images, self.smin, self.cfg.batch_size, w.generator)
-        cl = self.labels[b.index].to(w.device) if self.labels is not None else None
+        if self.pools is not None:
+            b, cl = self.stream_batch(w)
+            cl = cl.to(w.device) if cl is not None else None
+        else:
+            b = ambient.ambient_batch(self.sampler, self.images, self.smin, self.cfg.batch_size, w.generator)
+            cl = self.labels[b.index].to(w.device) if self.labels is not None else None
         # x_σ and σ stay fp32: the denoiser computes its preconditioning in fp32 and casts the
         # network input to the parameters' dtype (bf16 under DeepSpeed on GPU) itself
         d_out = w.engine(b.x_sigma.to(w.device), b.sigma.to(w.device), cl).float()
@@ -111,6 +208,12 @@ class AmbientTask:
             "loss": float(b_loss.sum() / b_n.sum().clamp(min=1)),
             "images_per_s": self.seen * w.world / max(seconds, 1e-9),
         }
+        if self.pools is not None:  # streaming: the share of the interval spent waiting for rows, over ranks
+            waited = self.pools.wait_seconds - self.wait_seen
+            self.wait_seen = self.pools.wait_seconds
+            tot = w.all_reduce(torch.tensor([waited, seconds, float(self.pools.rows_held())], dtype=torch.float64))
+            metrics["data_wait_fraction"] = float(tot[0] / tot[1].clamp(min=1e-9))
+            extra["rows_held"] = float(tot[2])
         self.bucket_loss.zero_()
         self.bucket_n.zero_()
         self.seen = 0
@@ -120,9 +223,14 @@ class AmbientTask:
         """``val_loss`` (the mean over the fixed σ grid) and ``val_loss_sigma_<σ>``, over every rank's rows."""
         if self.val_rows is None:
             return {}
-        rows = self.val_rows
-        y = ambient.clean_rows(self.images, rows, torch.Generator().manual_seed(self.cfg.seed + 104729))
-        lab = self.labels[rows].to(w.device) if self.labels is not None else None
+        rows, g = self.val_rows, torch.Generator().manual_seed(self.cfg.seed + 104729)
+        if self.pools is not None:  # the rows this worker kept for validation when streaming began
+            x = self.val["x"]
+            y = self.latents.draw(x, g) if self.latents is not None else x.float() / 127.5 - 1.0
+            lab = self.val["label"].to(w.device) if self.labels is not None else None
+        else:
+            y = ambient.clean_rows(self.images, rows, g)
+            lab = self.labels[rows].to(w.device) if self.labels is not None else None
         was_training = w.engine.module.training
         w.engine.module.eval()
         sums = edm.validation_losses(
