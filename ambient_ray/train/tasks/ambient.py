@@ -96,10 +96,8 @@ class AmbientTask:
         self.sampler = self.stratified(self.n_full)
         self.view = self.stratified(self.n_full) if w.rank == 0 else None
         # pool sizes by each stratum's share of the draws (σ's drawn with a fixed seed: the same on every rank)
-        g = torch.Generator().manual_seed(cfg.seed + 31337)
-        probs = self.sampler.stratum_probs(self.sampler.sample(20_000, g)[0]).mean(0)
-        self.sampler.coverage.__post_init__()  # those draws were for sizing only
-        self.sampler.coverage.redraws = 0
+        g, sizing = torch.Generator().manual_seed(cfg.seed + 31337), self.stratified(self.n_full)
+        probs = sizing.stratum_probs(sizing.sample(20_000, g)[0]).mean(0)
         caps = streaming.capacities(probs, self.sampler.active, cfg.stream.pool_rows)
         label_dim, shape = cfg.model.label_dim, lat["latent_shape"] if lat else None
 
