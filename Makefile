@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/corrupt_throughput.py
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/annotate_throughput.py
+	$(PY) benchmarks/precompute_throughput.py
 	$(PY) benchmarks/tune_overhead.py
 
 clean:
