@@ -48,9 +48,30 @@ FLAGS = {
             "overwrite": True,
         },
     ),
+    "precompute": (
+        ["--data", "/d", "--out", "/o", "--vae", "/v", "--vae-subfolder", "vae", "--text-encoder", "local-dir:/t"]
+        + ["--resolution", "64"],
+        {
+            "data": "/d",
+            "out": "/o",
+            "vae": "/v",
+            "vae_subfolder": "vae",
+            "text_encoder": "local-dir:/t",
+            "resolution": 64,
+        },
+    ),
     "train": (
-        ["--data", "/d", "--out", "/o", "--steps", "7", "--num-workers", "2", "--zero-stage", "3", "--resume"],
-        {"data": "/d", "out": "/o", "steps": 7, "num_workers": 2, "zero_stage": 3, "resume": True},
+        ["--data", "/d", "--out", "/o", "--steps", "7", "--num-workers", "2", "--zero-stage", "3", "--resume"]
+        + ["--data-path", "stream"],
+        {
+            "data": "/d",
+            "out": "/o",
+            "steps": 7,
+            "num_workers": 2,
+            "zero_stage": 3,
+            "resume": True,
+            "stream.mode": "stream",
+        },
     ),
     "train-classifier": (
         ["--data", "/d", "--kind", "crops", "--out", "/o", "--good", "source=a", "--bad", "source=b"]
