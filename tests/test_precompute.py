@@ -25,7 +25,7 @@ from tests.encoders_fixtures import make_tiny_clip_text, make_tiny_vae, upload_f
 
 
 @pytest.fixture(scope="module")
-def world(ray_cluster, tmp_path_factory):
+def world(ray_cluster, mlflow_server, tmp_path_factory):
     """Digits upscaled to 32x32 (3 shards), a tiny f=4 VAE and a tiny CLIP text encoder, and one precompute."""
     root = tmp_path_factory.mktemp("precompute")
     data = str(root / "corrupt")
@@ -79,6 +79,10 @@ def test_shapes_columns_and_provenance(world):
         ]
     )
     assert md["vae_fingerprint"] == info["vae_fingerprint"]
+    from mlflow.tracking import MlflowClient
+
+    r = MlflowClient().get_run(s["mlflow_run_id"])
+    assert r.data.metrics["rows_out"] == 120 and r.data.tags["vae_fingerprint"] == info["vae_fingerprint"]
     # the measured normalisation: a drawn latent z = mean + std·ε, normalised, has per-channel mean 0, std 0.5
     m, sd = lat[:, :4].astype(np.float64), lat[:, 4:].astype(np.float64)
     shift, scale = np.array(info["shift"]), np.array(info["scale"])

@@ -14,6 +14,8 @@ Outputs under OUT (every input column is kept):
   the tensor columns carry their dtype and shape in the schema (:mod:`ambient_ray.data.schema`);
 - ``quarantine/<shard>.parquet``: rows that could not be encoded (undecodable image, NaN/inf latent), with
   the reason; rows in = rows out + rows quarantined;
+- MLflow: the config as params, the row counts and images/s as metrics, the fingerprints as tags,
+  ``latents.json`` as an artifact;
 - ``latents.json``: the encoders' URIs and fingerprints, the latent shape and downsampling factor, and the
   per-channel normalisation ``x = (z - shift) * scale`` that training applies and sampling undoes before
   decoding (measured over the data so that each channel has std ``latent_std``, as EDM2 rescales its
@@ -40,7 +42,8 @@ from pydantic import Field
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.data import schema, shards
-from ambient_ray.io import ray_runtime, storage
+from ambient_ray.io import ray_runtime, storage, tracking
+from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages.results import PrecomputeResult, StageFailed
 
 
@@ -84,6 +87,7 @@ class PrecomputeConfig(Strict):
     concurrency: int | None = Field(None, ge=1, description="actors (default: as many as the resources allow)")
     overwrite: bool = Field(False, description="replace an earlier precompute with other encoders in 'out'")
     debug_fail_shard: str | None = Field(None, description="tests: this shard's actor call fails")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -449,6 +453,13 @@ def run(cfg: PrecomputeConfig, *, progress: bool = True) -> PrecomputeResult:
         "images_per_s": run_rows / seconds if results and seconds > 0 else 0.0,
         "latents": info,
     }
+    tags = {"stage": "precompute", "vae_fingerprint": plan["vae_fingerprint"] or ""}
+    tags["text_fingerprint"] = plan["text_fingerprint"] or ""
+    with tracking.run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags=tags) as (run_id, uri):
+        metrics = ("rows_in", "rows_out", "rows_quarantined", "shards_run", "images_per_s")
+        tracking.log_metrics(run_id, uri, {k: float(summary[k]) for k in metrics})
+        tracking.log_files(run_id, uri, {"latents.json": json.dumps(info, indent=1).encode()})
+        summary["mlflow_run_id"] = run_id
     shards.write_json(storage.join(out, "summary.json"), summary)
     return summary
 
