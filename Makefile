@@ -35,6 +35,8 @@ bench: setup
 	$(PY) benchmarks/annotate_throughput.py
 	$(PY) benchmarks/precompute_throughput.py
 	$(PY) benchmarks/tune_overhead.py
+	$(PY) benchmarks/train_memory.py
+	$(PY) benchmarks/feed.py
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db
