@@ -51,6 +51,11 @@ def config_print(cfg, *inputs: str, exclude: Iterable[str] = ()) -> str:
     return fingerprint({"config": keep, "inputs": list(inputs)})
 
 
+def shard_name(uri: str) -> str:
+    """An input shard's name (its file name without the extension): the key of its outputs and marker."""
+    return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 def write_json(uri: str, obj: Any) -> None:
     """``obj`` as indented JSON at ``uri``, atomically."""
     storage.write_bytes(uri, json.dumps(obj, indent=1, default=str).encode())

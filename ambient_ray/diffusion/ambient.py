@@ -121,6 +121,50 @@ class Coverage:
     def bucket(self, sigma: torch.Tensor) -> torch.Tensor:
         return (torch.bucketize(sigma, self.edges[1:-1], right=False)).clamp(0, len(self.edges) - 2)
 
+    def count(self, sigma: torch.Tensor, crop_size: torch.Tensor) -> None:
+        """Count drawn σ's into their buckets (whole or through a crop: ``crop_size`` > 0)."""
+        b = self.bucket(sigma)
+        m = len(self.draws)
+        self.draws += torch.bincount(b, minlength=m)
+        self.full_draws += torch.bincount(b[crop_size == 0], minlength=m)
+        self.crop_draws += torch.bincount(b[crop_size > 0], minlength=m)
+
+    def donut(self, full_count, crop_count) -> list[dict]:
+        """Per bucket: its σ range, samples eligible whole / through crops at its lower edge (by the sampler's
+        ``full_count`` / ``crop_count``), draws so far."""
+        e = self.edges
+        lo = e[:-1].clamp(min=1e-6)
+        full, crops = full_count(lo), crop_count(lo)
+        return [
+            {
+                "sigma_lo": float(e[i]),
+                "sigma_hi": float(e[i + 1]),
+                "eligible_full": int(full[i]),
+                "eligible_crops": int(crops[i]),
+                "draws": int(self.draws[i]),
+                "full_draws": int(self.full_draws[i]),
+                "crop_draws": int(self.crop_draws[i]),
+            }
+            for i in range(len(e) - 1)
+        ]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The counters, as tensors (safetensors-friendly)."""
+        return {
+            "draws": self.draws.clone(),
+            "full_draws": self.full_draws.clone(),
+            "crop_draws": self.crop_draws.clone(),
+            "redraws": torch.tensor(self.redraws),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws, self.full_draws, self.crop_draws = (
+            state["draws"].clone(),
+            state["full_draws"].clone(),
+            state["crop_draws"].clone(),
+        )
+        self.redraws = int(state["redraws"])
+
 
 class SigmaSampler:
     """Draw σ first, then pair it with a sample that is eligible at σ (Ambient-o's J_ambient-o).
@@ -236,48 +280,19 @@ class SigmaSampler:
             if crop_mask.any() and self.crop is not None:
                 crop_size[ok[crop_mask]] = self.crop(sigma[ok[crop_mask]])
             todo[ok] = False
-        b = self.coverage.bucket(sigma)
-        self.coverage.draws += torch.bincount(b, minlength=len(self.coverage.draws))
-        self.coverage.full_draws += torch.bincount(b[crop_size == 0], minlength=len(self.coverage.draws))
-        self.coverage.crop_draws += torch.bincount(b[crop_size > 0], minlength=len(self.coverage.draws))
+        self.coverage.count(sigma, crop_size)
         return sigma, idx, crop_size
 
     def donut(self) -> list[dict]:
         """Per bucket: its σ range, samples eligible whole / through crops at its lower edge, draws so far."""
-        e = self.coverage.edges
-        lo = e[:-1].clamp(min=1e-6)
-        full, crops = self.full_count(lo), self.crop_count(lo)
-        return [
-            {
-                "sigma_lo": float(e[i]),
-                "sigma_hi": float(e[i + 1]),
-                "eligible_full": int(full[i]),
-                "eligible_crops": int(crops[i]),
-                "draws": int(self.coverage.draws[i]),
-                "full_draws": int(self.coverage.full_draws[i]),
-                "crop_draws": int(self.coverage.crop_draws[i]),
-            }
-            for i in range(len(e) - 1)
-        ]
+        return self.coverage.donut(self.full_count, self.crop_count)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The coverage counters, as tensors (safetensors-friendly)."""
-        c = self.coverage
-        return {
-            "draws": c.draws.clone(),
-            "full_draws": c.full_draws.clone(),
-            "crop_draws": c.crop_draws.clone(),
-            "redraws": torch.tensor(c.redraws),
-        }
+        return self.coverage.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        c = self.coverage
-        c.draws, c.full_draws, c.crop_draws = (
-            state["draws"].clone(),
-            state["full_draws"].clone(),
-            state["crop_draws"].clone(),
-        )
-        c.redraws = int(state["redraws"])
+        self.coverage.load_state_dict(state)
 
 
 def random_crop_mask(

@@ -252,49 +252,19 @@ class StratifiedSigmaSampler:
         crop_size = torch.zeros(batch, dtype=torch.long)
         if (~whole).any():
             crop_size[~whole] = self.crop(sigma[~whole])
-        b = self.coverage.bucket(sigma)
-        m = len(self.coverage.draws)
-        self.coverage.draws += torch.bincount(b, minlength=m)
-        self.coverage.full_draws += torch.bincount(b[crop_size == 0], minlength=m)
-        self.coverage.crop_draws += torch.bincount(b[crop_size > 0], minlength=m)
+        self.coverage.count(sigma, crop_size)
         return sigma, self.active[j], crop_size
 
     def donut(self) -> list[dict]:
         """Per bucket: its σ range, rows eligible whole / through crops at its lower edge, draws so far."""
-        e = self.coverage.edges
-        lo = e[:-1].clamp(min=1e-6)
-        full, crops = self.full_count(lo), self.crop_count(lo)
-        return [
-            {
-                "sigma_lo": float(e[i]),
-                "sigma_hi": float(e[i + 1]),
-                "eligible_full": int(full[i]),
-                "eligible_crops": int(crops[i]),
-                "draws": int(self.coverage.draws[i]),
-                "full_draws": int(self.coverage.full_draws[i]),
-                "crop_draws": int(self.coverage.crop_draws[i]),
-            }
-            for i in range(len(e) - 1)
-        ]
+        return self.coverage.donut(self.full_count, self.crop_count)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The coverage counters, as tensors (the same keys as SigmaSampler's)."""
-        c = self.coverage
-        return {
-            "draws": c.draws.clone(),
-            "full_draws": c.full_draws.clone(),
-            "crop_draws": c.crop_draws.clone(),
-            "redraws": torch.tensor(c.redraws),
-        }
+        return self.coverage.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        c = self.coverage
-        c.draws, c.full_draws, c.crop_draws = (
-            state["draws"].clone(),
-            state["full_draws"].clone(),
-            state["crop_draws"].clone(),
-        )
-        c.redraws = int(state["redraws"])
+        self.coverage.load_state_dict(state)
 
 
 class StratumStreams:

@@ -221,3 +221,54 @@ def run_tasks(
     finally:
         bar.close()
     return results
+
+
+def shard_actors(
+    actor: type,
+    plan: dict,
+    files: list[str],
+    names: list[str],
+    *,
+    label: str,
+    concurrency: int | None,
+    num_cpus: float,
+    num_gpus: float,
+    enabled: bool = True,
+) -> list[dict]:
+    """One Ray Data ``map_batches`` call of ``actor(plan)`` per input shard (``{"path", "name"}`` of each file),
+    on an actor pool (``concurrency``, else as many as the cluster's GPUs or CPUs allow), with the stage's own
+    progress bar; the actors' summaries, one dict per shard. Where the actors could not run at all, every
+    shard's summary says so in ``failed``."""
+    import ray
+    import ray.data
+
+    resources = ray.cluster_resources()
+    if concurrency:
+        n = concurrency
+    elif num_gpus > 0:
+        n = max(1, int(resources.get("GPU", 0) // num_gpus))
+    else:
+        n = max(1, int(resources.get("CPU", 1) // num_cpus))
+    n = min(n, len(files))
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
+    # one actor-pool operator and nothing downstream: no CPUs held back for other operators; the stage's own
+    # progress bar instead of Ray Data's
+    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = False, False
+    items = [{"path": f, "name": name} for f, name in zip(files, names)]
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            actor,
+            fn_constructor_kwargs={"plan": plan},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=n),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+        )
+        rows = progress(ds.iter_rows(), label, len(items), "shards", enabled=enabled)
+        return [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in rows]
+    except Exception as e:  # the actors could not run at all (e.g. weights that do not load there)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return [{"name": name, "failed": why} for name in names]
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved

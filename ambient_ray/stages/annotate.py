@@ -300,10 +300,6 @@ def curve_rows(
 # ------------------------------------------------------------------------------ the plan
 
 
-def _shard_name(uri: str) -> str:
-    return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-
-
 def _file_digest(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
@@ -401,7 +397,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
         )
     }
     keep["files"] = [
-        (_shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files
+        (shards.shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files
     ]
     plan["fingerprint"] = shards.fingerprint(keep)
     return plan
@@ -496,7 +492,7 @@ def write_outputs(
         t = t.drop_columns([c for c in ANNOTATION_COLUMNS if c in t.column_names])
         idx = np.array([pos[r] for r in t.column("id").to_pylist()], dtype=np.int64)
         ok = rows["usable"][idx]
-        name = _shard_name(f)
+        name = shards.shard_name(f)
         good = t.filter(pa.array(ok))
         gi = idx[ok]
         if cfg.scorer:  # the scorer's split replaces the quality column (otherwise it is kept as it was)
@@ -588,7 +584,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
 
     curves_root = _reusable_curves(cfg, plan, files) or out
     done = shards.done_all(storage.join(curves_root, "_curves_done"), plan["fingerprint"])
-    todo = [f for f in files if _shard_name(f) not in done]
+    todo = [f for f in files if shards.shard_name(f) not in done]
     t0 = time.perf_counter()
     results: list[dict] = []
     if todo:
@@ -599,7 +595,7 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
     # phase 2
     tables = []
     for f in files:
-        c_uri = storage.join(curves_root, "curves", f"{_shard_name(f)}.parquet")
+        c_uri = storage.join(curves_root, "curves", f"{shards.shard_name(f)}.parquet")
         fs, path = storage.filesystem(c_uri)
         tables.append(pq.read_table(path, filesystem=fs))
     curves = pa.concat_tables(tables).to_pandas().set_index("id").loc[meta["id"]].reset_index()
@@ -675,7 +671,7 @@ def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str |
         why = "its curves come from other classifiers, grid, draws, seed, crop sizes or data"
     else:
         done = shards.done_all(storage.join(src, "_curves_done"), plan["fingerprint"])
-        missing = [f for f in files if _shard_name(f) not in done]
+        missing = [f for f in files if shards.shard_name(f) not in done]
         if missing:
             why = f"{len(missing)} of {len(files)} shards' curves are unfinished there"
     if why:
@@ -685,40 +681,17 @@ def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str |
 
 
 def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:
-    import ray
-    import ray.data
-
-    resources = ray.cluster_resources()
-    if cfg.concurrency:
-        n = cfg.concurrency
-    elif cfg.num_gpus > 0:
-        n = max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
-    else:
-        n = max(1, int(resources.get("CPU", 1) // cfg.num_cpus))
-    n = min(n, len(todo))
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
-    # one actor-pool operator and nothing downstream: no CPUs held back for other operators; the stage's own
-    # progress bar instead of Ray Data's
-    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = False, False
-    items = [{"path": f, "name": _shard_name(f)} for f in todo]
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            CurveActor,
-            fn_constructor_kwargs={"plan": plan},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=n),
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus or None,
-        )
-        rows = ray_runtime.progress(ds.iter_rows(), "annotate", len(items), "shards", enabled=progress)
-        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in rows]
-    except Exception as e:  # the actors could not run at all (e.g. a classifier that does not load there)
-        results = [
-            {"name": _shard_name(f), "failed": (str(e).strip().splitlines() or [type(e).__name__])[0]} for f in todo
-        ]
-    finally:
-        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    results = ray_runtime.shard_actors(
+        CurveActor,
+        plan,
+        todo,
+        [shards.shard_name(f) for f in todo],
+        label="annotate",
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        enabled=progress,
+    )
     failed = [r for r in results if r.get("failed")]
     if failed:
         finished = len(shards.done_all(storage.join(plan["out"], "_curves_done"), plan["fingerprint"]))

@@ -93,10 +93,6 @@ class PrecomputeConfig(Strict):
 # ------------------------------------------------------------------------------ the plan
 
 
-def _shard_name(uri: str) -> str:
-    return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-
-
 def make_plan(cfg: PrecomputeConfig, out: str, files: list[str], meta) -> dict:
     """Load the encoders once here (a wrong folder is refused by name before any work) and fix what the
     outputs depend on; ``fingerprint`` hashes it."""
@@ -135,7 +131,7 @@ def make_plan(cfg: PrecomputeConfig, out: str, files: list[str], meta) -> dict:
         "emb_shape": [text.max_length, text.dim] if text else None,
         "emb_dtype": cfg.emb_dtype,
         "files": [
-            (_shard_name(u), storage.filesystem(u)[0].get_file_info(storage.filesystem(u)[1]).size) for u in files
+            (shards.shard_name(u), storage.filesystem(u)[0].get_file_info(storage.filesystem(u)[1]).size) for u in files
         ],
     }
     plan["fingerprint"] = shards.fingerprint(plan | {"out": None})
@@ -344,38 +340,17 @@ def normalisation(cfg: PrecomputeConfig, plan: dict, done: dict[str, dict]) -> d
 
 
 def _run_actors(cfg: PrecomputeConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:
-    import ray
-    import ray.data
-
-    resources = ray.cluster_resources()
-    if cfg.concurrency:
-        n = cfg.concurrency
-    elif cfg.num_gpus > 0:
-        n = max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
-    else:
-        n = max(1, int(resources.get("CPU", 1) // cfg.num_cpus))
-    n = min(n, len(todo))
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
-    ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = False, False
-    items = [{"path": f, "name": _shard_name(f)} for f in todo]
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            PrecomputeActor,
-            fn_constructor_kwargs={"plan": plan},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=n),
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus or None,
-        )
-        rows = ray_runtime.progress(ds.iter_rows(), "precompute", len(items), "shards", enabled=progress)
-        results = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in rows]
-    except Exception as e:  # the actors could not run at all
-        results = [
-            {"name": _shard_name(f), "failed": (str(e).strip().splitlines() or [type(e).__name__])[0]} for f in todo
-        ]
-    finally:
-        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    results = ray_runtime.shard_actors(
+        PrecomputeActor,
+        plan,
+        todo,
+        [shards.shard_name(f) for f in todo],
+        label="precompute",
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        enabled=progress,
+    )
     failed = [r for r in results if r.get("failed")]
     if failed:
         finished = len(shards.done_all(storage.join(plan["out"], "_done"), plan["fingerprint"]))
@@ -415,7 +390,7 @@ def run(cfg: PrecomputeConfig, *, progress: bool = True) -> PrecomputeResult:
     shards.write_manifest(out, plan["fingerprint"], shards=len(files))
     cfgmod.save_resolved(cfg, out)
     done = shards.done_all(storage.join(out, "_done"), plan["fingerprint"])
-    todo = [f for f in files if _shard_name(f) not in done]
+    todo = [f for f in files if shards.shard_name(f) not in done]
     t0 = time.perf_counter()
     results: list[dict] = []
     if todo:
