@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import BaseModel, BeforeValidator, Field
 from torch import nn
 
-from ambient_ray.models import classifier, ddpmpp
+from ambient_ray.models import classifier, ddpmpp, edm2
 from ambient_ray.registry import Registry
 
 Role = Literal["denoiser", "classifier"]
@@ -37,6 +37,15 @@ ARCHS.register(
         ddpmpp.UNetConfig,
         lambda cfg, meta: ddpmpp.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
         ddpmpp.PRESETS,
+    ),
+)
+ARCHS.register(
+    "edm2",
+    Arch(
+        "denoiser",
+        edm2.EDM2Config,
+        lambda cfg, meta: edm2.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
+        edm2.PRESETS,
     ),
 )
 ARCHS.register(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -34,8 +35,10 @@ from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.data.metadata import data_dir, one_shape
 from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.models.edm2 import force_normalize_, mp_weights, row_scale
 from ambient_ray.registry import Registry
 from ambient_ray.stages.results import TrainingResult
+from ambient_ray.train import perf
 from ambient_ray.train.ema import EMAS
 from ambient_ray.train.schedules import lr_lambda
 
@@ -99,7 +102,21 @@ class EngineConfig(Strict):
         description="continue the run already in 'out' from its latest checkpoint",
         json_schema_extra=flag("--resume", "continue the run in --out from its latest checkpoint"),
     )
+    grad_guard: bool = Field(
+        True, description="zero non-finite gradient elements (EDM2) and count them (metric nonfinite_grads)"
+    )
     debug_fail_at_step: int | None = Field(None, description="tests: raise once at this step to exercise recovery")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="one device's peak TFLOP/s for the mfu metric (default: the GPU's dense bf16 peak by its name, "
+        "ambient_ray.train.perf; on CPU mfu is logged only when this is set)",
+    )
+    grid_every: int = Field(
+        1000, ge=0, description="log a sample grid of the EMA weights (grids/grid_<step>.png) every this many steps (0: never)"
+    )
+    grid_images: int = Field(16, ge=1, description="images per grid (fixed seed and labels: every grid comparable)")
+    grid_sampler_steps: int = Field(18, ge=1, description="Heun steps of a grid's sampler")
 
 
 # ------------------------------------------------------------------------------ data (driver)
@@ -215,6 +232,9 @@ class Worker:
             # virtual environment) and loaded by every worker.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
+        mp = mp_weights(net)
+        if mp:  # forced weight normalisation starts from unit-magnitude rows (the same on every rank)
+            force_normalize_(net)
         # fp32, on the device: of the full weights, or under ZeRO-3 of this rank's partitions (after initialize)
         self.ema = None if self.zero3 else EMAS.get(cfg.ema)(net.parameters(), self.device, cfg)
         self.post_step_hooks: list[Callable[[Worker], None]] = []
@@ -239,9 +259,60 @@ class Worker:
         )
         if self.zero3:  # the partitions exist from here on
             self.ema = EMAS.get(cfg.ema)(self.engine.module.parameters(), self.device, cfg, sharded=True)
+        if mp:  # before the EMA update of every step
+            self.post_step_hooks.append(ForcedWeightNorm(self, mp))
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
+        if cfg.grad_guard:
+            for p in params:
+                p.register_hook(self._guard)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.step = 0
         self.mlflow = (config.get("mlflow_run_id"), config.get("mlflow_uri")) if self.rank == 0 else (None, None)
+        # large runs: FLOPs per image (from the driver) for tflop_per_s and mfu, one device's peak
+        self.costs = perf.Costs(**config["costs"]) if config.get("costs") else None
+        self.peak = cfg.peak_tflops or (perf.peak_tflops(torch.cuda.get_device_name(self.device)) if cuda else None)
+        self.system = None
+        if ctx.get_local_rank() == 0:  # one system metrics monitor per node
+            run_id, uri = config.get("mlflow_run_id"), config.get("mlflow_uri")
+            self.system = tracking.system_metrics(cfg.mlflow, run_id, uri, f"node_{ctx.get_node_rank()}")
+
+    def close(self) -> None:
+        """At the end of the run (or on its failure): stop this node's system metrics monitor."""
+        if self.system is not None:
+            self.system.stop()
+            self.system = None
+
+    def throughput(self, steps: int, seconds: float) -> dict:
+        """Collective: the interval's ``tflop_per_s`` and ``mfu`` (:func:`perf.achieved`, over ``steps`` optimizer
+        steps of the global batch in ``seconds``) and the run's peak memory so far, the largest over the ranks:
+        ``peak_rss_gib`` and, on GPU, ``peak_gpu_memory_gib`` (``torch.cuda.max_memory_allocated``)."""
+        images = steps * self.cfg.batch_size * self.cfg.optim.grad_accum * self.world
+        out = perf.achieved(self.costs, images, seconds, self.world, self.peak)
+        mem = self.all_reduce(perf.peak_memory(self.device), op="max")
+        out["peak_rss_gib"] = float(mem[0]) / 2**30
+        if self.device.type == "cuda":
+            out["peak_gpu_memory_gib"] = float(mem[1]) / 2**30
+        return out
+
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full EMA weights by parameter name as fp32 CPU tensors on rank 0, None elsewhere. Under ZeRO-3 a
+        collective (every rank takes part in the gather, a parameter at a time); otherwise no communication."""
+        if not self.zero3 and self.rank != 0:
+            return None
+        names = [n for n, _ in self.net.named_parameters()]
+        tensors = self.ema.export(keep=self.rank == 0)
+        return dict(zip(names, tensors)) if self.rank == 0 else None
+
+    def _guard(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient hook (``grad_guard``): non-finite elements counted (no device sync) and set to 0, as EDM2 does."""
+        self.nonfinite += (~torch.isfinite(g)).sum()
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def take_nonfinite(self) -> float:
+        """Collective: the non-finite gradient elements zeroed since the last call, summed over ranks."""
+        n = float(self.all_reduce(self.nonfinite.clone().reshape(1))[0])
+        self.nonfinite.zero_()
+        return n
 
     def restore(self) -> dict[str, torch.Tensor]:
         """Continue from Ray Train's checkpoint if there is one; returns this rank's extra state."""
@@ -312,14 +383,14 @@ class Worker:
                 storage.write_bytes(marker, b"1")
             raise RuntimeError(f"debug_fail_at_step={self.step}: planted failure")
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a float64 tensor over the ranks."""
+    def all_reduce(self, t: torch.Tensor, op: Literal["sum", "max"] = "sum") -> torch.Tensor:
+        """Sum (or ``op="max"``: the largest of) a float64 tensor over the ranks."""
         if self.world == 1:
             return t
         import torch.distributed as dist
 
         t = t.double().to(self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.cpu()
 
     def lr(self) -> float:
@@ -361,6 +432,101 @@ class Worker:
                     with open(os.path.join(d, name), "w") as f:
                         f.write(text)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class ForcedWeightNorm:
+    """Post-step hook: EDM2's forced weight normalisation (Karras et al. 2024, Sec. 2.3 and App. B.2) of the
+    optimizer's *master* weights, every output row back to unit magnitude after each optimizer step.
+
+    DeepSpeed rewrites the module's weights from its fp32 master copy after every step, so normalising the
+    module's weights (or doing it inside ``forward``) is lost at ZeRO >= 1. Here each rank takes its own piece
+    of every weight's master copy (ZeRO 1/2 and the bf16 optimizer: ``p._hp_mapping``'s fragment of the flat
+    fp32 partition; ZeRO-3: ``safe_get_local_fp32_param``, the rank's flat slice; otherwise, fp32 without
+    ZeRO: the parameter itself, whole on every rank), adds up the squares of each row's elements it holds,
+    sums the row sums over the ranks in one all-reduce (of one float per output row of all the weights:
+    the same collective, in the same order, on every rank), and scales its piece by
+    :func:`~ambient_ray.models.edm2.row_scale`; then the module's (lower-precision or partitioned) copy is
+    scaled alike, so the next forward sees the normalised weights too."""
+
+    def __init__(self, w: Worker, weights: list[torch.nn.Parameter]):
+        self.weights = weights
+        shapes = [tuple(p.ds_shape) if w.zero3 else tuple(p.shape) for p in weights]
+        self.rows = [s[0] for s in shapes]
+        self.fan_in = [math.prod(s[1:]) for s in shapes]
+        self.offset = [0, *np.cumsum(self.rows).tolist()]
+        self.mode = "zero3" if w.zero3 else ("hp" if any(hasattr(p, "_hp_mapping") for p in weights) else "plain")
+        fan = torch.tensor(self.fan_in, dtype=torch.float32).repeat_interleave(torch.tensor(self.rows))
+        self.fan_rows = fan.to(w.device)  # the fan-in of every row of every weight, in order
+
+    def pieces(self, w: Worker):
+        """(index, parameter, flat fp32 master piece, its first element's index in the flat parameter)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        for i, p in enumerate(self.weights):
+            if self.mode == "plain":
+                yield i, p, p.data.view(-1), 0
+            elif self.mode == "hp":
+                m = getattr(p, "_hp_mapping", None)
+                if m is not None:
+                    yield i, p, m.get_hp_fragment().view(-1), m.lp_fragment_address.start
+            else:
+                s = p.ds_tensor.numel()
+                start = dist_rank(p) * s
+                n = max(0, min(s, p.ds_numel - start))  # the last ranks' slices end in padding
+                if n:
+                    yield i, p, safe_get_local_fp32_param(p).view(-1)[:n], start
+
+    @torch.no_grad()
+    def __call__(self, w: Worker) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        pieces = list(self.pieces(w))
+        sums = torch.zeros(self.offset[-1], dtype=torch.float32, device=w.device)
+        for i, _, frag, start in pieces:
+            for row, lo, hi, count in _row_spans(start, frag.numel(), self.fan_in[i]):
+                part = frag[lo:hi].float().view(count, -1).square().sum(1)
+                sums[self.offset[i] + row : self.offset[i] + row + count] += part.to(sums.device)
+        if self.mode != "plain" and w.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        scale = row_scale(sums, self.fan_rows)
+        for i, p, frag, start in pieces:
+            for row, lo, hi, count in _row_spans(start, frag.numel(), self.fan_in[i]):
+                k = scale[self.offset[i] + row : self.offset[i] + row + count].to(frag.device, frag.dtype)
+                frag[lo:hi].view(count, -1).mul_(k[:, None])
+            if self.mode == "zero3":
+                full = safe_get_local_fp32_param(p).view(-1)
+                full[: frag.numel()] = frag
+                safe_set_local_fp32_param(p, full)
+                p.ds_tensor.data.view(-1)[: frag.numel()].copy_(frag)
+        if self.mode == "hp":  # the module's copies are whole on every rank: scale them by the same rows
+            for i, p in enumerate(self.weights):
+                k = scale[self.offset[i] : self.offset[i + 1]].to(p.device, p.dtype)
+                p.data.mul_(k.view(-1, *([1] * (p.ndim - 1))))
+
+
+def _row_spans(start: int, n: int, fan_in: int) -> list[tuple[int, int, int, int]]:
+    """Elements [start, start + n) of a row-major (rows, fan_in) weight as runs of rows: (first row, piece start,
+    piece end, rows in the run), the partial first row, the whole rows, the partial last row."""
+    spans, pos = [], 0
+    head = min(n, (-start) % fan_in)
+    if head:
+        spans.append((start // fan_in, 0, head, 1))
+        pos = head
+    full = (n - pos) // fan_in
+    if full:
+        spans.append(((start + pos) // fan_in, pos, pos + full * fan_in, full))
+        pos += full * fan_in
+    if pos < n:
+        spans.append(((start + pos) // fan_in, pos, n, 1))
+    return spans
+
+
+def dist_rank(p) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group=getattr(p, "ds_process_group", None))
 
 
 def _rank_state_file(d: str, rank: int) -> str:

@@ -70,6 +70,8 @@ def run(task: Task, cfg: EngineConfig, config: dict) -> None:
             continue
         now = time.perf_counter()
         metrics, extra = task.interval(w, now - t_last)
+        if cfg.grad_guard:  # collective
+            extra = {**extra, "nonfinite_grads": w.take_nonfinite()}
         metrics = {"step": w.step, **metrics, "lr": w.lr()}
         if checkpoint_now or w.report_due():  # only what goes to Ray Train
             metrics.update(task.validation(w))

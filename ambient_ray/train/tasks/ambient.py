@@ -50,6 +50,8 @@ class AmbientTask:
 
     def setup(self, w: engine.Worker) -> None:
         self.pools = None
+        # a network with a learned log-variance u(σ) (EDM2) trains with its uncertainty weighting
+        self.logvar = bool(getattr(w.net, "has_logvar", False))
         self.wait_seen = 0.0
         if self.config.get("stream"):
             return self.setup_stream(w)
@@ -178,8 +180,13 @@ class AmbientTask:
             cl = self.labels[b.index].to(w.device) if self.labels is not None else None
         # x_σ and σ stay fp32: the denoiser computes its preconditioning in fp32 and casts the
         # network input to the parameters' dtype (bf16 under DeepSpeed on GPU) itself
-        d_out = w.engine(b.x_sigma.to(w.device), b.sigma.to(w.device), cl).float()
-        loss, per_sample = ambient.batch_loss(d_out, b, self.cfg.ambient.sigma_data)
+        out = w.engine(
+            b.x_sigma.to(w.device), b.sigma.to(w.device), cl, **({"return_logvar": True} if self.logvar else {})
+        )
+        d_out, u = out if self.logvar else (out, None)
+        loss, per_sample = ambient.batch_loss(d_out.float(), b, self.cfg.ambient.sigma_data)
+        if u is not None:  # EDM2 Sec. 2.5: the ambient loss ℓ(σ) weighted by 1/e^u(σ), plus u(σ)
+            loss = (per_sample / u.reshape(-1).exp() + u.reshape(-1)).mean()
         k = self.sampler.coverage.bucket(b.sigma)
         self.bucket_loss.index_add_(0, k, per_sample.detach().float().cpu())
         self.bucket_n.index_add_(0, k, torch.ones_like(b.sigma))

@@ -1,0 +1,229 @@
+"""EDM2 networks: preset sizes, magnitude preservation, forced weight normalisation of the master weights under
+ZeRO 0-3 (two CPU workers), ZeRO-2 = ZeRO-3, kill-and-resume, the non-finite gradient guard."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ambient_ray.models import edm2, registry
+from ambient_ray.train.engine import _row_spans
+
+PAPER_MILLIONS = {"edm2-xs": 125, "edm2-s": 280, "edm2-m": 498, "edm2-l": 777, "edm2-xl": 1119, "edm2-xxl": 1523}
+
+
+def meta_count(preset: str) -> int:
+    meta = {"kind": "denoiser", "arch": "edm2", "model": {"preset": preset, **edm2.PAPER_INTERFACE}}
+    with torch.device("meta"):
+        net = registry.build(meta)
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("preset", list(PAPER_MILLIONS))
+def test_preset_parameter_counts_match_the_paper_within_1_percent(preset):
+    n = meta_count(preset)
+    print(f"{preset}: {n:,} parameters (paper {PAPER_MILLIONS[preset]}M)")
+    assert abs(n / 1e6 / PAPER_MILLIONS[preset] - 1) < 0.01
+
+
+def rms(x):
+    return float(x.detach().float().pow(2).mean().sqrt())
+
+
+def test_magnitude_preserving_operations_keep_unit_magnitude():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, 64, generator=g), torch.randn(4096, 64, generator=g)
+    assert rms(edm2.mp_silu(a)) == pytest.approx(1.0, abs=0.02)
+    for t in (0.3, 0.5, 0.8):
+        assert rms(edm2.mp_sum(a, b, t)) == pytest.approx(1.0, abs=0.02)
+        assert rms(edm2.mp_cat(a[:, :16], b, dim=1, t=t)) == pytest.approx(1.0, abs=0.02)
+    assert rms(edm2.MPFourier(256)(torch.randn(2048, generator=g))) == pytest.approx(1.0, abs=0.03)
+    for kernel, x in (((), torch.randn(2048, 96, generator=g)), ((3, 3), torch.randn(16, 32, 12, 12, generator=g))):
+        conv = edm2.MPConv(x.shape[1], 48, kernel)
+        conv.weight.data.mul_(7.0)  # the layer normalises its weight: the scale of the stored weight is irrelevant
+        y = conv(x)
+        assert rms(y[..., 1:-1, 1:-1] if kernel else y) == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_unet_output_has_unit_magnitude_at_init_with_unit_gains():
+    torch.manual_seed(0)
+    cfg = edm2.EDM2Config(preset="edm2-tiny", img_resolution=16, in_channels=4, label_dim=10)
+    net = edm2.build_denoiser(cfg)
+    net.unet.out_gain.data.fill_(1.0)
+    edm2.force_normalize_(net)
+    f = net.unet(torch.randn(64, 4, 16, 16), torch.randn(64), torch.randint(0, 10, (64,)))
+    assert 0.7 < rms(f) < 1.4
+    d, u = net(torch.randn(3, 4, 16, 16), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([1, 2, 3]), return_logvar=True)
+    assert d.shape == (3, 4, 16, 16) and u.shape == (3, 1, 1, 1) and torch.isfinite(u).all()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = edm2.EDM2Config(preset="edm2-tiny", img_resolution=8, in_channels=1)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = edm2.build_denoiser(cfg.model_copy(update={"checkpoint_blocks": ckpt})).train()
+        torch.manual_seed(1)
+        net(torch.randn(4, 1, 8, 8), torch.full((4,), 0.7)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("fan_in", [1, 3, 7, 10])
+def test_row_sums_of_partition_slices_add_up_to_the_whole_normalisation(fan_in):
+    """The forced-normalisation hook's arithmetic: a weight cut into W flat slices (ZeRO's partitions, cut across
+    rows), each slice's row sums of squares added over the slices, each slice scaled: equals normalize()."""
+    w = torch.randn(9, fan_in) * 3
+    flat = w.flatten()
+    for world in (1, 2, 3, 4):
+        s = math.ceil(flat.numel() / world)
+        sums = torch.zeros(9)
+        pieces = [(r * s, flat[r * s : (r + 1) * s].clone()) for r in range(world)]
+        for start, frag in pieces:
+            for row, lo, hi, count in _row_spans(start, frag.numel(), fan_in):
+                sums[row : row + count] += frag[lo:hi].view(count, -1).square().sum(1)
+        scale = edm2.row_scale(sums, torch.full((9,), float(fan_in)))
+        for start, frag in pieces:
+            for row, lo, hi, count in _row_spans(start, frag.numel(), fan_in):
+                frag[lo:hi].view(count, -1).mul_(scale[row : row + count, None])
+        torch.testing.assert_close(torch.cat([f for _, f in pieces]).view(9, fan_in), edm2.normalize(w))
+
+
+# ------------------------------------------------------------------------------ training under DeepSpeed
+
+LR, STEPS = 0.05, 6
+
+
+def row_magnitudes(weights: dict) -> np.ndarray:
+    """The rms of every output row of every MPConv weight (those with a fan-in)."""
+    out = []
+    for k, v in weights.items():
+        if k.endswith("weight") and v.ndim >= 2:
+            out.append(np.sqrt((v.reshape(v.shape[0], -1).astype(np.float64) ** 2).mean(1)))
+    return np.concatenate(out)
+
+
+def test_without_the_hook_this_learning_rate_moves_row_magnitudes_beyond_the_tolerance():
+    """The control of the ZeRO tests below: the same optimiser steps on the same network, with weight
+    normalisation in forward only (no forced renormalisation), leave the rows' magnitude off 1 by more than
+    the 1e-3 those tests allow; so they would fail if the normalisation were lost."""
+    torch.manual_seed(0)
+    net = edm2.build_denoiser(edm2.EDM2Config(preset="edm2-tiny", img_resolution=8, in_channels=1))
+    edm2.force_normalize_(net)
+    opt = torch.optim.Adam(net.parameters(), lr=LR, betas=(0.9, 0.99))
+    for _ in range(STEPS):
+        x = torch.randn(32, 1, 8, 8)
+        s = torch.exp(torch.randn(32) - 0.4)
+        opt.zero_grad()
+        (net(x + s[:, None, None, None] * torch.randn_like(x), s) - x).square().mean().backward()
+        opt.step()
+    mags = row_magnitudes({n: p.detach().numpy() for n, p in net.named_parameters()})
+    print(f"without forced normalisation: row magnitude max |1 - m| = {np.abs(mags - 1).max():.2e}")
+    assert np.abs(mags - 1).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def digits(ray_cluster, tmp_path_factory):
+    from ambient_ray.data.sources import SourceConfig
+    from ambient_ray.stages.corrupt import CorruptConfig
+    from ambient_ray.stages.corrupt import run as corrupt_run
+
+    out = str(tmp_path_factory.mktemp("digits-edm2") / "corrupt")
+    cfg = CorruptConfig(
+        out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0
+    )
+    corrupt_run(cfg, progress=False)
+    return out
+
+
+def ecfg(data, out, **kw):
+    from ambient_ray.stages.train import TrainConfig
+
+    base = dict(
+        data=data,
+        out=out,
+        steps=STEPS,
+        batch_size=16,
+        num_workers=2,
+        log_every=1,
+        checkpoint_every=3,
+        sample_grid=0,
+        model=dict(arch="edm2", preset="edm2-tiny"),
+        optim=dict(lr=LR, warmup_steps=0, decay="none", grad_clip=0, name="adam"),
+        ambient=dict(corrupted_sigma_min=1.0),
+        mlflow=dict(enabled=True, experiment="tests-edm2"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def runs(digits, mlflow_server, tmp_path_factory):
+    from ambient_ray.stages.train import run
+
+    root = tmp_path_factory.mktemp("edm2-runs")
+    return {z: (str(root / f"z{z}"), run(ecfg(digits, str(root / f"z{z}"), zero_stage=z))) for z in (0, 1, 2, 3)}
+
+
+def exported(out, name="model.safetensors"):
+    from safetensors.numpy import load
+
+    from ambient_ray.io import storage
+
+    return load(storage.read_bytes(storage.join(out, "model", name)))
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_forced_weight_normalisation_holds_under_every_zero_stage(runs, zero):
+    out, _ = runs[zero]
+    w = exported(out)
+    mags = row_magnitudes(w)
+    print(f"ZeRO-{zero}: {len(mags)} rows, max |1 - magnitude| = {np.abs(mags - 1).max():.2e}")
+    assert len(mags) > 50 and np.abs(mags - 1).max() < 1e-3
+    init = initial_weights(out)  # and the weights moved: training happened
+    assert max(float(np.abs(w[k] - init[k]).max()) for k in w) > 0.05
+
+
+def initial_weights(out):
+    """The weights every rank starts from (seed 0, forced-normalised), rebuilt from the run's model.json."""
+    import json
+
+    from ambient_ray.io import storage
+
+    meta = json.loads(storage.read_bytes(storage.join(out, "model", "model.json")))
+    torch.manual_seed(0)
+    net = registry.build(meta)
+    edm2.force_normalize_(net)
+    return {n: p.detach().numpy() for n, p in net.named_parameters()}
+
+
+def losses(summary):
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
+    return np.array([m.value for m in sorted(hist, key=lambda m: m.step)])
+
+
+def test_zero2_and_zero3_give_the_same_losses_and_weights(runs):
+    l2, l3 = losses(runs[2][1]), losses(runs[3][1])
+    print("ZeRO-2 losses", l2.round(5), "\nZeRO-3 losses", l3.round(5))
+    assert len(l2) == STEPS and np.isfinite(l2).all()
+    np.testing.assert_allclose(l2, l3, rtol=1e-4)
+    a, b = exported(runs[2][0]), exported(runs[3][0])
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-3
+
+
+def test_zero3_kill_and_resume_ends_with_the_same_weights(runs, digits, tmp_path):
+    from ambient_ray.stages.train import run
+
+    out = str(tmp_path / "killed")
+    with pytest.raises(Exception):
+        run(ecfg(digits, out, zero_stage=3, debug_fail_at_step=4, max_failures=0, mlflow=dict(enabled=False)))
+    run(ecfg(digits, out, zero_stage=3, resume=True, mlflow=dict(enabled=False)))
+    a, b = exported(runs[3][0]), exported(out)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    ea, eb = exported(runs[3][0], "ema.safetensors"), exported(out, "ema.safetensors")
+    for k in ea:
+        np.testing.assert_allclose(ea[k], eb[k], rtol=1e-5, atol=1e-6, err_msg=k)
