@@ -227,3 +227,43 @@ def test_zero3_kill_and_resume_ends_with_the_same_weights(runs, digits, tmp_path
     ea, eb = exported(runs[3][0], "ema.safetensors"), exported(out, "ema.safetensors")
     for k in ea:
         np.testing.assert_allclose(ea[k], eb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_sampling_an_edm2_run_with_guidance_by_another(runs, tmp_path):
+    """The sample stage with ``guide``: a guide equal to the model changes nothing at any weight; another run as
+    the guide at w = 2 changes the samples; w != 1 without a guide is refused."""
+    from pydantic import ValidationError
+
+    from ambient_ray.stages.sample import SampleConfig
+    from ambient_ray.stages.sample import run as sample
+
+    def draw(name, **kw):
+        res = sample(SampleConfig(checkpoint=runs[2][0], out=str(tmp_path / name), num=8, steps=4, **kw), False)
+        return np.load(res["samples"])
+
+    plain = draw("plain")
+    assert plain.shape == (8, 8, 8, 1)
+    np.testing.assert_array_equal(plain, draw("self", guide=runs[2][0], guidance=2.0))
+    other = draw("other", guide=runs[0][0], guidance=2.0)
+    assert np.abs(other.astype(int) - plain).max() > 0
+    with pytest.raises(ValidationError, match="guide"):
+        SampleConfig(checkpoint=runs[2][0], out=str(tmp_path / "x"), guidance=2.0)
+
+
+def test_a_quality_score_splits_the_data_into_a_fixed_sigma_min_part_and_a_clean_part():
+    """Ambient-o's ImageNet recipe: the lowest 90% by a quality score get one σ_min, the top 10% are clean; a row
+    without a score counts as low quality."""
+    import pandas as pd
+
+    from ambient_ray.config import ConfigError
+    from ambient_ray.stages.train import TrainConfig, resolve_sigmas
+
+    score = np.arange(100, dtype=float)
+    score[3] = np.nan
+    meta = pd.DataFrame({"id": [f"r{i}" for i in range(100)], "iqa": score})
+    cfg = TrainConfig(data="x", out="y", ambient=dict(quality_score="iqa", corrupted_sigma_min=0.2))
+    smin, smax, origin = resolve_sigmas(meta, cfg)
+    assert (smin[score > np.nanquantile(score, 0.9)] == 0).all() and (smin == 0).sum() == 10
+    assert smin[3] == np.float32(0.2) and (smax == 0).all() and "iqa" in origin
+    with pytest.raises(ConfigError, match="corrupted_sigma_min"):
+        resolve_sigmas(meta, TrainConfig(data="x", out="y", ambient=dict(quality_score="iqa")))

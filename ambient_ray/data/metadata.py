@@ -50,8 +50,9 @@ META_COLUMNS = (
 )
 
 
-def load_metadata(data: str):
-    """The dataset's non-image columns (pandas), validated; raises ValueError naming files and rows."""
+def load_metadata(data: str, extra: tuple[str, ...] = ()):
+    """The dataset's non-image columns (pandas), validated, with the ``extra`` columns (each must exist);
+    raises ValueError naming files and rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -65,7 +66,11 @@ def load_metadata(data: str):
         for required in ("id", "image"):
             if required not in names:
                 raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
-        tables.append(pq.read_table(path, filesystem=fs, columns=[c for c in META_COLUMNS if c in names]))
+        for required in extra:
+            if required not in names:
+                raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
+        want = [c for c in META_COLUMNS if c in names] + [c for c in extra if c not in META_COLUMNS]
+        tables.append(pq.read_table(path, filesystem=fs, columns=want))
     meta = pa.concat_tables(tables, promote_options="default").to_pandas()
     if meta["id"].duplicated().any():
         raise ValueError(f"duplicate ids in {data}: {meta['id'][meta['id'].duplicated()].head(5).tolist()}")

@@ -125,3 +125,23 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 0, pad_value: int = 25
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[top : top + h, left : left + w] = images[k]
     return grid
+
+
+class Guided:
+    """EDM2's guidance by a weaker model ("autoguidance"; Karras et al. 2024 and its follow-up, "Guiding a
+    Diffusion Model with a Bad Version of Itself"): D(x; σ, c) = D_guide + w·(D_main − D_guide), i.e.
+    ``lerp(D_guide, D_main, w)``. The guide is a smaller or shorter-trained model of the same data and
+    interface; w = 1 is the main model alone, w > 1 extrapolates away from the guide's errors.
+
+    A denoiser for the samplers; ``config`` and ``meta`` are the main model's (resolution, channels, labels,
+    latent decoding)."""
+
+    def __init__(self, main, guide, weight: float):
+        self.main, self.guide, self.weight = main, guide, float(weight)
+        self.config, self.meta = main.config, getattr(main, "meta", None)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None):
+        d = self.main(x, sigma, class_labels)
+        if self.weight == 1.0:
+            return d
+        return self.guide(x, sigma, class_labels).lerp(d, self.weight)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
@@ -51,7 +51,45 @@ class SampleConfig(Strict):
     class_label: int | None = Field(
         None, ge=0, description="class for a class-conditional model (default: cycle through classes)"
     )
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="guidance weight w: D_guide + w*(D - D_guide) (EDM2's guidance by a weaker model; 1: none)",
+        json_schema_extra=flag("--guidance"),
+    )
+    guide: str | None = Field(
+        None,
+        description="the guiding model (a smaller or shorter-trained run on the same data), for guidance != 1",
+        json_schema_extra=flag("--guide"),
+    )
+    guide_weights: Literal["ema", "raw"] = "ema"
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _guide(self) -> SampleConfig:
+        if self.guidance != 1.0 and not self.guide:
+            raise ValueError("config key 'guidance': a weight other than 1 needs a guiding model ('guide')")
+        return self
+
+
+def guided(net, guide_uri: str | None, weight: float, weights_kind: str = "ema"):
+    """``net`` guided by the model at ``guide_uri`` with weight ``weight`` (:class:`~ambient_ray.diffusion.samplers.
+    Guided`); ``net`` itself without a guide. The guide must share the main model's interface."""
+    from ambient_ray.diffusion.samplers import Guided
+
+    if not guide_uri:
+        return net
+    guide = weights.load(guide_uri, "denoiser", weights_kind)
+    a, b = net.config, guide.config
+    for key in ("img_resolution", "in_channels", "label_dim"):
+        if getattr(a, key) != getattr(b, key):
+            raise ConfigError(
+                f"config key 'guide': the guiding model {guide_uri} has {key}={getattr(b, key)} but the model "
+                f"has {getattr(a, key)}; a guide must be trained on the same data"
+            )
+    if (getattr(net, "meta", None) or {}).get("latents") != (getattr(guide, "meta", None) or {}).get("latents"):
+        raise ConfigError(f"config key 'guide': {guide_uri} was trained on other latents than the model")
+    return Guided(net, guide, weight)
 
 
 def draw(
@@ -69,25 +107,29 @@ def draw(
     s_noise: float = 1.003,
     sigma_max: float = 80.0,
     progress: bool = False,
+    device: torch.device | str = "cpu",
+    decode=None,
 ) -> np.ndarray:
     """``num`` images as uint8 (N, H, W, C); a progress bar over the batches with ``progress``. A model
-    trained on precomputed latents (``latents`` in its model.json) has its samples decoded by its VAE."""
+    trained on precomputed latents (``latents`` in its model.json) has its samples decoded by its VAE
+    (``decode``: a :func:`latent_decoder` already built, else one is built here). The noise is drawn on the
+    CPU from ``seed`` and moved to ``device`` (the network's), so a seed gives the same images anywhere."""
     from tqdm.auto import tqdm
 
     from ambient_ray.diffusion.samplers import heun_sample, to_uint8
 
     cfg = net.config
-    decode = latent_decoder(getattr(net, "meta", None))
+    decode = decode or latent_decoder(getattr(net, "meta", None))
     g = torch.Generator().manual_seed(seed)
     out = []
     starts = range(0, num, batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         n = min(batch_size, num - start)
-        latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g)
+        latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
         labels = None
         if cfg.label_dim:
             base = torch.arange(start, start + n) % cfg.label_dim
-            labels = torch.full((n,), class_label) if class_label is not None else base
+            labels = (torch.full((n,), class_label) if class_label is not None else base).to(device)
         x = heun_sample(
             net,
             latents,
@@ -100,7 +142,7 @@ def draw(
             s_max=s_max,
             s_noise=s_noise,
         )
-        out.append(to_uint8(decode(x) if decode else x))
+        out.append(to_uint8(decode(x.cpu()) if decode else x))
     return np.concatenate(out)
 
 
@@ -139,6 +181,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
     net = weights.load(cfg.checkpoint, "denoiser", cfg.weights)
     if cfg.class_label is not None and not net.config.label_dim:
         raise ConfigError("config key 'class_label': the model is not class-conditional")
+    net = guided(net, cfg.guide, cfg.guidance, cfg.guide_weights)
     cfgmod.save_resolved(cfg, out)
     imgs = draw(
         net,

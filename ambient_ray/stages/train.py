@@ -41,6 +41,12 @@ class AmbientConfig(Strict):
     corrupted_sigma_min: float | None = Field(
         None, ge=0, description="σ_min for rows with quality=corrupted when the data has no sigma_min column"
     )
+    quality_score: str | None = Field(
+        None,
+        description="a column of per-row quality scores (e.g. CLIP-IQA): the lowest low_fraction of rows get "
+        "corrupted_sigma_min, the rest are clean (Ambient-o's ImageNet recipe); used without a sigma_min column",
+    )
+    low_fraction: float = Field(0.9, gt=0, lt=1, description="with quality_score: the share of rows called low quality")
     crop_sigmas: list[float] = Field(default_factory=list, description="crop(σ) table: σ thresholds, ascending")
     crop_sizes: list[int] = Field(default_factory=list, description="crop(σ) table: crop size for σ ≤ each threshold")
 
@@ -85,6 +91,18 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     if "sigma_min" in meta:
         smin = meta["sigma_min"].to_numpy(dtype=np.float64, na_value=np.nan)
         origin = "sigma_min column"
+    elif cfg.ambient.quality_score is not None:
+        a = cfg.ambient
+        if a.corrupted_sigma_min is None:
+            raise ConfigError("config key 'ambient.quality_score': set ambient.corrupted_sigma_min for the low part")
+        score = meta[a.quality_score].to_numpy(dtype=np.float64, na_value=np.nan)
+        cut = np.nanquantile(score, a.low_fraction)
+        low = ~(score > cut)  # a row without a score counts as low quality
+        smin = np.where(low, a.corrupted_sigma_min, 0.0)
+        origin = (
+            f"fixed sigma_min={a.corrupted_sigma_min} for the {int(low.sum())} rows of lowest {a.quality_score} "
+            f"(<= {cut:.4g}; {int(np.isnan(score).sum())} without a score), {int((~low).sum())} clean"
+        )
     elif cfg.ambient.corrupted_sigma_min is not None and "quality" in meta:
         smin = np.where(meta["quality"].to_numpy() == "corrupted", cfg.ambient.corrupted_sigma_min, 0.0)
         origin = f"fixed sigma_min={cfg.ambient.corrupted_sigma_min} for quality=corrupted"
@@ -189,7 +207,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    meta = load_metadata(cfg.data)
+    meta = load_metadata(cfg.data, (cfg.ambient.quality_score,) if cfg.ambient.quality_score else ())
     if cfg.rows:
         from ambient_ray.data.metadata import match
 
@@ -228,7 +246,20 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
         extra={"rows": len(meta), "sigma_min": origin},
         callbacks=callbacks,
+        costs=denoiser_costs(model_meta(cfg, latents)),
     )
+
+
+def denoiser_costs(meta: dict):
+    """The denoiser's parameters and FLOPs per image (:func:`ambient_ray.train.perf.count`, on the meta device);
+    None, with a note, where a network cannot be counted there (then no tflop_per_s or mfu is logged)."""
+    from ambient_ray.train import perf
+
+    try:
+        return perf.count(lambda: registry.build(meta), perf.denoiser_inputs(registry.config_of(meta)))
+    except Exception as e:  # never a reason to stop a run
+        print(f"train: could not count the model's FLOPs on the meta device ({type(e).__name__}: {e})")
+        return None
 
 
 def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
