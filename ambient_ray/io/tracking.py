@@ -35,6 +35,20 @@ class MlflowConfig(Strict):
         None, description="nest this job's run under another run (e.g. an experiment arm)"
     )
     enabled: bool = True
+    system_metrics: bool = Field(
+        True,
+        description="training: MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) in "
+        "each node's first worker, logged as system/node_<N>/...",
+    )
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between system metrics samples")
+    register_model: bool = Field(
+        True,
+        description="training: register the exported weights (OUT/model, referenced by URI, not uploaded) as a new "
+        "version of the registered model 'registered_model'",
+    )
+    registered_model: str | None = Field(
+        None, description="name in the MLflow model registry (default: '<experiment>-<stage>')"
+    )
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -224,3 +238,90 @@ def run(
             finish(*handle, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finish(*handle, status=handle.status, tags=handle.tags)
+
+
+def set_tags(run_id: str | None, uri: str | None, tags: dict) -> None:
+    """Set (or overwrite) tags of a run, e.g. the latest checkpoint's URI while training."""
+    if not run_id:
+        return
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class SystemMetrics:
+    """MLflow's system metrics monitor (a thread: CPU, memory, disk and network from psutil; NVIDIA GPUs through
+    nvidia-ml-py where NVML loads) logging into an open run as ``system/<node_id>/<metric>``; one per node.
+
+    The monitor logs a sample every ``interval`` seconds; :meth:`stop` also logs the last one taken, so even a
+    run shorter than the interval has its node's figures. Steps continue from those already in the run, so a
+    restarted worker does not overwrite its predecessor's."""
+
+    def __init__(self, run_id: str, uri: str | None, node_id: str, interval: float = 10.0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, per node
+        self.monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval, resume_logging=True, node_id=node_id, tracking_uri=uri
+        )
+        self.monitor.start()
+
+    def stop(self) -> None:
+        m = self.monitor
+        if m._process is None:
+            return
+        m.finish()  # joins the thread: it stops between two samples and flushes what it queued
+        try:  # the sample the thread took before it stopped (a short run's only one)
+            m.collect_metrics()
+            m.publish_metrics(m.aggregate_metrics())
+            m.mlflow_logger.flush()
+        except Exception as e:  # the run may already be closed; system metrics never fail a training run
+            print(f"mlflow: could not log the last system metrics sample: {e}", file=sys.stderr)
+
+
+def system_metrics(mcfg, run_id: str | None, uri: str | None, node_id: str) -> SystemMetrics | None:
+    """Start a node's :class:`SystemMetrics` unless MLflow or ``system_metrics`` is off."""
+    if not run_id or not mcfg.enabled or not mcfg.system_metrics:
+        return None
+    return SystemMetrics(run_id, uri, node_id, mcfg.system_metrics_interval)
+
+
+def registered_name(mcfg, stage: str) -> str:
+    """The registered model's name: ``registered_model``, else ``<experiment>-<stage>`` (without the characters a
+    registry name may not hold)."""
+    name = mcfg.registered_model or f"{mcfg.experiment}-{stage}"
+    return name.replace("/", "-").replace(":", "-")
+
+
+def register_model(run_id: str | None, uri: str | None, name: str, source: str, tags: dict | None = None) -> str | None:
+    """Register ``source`` (a URI of exported weights, referenced, not uploaded) as a new version of the registered
+    model ``name`` (created if new), linked to the run and tagged; returns the version, or None (with a note on
+    stderr) where the registry refuses it. A tracking server accepts only sources it could read itself (an
+    ``s3://`` URI), not a path on this machine's disk; a local store takes both."""
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    how = "set mlflow.register_model=false to not register"
+    if (uri or "").startswith(("http://", "https://")) and "://" not in source:
+        print(
+            f"mlflow: not registering {source} as a version of {name!r}: the tracking server {uri} takes no local "
+            f"path as a model source (train with --out s3://... to register; {how})",
+            file=sys.stderr,
+        )
+        return None
+    client = MlflowClient(uri)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    try:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    except MlflowException as e:
+        print(f"mlflow: could not register {source} as a version of {name!r}: {e.message} ({how})", file=sys.stderr)
+        return None
+    return version.version

@@ -13,12 +13,15 @@ rank holds only its partition of each parameter, and of the EMA only that partit
 ``deepspeed.initialize``, updated from ``p.ds_tensor`` with no communication); the full EMA, like the full
 raw weights, is gathered only when a checkpoint is saved, one parameter at a time, into ``ema.safetensors``
 (what sampling loads) beside each rank's own partitions (``ema-rank-NNNN.safetensors``), which a restore on
-as many ranks loads alone; any other restore slices its partitions out of ``ema.safetensors``.
+as many ranks loads alone; any other restore slices its partitions out of ``ema.safetensors``. The power EMA
+(``ema: power``) keeps several profiles this way (the others in ``ema-profiles.safetensors``) and writes
+snapshots of all of them to ``OUT/phema/`` every ``ema_snapshot_every`` images (:meth:`Worker.snapshot`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -84,8 +87,24 @@ class EngineConfig(Strict):
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    ema: Literal["warmup"] = Field("warmup", description="EMA of the weights (ambient_ray.train.ema)")
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema: Literal["warmup", "power"] = Field(
+        "warmup",
+        description="EMA of the weights (ambient_ray.train.ema): warmup (ema_decay), or power: EDM2's power-function "
+        "EMA, one profile per ema_stds, with snapshots for 'ambient-ray phema'",
+    )
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="warmup: the decay")
+    ema_stds: list[float] = Field(
+        [0.05, 0.10],
+        min_length=1,
+        description="power: σ_rel of each profile tracked (EDM2 Sec. 3.1; each in (0, 0.3003)); the first is "
+        "ema.safetensors, the one sampling loads",
+    )
+    ema_snapshot_every: int | None = Field(
+        8_000_000,
+        ge=1,
+        description="power: write every profile to OUT/phema/ each time this many training images (steps × global "
+        "batch) have passed, and at the last step; None: no snapshots",
+    )
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -113,7 +132,9 @@ class EngineConfig(Strict):
         "ambient_ray.train.perf; on CPU mfu is logged only when this is set)",
     )
     grid_every: int = Field(
-        1000, ge=0, description="log a sample grid of the EMA weights (grids/grid_<step>.png) every this many steps (0: never)"
+        1000,
+        ge=0,
+        description="log a sample grid of the EMA weights (grids/grid_<step>.png) every this many steps (0: never)",
     )
     grid_images: int = Field(16, ge=1, description="images per grid (fixed seed and labels: every grid comparable)")
     grid_sampler_steps: int = Field(18, ge=1, description="Heun steps of a grid's sampler")
@@ -126,6 +147,14 @@ def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> 
     """Before any worker starts: the data has one square shape (returned: resolution, channels; ``shape``
     when the stage knows it, as for precomputed latents) and the DeepSpeed options agree."""
     h, c = shape or one_shape(meta, cfg.data)
+    if cfg.ema == "power":
+        from ambient_ray.diffusion.phema import SIGMA_REL_MAX
+
+        bad = [s for s in cfg.ema_stds if not 0 < s < SIGMA_REL_MAX]
+        if bad or len(set(cfg.ema_stds)) < len(cfg.ema_stds):
+            raise ConfigError(
+                f"config key 'ema_stds': {cfg.ema_stds}: distinct σ_rel values in (0, {SIGMA_REL_MAX:.4f}) expected"
+            )
     if cfg.zero_stage == 0 and cfg.offload_optimizer:
         raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
     if cfg.min_workers is not None and cfg.min_workers > cfg.num_workers:
@@ -317,7 +346,6 @@ class Worker:
     def restore(self) -> dict[str, torch.Tensor]:
         """Continue from Ray Train's checkpoint if there is one; returns this rank's extra state."""
         import ray.train
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         ckpt = ray.train.get_checkpoint()
@@ -325,14 +353,7 @@ class Worker:
             return {}
         with ckpt.as_directory() as d:
             self.engine.load_checkpoint(d, tag="ds")
-            names = [n for n, _ in self.net.named_parameters()]
-            own = _ema_rank_file(d, self.rank)
-            if self.zero3 and os.path.exists(own) and self.ema.fits(_metadata(own)):
-                part = load_file(own)  # ZeRO-3: this rank's own EMA partitions
-                self.ema.load_partitions(part[n] for n in names)
-            else:  # the gathered EMA, a tensor at a time (under ZeRO-3, from any world size: this rank's slices)
-                with safe_open(os.path.join(d, "ema.safetensors"), framework="pt") as f:
-                    self.ema.load(f.get_tensor(n) for n in names)
+            restore_ema(d, [n for n, _ in self.net.named_parameters()], self.ema, self.rank, self.zero3)
             state = load_file(_rank_state_file(d, self.rank))
         self.generator.set_state(state.pop("generator"))
         self.step = int(state.pop("step"))
@@ -355,9 +376,27 @@ class Worker:
         for hook in self.post_step_hooks:
             hook(self)
         self.ema.update(self.engine.module.parameters(), self.step)
+        if self.cfg.ema == "power" and snapshot_due(self.cfg, self.step, self.global_batch()):
+            self.snapshot()
         self.maybe_fail()
         checkpoint = self.checkpoint_due()
         return checkpoint or self.step % self.cfg.log_every == 0 or self.report_due(), checkpoint
+
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.optim.grad_accum * self.world
+
+    def snapshot(self) -> None:
+        """Collective under ZeRO-3: every profile of the power EMA, gathered a parameter at a time, written by
+        rank 0 to ``OUT/phema/`` (:func:`ambient_ray.stages.phema.write_snapshot`, atomically; a step re-run after
+        a restart writes the same name again, so a resumed run leaves one file per profile and snapshot step)."""
+        from ambient_ray.stages.phema import write_snapshot
+
+        names = [n for n, _ in self.net.named_parameters()]
+        out = storage.normalize(self.cfg.out)
+        for k, std in enumerate(self.ema.stds):
+            tensors = self.ema.export(keep=self.rank == 0, profile=k)
+            if self.rank == 0:
+                write_snapshot(out, dict(zip(names, tensors)), std, self.ema.gammas[k], self.step, self.global_batch())
 
     def checkpoint_due(self) -> bool:
         return self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
@@ -400,6 +439,10 @@ class Worker:
         """MLflow metrics of this step, from rank 0 (``step`` is the step, not a metric)."""
         tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, self.step)
 
+    def log_files(self, files: dict[str, bytes], artifact_path: str | None = None) -> None:
+        """MLflow artifacts (name -> bytes) from rank 0 (e.g. a sample grid)."""
+        tracking.log_files(*self.mlflow, files, artifact_path)
+
     def save_and_report(
         self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
     ) -> None:
@@ -419,12 +462,8 @@ class Worker:
                 with self.gathered([p]):
                     if self.rank == 0:
                         raw[n] = p.detach().float().cpu().clone()
-            ema = dict(zip(names, self.ema.export(keep=self.rank == 0)))  # ZeRO-3: gathered a parameter at a time
-            if self.zero3:  # and this rank's own partitions, which a restore on as many ranks loads alone
-                part = {n: t.cpu().contiguous() for n, t in zip(names, self.ema.tensors)}
-                save_file(part, _ema_rank_file(d, self.rank), metadata=self.ema.meta())
+            save_ema(d, names, self.ema, self.rank, self.zero3)
             if self.rank == 0:
-                save_file(ema, os.path.join(d, "ema.safetensors"))
                 save_file(raw, os.path.join(d, "model.safetensors"))
                 with open(os.path.join(d, "model.json"), "w") as f:
                     json.dump(self.meta, f)
@@ -531,6 +570,61 @@ def dist_rank(p) -> int:
 
 def _rank_state_file(d: str, rank: int) -> str:
     return os.path.join(d, f"rank-{rank:04d}.safetensors")
+
+
+def snapshot_due(cfg: EngineConfig, step: int, global_batch: int) -> bool:
+    """Power EMA snapshots: after the step whose images cross a multiple of ``ema_snapshot_every``, and the last."""
+    n = cfg.ema_snapshot_every
+    if cfg.ema != "power" or n is None:
+        return False
+    return step == cfg.steps or step * global_batch // n > (step - 1) * global_batch // n
+
+
+def save_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
+    """A checkpoint's EMA files in folder ``d``. Collective under ZeRO-3 (every profile is gathered a parameter
+    at a time). Rank 0 writes ``ema.safetensors`` (the first profile: what sampling loads) and, with several
+    profiles (the power EMA), ``ema-profiles.safetensors`` (profile k's tensors as ``k/NAME``); under ZeRO-3
+    every rank also writes its own partitions of every profile (``ema-rank-NNNN.safetensors``), which a restore
+    on as many ranks loads alone. Each file carries the EMA's kind (and profiles) in its metadata."""
+    from safetensors.torch import save_file
+
+    keep = rank == 0
+    full = [dict(zip(names, ema.export(keep=keep, profile=k))) for k in range(len(ema.profiles))]
+    if zero3:
+        part = {_profile_key(k, n): t.cpu().contiguous() for k, p in enumerate(ema.profiles) for n, t in zip(names, p)}
+        save_file(part, _ema_rank_file(d, rank), metadata={**ema.meta(), **ema.describe()})
+    if keep:
+        save_file(full[0], os.path.join(d, "ema.safetensors"), metadata=ema.describe())
+        if len(full) > 1:
+            more = {_profile_key(k, n): t for k in range(1, len(full)) for n, t in full[k].items()}
+            save_file(more, os.path.join(d, "ema-profiles.safetensors"), metadata=ema.describe())
+
+
+def restore_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
+    """The EMA from a checkpoint folder ``d`` written by :func:`save_ema`, bit for bit: under ZeRO-3 this rank's
+    own partitions where they were cut for it, else the gathered files a tensor at a time (under ZeRO-3, from any
+    world size: this rank's slices). A checkpoint of another EMA kind or other profiles is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    own = _ema_rank_file(d, rank)
+    if zero3 and os.path.exists(own) and ema.fits(_metadata(own)):
+        ema.check(_metadata(own))
+        part = load_file(own)
+        for k in range(len(ema.profiles)):
+            ema.load_partitions((part[_profile_key(k, n)] for n in names), profile=k)
+        return
+    for k in range(len(ema.profiles)):
+        path = os.path.join(d, "ema.safetensors" if k == 0 else "ema-profiles.safetensors")
+        if not os.path.exists(path):
+            raise ConfigError(f"config key 'ema': the checkpoint in {d} has no {os.path.basename(path)} for {ema.kind}")
+        with safe_open(path, framework="pt") as f:
+            ema.check(f.metadata())
+            ema.load((f.get_tensor(_profile_key(k, n)) for n in names), profile=k)
+
+
+def _profile_key(k: int, name: str) -> str:
+    return name if k == 0 else f"{k}/{name}"
 
 
 def _ema_rank_file(d: str, rank: int) -> str:
@@ -687,19 +781,28 @@ def train(
     extra: dict,
     callbacks: list | None = None,
     stream: Callable | None = None,
+    costs: perf.Costs | None = None,
 ) -> TrainingResult:
     """A training stage's driver, after its own checks: refuse a clash with an earlier run, save the resolved
-    config, open the MLflow run, :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name: {id: value}}``),
-    export the last checkpoint's weights to ``OUT/model/``, write and log the stage's ``artifacts(out, ckpt)``,
-    close the run and write ``summary.json`` (``extra`` added to it). Returns the summary."""
+    config, open the MLflow run (params: the config, and the run's size: ``parameters``, FLOPs per image from
+    ``costs``, ``world_size``, ``global_batch``), :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name:
+    {id: value}}``; the run's ``checkpoint`` tag follows each checkpoint's URI), export the last checkpoint's
+    weights to ``OUT/model/``, write and log the stage's ``artifacts(out, ckpt)``, register ``OUT/model`` as a
+    version in the MLflow model registry, close the run and write ``summary.json`` (``extra`` added to it).
+    Returns the summary."""
     from ambient_ray import config as cfgmod
 
     out = storage.normalize(cfg.out)
     check_resume(cfg, out, meta)
     cfgmod.save_resolved(cfg, out)
-    run_id, uri = tracking.start_run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags={"stage": stage, **tags})
+    size = {"world_size": cfg.num_workers, "global_batch": cfg.batch_size * cfg.optim.grad_accum * cfg.num_workers}
+    params = {**cfgmod.flatten(cfg), **size, **(costs.params() if costs else {})}
+    run_id, uri = tracking.start_run(cfg.mlflow, out, params=params, tags={"stage": stage, **tags})
     print(headline + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
     loop_config = {"cfg": cfg.model_dump(mode="json"), **per_row, "mlflow_run_id": run_id, "mlflow_uri": uri}
+    loop_config["costs"] = dataclasses.asdict(costs) if costs else None
+    if run_id:
+        callbacks = [*(callbacks or []), checkpoint_tag(run_id, uri, out)]
     t0 = time.perf_counter()
     result = fit(cfg, worker, loop_config, columns, callbacks, stream)
     seconds = time.perf_counter() - t0
@@ -709,13 +812,41 @@ def train(
     if ckpt:
         files.update(artifacts(out, ckpt))
     tracking.log_files(run_id, uri, files)
-    tracking.finish(run_id, uri, tags={"checkpoint": ckpt or "", "model": storage.join(out, "model")})
+    model_uri = storage.join(out, "model")
+    end_tags = {"checkpoint": ckpt or "", "model": model_uri}
+    if ckpt and cfg.mlflow.register_model:
+        name = tracking.registered_name(cfg.mlflow, stage)
+        version = tracking.register_model(run_id, uri, name, model_uri, tags={"checkpoint": ckpt, "stage": stage})
+        if version:
+            end_tags["registered_model"] = f"{name}/{version}"
+    tracking.finish(run_id, uri, tags=end_tags)
     summary = {
         **{"out": out, "checkpoint": ckpt, "mlflow_run_id": run_id, "mlflow_uri": uri, "seconds": seconds},
         **{"metrics": result.metrics, **extra},
     }
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str).encode())
     return summary
+
+
+def checkpoint_tag(run_id: str, uri: str | None, out: str):
+    """A Ray Train callback (run on its controller): after each reported checkpoint, the MLflow run's ``checkpoint``
+    tag is that checkpoint's URI (``OUT/ray/train/checkpoint_*``: referenced, never uploaded) and ``checkpoint_step``
+    its step."""
+    from ray.train import UserCallback
+
+    class CheckpointTag(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if checkpoint is None:
+                return
+            name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+            tags = {"checkpoint": storage.join(out, "ray", "train", name)}
+            tags["checkpoint_step"] = (metrics[0] if metrics else {}).get("step", "")
+            try:
+                tracking.set_tags(run_id, uri, tags)
+            except Exception as e:  # a tag never fails the run
+                print(f"mlflow: could not tag the checkpoint {name}: {e}")
+
+    return CheckpointTag()
 
 
 def export_weights(out: str, ckpt: str | None) -> None:

@@ -253,6 +253,35 @@ class AmbientTask:
         out["val_loss"] = float(sum(vals) / len(vals))
         return out
 
+    def grid(self, w: engine.Worker) -> bytes | None:
+        """Collective under ZeRO-3 (the EMA is gathered a parameter at a time; rank 0 keeps it): on rank 0, a PNG
+        of ``grid_images`` samples of the EMA weights, the same seed and class labels (0, 1, 2, ... cycled) at
+        every step, so grids compare across steps; decoded by the run's VAE when it trains on latents."""
+        from ambient_ray.io import plots
+        from ambient_ray.stages.sample import draw, latent_decoder
+
+        state = w.ema_weights()
+        if state is None:
+            return None
+        meta = self.meta()
+        with torch.random.fork_rng(devices=[]):  # the training's own random state is left as it was
+            torch.manual_seed(self.cfg.seed)  # as the training network was built (fixed random buffers alike)
+            net = registry.build(meta)
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p.copy_(state[n])
+            live = dict(w.engine.module.named_buffers())  # buffers are whole on every rank, at every ZeRO stage
+            for n, b in net.named_buffers():
+                if n in live:
+                    b.copy_(live[n])
+        net.meta = meta
+        net = net.to(w.device).eval()
+        if not hasattr(self, "decode"):  # the VAE is loaded once per run
+            self.decode = latent_decoder(meta)
+        c = self.cfg
+        imgs = draw(net, c.grid_images, seed=c.seed, steps=c.grid_sampler_steps, device=w.device, decode=self.decode)
+        return plots.image_grid_png(imgs)
+
     def progress(self, m: dict) -> str:
         return f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.0f} images/s"
 

@@ -1,0 +1,116 @@
+"""What a training step costs and how well the hardware does it: exact parameter counts, FLOPs per image
+(counted by ``torch.utils.flop_counter`` on a meta-device network, so a 1.5B model costs nothing to count),
+achieved TFLOP/s, MFU against the device's peak, and peak memory. Pure torch, no Ray.
+
+FLOPs follow the usual MFU convention: a multiply-add is 2 FLOPs (EDM2's paper counts it as 1, so its
+"Gflops per image" are half of ``flops_forward`` here), only the matrix products, convolutions and attention
+are counted (elementwise work is noise at scale), and a training step is the network's forward plus its
+backward (about 3x the forward); the optimizer, the EMA and activation recomputation are not model FLOPs.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+# dense bf16 tensor-core peaks per device, TFLOP/s (vendors' datasheets, without sparsity); the first
+# entry whose name occurs in the device's name wins (so the PCIe and NVL H100s come before "H100")
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("MI300X", 1307.0),
+    ("MI250X", 383.0),
+]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of a device by its name (``torch.cuda.get_device_name()``); None if unknown."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+@dataclass(frozen=True)
+class Costs:
+    """A network's size and FLOPs per image (2 per multiply-add)."""
+
+    parameters: int
+    flops_forward: float
+    flops_train: float
+
+    def params(self) -> dict[str, float | int]:
+        """As MLflow params."""
+        return {
+            "parameters": self.parameters,
+            "flops_per_image_forward": int(self.flops_forward),
+            "flops_per_image_train": int(self.flops_train),
+        }
+
+
+def count(build: Callable[[], nn.Module], inputs: Callable[[int], tuple], batch: int = 2) -> Costs:
+    """Parameters and FLOPs per image of ``build()``'s network on ``inputs(batch)`` (positional arguments of
+    its forward), built and run on the meta device: no memory, no arithmetic. The training step is the forward
+    in training mode plus the backward of a scalar of its output (inputs take no gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build().to("meta")  # also the buffers a network makes on the CPU itself (seeded ones)
+        args = inputs(batch)
+    n = sum(p.numel() for p in net.parameters())
+    net.eval()
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        net(*args)
+    net.train()
+    with FlopCounterMode(display=False) as step:
+        out = net(*args)
+        out.float().square().mean().backward()
+    return Costs(n, fwd.get_total_flops() / batch, step.get_total_flops() / batch)
+
+
+def denoiser_inputs(model_cfg) -> Callable[[int], tuple]:
+    """Inputs of a denoiser D(x, σ, labels) of a model config (``img_resolution``, ``in_channels``, ``label_dim``):
+    labels as float one-hot rows (the meta device has no values for ``one_hot`` to read)."""
+
+    def inputs(b: int) -> tuple:
+        r, c, k = model_cfg.img_resolution, model_cfg.in_channels, getattr(model_cfg, "label_dim", 0)
+        return torch.zeros(b, c, r, r), torch.ones(b), (torch.zeros(b, k) if k else None)
+
+    return inputs
+
+
+def achieved(costs: Costs | None, images: float, seconds: float, devices: int, peak: float | None) -> dict:
+    """``tflop_per_s`` (the whole job's model TFLOP/s over ``images`` trained in ``seconds``) and, with a per-device
+    ``peak`` (TFLOP/s), ``mfu`` = achieved / (peak × devices); {} without costs."""
+    if costs is None or seconds <= 0:
+        return {}
+    tflops = costs.flops_train * images / seconds / 1e12
+    out = {"tflop_per_s": tflops}
+    if peak:
+        out["mfu"] = tflops / (peak * devices)
+    return out
+
+
+def peak_memory(device: torch.device) -> torch.Tensor:
+    """This process's peak memory in bytes, float64: [peak RSS, peak CUDA memory allocated (0 on CPU)]."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return torch.tensor([float(rss), float(cuda)], dtype=torch.float64)
