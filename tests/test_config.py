@@ -103,3 +103,19 @@ def test_demo_config_sections_validate():
     a = build(annotate.AnnotateConfig, flags=dict(spec["annotate"], data="/tmp/x", out="/tmp/z", classifier="/tmp/y"))
     assert a.tau == 0.45 and t.ambient.corrupted_sigma_min is None  # σ_min comes from the annotation
     build(sample.SampleConfig, flags=dict(spec["sample"], checkpoint="/tmp/y", out="/tmp/w"))
+
+
+def test_the_edm2_imagenet_example_config_validates():
+    """jobs/configs/edm2_imagenet.yaml is a whole train config (with --data/--out from the command line): EDM2-XXL
+    at the paper's global batch, the power EMA and the quality-score split."""
+    import os
+
+    import yaml
+
+    from ambient_ray.stages import train
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "edm2_imagenet.yaml")) as f:
+        spec = yaml.safe_load(f)
+    t = C.build(train.TrainConfig, flags=dict(spec, data="s3://b/latents", out="s3://b/run"))
+    assert t.model.arch == "edm2" and t.model.model_channels == 448 and t.num_workers * t.batch_size == 2048
+    assert t.ema == "power" and t.ambient.quality_score and t.ambient.corrupted_sigma_min == 0.2
