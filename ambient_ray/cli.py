@@ -200,6 +200,20 @@ def _sample(args) -> int:
     return 0
 
 
+def _phema(args) -> int:
+    from ambient_ray.stages import phema
+
+    s = phema.run(config(args))
+    print(
+        f"phema: σ_rel {s['std']} (γ {s['gamma']:.3f}) at step {s['at']} from {len(s['weights'])} snapshots; "
+        f"relative residual of the profile fit {s['residual']:.2e}"
+    )
+    for w in s["weights"]:
+        print(f"  {w['weight']:+.6f}  σ_rel {w['std']:g} at step {w['step']}")
+    print(f"  weights: {s['out']}/ema.safetensors  (ambient-ray sample --checkpoint {s['out']})")
+    return 0
+
+
 def _classifier(args) -> int:
     from ambient_ray.stages import train_classifier
 
@@ -400,6 +414,11 @@ STAGES: dict[str, Stage] = {
         "draw images from a trained model (EDM Heun sampler)",
         _sample,
         _model("ambient_ray.stages.sample", "SampleConfig"),
+    ),
+    "phema": Stage(
+        "post-hoc EMA: any σ_rel from the power-EMA snapshots of a run (EDM2 Sec. 3.2)",
+        _phema,
+        _model("ambient_ray.stages.phema", "PhemaConfig"),
     ),
     "features": Stage(
         "train the in-project feature network for FD on built-in data (no download)",

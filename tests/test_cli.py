@@ -92,6 +92,10 @@ FLAGS = {
         ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"],
         {"checkpoint": "/c", "num": 5, "out": "/o", "steps": 4, "stochastic": True, "seed": 2},
     ),
+    "phema": (
+        ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],
+        {"run": "/r", "std": 0.075, "at": 120, "out": "/o", "profiles": [0.05, 0.1]},
+    ),
     "locality": (
         ["--checkpoint", "/c", "--data", "/d", "--out", "/o", "--eps", "0.1"],
         {"checkpoint": "/c", "data": "/d", "out": "/o", "eps": 0.1},

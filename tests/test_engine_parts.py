@@ -45,7 +45,7 @@ def test_warmup_ema_follows_its_recurrence():
 
 def test_the_registries_choose_by_config_key_and_name_the_known_ones():
     assert SCHEDULES.names() == ["cosine", "inv_sqrt", "linear", "none"]
-    assert OPTIMIZERS.get("adam") is torch.optim.Adam and EMAS.names() == ["warmup"]
+    assert OPTIMIZERS.get("adam") is torch.optim.Adam and EMAS.names() == ["power", "warmup"]
     with pytest.raises(KeyError, match="unknown optim.decay 'step'; registered: cosine, inv_sqrt, linear, none"):
         SCHEDULES.get("step")
     cfg = EngineConfig(data="d", out="o", optim={"name": "adam", "decay": "inv_sqrt"})

@@ -2,11 +2,15 @@
 
 An EMA is updated after every optimizer step (after the post-step hooks, so it averages the weights as they
 will be used) and saved as ``ema.safetensors``, the full weights that sampling loads. ``warmup`` is the EMA of
-the first wave: decay min(ema_decay, (1 + t)/(10 + t)) after the t-th optimizer step.
+the first wave: decay min(ema_decay, (1 + t)/(10 + t)) after the t-th optimizer step. ``power`` is EDM2's
+power-function EMA (:class:`PowerEMA`, Sec. 3.1 of Karras et al. 2024): one profile per σ_rel in ``ema_stds``,
+all tracked at once; ``ema.safetensors`` is the first, and the engine writes snapshots of every profile for the
+post-hoc reconstruction (:mod:`ambient_ray.diffusion.phema`, ``ambient-ray phema``).
 
 What each rank holds depends on the ZeRO stage. Under ZeRO 0/1/2 the module's parameters are whole on every
-rank, and so is the EMA (:class:`WarmupEMA`). Under ZeRO-3 a rank holds only its flat partition of each
-parameter, and the EMA is of that partition alone (:class:`ShardedWarmupEMA`): updated from the local
+rank, and so is the EMA (:class:`Whole`). Under ZeRO-3 a rank holds only its flat partition of each
+parameter, and the EMA is of that partition alone (:class:`Partitions`, :class:`ShardedWarmupEMA`,
+:class:`ShardedPowerEMA`): updated from the local
 partition with no communication, saved per rank, and gathered into the full weights only when a checkpoint
 exports ``ema.safetensors``, one parameter at a time. Pure torch and ``torch.distributed``: the DeepSpeed
 attributes it reads (``ds_tensor``, ``ds_numel``, ``ds_shape``, ``ds_process_group``) are plain attributes.
@@ -14,63 +18,53 @@ attributes it reads (``ds_tensor``, ``ds_numel``, ``ds_shape``, ``ds_process_gro
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import json
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from ambient_ray.config import ConfigError
+from ambient_ray.diffusion import phema
 from ambient_ray.registry import Registry
 
 
-class WarmupEMA:
-    """θ_ema ← d·θ_ema + (1 − d)·θ with d = min(decay, (1 + t)/(10 + t)), t = optimizer steps taken (from 1)."""
+class Whole:
+    """Where each rank holds whole parameters (ZeRO 0/1/2): an EMA tensor per parameter, of its full shape."""
 
-    def __init__(self, params: Iterable[torch.Tensor], device: torch.device, decay: float):
-        self.decay = decay
-        self.tensors = [p.detach().clone().float().to(device) for p in params]
+    def __init__(self, device: torch.device):
+        self.device = device
 
-    @torch.no_grad()
-    def update(self, params: Iterable[torch.Tensor], step: int) -> None:
-        d = warmup_decay(self.decay, step)
-        for e, p in zip(self.tensors, params):
-            e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+    def local(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """fp32 views (or copies) of the parameters on the EMA's device."""
+        return [p.detach().float().to(self.device) for p in params]
 
-    def load(self, tensors: Iterable[torch.Tensor]) -> None:
-        self.tensors = [t.float().to(e.device) for t, e in zip(tensors, self.tensors)]
+    def cut(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full saved EMA tensors as the EMA of parameters shaped like ``like``."""
+        loaded = [t.float().to(self.device) for t in tensors]
+        if [tuple(t.shape) for t in loaded] != [tuple(e.shape) for e in like]:
+            raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
+        return loaded
 
-    def export(self, keep: bool = True) -> list[torch.Tensor]:
-        """The full EMA as fp32 CPU tensors (every rank holds it: no communication); [] unless ``keep``."""
-        return [e.cpu().contiguous() for e in self.tensors] if keep else []
-
-
-def warmup_decay(decay: float, step: int) -> float:
-    return min(decay, (1 + step) / (10 + step))
+    def gather(self, tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
+        return [e.cpu().contiguous() for e in tensors] if keep else []
 
 
-class ShardedWarmupEMA:
-    """:class:`WarmupEMA` of this rank's ZeRO-3 partition of each parameter, never of the whole parameter.
+class Partitions:
+    """Where each rank holds its ZeRO-3 partition of each parameter, and the EMA only that partition's.
 
     DeepSpeed ZeRO-3 splits each parameter, flattened and padded to a multiple of the partition group's size
     W, into W equal slices: rank r holds elements [r·s, (r + 1)·s) in ``p.ds_tensor`` (s elements, the padding
     at the end of the last ranks' slices), ``p.ds_numel`` and ``p.ds_shape`` are the whole parameter's, and the
-    group is ``p.ds_process_group``. ``tensors`` holds, per parameter, the fp32 EMA of this rank's real
-    elements (no padding; empty where a small parameter has none here). ``rank``, ``world`` and ``group``
+    group is ``p.ds_process_group``. An EMA tensor here is the fp32 EMA of this rank's real elements of one
+    parameter (no padding; empty where a small parameter has none here). ``rank``, ``world`` and ``group``
     default to the parameters' partition group.
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        device: torch.device,
-        decay: float,
-        rank: int | None = None,
-        world: int | None = None,
-        group=None,
-    ):
-        params = list(params)
+    def __init__(self, params: list[torch.Tensor], device: torch.device, rank=None, world=None, group=None):
         if group is None and params:
             group = getattr(params[0], "ds_process_group", None)
-        self.decay, self.device, self.group = decay, device, group
+        self.device, self.group = device, group
         self.rank = dist.get_rank(group) if rank is None else rank
         self.world = dist.get_world_size(group) if world is None else world
         self.layout: list[tuple[int, int, int, torch.Size]] = []  # per parameter: start, real count, slice, shape
@@ -80,21 +74,16 @@ class ShardedWarmupEMA:
                 raise ValueError(f"a partition of {size} elements on {self.world} ranks cannot hold {p.ds_numel}")
             start = min(self.rank * size, p.ds_numel)
             self.layout.append((start, min(size, p.ds_numel - start), size, torch.Size(p.ds_shape)))
-        with torch.no_grad():
-            self.tensors = [self._local(p, count).clone() for p, (_, count, _, _) in zip(params, self.layout)]
 
-    def _local(self, p: torch.Tensor, count: int) -> torch.Tensor:
-        return p.ds_tensor.detach().narrow(0, 0, count).float().to(self.device)
+    def local(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's real elements of each parameter (``p.ds_tensor``), fp32 on the EMA's device."""
+        return [
+            p.ds_tensor.detach().narrow(0, 0, count).float().to(self.device)
+            for p, (_, count, _, _) in zip(params, self.layout)
+        ]
 
-    @torch.no_grad()
-    def update(self, params: Iterable[torch.Tensor], step: int) -> None:
-        """From this rank's partitions (``p.ds_tensor``), after the optimizer step wrote them: no communication."""
-        d = warmup_decay(self.decay, step)
-        for e, p, (_, count, _, _) in zip(self.tensors, params, self.layout):
-            e.mul_(d).add_(self._local(p, count), alpha=1 - d)
-
-    def load(self, tensors: Iterable[torch.Tensor]) -> None:
-        """From the full EMA (any world size may have written it), one parameter at a time: keep this rank's slice."""
+    def cut(self, tensors: Iterable[torch.Tensor], like=None) -> list[torch.Tensor]:
+        """This rank's slices of full EMA tensors (any world size may have written them), one at a time."""
         loaded = []
         for t, (start, count, _, shape) in zip(tensors, self.layout):
             if t.numel() != shape.numel():
@@ -102,30 +91,27 @@ class ShardedWarmupEMA:
             loaded.append(t.reshape(-1).narrow(0, start, count).float().to(self.device).clone())
         if len(loaded) != len(self.layout):
             raise ValueError(f"{len(loaded)} EMA tensors for {len(self.layout)} parameters")
-        self.tensors = loaded
+        return loaded
 
-    def meta(self) -> dict[str, str]:
-        """What a saved partition was cut for (saved beside it): the rank and the partition group's size."""
-        return {"rank": str(self.rank), "world": str(self.world)}
-
-    def fits(self, meta: dict[str, str] | None) -> bool:
-        """Whether partitions saved with ``meta`` are this rank's (the same rank in a group of the same size)."""
-        return (meta or {}).get("rank") == str(self.rank) and (meta or {}).get("world") == str(self.world)
-
-    def load_partitions(self, tensors: Iterable[torch.Tensor]) -> None:
-        """This rank's own saved partitions (``tensors`` as saved, where :meth:`fits` their ``meta``)."""
+    def own(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's own saved partitions, checked against the layout."""
         loaded = [t.float().reshape(-1).to(self.device).clone() for t in tensors]
         if [t.numel() for t in loaded] != [count for _, count, _, _ in self.layout]:
             raise ValueError("saved EMA partitions that do not fit this rank's partitions")
-        self.tensors = loaded
+        return loaded
+
+    def meta(self) -> dict[str, str]:
+        return {"rank": str(self.rank), "world": str(self.world)}
+
+    def fits(self, meta: dict[str, str] | None) -> bool:
+        return (meta or {}).get("rank") == str(self.rank) and (meta or {}).get("world") == str(self.world)
 
     @torch.no_grad()
-    def export(self, keep: bool = True) -> list[torch.Tensor]:
-        """Collective over the partition group: the full EMA as fp32 CPU tensors, gathered parameter by parameter
-        (one all-gather of each parameter's slices: at most one whole parameter is on the device at a time).
-        Every rank takes part; only where ``keep`` are the tensors kept and returned ([] elsewhere)."""
+    def gather(self, tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
+        """Collective over the partition group: full tensors from every rank's partitions, one all-gather per
+        parameter (at most one whole parameter is on the device at a time); kept only where ``keep``."""
         out = []
-        for e, (_, count, size, shape) in zip(self.tensors, self.layout):
+        for e, (_, count, size, shape) in zip(tensors, self.layout):
             mine = torch.zeros(size, dtype=torch.float32, device=self.device)
             mine[:count] = e
             if self.world == 1:
@@ -138,10 +124,135 @@ class ShardedWarmupEMA:
         return out
 
 
-EMAS: Registry[Callable[..., WarmupEMA | ShardedWarmupEMA]] = Registry("ema")
+class _EMA:
+    """What the engine uses of every EMA: ``profiles`` (a list of EMA tensor lists, each one tensor per
+    parameter as :attr:`space` holds it; the first is what ``ema.safetensors`` exports and sampling loads),
+    :meth:`update`, :meth:`load`, :meth:`export` and :meth:`describe` (metadata saved with the state)."""
+
+    kind = ""
+    space: Whole | Partitions
+    profiles: list[list[torch.Tensor]]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self.profiles[0]
+
+    def load(self, tensors: Iterable[torch.Tensor], profile: int = 0) -> None:
+        """Profile ``profile`` from the full EMA tensors (under ZeRO-3, from any world size: this rank's slices)."""
+        self.profiles[profile] = self.space.cut(tensors, self.profiles[profile])
+
+    def export(self, keep: bool = True, profile: int = 0) -> list[torch.Tensor]:
+        """The full EMA of profile ``profile`` as fp32 CPU tensors, [] unless ``keep``. Under ZeRO-3 a collective
+        (every rank takes part), gathered parameter by parameter; else no communication."""
+        return self.space.gather(self.profiles[profile], keep)
+
+    def describe(self) -> dict[str, str]:
+        return {"ema": self.kind}
+
+    def check(self, meta: dict[str, str] | None) -> None:
+        """Refuse saved EMA state (``meta`` from :meth:`describe`) of another kind or other profiles."""
+        mine, saved = self.describe(), meta or {}
+        if saved.get("ema", mine["ema"]) != mine["ema"]:
+            raise ConfigError(f"config key 'ema': the checkpoint holds a {saved['ema']!r} EMA, not {mine['ema']!r}")
+        if saved.get("stds", mine.get("stds")) != mine.get("stds"):
+            raise ConfigError(f"config key 'ema_stds': the checkpoint tracks {saved['stds']}, not {mine['stds']}")
+
+
+class _Sharded:
+    """The ZeRO-3 side of an EMA over :class:`Partitions`: its layout, and its own saved partitions."""
+
+    space: Partitions
+
+    rank = property(lambda self: self.space.rank)
+    world = property(lambda self: self.space.world)
+    group = property(lambda self: self.space.group)
+    layout = property(lambda self: self.space.layout)
+
+    def meta(self) -> dict[str, str]:
+        """What a saved partition was cut for (saved beside it): the rank and the partition group's size."""
+        return self.space.meta()
+
+    def fits(self, meta: dict[str, str] | None) -> bool:
+        """Whether partitions saved with ``meta`` are this rank's (the same rank in a group of the same size)."""
+        return self.space.fits(meta)
+
+    def load_partitions(self, tensors: Iterable[torch.Tensor], profile: int = 0) -> None:
+        """This rank's own saved partitions (``tensors`` as saved, where :meth:`fits` their ``meta``)."""
+        self.profiles[profile] = self.space.own(tensors)
+
+
+class WarmupEMA(_EMA):
+    """θ_ema ← d·θ_ema + (1 − d)·θ with d = min(decay, (1 + t)/(10 + t)), t = optimizer steps taken (from 1)."""
+
+    kind = "warmup"
+
+    def __init__(self, params: Iterable[torch.Tensor], device: torch.device, decay: float, space=None):
+        self.decay = decay
+        self.space = space or Whole(device)
+        self.profiles = [[t.clone() for t in self.space.local(params)]]
+
+    @torch.no_grad()
+    def update(self, params: Iterable[torch.Tensor], step: int) -> None:
+        d = warmup_decay(self.decay, step)
+        for e, x in zip(self.tensors, self.space.local(params)):
+            e.mul_(d).add_(x, alpha=1 - d)
+
+
+def warmup_decay(decay: float, step: int) -> float:
+    return min(decay, (1 + step) / (10 + step))
+
+
+class ShardedWarmupEMA(_Sharded, WarmupEMA):
+    """:class:`WarmupEMA` of this rank's ZeRO-3 partition of each parameter (:class:`Partitions`), never of the
+    whole parameter: updated from ``p.ds_tensor`` with no communication, gathered only at export."""
+
+    def __init__(self, params, device, decay: float, rank=None, world=None, group=None):
+        params = list(params)
+        super().__init__(params, device, decay, Partitions(params, device, rank, world, group))
+
+
+class PowerEMA(_EMA):
+    """Power-function EMAs (EDM2 Sec. 3.1), one profile per σ_rel in ``stds``, all updated after every step:
+    θ̂ ← β_t θ̂ + (1 − β_t) θ, β_t = (1 − 1/t)^(γ+1), t = optimizer steps taken (from 1; time in steps, see
+    :mod:`ambient_ray.diffusion.phema`)."""
+
+    kind = "power"
+
+    def __init__(self, params: Iterable[torch.Tensor], device: torch.device, stds: Sequence[float], space=None):
+        self.stds = [float(s) for s in stds]
+        self.gammas = [phema.gamma_of(s) for s in self.stds]
+        self.space = space or Whole(device)
+        first = self.space.local(params)
+        self.profiles = [[t.clone() for t in first] for _ in self.stds]
+
+    @torch.no_grad()
+    def update(self, params: Iterable[torch.Tensor], step: int) -> None:
+        x = self.space.local(params)
+        for gamma, profile in zip(self.gammas, self.profiles):
+            b = phema.power_beta(gamma, step)
+            for e, xi in zip(profile, x):
+                e.mul_(b).add_(xi, alpha=1 - b)
+
+    def describe(self) -> dict[str, str]:
+        return {"ema": self.kind, "stds": json.dumps(self.stds)}
+
+
+class ShardedPowerEMA(_Sharded, PowerEMA):
+    """:class:`PowerEMA` of this rank's ZeRO-3 partitions (:class:`Partitions`), as :class:`ShardedWarmupEMA`."""
+
+    def __init__(self, params, device, stds: Sequence[float], rank=None, world=None, group=None):
+        params = list(params)
+        super().__init__(params, device, stds, Partitions(params, device, rank, world, group))
+
+
+EMAS: Registry[Callable[..., _EMA]] = Registry("ema")
 EMAS.register(
     "warmup",
     lambda params, device, cfg, sharded=False: (ShardedWarmupEMA if sharded else WarmupEMA)(
         params, device, cfg.ema_decay
     ),
+)
+EMAS.register(
+    "power",
+    lambda params, device, cfg, sharded=False: (ShardedPowerEMA if sharded else PowerEMA)(params, device, cfg.ema_stds),
 )
