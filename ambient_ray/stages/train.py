@@ -246,7 +246,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
         extra={"rows": len(meta), "sigma_min": origin},
         callbacks=callbacks,
-        costs=denoiser_costs(model_meta(cfg, latents)),
+        costs=denoiser_costs(model_meta(cfg, latents)) if cfg.mlflow.enabled else None,  # only MLflow shows them
     )
 
 
