@@ -89,8 +89,10 @@ FLAGS = {
         },
     ),
     "sample": (
-        ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"],
-        {"checkpoint": "/c", "num": 5, "out": "/o", "steps": 4, "stochastic": True, "seed": 2},
+        ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"]
+        + ["--guide", "/g", "--guidance", "1.5"],
+        {"checkpoint": "/c", "num": 5, "out": "/o", "steps": 4, "stochastic": True, "seed": 2}
+        | {"guide": "/g", "guidance": 1.5},
     ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],

