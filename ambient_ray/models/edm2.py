@@ -221,7 +221,7 @@ class Block(nn.Module):
         self.out_channels, self.flavor, self.resample = out_channels, flavor, resample
         self.cfg = cfg
         self.heads = out_channels // cfg.channels_per_head if attention else 0
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros(1))  # shape (1,): DeepSpeed cannot broadcast 0-d parameters
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels, ())
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
@@ -299,7 +299,7 @@ class EDM2UNet(nn.Module):
                 )
                 cout = width
         self.out_conv = MPConv(cout, cfg.in_channels, (3, 3))
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros(1))  # shape (1,): DeepSpeed cannot broadcast 0-d parameters
 
     def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(c_noise).to(dtype))
