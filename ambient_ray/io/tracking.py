@@ -181,11 +181,17 @@ def finish(run_id: str | None, uri: str | None, status: str = "FINISHED", tags: 
     client.set_terminated(run_id, status)
 
 
-def child(mcfg, name: str, parent: str | None) -> dict:
+def child(mcfg, name: str, parent: str | None, register: bool = False) -> dict:
     """The ``mlflow`` section of a stage a workflow runs: the workflow's settings, the stage's run name,
-    and nested under ``parent`` (the workflow's run, or one of its children)."""
+    and nested under ``parent`` (the workflow's run, or one of its children). A child registers no model
+    version unless ``register`` (a search's trials and an experiment's arms would add one per run)."""
     base = mcfg if isinstance(mcfg, dict) else mcfg.model_dump()
-    return {**base, "run_name": name, "parent_run_id": parent}
+    return {
+        **base,
+        "run_name": name,
+        "parent_run_id": parent,
+        "register_model": register and base.get("register_model", True),
+    }
 
 
 class Run(tuple):

@@ -109,8 +109,8 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
         except Exception as e:
             raise ConfigError(f"config key 'corrupt.corruptions': {e}") from None
 
-    def mlflow(name: str) -> dict:
-        return tracking.child(cfg.mlflow, name, parent_run)
+    def mlflow(name: str) -> dict:  # the pipeline's trained denoiser is its product: registered
+        return tracking.child(cfg.mlflow, name, parent_run, register=name == "train")
 
     wiring = {
         "corrupt": {"out": dirs["corrupt"]},
