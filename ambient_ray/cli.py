@@ -345,6 +345,13 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from ambient_ray.train import planner
+
+    print(planner.format_plan(planner.plan(config(args))))
+    return 0
+
+
 def _jobs_extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("list", "logs", "stop", "runs"))
     p.add_argument(
@@ -446,6 +453,11 @@ STAGES: dict[str, Stage] = {
         "re-runs skip finished stages",
         _pipeline,
         _model("ambient_ray.workflows.pipeline", "PipelineConfig"),
+    ),
+    "plan": Stage(
+        "per-GPU memory of training a model preset under DeepSpeed ZeRO, and the stage and node count to use",
+        _plan,
+        _model("ambient_ray.train.planner", "PlanConfig"),
     ),
     "jobs": Stage(
         "follow, stop and trace the Ray jobs of a cluster (list, logs, stop, runs)", _jobs, extra=_jobs_extra

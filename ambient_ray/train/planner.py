@@ -1,0 +1,533 @@
+"""The memory planner (``ambient-ray plan``): per-GPU memory of training a registry preset under DeepSpeed ZeRO.
+
+Counts come from the network built on the meta device (no memory, no weights): the exact parameter count,
+the largest layer (what ZeRO-3 gathers at once) and the parameters ZeRO-3 keeps whole on every rank. (Not
+from DeepSpeed's ``*_all_live`` estimators: on a meta model every ``data_ptr`` is 0 and they count 128.)
+Activations are measured on the meta device too: the bytes the forward saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``), and with activation checkpointing the bytes saved outside the
+checkpointed blocks, the blocks' inputs and one block's recomputation. FLOPs per image from
+``torch.utils.flop_counter.FlopCounterMode`` on the same meta model (:func:`flops_per_image`).
+
+Model states per GPU (P parameters, N data-parallel ranks, w = 2 bytes in bf16 mixed precision, 4 in fp32,
+Adam/AdamW: two fp32 states), at the optimizer step, its peak (:func:`model_states`):
+
+    params  w·P whole (ZeRO 0-2); ZeRO-3: w·P/N + w·(persistent parameters, whole on every rank)
+    grads   ZeRO-0: w·P, and in bf16 the optimizer's fp32 copy 4·P; ZeRO-1/2: the fp32 partition 4·P/N;
+            ZeRO-3: the partition buffer w·P/N and the fp32 copy the step reads 4·P/N
+    master  fp32 copy, 4·P (ZeRO-0 bf16; fp32 ZeRO-0 steps on the module itself) or 4·P/N (ZeRO >= 1)
+    Adam    8·P, or 8·P/N (ZeRO >= 1)
+
+i.e. fp32: 16, 4 + 16/N, 4 + 16/N, 24/N bytes per parameter; bf16: 20, 2 + 16/N, 2 + 16/N, 20/N. These are
+measured (tensor storages per rank, DeepSpeed 0.19 on CPU over gloo, fp32 and bf16, 2 ranks; the fp32 ones
+by ``tests/test_planner.py``). DeepSpeed's count-based estimators (``estimate_zero2_model_states_mem_needs``
+in ``deepspeed.runtime.zero.stage_1_and_2``, ``estimate_zero3_model_states_mem_needs`` in
+``deepspeed.runtime.zero.stage3``) assume bf16 mixed precision: 2 + 18/N and 18/N + 4·largest layer; the plan
+shows them beside ours, and takes them for optimizer offload (measured here only without offload), where the
+GPU keeps the bf16/fp32 parameters (and ZeRO-3 its partition) and the host the rest, 16·P/N per rank.
+
+DeepSpeed's working buffers on top (its config defaults; the engine's ``deepspeed_config`` sets none): the
+gradient reduce bucket of ``reduce_bucket_size`` elements in the gradient dtype (5e8: 1 GB in bf16, 2 GB in
+fp32; ZeRO-3 allocates it once, ZeRO-1/2 at every backward), and under ZeRO-3 the gathered parameters
+(DeepSpeed's 4·largest layer plus the prefetch bucket). The EMA (:mod:`ambient_ray.train.ema`, in fp32 on the
+device): one copy per profile, whole on every rank under ZeRO 0-2, this rank's partition under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ambient_ray.config import ConfigError, Strict, flag
+
+GIB = 2**30
+STAGES = (0, 1, 2, 3)
+Precision = Literal["bf16", "fp32"]
+# DeepSpeed's ZeRO config defaults (deepspeed.runtime.zero.config.DeepSpeedZeroConfig), which the engine keeps
+REDUCE_BUCKET = int(5e8)  # reduce_bucket_size
+PREFETCH_BUCKET = int(5e7)  # stage3_prefetch_bucket_size
+PERSISTENCE_THRESHOLD = int(1e5)  # stage3_param_persistence_threshold: parameters this small stay whole
+EMA_COPIES = {"warmup": 1, "power": 2}  # fp32 copies per rank: the power EMA tracks ema_stds' two profiles
+
+
+def dtype_bytes(precision: Precision) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+# ------------------------------------------------------------------------------ the network on the meta device
+
+
+def resolve(preset: str) -> str:
+    """The denoiser arch whose presets hold ``preset`` (every registered arch is searched)."""
+    from ambient_ray.models import registry
+
+    found = [name for name in registry.names("denoiser") if preset in registry.ARCHS.get(name).presets]
+    if not found:
+        known = ", ".join(p for name in registry.names("denoiser") for p in registry.ARCHS.get(name).presets)
+        raise ConfigError(f"config key 'model': unknown preset {preset!r}; the denoiser presets are {known}")
+    if len(found) > 1:
+        raise ConfigError(f"config key 'model': preset {preset!r} is in several archs ({', '.join(found)})")
+    return found[0]
+
+
+def preset_meta(preset: str, **model) -> dict:
+    """``model.json`` of a preset at its paper setting (the arch module's ``PAPER_INTERFACE`` where it has
+    one, e.g. EDM2's 64x64x4 latents with 1000 classes), with ``model`` keys (None: left to the preset)."""
+    from ambient_ray.models import registry
+
+    arch = resolve(preset)
+    paper = getattr(sys.modules[registry.ARCHS.get(arch).config.__module__], "PAPER_INTERFACE", {})
+    given = {k: v for k, v in model.items() if v is not None}
+    return {"kind": "denoiser", "arch": arch, "model": {"preset": preset, **paper, **given}, "sigma_data": 0.5}
+
+
+def meta_model(meta: dict, **model) -> nn.Module:
+    """The network of ``meta`` (``model`` keys overridden) on the meta device, buffers included."""
+    from ambient_ray.models import registry
+
+    meta = {**meta, "model": {**meta["model"], **model}}
+    with torch.device("meta"):
+        net = registry.build(meta)
+    return net.to("meta")  # a buffer built on an explicit device (e.g. fixed Fourier features) too
+
+
+@dataclass(frozen=True)
+class Counts:
+    params: int  # exact, shared parameters once
+    largest_layer: int  # most parameters one module holds itself (DeepSpeed's largest_layer_params)
+    persistent: int  # parameters of at most stage3_param_persistence_threshold elements: whole on every rank
+    active: int | None = None  # parameters active per token where the network says (``active_parameters()``)
+
+
+def counts(net: nn.Module) -> Counts:
+    """Parameter counts of a (meta-device) network. A network whose parameters are not all active per token
+    (a mixture of experts) reports its active count through an ``active_parameters()`` method."""
+    params = list(net.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    persistent = sum(p.numel() for p in params if p.numel() <= PERSISTENCE_THRESHOLD)
+    active = net.active_parameters() if callable(getattr(net, "active_parameters", None)) else None
+    return Counts(sum(p.numel() for p in params), largest, persistent, active)
+
+
+def _inputs(meta: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    from ambient_ray.models.registry import config_of
+
+    cfg = config_of(meta)
+    x = torch.zeros(batch, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, device="meta")
+    sigma = torch.ones(batch, device="meta")
+    labels = torch.zeros(batch, cfg.label_dim, device="meta") if getattr(cfg, "label_dim", 0) else None
+    return x, sigma, labels
+
+
+def flops_per_image(meta: dict, precision: Precision = "bf16") -> int:
+    """FLOPs of one image's forward (two per multiply-add; EDM2's paper counts one), on the meta device.
+    Training costs about 3x this per image (4x with activation checkpointing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = meta_model(meta).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(*_inputs(meta, 1))
+    return int(fc.get_total_flops())
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+class _Saved:
+    """Bytes the forward saves for backward (parameters excluded, a storage counted once), attributed to the
+    module that was running: per module, the most one call saved."""
+
+    def __init__(self, net: nn.Module):
+        self.params = {id(p) for p in net.parameters()}
+        self.seen: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # saved tensors stay alive: their ids stay unique
+        self.total = 0
+        self.per_call: dict[str, int] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self._start: dict[str, list[int]] = {}
+        self.handles = []
+        for name, m in net.named_modules():
+            self.handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(m.register_forward_hook(self._post(name)))
+
+    def _key(self, t: torch.Tensor) -> tuple[int, int]:
+        base = t._base if t._base is not None else t
+        return id(base), base.untyped_storage().nbytes()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in self.params and id(t) not in self.params:
+            key, nbytes = self._key(t)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.keep.append(base)
+                self.total += nbytes
+        return t
+
+    def _pre(self, name):
+        def hook(_module, args):
+            self._start.setdefault(name, []).append(self.total)
+            self.inputs[name] = [a for a in args if isinstance(a, torch.Tensor)]
+
+        return hook
+
+    def _post(self, name):
+        def hook(_module, _args, _out):
+            used = self.total - self._start[name].pop()
+            self.per_call[name] = max(self.per_call.get(name, 0), used)
+
+        return hook
+
+    def input_bytes(self, names: list[str]) -> int:
+        """Bytes of the modules' inputs not already saved (a storage once)."""
+        total, seen = 0, set(self.seen)
+        for name in names:
+            for t in self.inputs.get(name, []):
+                key, nbytes = self._key(t)
+                if key not in seen:
+                    seen.add(key)
+                    total += nbytes
+        return total
+
+
+def _saved(meta: dict, batch: int, precision: Precision, **model) -> tuple[_Saved, nn.Module]:
+    net = meta_model(meta, **model).train().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    s = _Saved(net)
+    with torch.autograd.graph.saved_tensors_hooks(s.pack, lambda t: t):
+        net(*_inputs(meta, batch))
+    for h in s.handles:
+        h.remove()
+    return s, net
+
+
+@dataclass(frozen=True)
+class Activations:
+    saved: int  # bytes one micro-batch's forward saves for backward, without checkpointing
+    checkpointed: int | None  # with checkpointing: saved outside the blocks + their inputs + one block's recompute
+    option: str | None  # the model config key that turns checkpointing on; None: the arch has none
+    recompute: int = 0  # the largest block's own saved bytes (recomputed in backward, one block at a time)
+
+
+CHECKPOINT_KEY = "checkpoint_blocks"
+
+
+def activations(meta: dict, batch: int, precision: Precision = "bf16") -> Activations:
+    """Activation bytes of one micro-batch of ``batch`` per GPU, measured on the meta device.
+
+    With checkpointing (the arch's ``checkpoint_blocks``) the blocks run inside ``torch.utils.checkpoint``
+    and save nothing through this hook: they are the outermost modules that saved bytes without it and none
+    with it. Their inputs stay alive for the recomputation, and backward recomputes one block at a time, so
+    the peak adds the largest block's own saved bytes (measured without checkpointing)."""
+    plain, _ = _saved(meta, batch, precision, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
+    if not _has_checkpoint(meta):
+        return Activations(plain.total, None, None)
+    ck, _ = _saved(meta, batch, precision, **{CHECKPOINT_KEY: True})
+    silent = {n for n, used in plain.per_call.items() if used > 0 and ck.per_call.get(n, 0) == 0}
+    blocks = [n for n in silent if _parent(n) not in silent]
+    if not blocks:  # the option changed nothing this hook can see
+        return Activations(plain.total, plain.total, CHECKPOINT_KEY)
+    recompute = max(plain.per_call[n] for n in blocks)
+    return Activations(plain.total, ck.total + ck.input_bytes(blocks) + recompute, CHECKPOINT_KEY, recompute)
+
+
+def _parent(name: str) -> str | None:
+    return name.rsplit(".", 1)[0] if "." in name else ("" if name else None)
+
+
+def _has_checkpoint(meta: dict) -> bool:
+    from ambient_ray.models import registry
+
+    return CHECKPOINT_KEY in registry.ARCHS.get(registry.arch_of(meta)).config.model_fields
+
+
+# ------------------------------------------------------------------------------ model states, buffers, EMA
+
+
+@dataclass(frozen=True)
+class States:
+    gpu: int  # bytes per GPU at the optimizer step: parameters, gradients, master weights, optimizer states
+    cpu: int  # bytes per rank in host memory (offloaded optimizer states)
+    buffers: int  # DeepSpeed's working buffers on the GPU (reduce bucket; ZeRO-3's gathered parameters)
+    deepspeed: int | None = None  # DeepSpeed's own estimate of ``gpu`` (bf16, ZeRO-2/3), for comparison
+
+
+def model_states(c: Counts, stage: int, world: int, precision: Precision = "bf16", offload: bool = False) -> States:
+    """Per-rank bytes of the model states under ZeRO ``stage`` on ``world`` data-parallel ranks (the
+    formulas of the module docstring); ``offload``: DeepSpeed's ZeRO-Offload of the optimizer states (the
+    engine's ``offload_optimizer``, stage >= 1)."""
+    if stage not in STAGES:
+        raise ConfigError(f"config key 'zero_stage': {stage} is not a ZeRO stage (0-3)")
+    if offload and stage == 0:
+        raise ConfigError("config key 'offload': optimizer offload needs ZeRO stage >= 1")
+    p, w, n = c.params, dtype_bytes(precision), world
+    bf16 = precision == "bf16"
+    shard = p if stage == 0 else p / n
+    params = w * (p / n + c.persistent) if stage == 3 else w * p
+    if stage == 0:
+        grads = w * p + (4 * p if bf16 else 0)
+    elif stage < 3:
+        grads = 4 * p / n
+    else:
+        grads = (w + 4) * p / n
+    master = 4 * shard if (bf16 or stage > 0) else 0
+    adam = 8 * shard
+    buffers = 0 if stage == 0 else w * REDUCE_BUCKET
+    if stage == 3:
+        buffers += 4 * c.largest_layer + w * min(PREFETCH_BUCKET, p)
+    ds = _deepspeed_estimate(c, stage, n, offload) if bf16 else None
+    if offload:  # the GPU keeps the parameters; the host the fp32 gradients, master weights and Adam states
+        return States(int(params), int(16 * p / n), int(buffers), ds)
+    return States(int(params + grads + master + adam), 0, int(buffers), ds)
+
+
+def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool) -> int | None:
+    """DeepSpeed's count-based estimate of the GPU's model states (bf16 mixed precision), without its
+    largest-layer term (a buffer here); None for stages it has no estimator for."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # as the engine does: no probing, no warning
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(c.params, world, 1, cpu_offload=offload)[1]
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _, gpu, largest = estimate_zero3_model_states_mem_needs(
+            c.params, c.largest_layer, world, 1, cpu_offload=offload, cpu_offload_params=False
+        )
+        return gpu - largest
+    return None
+
+
+def ema_bytes(c: Counts, stage: int, world: int, copies: int = 1) -> int:
+    """fp32 EMA bytes per rank: ``copies`` profiles, of the whole model (ZeRO 0-2) or this rank's partition
+    (ZeRO-3, :class:`ambient_ray.train.ema.Partitions`)."""
+    per_copy = c.params if stage < 3 else math.ceil(c.params / world)
+    return 4 * copies * per_copy
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Choice:
+    stage: int
+    nodes: int
+    checkpoint: bool
+    total: int  # bytes per GPU
+
+
+def recommend(
+    per_gpu: Callable[[int, int, bool], int],
+    budget: float,
+    nodes: int | None = None,
+    max_nodes: int = 64,
+    checkpoint: tuple[bool, ...] = (False, True),
+) -> Choice | None:
+    """The cheapest setting whose per-GPU bytes ``per_gpu(stage, nodes, checkpoint)`` fit ``budget``: the
+    fewest nodes (``nodes`` if given), then without activation checkpointing if it fits (recomputation costs
+    a forward), then the lowest ZeRO stage (the least communication). None if nothing fits."""
+    for n in [nodes] if nodes else range(1, max_nodes + 1):
+        for ck in checkpoint:
+            for stage in STAGES:
+                total = per_gpu(stage, n, ck)
+                if total <= budget:
+                    return Choice(stage, n, ck, int(total))
+    return None
+
+
+class PlanConfig(Strict):
+    """``ambient-ray plan``: the per-GPU memory of training a preset, and the ZeRO stage and node count to use."""
+
+    model: str = Field(
+        ...,
+        description="a model preset of any arch, e.g. edm2-xxl",
+        json_schema_extra=flag("--model", metavar="PRESET"),
+    )
+    gpus: int = Field(8, ge=1, description="GPUs per node", json_schema_extra=flag("--gpus"))
+    nodes: int | None = Field(
+        None, ge=1, description="nodes (None: the fewest that fit)", json_schema_extra=flag("--nodes")
+    )
+    max_nodes: int = Field(64, ge=1, description="the most nodes the recommendation considers")
+    gpu_mem: float = Field(80.0, gt=0, description="memory per GPU in GiB", json_schema_extra=flag("--gpu-mem"))
+    headroom: float = Field(
+        0.1, ge=0, lt=1, description="fraction of gpu_mem kept free (CUDA context, allocator fragmentation)"
+    )
+    batch: int = Field(32, ge=1, description="micro-batch per GPU", json_schema_extra=flag("--batch"))
+    global_batch: int | None = Field(
+        None,
+        ge=1,
+        description="global batch, for the accumulation steps (None: 2048 for edm2, the paper's; else none)",
+        json_schema_extra=flag("--global-batch"),
+    )
+    resolution: int | None = Field(
+        None,
+        ge=1,
+        description="image or latent side (None: the preset's paper setting)",
+        json_schema_extra=flag("--resolution"),
+    )
+    channels: int | None = Field(
+        None,
+        ge=1,
+        description="image or latent channels (None: the paper setting)",
+        json_schema_extra=flag("--channels"),
+    )
+    label_dim: int | None = Field(
+        None, ge=0, description="classes (None: the paper setting)", json_schema_extra=flag("--label-dim")
+    )
+    precision: Precision = Field(
+        "bf16", description="bf16 mixed precision (GPU) or fp32", json_schema_extra=flag("--precision")
+    )
+    offload: bool = Field(
+        False,
+        description="ZeRO-Offload of the optimizer states to CPU (stages 1-3)",
+        json_schema_extra=flag("--offload"),
+    )
+    ema: Literal["auto", "warmup", "power"] = Field(
+        "auto",
+        description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup",
+        json_schema_extra=flag("--ema"),
+    )
+
+
+PAPER_GLOBAL_BATCH = {"edm2": 2048}
+PAPER_EMA = {"edm2": "power"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: PlanConfig
+    meta: dict
+    counts: Counts
+    activations: Activations
+    flops: int
+    ema: str
+    nodes: int  # the node count of the table: the recommendation's, or --nodes
+    choice: Choice | None
+    rows: dict[int, dict[str, int | None]]  # per stage: the table's bytes
+
+    def per_gpu(self, stage: int, nodes: int, checkpoint: bool) -> int:
+        return per_gpu_bytes(self.cfg, self.counts, self.activations, self.ema, stage, nodes, checkpoint)
+
+
+def per_gpu_bytes(
+    cfg: PlanConfig, c: Counts, act: Activations, ema: str, stage: int, nodes: int, checkpoint: bool
+) -> int:
+    world = cfg.gpus * nodes
+    if cfg.offload and stage == 0:
+        return 1 << 62  # offload needs stage >= 1: never chosen
+    s = model_states(c, stage, world, cfg.precision, cfg.offload)
+    a = act.checkpointed if checkpoint else act.saved
+    if a is None:
+        return 1 << 62
+    return s.gpu + s.buffers + ema_bytes(c, stage, world, EMA_COPIES[ema]) + a
+
+
+def plan(cfg: PlanConfig) -> Plan:
+    """Count, measure and recommend (seconds: the meta device, no Ray)."""
+    meta = preset_meta(cfg.model, img_resolution=cfg.resolution, in_channels=cfg.channels, label_dim=cfg.label_dim)
+    try:
+        net = meta_model(meta)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config key 'model': preset {cfg.model!r} at this interface: {e}") from None
+    c = counts(net)
+    act = activations(meta, cfg.batch, cfg.precision)
+    ema = PAPER_EMA.get(meta["arch"], "warmup") if cfg.ema == "auto" else cfg.ema
+    options = (False, True) if act.checkpointed is not None else (False,)
+
+    def fits(stage: int, nodes: int, checkpoint: bool) -> int:
+        return per_gpu_bytes(cfg, c, act, ema, stage, nodes, checkpoint)
+
+    budget = cfg.gpu_mem * GIB * (1 - cfg.headroom)
+    choice = recommend(fits, budget, cfg.nodes, cfg.max_nodes, options)
+    nodes = cfg.nodes or (choice.nodes if choice else 1)
+    rows = {}
+    for stage in STAGES:
+        world = cfg.gpus * nodes
+        if cfg.offload and stage == 0:
+            continue
+        s = model_states(c, stage, world, cfg.precision, cfg.offload)
+        rows[stage] = {
+            "model states": s.gpu,
+            "  DeepSpeed's estimate": s.deepspeed,
+            "DeepSpeed buffers": s.buffers,
+            "EMA": ema_bytes(c, stage, world, EMA_COPIES[ema]),
+            "activations": act.saved,
+            "  with checkpointing": act.checkpointed,
+            "total": fits(stage, nodes, False),
+            "  with checkpointing ": fits(stage, nodes, True) if act.checkpointed is not None else None,
+            "host memory per node (offload)": s.cpu * cfg.gpus if cfg.offload else None,
+        }
+    return Plan(cfg, meta, c, act, flops_per_image(meta, cfg.precision), ema, nodes, choice, rows)
+
+
+def _gib(b: int | None) -> str:
+    return "-" if b is None else f"{b / GIB:.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as plain aligned text."""
+    cfg, c = p.cfg, p.counts
+    from ambient_ray.models.registry import config_of
+
+    mc = config_of(p.meta)
+    labels = getattr(mc, "label_dim", 0)
+    lines = [
+        f"{cfg.model} (arch {p.meta['arch']}): {c.params:,} parameters"
+        + (f" ({c.active:,} active per token)" if c.active is not None else ""),
+        f"  largest layer {c.largest_layer:,}; ZeRO-3 keeps {c.persistent:,} whole on every rank "
+        f"(tensors of <= {PERSISTENCE_THRESHOLD:,} elements)",
+        f"  input {mc.img_resolution}x{mc.img_resolution}x{mc.in_channels}"
+        + (f", {labels} classes" if labels else ", unconditional")
+        + f"; forward {p.flops / 1e9:,.1f} GFLOPs per image ({p.flops / 2e9:,.1f} G multiply-adds)",
+    ]
+    world = cfg.gpus * p.nodes
+    lines.append(
+        f"per GPU in GiB: {cfg.precision}{', optimizer offloaded to CPU' if cfg.offload else ''}, "
+        f"{cfg.gpus} GPUs x {p.nodes} node{'s' if p.nodes > 1 else ''} = {world} ranks, micro-batch {cfg.batch}, "
+        f"EMA {p.ema} ({EMA_COPIES[p.ema]} fp32 cop{'ies' if EMA_COPIES[p.ema] > 1 else 'y'})"
+    )
+    stages = list(p.rows)
+    names = [k for k in next(iter(p.rows.values())) if any(p.rows[s][k] is not None for s in stages)]
+    width = max(len(n) for n in names) + 2
+    lines.append(" " * width + "".join(f"{'ZeRO-' + str(s):>10s}" for s in stages))
+    for name in names:
+        lines.append(f"{name.rstrip():<{width}s}" + "".join(f"{_gib(p.rows[s][name]):>10s}" for s in stages))
+    budget = cfg.gpu_mem * (1 - cfg.headroom)
+    if p.activations.option is None:
+        lines.append(f"(arch {p.meta['arch']} has no activation checkpointing option)")
+    else:
+        lines.append(
+            f"(checkpointing: model.{p.activations.option}; backward recomputes one block at a time, the largest "
+            f"saving {_gib(p.activations.recompute)} GiB)"
+        )
+    ch = p.choice
+    if ch is None:
+        where = f"{cfg.nodes} node(s)" if cfg.nodes else f"up to {cfg.max_nodes} nodes"
+        lines.append(
+            f"recommended: nothing fits {budget:.1f} GiB per GPU ({cfg.gpu_mem:g} GiB less {cfg.headroom:.0%}) "
+            f"on {where}; lower --batch or try --offload"
+        )
+        return "\n".join(lines)
+    lines.append(
+        f"recommended: ZeRO-{ch.stage} on {ch.nodes} node{'s' if ch.nodes > 1 else ''} of {cfg.gpus} GPUs, "
+        f"{'with' if ch.checkpoint else 'no'} activation checkpointing: {ch.total / GIB:.1f} of {budget:.1f} GiB "
+        f"per GPU ({cfg.gpu_mem:g} GiB less {cfg.headroom:.0%} headroom)"
+        + (f"; set model.{p.activations.option}=true" if ch.checkpoint else "")
+    )
+    glob = cfg.global_batch or PAPER_GLOBAL_BATCH.get(p.meta["arch"])
+    if glob:
+        per_step = cfg.batch * cfg.gpus * ch.nodes
+        accum = max(1, math.ceil(glob / per_step))
+        exact = "" if accum * per_step == glob else f" (not exact: {accum * per_step} images per step)"
+        lines.append(
+            f"  global batch {glob} = micro-batch {cfg.batch} x {cfg.gpus * ch.nodes} ranks x {accum} "
+            f"accumulation step{'s' if accum > 1 else ''} (optim.grad_accum={accum}){exact}"
+        )
+    return "\n".join(lines)
