@@ -223,8 +223,8 @@ def main() -> None:
         help="comma-separated EDM2 presets",
     )
     ap.add_argument("--batch", type=int, default=32 if gpu else 8, help="micro-batch per process")
-    ap.add_argument("--steps", type=int, default=10 if gpu else 5)
-    ap.add_argument("--warmup", type=int, default=3 if gpu else 2)
+    ap.add_argument("--steps", type=int, default=10 if gpu else 20)
+    ap.add_argument("--warmup", type=int, default=3 if gpu else 5)
     ap.add_argument("--world", type=int, default=torch.cuda.device_count() if gpu else 2, help="DeepSpeed processes")
     ap.add_argument("--resolution", type=int, default=64 if gpu else 32)
     ap.add_argument("--channels", type=int, default=4)
