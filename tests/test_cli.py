@@ -158,6 +158,13 @@ FLAGS = {
         {"data": "/d", "out": "/o", "num_samples": 6, "scheduler": "none", "searcher": "grid", "classifier": "/k"},
     ),
     "pipeline": (["--out", "/o"], {"out": "/o"}),
+    "plan": (
+        ["--model", "edm2-xxl", "--gpus", "4", "--nodes", "2", "--gpu-mem", "40", "--batch", "16"]
+        + ["--global-batch", "512", "--resolution", "32", "--channels", "3", "--label-dim", "0"]
+        + ["--precision", "fp32", "--offload", "--ema", "power"],
+        {"model": "edm2-xxl", "gpus": 4, "nodes": 2, "gpu_mem": 40.0, "batch": 16, "global_batch": 512}
+        | {"resolution": 32, "channels": 3, "label_dim": 0, "precision": "fp32", "offload": True, "ema": "power"},
+    ),
 }
 
 

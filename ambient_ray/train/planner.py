@@ -11,13 +11,16 @@ checkpointed blocks, the blocks' inputs and one block's recomputation. FLOPs per
 Model states per GPU (P parameters, N data-parallel ranks, w = 2 bytes in bf16 mixed precision, 4 in fp32,
 Adam/AdamW: two fp32 states), at the optimizer step, its peak (:func:`model_states`):
 
-    params  w·P whole (ZeRO 0-2); ZeRO-3: w·P/N + w·(persistent parameters, whole on every rank)
+    params  w·P whole (ZeRO 0-2); ZeRO-3: w·P/N, and the persistent parameters (<= 1e5 elements) whole
+            on every rank from the forward until the step
     grads   ZeRO-0: w·P, and in bf16 the optimizer's fp32 copy 4·P; ZeRO-1/2: the fp32 partition 4·P/N;
-            ZeRO-3: the partition buffer w·P/N and the fp32 copy the step reads 4·P/N
+            ZeRO-3: the partition buffer w·P/N and, during the step (the persistent ones released), the
+            fp32 copy the step reads 4·P/N
     master  fp32 copy, 4·P (ZeRO-0 bf16; fp32 ZeRO-0 steps on the module itself) or 4·P/N (ZeRO >= 1)
     Adam    8·P, or 8·P/N (ZeRO >= 1)
 
-i.e. fp32: 16, 4 + 16/N, 4 + 16/N, 24/N bytes per parameter; bf16: 20, 2 + 16/N, 2 + 16/N, 20/N. These are
+i.e. fp32: 16, 4 + 16/N, 4 + 16/N, 24/N bytes per parameter; bf16: 20, 2 + 16/N, 2 + 16/N, 20/N (ZeRO-3 with
+few persistent parameters). These are
 measured (tensor storages per rank, DeepSpeed 0.19 on CPU over gloo, fp32 and bf16, 2 ranks; the fp32 ones
 by ``tests/test_planner.py``). DeepSpeed's count-based estimators (``estimate_zero2_model_states_mem_needs``
 in ``deepspeed.runtime.zero.stage_1_and_2``, ``estimate_zero3_model_states_mem_needs`` in
@@ -268,13 +271,16 @@ def model_states(c: Counts, stage: int, world: int, precision: Precision = "bf16
     p, w, n = c.params, dtype_bytes(precision), world
     bf16 = precision == "bf16"
     shard = p if stage == 0 else p / n
-    params = w * (p / n + c.persistent) if stage == 3 else w * p
+    params = w * p / n if stage == 3 else w * p
+    # ZeRO-3: the small parameters are whole on every rank from the forward until the step, which releases
+    # them and in their place reads an fp32 copy of the gradient partition: the peak is the larger of the two
+    whole, step_copy = (w * c.persistent, 4 * p / n) if stage == 3 else (0, 0)
     if stage == 0:
         grads = w * p + (4 * p if bf16 else 0)
     elif stage < 3:
         grads = 4 * p / n
     else:
-        grads = (w + 4) * p / n
+        grads = w * p / n
     master = 4 * shard if (bf16 or stage > 0) else 0
     adam = 8 * shard
     buffers = 0 if stage == 0 else w * REDUCE_BUCKET
@@ -282,8 +288,8 @@ def model_states(c: Counts, stage: int, world: int, precision: Precision = "bf16
         buffers += 4 * c.largest_layer + w * min(PREFETCH_BUCKET, p)
     ds = _deepspeed_estimate(c, stage, n, offload) if bf16 else None
     if offload:  # the GPU keeps the parameters; the host the fp32 gradients, master weights and Adam states
-        return States(int(params), int(16 * p / n), int(buffers), ds)
-    return States(int(params + grads + master + adam), 0, int(buffers), ds)
+        return States(int(params + whole), int(16 * p / n), int(buffers), ds)
+    return States(int(params + grads + master + adam + max(whole, step_copy)), 0, int(buffers), ds)
 
 
 def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool) -> int | None:

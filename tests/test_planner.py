@@ -1,0 +1,268 @@
+"""The memory planner (ambient_ray.train.planner, ``ambient-ray plan``): its counts against real built networks,
+its model-state and EMA bytes against what each rank of a real two-worker DeepSpeed run (Ray Train, CPU, gloo,
+fp32) holds at ZeRO-2 and ZeRO-3, its activation bytes against a real forward, its FLOPs against the EDM2 paper,
+the recommendation on hand-made numbers, and the CLI."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+
+from ambient_ray import cli
+from ambient_ray.models import registry
+from ambient_ray.train import planner
+
+TINY_DDPMPP = {"kind": "denoiser", "arch": "ddpmpp", "model": {"preset": "small", "label_dim": 10}, "sigma_data": 0.5}
+TINY_EDM2 = planner.preset_meta("edm2-tiny", img_resolution=16, label_dim=10)
+
+
+@pytest.mark.parametrize("meta", [TINY_DDPMPP, TINY_EDM2], ids=["ddpmpp-small", "edm2-tiny"])
+def test_counts_from_the_meta_model_are_the_real_models(meta):
+    torch.manual_seed(0)
+    real = registry.build(meta)
+    c = planner.counts(planner.meta_model(meta))
+    params = list(real.parameters())
+    assert c.params == sum(p.numel() for p in params) > 0
+    assert c.largest_layer == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in real.modules())
+    assert c.persistent == sum(p.numel() for p in params if p.numel() <= planner.PERSISTENCE_THRESHOLD)
+    assert c.active is None  # no network here has experts
+
+
+def test_a_preset_resolves_to_its_arch_at_the_paper_setting():
+    meta = planner.preset_meta("edm2-xxl")
+    assert meta["arch"] == "edm2"
+    assert meta["model"] == {"preset": "edm2-xxl", "img_resolution": 64, "in_channels": 4, "label_dim": 1000}
+    assert planner.preset_meta("cifar10")["arch"] == "ddpmpp"
+    assert planner.preset_meta("edm2-s", label_dim=0)["model"]["label_dim"] == 0
+    with pytest.raises(planner.ConfigError, match="unknown preset 'edm2-huge'.*edm2-xxl"):
+        planner.resolve("edm2-huge")
+
+
+def test_edm2_sizes_and_flops_are_the_papers():
+    # EDM2 Table 2 (1000 classes, 64x64x4): 125M / 1523M parameters, 46 / 552 G multiply-adds per forward
+    for preset, params, gmacs in (("edm2-xs", 125e6, 46), ("edm2-xxl", 1523e6, 552)):
+        meta = planner.preset_meta(preset)
+        assert planner.counts(planner.meta_model(meta)).params == pytest.approx(params, rel=0.01)
+        assert planner.flops_per_image(meta) / 2e9 == pytest.approx(gmacs, rel=0.03)
+
+
+def _real_saved_bytes(meta: dict, batch: int, **model) -> int:
+    """Bytes of the distinct storages a real CPU forward saves for backward, parameters excluded."""
+    torch.manual_seed(0)
+    net = registry.build({**meta, "model": {**meta["model"], **model}}).train()
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    cfg = registry.config_of(meta)
+    x = torch.randn(batch, cfg.in_channels, cfg.img_resolution, cfg.img_resolution)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x, torch.full((batch,), 0.7), torch.arange(batch) % cfg.label_dim)
+    del out
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("meta", [TINY_DDPMPP, TINY_EDM2], ids=["ddpmpp-small", "edm2-tiny"])
+def test_activation_bytes_on_the_meta_device_are_a_real_forwards(meta):
+    kw = {"checkpoint_blocks": False} if planner._has_checkpoint(meta) else {}
+    real = _real_saved_bytes(meta, 3, **kw)
+    a = planner.activations(meta, 3, "fp32")
+    assert a.saved == pytest.approx(real, rel=0.05)
+    assert planner.activations(meta, 6, "fp32").saved == pytest.approx(2 * a.saved, rel=0.1)  # per image
+    assert planner.activations(meta, 3, "bf16").saved < 0.75 * a.saved
+    if "checkpoint_blocks" in kw:
+        assert a.option == "checkpoint_blocks" and 0 < a.recompute < a.checkpointed < 0.6 * a.saved
+        # with checkpointing a real forward saves only what lies outside the blocks
+        assert _real_saved_bytes(meta, 3, checkpoint_blocks=True) <= a.checkpointed - a.recompute
+    else:
+        assert a.option is None and a.checkpointed is None
+
+
+def test_model_state_formulas_against_deepspeeds_estimators():
+    c = planner.Counts(params=10**9, largest_layer=10**7, persistent=0)
+    gib = planner.GIB
+    # bf16 ZeRO-2 on 8 GPUs: ours 2 + 16/8 bytes per parameter, DeepSpeed's 2 + 18/8
+    z2 = planner.model_states(c, 2, 8, "bf16")
+    assert z2.gpu == 4 * 10**9 and z2.deepspeed == int(4.25 * 10**9)
+    z3 = planner.model_states(c, 3, 8, "bf16")
+    assert z3.gpu == int(2.5 * 10**9) and z3.deepspeed == int(2.25 * 10**9)
+    assert planner.model_states(c, 0, 8, "fp32").gpu == 16 * 10**9 == planner.model_states(c, 0, 1, "fp32").gpu
+    assert planner.model_states(c, 3, 4, "fp32").gpu == 6 * 10**9
+    off = planner.model_states(c, 2, 8, "bf16", offload=True)
+    assert off.gpu == 2 * 10**9 == off.deepspeed and off.cpu == 2 * 10**9
+    assert planner.model_states(c, 1, 8, "bf16").buffers == 10**9  # the 5e8-element reduce bucket
+    assert planner.ema_bytes(c, 2, 8, 2) == 8 * 10**9 and planner.ema_bytes(c, 3, 8, 2) == 10**9
+    with pytest.raises(planner.ConfigError, match="offload"):
+        planner.model_states(c, 0, 8, offload=True)
+    assert gib == 2**30
+
+
+def test_the_recommendation_is_the_fewest_nodes_then_no_checkpointing_then_the_lowest_stage():
+    # hand-made per-GPU GiB: stage s on n nodes holds 40 - 8·s (partitioned stages shrink with n) GiB; + 30
+    # of activations, 5 with checkpointing
+    def per_gpu(stage, nodes, ck):
+        return ((40 - 8 * stage) / (nodes if stage else 1) + (5 if ck else 30)) * planner.GIB
+
+    def pick(budget, **kw):
+        r = planner.recommend(per_gpu, budget * planner.GIB, **kw)
+        return r and (r.stage, r.nodes, r.checkpoint)
+
+    # one node: 70 / 62 / 54 / 46 at ZeRO-0..3, 45 / 37 / 29 / 21 with checkpointing
+    assert pick(80) == (0, 1, False)
+    assert pick(65) == (1, 1, False)
+    assert pick(55) == (2, 1, False)
+    assert pick(50) == (3, 1, False)
+    assert pick(40) == (1, 1, True)  # nothing fits without checkpointing on one node; ZeRO-0 with it is 45
+    assert pick(40, checkpoint=(False,)) == (3, 2, False)  # two nodes: 46 / 42 / 38 at ZeRO-1..3
+    assert pick(40, nodes=1, checkpoint=(False,)) is None
+    assert pick(20, max_nodes=3) == (2, 2, True)  # 21 at ZeRO-3 on one node; 12 + 5 at ZeRO-2 on two
+    r = planner.recommend(per_gpu, 55 * planner.GIB)
+    assert r.total == int(54 * planner.GIB)
+
+
+def test_the_cli_prints_the_count_and_a_recommendation(capsys):
+    torch.manual_seed(0)
+    real = registry.build(planner.preset_meta("edm2-tiny"))
+    n = sum(p.numel() for p in real.parameters())
+    assert cli.main(["plan", "--model", "edm2-tiny", "--gpus", "2", "--gpu-mem", "0.5", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"edm2-tiny (arch edm2): {n:,} parameters" in out
+    assert "input 64x64x4, 1000 classes" in out and "ZeRO-3" in out
+    # 2 x 0.5 GiB: the 1 GB reduce bucket of ZeRO-1..3 does not fit, ZeRO-0 does
+    assert "recommended: ZeRO-0 on 1 node of 2 GPUs, no activation checkpointing" in out
+    assert "global batch 2048 = micro-batch 4 x 2 ranks x 256 accumulation steps" in out
+    assert cli.main(["plan", "--model", "small", "--gpu-mem", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: nothing fits" in out and "no activation checkpointing option" in out
+    assert cli.main(["plan", "--model", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a real DeepSpeed run
+
+
+DS_META = {
+    "kind": "denoiser",
+    "arch": "ddpmpp",
+    "model": {"preset": "small", "img_resolution": 16, "in_channels": 1},
+    "sigma_data": 0.5,
+}
+
+
+def _storages() -> dict[int, torch.UntypedStorage]:
+    """Every distinct tensor storage reachable from Python in this process (held: none is freed meanwhile)."""
+    out = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+            s = o.untyped_storage()
+            if s.data_ptr() and s.nbytes():
+                out[s.data_ptr()] = s
+    return out
+
+
+def _tensors(obj, depth: int = 3):
+    """The tensors in an object's attributes (lists, dicts, nested objects): an EMA's copies, whatever its kind."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth - 1)
+    elif depth and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+        for v in vars(obj).values():
+            yield from _tensors(v, depth - 1)
+
+
+def _held(w, before: dict) -> dict[str, int]:
+    """What this rank holds beyond ``before``: the EMA, DeepSpeed's reduce buckets, and the rest (model states)."""
+    gc.collect()
+    now = {k: s for k, s in _storages().items() if k not in before}
+    ema = {t.untyped_storage().data_ptr() for t in _tensors(w.ema)}
+    buckets = set()
+    for bucket in getattr(w.engine.optimizer, "ipg_buckets", {}).values():
+        bufs = bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+        buckets |= {t.untyped_storage().data_ptr() for t in bufs if t is not None}
+    part = {"ema": 0, "buffers": 0, "model_states": 0}
+    for k, s in now.items():
+        part["ema" if k in ema else "buffers" if k in buckets else "model_states"] += s.nbytes()
+    return part
+
+
+def _measure(config: dict) -> None:
+    """A Ray Train worker: for each ZeRO stage, the engine's Worker on a fresh network, two optimizer steps,
+    and what the rank holds when the inner optimizer steps (the peak: gradients and Adam states all live)."""
+    import torch.distributed as dist
+
+    from ambient_ray.train.engine import EngineConfig, Worker
+
+    results = []
+    for stage in config["stages"]:
+        gc.collect()
+        before = _storages()
+        cfg = EngineConfig(
+            data="unused", out=config["out"], zero_stage=stage, precision="fp32", batch_size=4, steps=10, num_workers=2
+        )
+        torch.manual_seed(0)
+        w = Worker(cfg, registry.build(config["meta"]), config["meta"], {})
+        inner = w.engine.optimizer.optimizer  # the torch optimizer the ZeRO optimizer steps
+        real_step, box = inner.step, {}
+
+        def step(*args, _w=w, _before=before, _real=real_step, box=box, **kwargs):
+            box["held"] = _held(_w, _before)
+            return _real(*args, **kwargs)
+
+        inner.step = step
+        g = torch.Generator().manual_seed(w.rank)
+        for _ in range(2):
+            x = torch.randn(4, 1, 16, 16, generator=g)
+            loss = (w.engine(x, torch.rand(4, generator=g) + 0.2) - x).square().mean()
+            w.engine.backward(loss)
+            del loss
+            backward = _held(w, before)  # the step's other candidate for the peak (ZeRO-3's persistent parameters)
+            w.engine.step()
+            w.end_step()
+        results.append({"stage": stage, "backward": backward, "step": box["held"]})
+        del w, inner, real_step, step, box
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, results)
+    if dist.get_rank() == 0:  # beside the run (one machine): Ray Train keeps metrics only with a checkpoint
+        with open(config["result"], "w") as f:
+            json.dump(ranks, f)
+
+
+def test_model_states_and_ema_within_10_percent_of_what_each_rank_holds(ray_cluster, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _measure,
+        train_loop_config={"meta": DS_META, "out": str(tmp_path), "stages": [2, 3], "result": str(tmp_path / "r.json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(name="plan", storage_path=str(tmp_path / "ray")),
+    )
+    trainer.fit()
+    ranks = json.loads((tmp_path / "r.json").read_text())
+    c = planner.counts(planner.meta_model(DS_META))
+    assert c.persistent > 0.2 * c.params  # the small model's many small tensors stay whole under ZeRO-3
+    assert len(ranks) == 2
+    for rank in ranks:
+        for got in rank:
+            want = planner.model_states(c, got["stage"], 2, "fp32")
+            peak = max(got["backward"]["model_states"], got["step"]["model_states"])
+            assert peak == pytest.approx(want.gpu, rel=0.10), got
+            assert got["step"]["ema"] == pytest.approx(planner.ema_bytes(c, got["stage"], 2), rel=0.10), got
+            assert got["step"]["buffers"] <= want.buffers and got["backward"]["buffers"] <= want.buffers
+            if got["stage"] == 3:  # ZeRO-3's reduce bucket: 5e8 fp32 elements, allocated once
+                assert got["step"]["buffers"] == 4 * planner.REDUCE_BUCKET
+    print({f"ZeRO-{g['stage']} rank {i}": g for i, r in enumerate(ranks) for g in r})
