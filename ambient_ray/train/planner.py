@@ -128,12 +128,12 @@ def _inputs(meta: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, sigma, labels
 
 
-def flops_per_image(meta: dict, precision: Precision = "bf16") -> int:
+def flops_per_image(meta: dict) -> int:
     """FLOPs of one image's forward (two per multiply-add; EDM2's paper counts one), on the meta device.
     Training costs about 3x this per image (4x with activation checkpointing)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = meta_model(meta).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    net = meta_model(meta).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         net(*_inputs(meta, 1))
     return int(fc.get_total_flops())
@@ -148,7 +148,7 @@ class _Saved:
 
     def __init__(self, net: nn.Module):
         self.params = {id(p) for p in net.parameters()}
-        self.seen: set[int] = set()
+        self.seen: set[tuple[int, int]] = set()  # (id of the base tensor, its storage's bytes)
         self.keep: list[torch.Tensor] = []  # saved tensors stay alive: their ids stay unique
         self.total = 0
         self.per_call: dict[str, int] = {}
@@ -165,7 +165,7 @@ class _Saved:
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
-        if id(base) not in self.params and id(t) not in self.params:
+        if id(base) not in self.params:
             key, nbytes = self._key(t)
             if key not in self.seen:
                 self.seen.add(key)
@@ -199,14 +199,14 @@ class _Saved:
         return total
 
 
-def _saved(meta: dict, batch: int, precision: Precision, **model) -> tuple[_Saved, nn.Module]:
+def _saved(meta: dict, batch: int, precision: Precision, **model) -> _Saved:
     net = meta_model(meta, **model).train().to(torch.bfloat16 if precision == "bf16" else torch.float32)
     s = _Saved(net)
     with torch.autograd.graph.saved_tensors_hooks(s.pack, lambda t: t):
         net(*_inputs(meta, batch))
     for h in s.handles:
         h.remove()
-    return s, net
+    return s
 
 
 @dataclass(frozen=True)
@@ -227,10 +227,10 @@ def activations(meta: dict, batch: int, precision: Precision = "bf16") -> Activa
     and save nothing through this hook: they are the outermost modules that saved bytes without it and none
     with it. Their inputs stay alive for the recomputation, and backward recomputes one block at a time, so
     the peak adds the largest block's own saved bytes (measured without checkpointing)."""
-    plain, _ = _saved(meta, batch, precision, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
+    plain = _saved(meta, batch, precision, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
     if not _has_checkpoint(meta):
         return Activations(plain.total, None, None)
-    ck, _ = _saved(meta, batch, precision, **{CHECKPOINT_KEY: True})
+    ck = _saved(meta, batch, precision, **{CHECKPOINT_KEY: True})
     silent = {n for n, used in plain.per_call.items() if used > 0 and ck.per_call.get(n, 0) == 0}
     blocks = [n for n in silent if _parent(n) not in silent]
     if not blocks:  # the option changed nothing this hook can see
@@ -470,7 +470,7 @@ def plan(cfg: PlanConfig) -> Plan:
             "  with checkpointing ": fits(stage, nodes, True) if act.checkpointed is not None else None,
             "host memory per node (offload)": s.cpu * cfg.gpus if cfg.offload else None,
         }
-    return Plan(cfg, meta, c, act, flops_per_image(meta, cfg.precision), ema, nodes, choice, rows)
+    return Plan(cfg, meta, c, act, flops_per_image(meta), ema, nodes, choice, rows)
 
 
 def _gib(b: int | None) -> str:
