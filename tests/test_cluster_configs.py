@@ -535,3 +535,34 @@ def test_kuberay_checks_refuse_broken_copies(raycluster, mutate):
     mutate(spec)
     with pytest.raises(AssertionError):
         check_cluster_spec(spec, "broken RayCluster")
+
+
+def test_the_edm2_xxl_group_is_sized_by_the_planner(aws, raycluster):
+    """jobs/configs/edm2_imagenet.yaml on cluster/aws.yaml's gpu_xxl group (and KubeRay's gpu-xxl): the planner,
+    asked for that run's micro-batch and global batch on those GPUs, picks the config's ZeRO stage and
+    checkpointing, on no more nodes than the group may scale to."""
+    import yaml
+
+    from ambient_ray.train.planner import PlanConfig, plan
+
+    with open(ROOT / "jobs" / "configs" / "edm2_imagenet.yaml") as f:
+        job = yaml.safe_load(f)
+    group = aws["available_node_types"]["gpu_xxl"]
+    gpus = group["resources"]["GPU"]
+    assert group["node_config"]["InstanceType"] == "p5.48xlarge" and gpus == 8  # 8 x H100 80 GB
+    k8s = {g["groupName"]: g for g in raycluster["spec"]["workerGroupSpecs"]}["gpu-xxl"]
+    assert int(k8s["rayStartParams"]["num-gpus"]) == gpus and k8s["maxReplicas"] == group["max_workers"]
+    nodes = job["num_workers"] // gpus
+    p = plan(
+        PlanConfig(
+            model=job["model"]["preset"],
+            gpus=gpus,
+            gpu_mem=80,
+            batch=job["batch_size"],
+            global_batch=job["num_workers"] * job["batch_size"],
+            nodes=nodes,
+            ema=job["ema"],
+        )
+    )
+    assert p.choice is not None and nodes <= group["max_workers"]
+    assert (p.choice.stage, p.choice.checkpoint) == (job["zero_stage"], job["model"]["checkpoint_blocks"])
