@@ -54,6 +54,16 @@ class Flag:
         schema["x-flag"] = self.name
 
 
+def fill_preset(data: Any, presets: dict[str, dict], owner: str) -> Any:
+    """A model config's raw input with its ``preset``'s keys filled in where the input leaves them unset
+    (explicit keys win); an unknown preset is refused naming the family's."""
+    if isinstance(data, dict) and data.get("preset") is not None:
+        if data["preset"] not in presets:
+            raise ValueError(f"unknown preset {data['preset']!r}; {owner} has {', '.join(presets)}")
+        data = {**presets[data["preset"]], **data}
+    return data
+
+
 def flag(
     name: str,
     help: str | None = None,

@@ -85,3 +85,19 @@ def mlflow_server(s3, tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def blurred_digits(ray_cluster, tmp_path_factory):
+    """The built-in digits through the corrupt stage (blur σ 1.0, 30% clean), written once for the session:
+    the training tests' data (read only)."""
+    from ambient_ray.data.sources import SourceConfig
+    from ambient_ray.stages.corrupt import CorruptConfig
+    from ambient_ray.stages.corrupt import run as corrupt_run
+
+    out = str(tmp_path_factory.mktemp("blurred-digits") / "corrupt")
+    cfg = CorruptConfig(
+        out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0
+    )
+    corrupt_run(cfg, progress=False)
+    return out

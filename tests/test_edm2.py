@@ -124,17 +124,8 @@ def test_without_the_hook_this_learning_rate_moves_row_magnitudes_beyond_the_tol
 
 
 @pytest.fixture(scope="module")
-def digits(ray_cluster, tmp_path_factory):
-    from ambient_ray.data.sources import SourceConfig
-    from ambient_ray.stages.corrupt import CorruptConfig
-    from ambient_ray.stages.corrupt import run as corrupt_run
-
-    out = str(tmp_path_factory.mktemp("digits-edm2") / "corrupt")
-    cfg = CorruptConfig(
-        out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0
-    )
-    corrupt_run(cfg, progress=False)
-    return out
+def digits(blurred_digits):
+    return blurred_digits
 
 
 def ecfg(data, out, **kw):

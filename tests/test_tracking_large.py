@@ -67,17 +67,8 @@ def test_a_server_refuses_a_local_path_as_model_source(mlflow_server, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def digits(ray_cluster, tmp_path_factory):
-    from ambient_ray.data.sources import SourceConfig
-    from ambient_ray.stages.corrupt import CorruptConfig
-    from ambient_ray.stages.corrupt import run as corrupt_run
-
-    out = str(tmp_path_factory.mktemp("digits") / "corrupt")
-    cfg = CorruptConfig(
-        out=out, source=SourceConfig(dataset="digits"), corruptions=["blur:sigma=1.0"], clean_fraction=0.3, preview=0
-    )
-    corrupt_run(cfg, progress=False)
-    return out
+def digits(blurred_digits):
+    return blurred_digits
 
 
 def _png(data: bytes) -> np.ndarray:

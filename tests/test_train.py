@@ -10,27 +10,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.numpy import load as load_st
 
 from ambient_ray.config import ConfigError
-from ambient_ray.data.sources import SourceConfig
 from ambient_ray.io import storage
-from ambient_ray.stages.corrupt import CorruptConfig
-from ambient_ray.stages.corrupt import run as corrupt_run
 from ambient_ray.stages.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")
-def digits(ray_cluster, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("digits") / "corrupt")
-    corrupt_run(
-        CorruptConfig(
-            out=out,
-            source=SourceConfig(dataset="digits"),
-            corruptions=["blur:sigma=1.0"],
-            clean_fraction=0.3,
-            preview=0,
-        ),
-        progress=False,
-    )
-    return out
+def digits(blurred_digits):
+    return blurred_digits
 
 
 def tcfg(data, out, **kw):

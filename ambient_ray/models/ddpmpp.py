@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from timm.layers import Mlp
 from torch import nn
 
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, fill_preset
 from ambient_ray.models.precond import edm_precond
 
 # Sizes of the family, one line each; a preset fills the keys a config leaves unset (``model.preset``).
@@ -65,11 +65,7 @@ class UNetConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") is not None:
-            if data["preset"] not in PRESETS:
-                raise ValueError(f"unknown preset {data['preset']!r}; {cls.__name__} has {', '.join(PRESETS)}")
-            data = {**PRESETS[data["preset"]], **data}
-        return data
+        return fill_preset(data, PRESETS, cls.__name__)
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:

@@ -43,7 +43,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ambient_ray.config import Strict
+from ambient_ray.config import Strict, fill_preset
 from ambient_ray.models.precond import edm_precond
 
 # One line per size (paper Table 2 / App. E): model_channels and dropout; the rest is config G.
@@ -94,11 +94,7 @@ class EDM2Config(Strict):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") is not None:
-            if data["preset"] not in PRESETS:
-                raise ValueError(f"unknown preset {data['preset']!r}; {cls.__name__} has {', '.join(PRESETS)}")
-            data = {**PRESETS[data["preset"]], **data}
-        return data
+        return fill_preset(data, PRESETS, cls.__name__)
 
     @model_validator(mode="after")
     def _check(self) -> EDM2Config:
