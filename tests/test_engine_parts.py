@@ -1,9 +1,10 @@
 """The engine's pluggable parts in pure torch: learning-rate schedules against their closed forms, the
-warm-up EMA against the recurrence, and the registries that choose them."""
+warm-up EMA against the recurrence, the registries that choose them, and the checkpoint files a rank restores."""
 
 from __future__ import annotations
 
 import math
+import pathlib
 
 import pytest
 import torch
@@ -79,3 +80,46 @@ def test_post_step_hooks_run_in_order_before_the_ema_sees_the_weights():
     for _ in range(4):
         log_now, checkpoint_now = w.end_step()
     assert (w.step, log_now, checkpoint_now) == (5, True, False) and len(calls) == 10
+
+
+def test_a_rank_restores_from_its_own_files_only(tmp_path):
+    """The files rank 1 of 2 copies out of a Ray Train checkpoint: its own DeepSpeed shard, state and EMA partition,
+    the shared small files, not rank 0's nor the raw-weights export (and under ZeRO-3, not the gathered EMA)."""
+    import ray.train
+
+    from ambient_ray.train.engine import rank_checkpoint, rank_files
+
+    names = [
+        "ds/mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "rank-0000.safetensors",
+        "rank-0001.safetensors",
+        "ema-rank-0000.safetensors",
+        "ema-rank-0001.safetensors",
+        "ema.safetensors",
+        "model.safetensors",
+        "model.json",
+        "coverage.json",
+    ]
+    shared = ["ds/mp_rank_00_model_states.pt", "model.json", "coverage.json"]
+    own = [
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "rank-0001.safetensors",
+        "ema-rank-0001.safetensors",
+    ]
+    assert sorted(rank_files(names, 1, zero3=True)) == sorted(shared + own)
+    zero2 = [n for n in names if not n.startswith("ema-rank")]
+    assert sorted(rank_files(zero2, 1, zero3=False)) == sorted(
+        shared + [n for n in own if not n.startswith("ema-rank")] + ["ema.safetensors"]
+    )
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_text(n)
+    with rank_checkpoint(ray.train.Checkpoint.from_directory(str(tmp_path)), 1, zero3=True) as d:
+        got = sorted(str(p.relative_to(d)) for p in pathlib.Path(d).rglob("*") if p.is_file())
+        assert got == sorted(shared + own)
+        assert (pathlib.Path(d) / "rank-0001.safetensors").read_text() == "rank-0001.safetensors"

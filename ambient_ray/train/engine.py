@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Callable, Literal
@@ -351,7 +352,7 @@ class Worker:
         ckpt = ray.train.get_checkpoint()
         if not ckpt:
             return {}
-        with ckpt.as_directory() as d:
+        with rank_checkpoint(ckpt, self.rank, self.zero3) as d:
             self.engine.load_checkpoint(d, tag="ds")
             restore_ema(d, [n for n, _ in self.net.named_parameters()], self.ema, self.rank, self.zero3)
             state = load_file(_rank_state_file(d, self.rank))
@@ -598,6 +599,44 @@ def save_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
         if len(full) > 1:
             more = {_profile_key(k, n): t for k in range(1, len(full)) for n, t in full[k].items()}
             save_file(more, os.path.join(d, "ema-profiles.safetensors"), metadata=ema.describe())
+
+
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|^rank-|^ema-rank-)(\d+)")
+
+
+def rank_files(names: list[str], rank: int, zero3: bool) -> list[str]:
+    """The files of a checkpoint (paths relative to it) that ``rank`` reads to restore: every rank's own
+    files (DeepSpeed's ``zero_pp_rank_R_*``, ``rank-RRRR``, ``ema-rank-RRRR``) for this rank only, no raw-weights
+    export (``model.safetensors``), and under ZeRO-3, where the rank's own EMA partitions are there, not the
+    gathered EMA either; the small shared files (DeepSpeed's ``mp_rank_00_model_states.pt``, JSON) for all."""
+    have_own = zero3 and any(n == f"ema-rank-{rank:04d}.safetensors" for n in names)
+    keep = []
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        m = _RANK_FILE.search(base)
+        if m and int(m.group(1)) != rank:
+            continue
+        if base == "model.safetensors" or (have_own and base in ("ema.safetensors", "ema-profiles.safetensors")):
+            continue
+        keep.append(n)
+    return keep
+
+
+@contextlib.contextmanager
+def rank_checkpoint(ckpt, rank: int, zero3: bool):
+    """A local folder holding only :func:`rank_files` of a Ray Train checkpoint (where ``Checkpoint.as_directory``
+    would download every rank's shards on every worker: 1/world of the optimizer states is what a rank needs)."""
+    import pyarrow.fs as pafs
+
+    fs, root = ckpt.filesystem, ckpt.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    names = [i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File]
+    with tempfile.TemporaryDirectory() as d:
+        for n in rank_files(names, rank, zero3):
+            dest = os.path.join(d, n)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            pafs.copy_files(f"{root}/{n}", dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield d
 
 
 def restore_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
