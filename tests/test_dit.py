@@ -94,3 +94,15 @@ def test_patch_masking_keeps_a_fixed_share_and_marks_the_loss_pixels(ratio):
     x, (cap, mask) = torch.randn(3, 4, 8, 8, generator=g), caption_batch(3, g)
     f = net.net(x, torch.zeros(3), cap, mask, keep)  # the raw network: 0 on every dropped patch
     assert (f.abs().sum(1, keepdim=True)[m == 0] == 0).all() and (f.abs().sum(1, keepdim=True)[m == 1] > 0).all()
+
+
+def test_the_planner_covers_the_dit_and_training_it_is_refused_until_captions_are_wired(capsys):
+    from ambient_ray import cli
+    from ambient_ray.config import ConfigError
+    from ambient_ray.stages.train import TrainConfig, run
+
+    assert cli.main(["plan", "--model", "microdit-xl-2", "--gpus", "8", "--gpu-mem", "80", "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "1,165,442,320 parameters" in out and "recommended" in out
+    with pytest.raises(ConfigError, match="model.arch.*text-to-image"):
+        run(TrainConfig(data="/nowhere", out="/nowhere/out", model=dict(arch="dit", preset="dit-tiny")))

@@ -74,8 +74,8 @@ def test_every_registered_arch_builds_saves_and_reloads(arch, tmp_path):
     _save(net, meta, tmp_path / "model")
     back = weights.load(str(tmp_path), meta["kind"])
     assert type(back) is type(net) and back.meta["arch"] == arch
-    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
-    torch.testing.assert_close(back(x, sigma), net.eval()(x, sigma))
+    args = registry.example_inputs(registry.config_of(meta), 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back(*args), net.eval()(*args))
 
 
 def test_an_old_model_json_without_arch_loads_as_ddpmpp(tmp_path):

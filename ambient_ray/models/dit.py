@@ -54,6 +54,7 @@ class DiTConfig(Strict):
     img_resolution: int = Field(32, ge=2, description="latent side")
     in_channels: int = Field(4, ge=1, description="latent channels")
     caption_dim: int = Field(1024, ge=1, description="width of the caption token embeddings")
+    caption_tokens: int = Field(77, ge=1, description="caption tokens per row (the text encoder's max length)")
     patch: int = Field(2, ge=1, description="patch side")
     width: int = Field(1024, ge=8, description="backbone width")
     depth: int = Field(28, ge=1, description="backbone blocks")
@@ -373,3 +374,18 @@ class DiTDenoiser(nn.Module):
 
 def build_denoiser(cfg: DiTConfig, sigma_data: float = 0.5) -> DiTDenoiser:
     return DiTDenoiser(cfg, sigma_data)
+
+
+def example_inputs(cfg: DiTConfig, batch: int, generator: torch.Generator | None = None) -> tuple:
+    """x, σ, caption tokens and their mask (zeros and ones; random with ``generator``, about half the tokens
+    valid per caption)."""
+    r, c, t, d = cfg.img_resolution, cfg.in_channels, cfg.caption_tokens, cfg.caption_dim
+    if generator is None:
+        return torch.zeros(batch, c, r, r), torch.ones(batch), torch.zeros(batch, t, d), torch.ones(batch, t)
+    lengths = torch.randint(1, t + 1, (batch, 1), generator=generator)
+    return (
+        torch.randn(batch, c, r, r, generator=generator),
+        torch.rand(batch, generator=generator) + 0.1,
+        torch.randn(batch, t, d, generator=generator),
+        (torch.arange(t) < lengths).float(),
+    )

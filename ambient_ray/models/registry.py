@@ -12,13 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Union
 
+import torch
 from pydantic import BaseModel, BeforeValidator, Field
 from torch import nn
 
-from ambient_ray.models import classifier, ddpmpp, edm2
+from ambient_ray.models import classifier, ddpmpp, dit, edm2
 from ambient_ray.registry import Registry
 
 Role = Literal["denoiser", "classifier"]
+
+
+def image_inputs(cfg, batch: int, generator: torch.Generator | None = None) -> tuple:
+    """A forward's positional inputs for a network of images: x (B, C, R, R), σ (B,), and one-hot labels
+    (B, label_dim) for a class-conditional one; zeros (meta-device friendly) or, with ``generator``, random."""
+    r, c, k = cfg.img_resolution, cfg.in_channels, getattr(cfg, "label_dim", 0)
+    if generator is None:
+        x, sigma = torch.zeros(batch, c, r, r), torch.ones(batch)
+    else:
+        x, sigma = torch.randn(batch, c, r, r, generator=generator), torch.rand(batch, generator=generator) + 0.1
+    return (x, sigma) + ((torch.eye(k)[torch.arange(batch) % k],) if k else ())
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,7 @@ class Arch:
     config: type[BaseModel]
     build: Callable[[Any, dict], nn.Module]  # (validated config, model.json) -> network
     presets: dict[str, dict]
+    inputs: Callable[..., tuple] = image_inputs  # (config, batch[, generator]) -> example forward inputs
 
 
 ARCHS: Registry[Arch] = Registry("model.arch")
@@ -49,6 +62,16 @@ ARCHS.register(
     ),
 )
 ARCHS.register(
+    "dit",
+    Arch(
+        "denoiser",
+        dit.DiTConfig,
+        lambda cfg, meta: dit.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
+        dit.PRESETS,
+        dit.example_inputs,
+    ),
+)
+ARCHS.register(
     "classifier",
     Arch(
         "classifier",
@@ -57,6 +80,17 @@ ARCHS.register(
         ddpmpp.PRESETS,
     ),
 )
+
+
+def example_inputs(cfg: BaseModel, batch: int, generator: torch.Generator | None = None) -> tuple:
+    """Example positional inputs of the network of a model config (its arch's ``inputs``): for counting FLOPs and
+    memory on the meta device (zeros), or for tests (random, from ``generator``)."""
+    return ARCHS.get(cfg.arch).inputs(cfg, batch, generator)
+
+
+def takes_captions(arch: str) -> bool:
+    """Whether the arch's network is conditioned on caption embeddings (text-to-image), not on class labels."""
+    return ARCHS.get(arch).inputs is not image_inputs
 
 
 def names(role: Role) -> list[str]:

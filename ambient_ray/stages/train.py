@@ -205,6 +205,11 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train; returns a summary dict (out URIs, MLflow run id, final metrics). ``callbacks``: Ray Train
     ``UserCallback``s (a Ray Tune trial passes the one that forwards each report to Tune)."""
 
+    if registry.takes_captions(cfg.model.arch):
+        raise ConfigError(
+            f"config key 'model.arch': {cfg.model.arch} is a text-to-image network; training it on caption "
+            "embeddings is not built yet (the train stage feeds class labels only). Use ddpmpp or edm2"
+        )
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     meta = load_metadata(cfg.data, (cfg.ambient.quality_score,) if cfg.ambient.quality_score else ())

@@ -540,10 +540,13 @@ class ForcedWeightNorm:
                 full[: frag.numel()] = frag
                 safe_set_local_fp32_param(p, full)
                 p.ds_tensor.data.view(-1)[: frag.numel()].copy_(frag)
-        if self.mode == "hp":  # the module's copies are whole on every rank: scale them by the same rows
-            for i, p in enumerate(self.weights):
+        for i, p in enumerate(self.weights):
+            # the module's whole copies: every parameter under ZeRO 1/2, and under ZeRO-3 the small ones it
+            # keeps gathered between steps (ds_persist), which it refreshed from the partitions before this hook
+            whole = self.mode == "hp" or (self.mode == "zero3" and getattr(p, "ds_persist", False))
+            if whole and p.data.numel() == math.prod(shape := (self.rows[i], self.fan_in[i])):
                 k = scale[self.offset[i] : self.offset[i + 1]].to(p.device, p.dtype)
-                p.data.mul_(k.view(-1, *([1] * (p.ndim - 1))))
+                p.data.view(shape).mul_(k[:, None])
 
 
 def _row_spans(start: int, n: int, fan_in: int) -> list[tuple[int, int, int, int]]:

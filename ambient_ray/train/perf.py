@@ -87,14 +87,11 @@ def count(build: Callable[[], nn.Module], inputs: Callable[[int], tuple], batch:
 
 
 def denoiser_inputs(model_cfg) -> Callable[[int], tuple]:
-    """Inputs of a denoiser D(x, σ, labels) of a model config (``img_resolution``, ``in_channels``, ``label_dim``):
-    labels as float one-hot rows (the meta device has no values for ``one_hot`` to read)."""
+    """Example inputs of a model config's network for :func:`count` (its arch's, from the registry: for a denoiser
+    of images x, σ and one-hot labels; the meta device has no values for ``one_hot`` to read)."""
+    from ambient_ray.models.registry import example_inputs
 
-    def inputs(b: int) -> tuple:
-        r, c, k = model_cfg.img_resolution, model_cfg.in_channels, getattr(model_cfg, "label_dim", 0)
-        return torch.zeros(b, c, r, r), torch.ones(b), (torch.zeros(b, k) if k else None)
-
-    return inputs
+    return lambda b: example_inputs(model_cfg, b)
 
 
 def achieved(costs: Costs | None, images: float, seconds: float, devices: int, peak: float | None) -> dict:

@@ -118,14 +118,10 @@ def counts(net: nn.Module) -> Counts:
     return Counts(sum(p.numel() for p in params), largest, persistent, active)
 
 
-def _inputs(meta: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    from ambient_ray.models.registry import config_of
+def _inputs(meta: dict, batch: int) -> tuple:
+    from ambient_ray.models.registry import config_of, example_inputs
 
-    cfg = config_of(meta)
-    x = torch.zeros(batch, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, device="meta")
-    sigma = torch.ones(batch, device="meta")
-    labels = torch.zeros(batch, cfg.label_dim, device="meta") if getattr(cfg, "label_dim", 0) else None
-    return x, sigma, labels
+    return tuple(t.to("meta") for t in example_inputs(config_of(meta), batch))
 
 
 def flops_per_image(meta: dict) -> int:
