@@ -110,7 +110,9 @@ def test_the_run_context_hands_over_status_names_and_nesting(tmp_path, monkeypat
         "experiment": "e",
         "run_name": "train",
         "parent_run_id": "p",
+        "register_model": False,  # a workflow's child registers no model version unless asked
     }
+    assert tracking.child({"experiment": "e"}, "train", "p", register=True)["register_model"] is True
 
 
 class _nothing:

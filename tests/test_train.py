@@ -161,7 +161,7 @@ def test_zero3_ema_of_each_ranks_partitions_matches_zero2s_full_ema(zero2_run, z
     parts = []
     for r in range(2):
         with safe_open(f"{s3['checkpoint']}/ema-rank-{r:04d}.safetensors", framework="numpy") as f:
-            assert f.metadata() == {"rank": str(r), "world": "2"}
+            assert f.metadata() == {"rank": str(r), "world": "2", "ema": "warmup"}
             parts.append({k: f.get_tensor(k) for k in f.keys()})
     assert parts[0].keys() == full.keys()
     for k, v in full.items():
