@@ -37,6 +37,7 @@ bench: setup
 	$(PY) benchmarks/tune_overhead.py
 	$(PY) benchmarks/train_memory.py
 	$(PY) benchmarks/feed.py
+	$(PY) benchmarks/model_throughput.py
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db
