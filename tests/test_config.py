@@ -119,3 +119,4 @@ def test_the_edm2_imagenet_example_config_validates():
     t = C.build(train.TrainConfig, flags=dict(spec, data="s3://b/latents", out="s3://b/run"))
     assert t.model.arch == "edm2" and t.model.model_channels == 448 and t.num_workers * t.batch_size == 2048
     assert t.ema == "power" and t.ambient.quality_score and t.ambient.corrupted_sigma_min == 0.2
+    assert t.grad_guard and not train.TrainConfig.model_fields["grad_guard"].default  # opt-in, on for EDM2

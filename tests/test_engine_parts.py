@@ -82,6 +82,22 @@ def test_post_step_hooks_run_in_order_before_the_ema_sees_the_weights():
     assert (w.step, log_now, checkpoint_now) == (5, True, False) and len(calls) == 10
 
 
+def test_grad_guard_zeroes_and_counts_nonfinite_gradient_elements():
+    """grad_guard's hook (opt-in): NaN/Inf gradient elements become 0 and are counted across backward passes;
+    finite elements pass unchanged."""
+    from ambient_ray.train.engine import Worker
+
+    w = Worker.__new__(Worker)
+    w.nonfinite = torch.zeros((), dtype=torch.float64)
+    p = torch.nn.Parameter(torch.ones(4))
+    p.register_hook(w._guard)
+    (p * torch.tensor([1.0, float("nan"), float("inf"), 2.0])).sum().backward()
+    assert p.grad.tolist() == [1.0, 0.0, 0.0, 2.0] and float(w.nonfinite) == 2
+    (p * torch.tensor([-float("inf"), 3.0, 3.0, 3.0])).sum().backward()
+    assert p.grad.tolist() == [1.0, 3.0, 3.0, 5.0] and float(w.nonfinite) == 3
+    assert not EngineConfig(data="d", out="o").grad_guard  # off unless a config turns it on
+
+
 def test_a_rank_restores_from_its_own_files_only(tmp_path):
     """The files rank 1 of 2 copies out of a Ray Train checkpoint: its own DeepSpeed shard, state and EMA partition,
     the shared small files, not rank 0's nor the raw-weights export (and under ZeRO-3, not the gathered EMA)."""
