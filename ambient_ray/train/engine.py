@@ -127,6 +127,14 @@ class EngineConfig(Strict):
         description="zero non-finite gradient elements (EDM2) and count them (metric nonfinite_grads); a hook on "
         "every parameter, so opt-in (about +20% per step on small models)",
     )
+    init_from: str | None = Field(
+        None,
+        description="start from the weights of an earlier training output (its folder or its model/ folder, local "
+        "or s3://): the network and its EMA from its raw model.safetensors, at step 0 with a fresh optimizer and "
+        "schedule; the architecture must agree (only keys that change no parameter shape may differ, e.g. the "
+        "DiT's img_resolution); ignored when the run resumes from its own checkpoint",
+        json_schema_extra=flag("--init-from"),
+    )
     debug_fail_at_step: int | None = Field(None, description="tests: raise once at this step to exercise recovery")
     peak_tflops: float | None = Field(
         None,
@@ -206,11 +214,17 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool) -> dict:
 
 
 def load_rank_rows(
-    rank: int, world: int, per_row: dict[str, dict], label_dim: int = 0, tensor: tuple[str, list[int]] | None = None
+    rank: int,
+    world: int,
+    per_row: dict[str, dict],
+    label_dim: int = 0,
+    tensor: tuple[str, list[int]] | None = None,
+    columns: dict[str, list[int]] | None = None,
 ):
     """This rank's rows of the Ray Data shard "train", sorted by id: ids, images uint8 (N, C, H, W) (or,
     with ``tensor`` = (column, shape), that float32 tensor column, e.g. precomputed latents), ``{name:
-    tensor}`` of the per-row values given as ``{name: {id: value}}``, and class labels (or None). Rows
+    tensor}`` of the per-row values given as ``{name: {id: value}}`` and of the tensor ``columns`` ``{name:
+    shape}`` (kept in their stored dtype, e.g. float16 caption embeddings), and class labels (or None). Rows
     without per-row values (filtered out on the driver) are skipped."""
     import ray.train
 
@@ -219,6 +233,7 @@ def load_rank_rows(
     known = next(iter(per_row.values())) if per_row else None
     it = ray.train.get_dataset_shard("train").iter_batches(batch_size=512, batch_format="numpy")
     ids, imgs, labels = [], [], []
+    extra: dict[str, list] = {name: [] for name in columns or {}}
     for batch in it:
         keep = row_rank(batch["id"], world) == rank
         if known is not None:
@@ -230,12 +245,15 @@ def load_rank_rows(
             else:
                 imgs.append(decode_png(batch["image"][j]).transpose(2, 0, 1))
             labels.append(int(batch["label"][j]) if "label" in batch and batch["label"][j] is not None else 0)
+            for name, shape in (columns or {}).items():
+                extra[name].append(np.asarray(batch[name][j]).reshape(shape))
     if not ids:
         raise RuntimeError(f"rank {rank} of {world} got no rows: the dataset is smaller than the number of workers")
     order = np.argsort(ids)
     ids = [ids[i] for i in order]
     images = torch.from_numpy(np.stack([imgs[i] for i in order]))
     values = {name: torch.tensor([col[i] for i in ids]) for name, col in per_row.items()}
+    values.update({name: torch.from_numpy(np.stack([col[i] for i in order])) for name, col in extra.items()})
     lab = torch.tensor([labels[i] for i in order]) if label_dim else None
     return ids, images, values, lab
 
@@ -264,6 +282,8 @@ class Worker:
             # virtual environment) and loaded by every worker.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
+        if cfg.init_from and ray.train.get_checkpoint() is None:  # before DeepSpeed: ZeRO-3 partitions these
+            load_init(net, cfg.init_from)
         mp = mp_weights(net)
         if mp:  # forced weight normalisation starts from unit-magnitude rows (the same on every rank)
             force_normalize_(net)
@@ -723,6 +743,50 @@ def check_resume(cfg: EngineConfig, out: str, meta: dict) -> None:
             raise ConfigError(f"the checkpoint in {ckpt} was trained with another model config ({details})")
 
 
+def check_init(cfg: EngineConfig, meta: dict) -> None:
+    """Driver side of ``init_from``: the earlier output exists and holds a network of the same kind and arch
+    whose parameters have this run's names and shapes (both networks built on the meta device: a key that
+    changes no parameter shape, such as the DiT's ``img_resolution``, whose positions are a buffer, may
+    differ); otherwise a ConfigError naming the first parameter that does not fit."""
+    from ambient_ray.io import weights
+    from ambient_ray.models.registry import arch_of, config_of
+    from ambient_ray.train.planner import meta_model
+
+    try:
+        d, saved = weights.model_dir(cfg.init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'init_from': {e}") from None
+    if not storage.exists(storage.join(d, "model.safetensors")):
+        raise ConfigError(f"config key 'init_from': {d} has no model.safetensors")
+    kinds = (saved.get("kind", "denoiser"), meta.get("kind", "denoiser"))
+    for what, (was, now) in (("kind", kinds), ("model.arch", (arch_of(saved), arch_of(meta)))):
+        if was != now:
+            raise ConfigError(f"config key 'init_from': {d} holds {what} {was!r}; this run trains {what} {now!r}")
+    old = {n: tuple(p.shape) for n, p in meta_model(saved).named_parameters()}
+    new = {n: tuple(p.shape) for n, p in meta_model(meta).named_parameters()}
+    bad = [n for n in new if old.get(n) != new[n]] + [n for n in old if n not in new]
+    if bad:
+        was, now = (config_of(m).model_dump(mode="json", exclude={"preset"}) for m in (saved, meta))
+        keys = ", ".join(
+            f"model.{k}: {was.get(k)!r} vs {now.get(k)!r}" for k in sorted(now) if was.get(k) != now.get(k)
+        )
+        raise ConfigError(
+            f"config key 'init_from': the network in {d} does not fit this run's: parameter '{bad[0]}' is "
+            f"{old.get(bad[0], 'absent')} there and {new.get(bad[0], 'absent')} here"
+            + (f" (model keys that differ: {keys})" if keys else "")
+        )
+
+
+def load_init(net: torch.nn.Module, uri: str) -> None:
+    """Worker side of ``init_from``: the raw weights (``model.safetensors``, read as safetensors: nothing
+    unpickled) into ``net``, the same on every rank; the EMA, built from ``net`` afterwards, starts from them."""
+    from ambient_ray.io import weights
+
+    training = net.training
+    weights.load_into(net, weights.model_dir(uri)[0], "model")
+    net.train(training)
+
+
 def elastic_workers(cfg: EngineConfig) -> int | tuple[int, int]:
     """Ray Train's ``num_workers``: ``num_workers``, or with ``min_workers`` below it the elastic range (min, max)."""
     if cfg.min_workers is None or cfg.min_workers >= cfg.num_workers:
@@ -838,6 +902,8 @@ def train(
 
     out = storage.normalize(cfg.out)
     check_resume(cfg, out, meta)
+    if cfg.init_from and not (cfg.resume and latest_checkpoint(out)):  # a resumed run continues its own weights
+        check_init(cfg, meta)
     cfgmod.save_resolved(cfg, out)
     size = {"world_size": cfg.num_workers, "global_batch": cfg.batch_size * cfg.optim.grad_accum * cfg.num_workers}
     params = {**cfgmod.flatten(cfg), **size, **(costs.params() if costs else {})}
