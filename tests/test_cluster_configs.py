@@ -566,3 +566,49 @@ def test_the_edm2_xxl_group_is_sized_by_the_planner(aws, raycluster):
     )
     assert p.choice is not None and nodes <= group["max_workers"]
     assert (p.choice.stage, p.choice.checkpoint) == (job["zero_stage"], job["model"]["checkpoint_blocks"])
+
+
+def _group_comment(path: Path, name: str) -> str:
+    """The layout comment of worker group ``name`` at the top of a cluster file: its ``#   name`` entry and the
+    indented lines after it, joined."""
+    lines, out = path.read_text().splitlines(), []
+    for line in lines:
+        if out and (not line.startswith("#  ") or re.match(r"#   \S", line)):
+            break
+        if out or re.match(rf"#   {re.escape(name)}\s", line):
+            out.append(line.lstrip("#").strip())
+    return " ".join(out)
+
+
+def test_the_text_to_image_group_is_sized_by_the_planner(aws, raycluster):
+    """cluster/aws.yaml's gpu_t2i group (and KubeRay's gpu-t2i) for microdit-xl-2 at 256² (32x32x4 latents), 75%
+    patch masking and MicroDiT's global batch 2048: the planner fits one run on the group's nodes, and the figures
+    the groups' comments quote (ZeRO stage, per-GPU GiB, accumulation) are the planner's."""
+    from ambient_ray.train.planner import GIB, PlanConfig, plan
+
+    group = aws["available_node_types"]["gpu_t2i"]
+    gpus = group["resources"]["GPU"]
+    assert group["node_config"]["InstanceType"] == "p5.48xlarge" and gpus == 8  # 8 x H100 80 GB
+    k8s = {g["groupName"]: g for g in raycluster["spec"]["workerGroupSpecs"]}["gpu-t2i"]
+    assert int(k8s["rayStartParams"]["num-gpus"]) == gpus and k8s["maxReplicas"] == group["max_workers"]
+    cfg = PlanConfig(
+        model="microdit-xl-2", gpus=gpus, gpu_mem=80, batch=128, global_batch=2048, mask_ratio=0.75, resolution=32
+    )
+    p = plan(cfg)
+    assert p.meta["model"]["in_channels"] == 4 and p.tokens == 64  # 256 latent patches, a quarter kept
+    ch = p.choice
+    assert ch is not None and ch.nodes <= group["max_workers"]
+    accum = 2048 // (cfg.batch * gpus * ch.nodes)
+    budget = cfg.gpu_mem * (1 - cfg.headroom)
+    command = (
+        "ambient-ray plan --model microdit-xl-2 --gpus 8 --gpu-mem 80 --batch 128 --global-batch 2048 --mask-ratio 0.75"
+    )
+    for path, name in ((AWS, "gpu_t2i"), (KUBERAY / "raycluster.yaml", "gpu-t2i")):
+        text = _group_comment(path, name)
+        assert command in text, f"{path.name} {name}: the plan command"
+        assert f"ZeRO-{ch.stage}" in text and f"{ch.total / GIB:.1f} of {budget:.0f} GiB" in text, (path.name, text)
+        assert ("no activation checkpointing" in text) != ch.checkpoint, (path.name, text)
+        assert f"grad_accum{'=' if path == AWS else ' '}{accum}" in text, (path.name, text)
+    assert f"{ch.nodes} node" in _group_comment(AWS, "gpu_t2i") and f"{ch.nodes} pod" in _group_comment(
+        KUBERAY / "raycluster.yaml", "gpu-t2i"
+    )

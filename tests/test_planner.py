@@ -266,3 +266,69 @@ def test_model_states_and_ema_within_10_percent_of_what_each_rank_holds(ray_clus
             if got["stage"] == 3:  # ZeRO-3's reduce bucket: 5e8 fp32 elements, allocated once
                 assert got["step"]["buffers"] == 4 * planner.REDUCE_BUCKET
     print({f"ZeRO-{g['stage']} rank {i}": g for i, r in enumerate(ranks) for g in r})
+
+
+def test_dit_active_parameters_against_a_hand_count():
+    """Expert choice, 8 experts at capacity 2: every expert takes 2·T/8 of an image's tokens, so an MoE layer's
+    experts count a quarter of their parameters; the routers and everything else count whole. microdit-xl-2: about
+    420M parameters per image token (second-wave facts, MicroDiT-XL/2), 1.16B in all."""
+    from ambient_ray.models import dit
+
+    cfg = dit.DiTConfig(preset="dit-tiny")  # width 64, 4 blocks; a mixer of 2 blocks at 64; MoE in blocks 1
+    with torch.device("meta"):
+        net = dit.build_denoiser(cfg)
+    total = sum(p.numel() for p in net.parameters())
+    # backbone block 1: feed-forward ratio 0.5 + 3.5/3, int(64 x 1.67) = 106 rounded up to 128 wide; mixer
+    # block 1: 4 x 64 = 256 wide; each expert a w1 (64 x H) and a w2 (H x 64); routers 64 x 8 each
+    experts = 8 * 2 * 64 * 128 + 8 * 2 * 64 * 256
+    assert sum(m.w1.numel() + m.w2.numel() for m in net.net.moe_layers()) == experts
+    assert sum(m.gate.weight.numel() for m in net.net.moe_layers()) == 2 * 64 * 8
+    assert net.active_parameters() == total - experts + experts * 2 // 8 == 658_704
+    assert planner.counts(net).active == net.active_parameters()
+    assert net.active_parameters(per_token=True) < net.active_parameters()
+
+    meta = planner.preset_meta("microdit-xl-2")
+    c = planner.counts(planner.meta_model(meta))
+    assert c.params == pytest.approx(1.16e9, rel=0.02) and c.active == pytest.approx(712.5e6, rel=1e-3)
+    assert planner.meta_model(meta).active_parameters(per_token=True) == pytest.approx(420e6, rel=0.02)
+
+
+def _backbone_flops(meta: dict, mask_ratio: float) -> tuple[int, int]:
+    """(all, after the mask) forward FLOPs per image: the backbone blocks and the output layer run on kept tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = planner.meta_model(meta).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(*planner._inputs(meta, 1, mask_ratio))
+    by = fc.get_flop_counts()
+    after = [k for k in by if k.startswith("DiTDenoiser.net.blocks.") and k.count(".") == 3]
+    return fc.get_total_flops(), sum(sum(by[k].values()) for k in after + ["DiTDenoiser.net.final"])
+
+
+def test_patch_masking_cuts_the_backbones_flops_and_activations():
+    """75% of the patches dropped after the mixer: the backbone's linear layers run on a quarter of the tokens,
+    its self-attention scores on a sixteenth; everything before the mask (mixer, captions) is unchanged."""
+    meta = planner.preset_meta("dit-tiny")
+    (full, back_full), (masked, back_masked) = _backbone_flops(meta, 0.0), _backbone_flops(meta, 0.75)
+    assert planner.flops_per_image(meta) == full and planner.flops_per_image(meta, 0.75) == masked
+    assert 1 / 16 <= back_masked / back_full <= 1 / 4 + 1e-9
+    assert full - masked == back_full - back_masked  # the rest is the same
+    assert 0.75 * back_full <= full - masked <= (1 - 1 / 16) * back_full
+    a_full, a_masked = planner.activations(meta, 2, "fp32"), planner.activations(meta, 2, "fp32", 0.75)
+    assert a_masked.saved < a_full.saved and a_masked.checkpointed < a_full.checkpointed
+    with pytest.raises(planner.ConfigError, match="mask_ratio.*no patch masking"):
+        planner.plan(planner.PlanConfig(model="edm2-tiny", mask_ratio=0.5))
+
+
+def test_the_cli_plans_the_dit_with_captions_active_parameters_and_masking(capsys):
+    assert cli.main(["plan", "--model", "dit-tiny", "--gpus", "2", "--gpu-mem", "8", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    net = planner.meta_model(planner.preset_meta("dit-tiny"))
+    assert f"dit-tiny (arch dit): {sum(p.numel() for p in net.parameters()):,} parameters (exact)" in out
+    assert f"{net.active_parameters():,} active" in out
+    assert f"{net.active_parameters(per_token=True):,} per image token" in out
+    assert "captions of 77 tokens x 1024" in out and "unconditional" not in out
+    assert "patch masking 75% (--mask-ratio): the backbone runs on 64 of 256 tokens" in out  # the paper's default
+    assert "global batch 2048" in out  # MicroDiT's
+    assert cli.main(["plan", "--model", "dit-tiny", "--gpus", "2", "--batch", "4", "--mask-ratio", "0"]) == 0
+    assert "the backbone runs on 256 of 256 tokens" in capsys.readouterr().out

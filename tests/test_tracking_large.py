@@ -5,6 +5,7 @@ checkpoints referenced by URI and the exported weights registered as a model ver
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import time
@@ -158,3 +159,31 @@ def test_large_run_logs_size_throughput_system_grids_checkpoints_and_a_model_ver
     assert version.source == storage.join(out, "model") and version.run_id == run_id
     assert version.tags["checkpoint"] == ckpt
     assert got.data.tags["registered_model"] == f"{name}/1"
+
+
+def test_a_masked_dits_costs_count_the_flops_run_active_parameters_and_tokens():
+    """What a large text-to-image run logs (perf.count_denoiser, the train stage's mask ratio passed in): the FLOPs
+    of the patch-masked step (MFU is counted on those), the active parameters, and the kept tokens per image and
+    per optimizer step."""
+    from ambient_ray.train import planner
+
+    meta = planner.preset_meta("dit-tiny")
+    full, masked = perf.count_denoiser(meta), perf.count_denoiser(meta, mask_ratio=0.75)
+    net = planner.meta_model(meta)
+    assert masked.parameters == full.parameters == sum(p.numel() for p in net.parameters())
+    assert masked.active_parameters == net.active_parameters() < masked.parameters
+    assert (full.tokens_per_image, masked.tokens_per_image) == (256, 64)
+    assert masked.flops_forward == planner.flops_per_image(meta, 0.75) < 0.7 * full.flops_forward
+    assert 2.9 < masked.flops_train / masked.flops_forward < 3.1
+    p = masked.params(global_batch=32)
+    assert (p["active_parameters"], p["tokens_per_image"], p["tokens_per_step"]) == (net.active_parameters(), 64, 2048)
+    assert perf.Costs(**dataclasses.asdict(masked)) == masked  # as the engine's workers get it
+    got = perf.achieved(masked, images=100, seconds=2.0, devices=2, peak=1.0)
+    assert got["tokens_per_s"] == 64 * 50
+    assert got["mfu"] == pytest.approx(masked.flops_train * 50 / 1e12 / 2)
+    # no tokens for a U-Net, and no patch masking either
+    edm2 = planner.preset_meta("edm2-tiny", img_resolution=16, label_dim=10)
+    unet = perf.count_denoiser(edm2)
+    assert unet.tokens_per_image is None and unet.active_parameters is None and "tokens_per_step" not in unet.params(64)
+    with pytest.raises(Exception, match="mask_ratio"):
+        perf.count_denoiser(edm2, mask_ratio=0.5)

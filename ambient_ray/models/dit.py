@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ambient_ray.config import Strict, fill_preset
-from ambient_ray.models.precond import edm_precond
+from ambient_ray.models.precond import EDMPrecond
 
 PRESETS: dict[str, dict] = {
     "dit-tiny": dict(width=64, depth=4, head_dim=16, mixer_depth=2, mixer_width=64, caption_dim=32, multiple_of=32),
@@ -287,6 +287,24 @@ class DiT(nn.Module):
     def moe_layers(self) -> list[ExpertChoiceMoE]:
         return [m for m in self.modules() if isinstance(m, ExpertChoiceMoE)]
 
+    # parameters a patch token never passes through: they run once per image (adaLN modulation, the noise and
+    # pooled-caption embeddings) or on the caption tokens (their projection and block, cross-attention's k/v)
+    PER_IMAGE_OR_CAPTION = ("t_embed.", "y_embed.", "y_block.", "y_pool.", "mixer_y.", "final_ada.", ".ada.", ".kv.")
+
+    def active_parameters(self, per_token: bool = False) -> int:
+        """Parameters a forward uses, each expert weighted by the share of tokens it takes. Expert choice with E
+        experts at capacity c: every expert takes c·T/E of an image's T tokens, so a token passes through c experts
+        on average and an MoE layer's experts count c/E of their parameters (the routers count whole, as do all
+        other parameters). ``per_token``: only the parameters an image token passes through (without those in
+        :attr:`PER_IMAGE_OR_CAPTION`); about 420M for ``microdit-xl-2``, the figure quoted for MicroDiT-XL/2."""
+        experts = {id(p): m.capacity / m.experts for m in self.moe_layers() for p in (m.w1, m.w2)}
+        total = 0.0
+        for name, p in self.named_parameters():
+            if per_token and any(k in f".{name}" for k in self.PER_IMAGE_OR_CAPTION):
+                continue
+            total += p.numel() * min(1.0, experts.get(id(p), 1.0))
+        return round(total)
+
     def run(self, block: nn.Module, *args):
         if self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
@@ -337,9 +355,14 @@ def unpatchify(tokens: torch.Tensor, p: int, c: int) -> torch.Tensor:
     return x.reshape(b, c, side * p, side * p)
 
 
+def kept_tokens(tokens: int, mask_ratio: float) -> int:
+    """How many of an image's ``tokens`` patch masking keeps: int(T·(1 − mask_ratio)), at least one."""
+    return max(1, int(tokens * (1 - mask_ratio)))
+
+
 def patch_keep(batch: int, tokens: int, mask_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per image, the sorted indices of the int(T·(1 − mask_ratio)) tokens it keeps, drawn uniformly."""
-    k = max(1, int(tokens * (1 - mask_ratio)))
+    k = kept_tokens(tokens, mask_ratio)
     order = torch.rand(batch, tokens, generator=generator).argsort(dim=1)
     return order[:, :k].sort(dim=1).values
 
@@ -353,39 +376,47 @@ def patch_mask(keep: torch.Tensor, tokens: int, p: int, side: int) -> torch.Tens
     return m.reshape(b, 1, g, 1, g, 1).expand(b, 1, g, p, g, p).reshape(b, 1, side, side)
 
 
-class DiTDenoiser(nn.Module):
+class DiTDenoiser(EDMPrecond):
     """D(x; σ, captions) = c_skip·x + c_out·F(c_in·x, c_noise, ...) (EDM Table 1) around :class:`DiT`."""
 
+    dtype_param = "net.final.weight"
+
     def __init__(self, cfg: DiTConfig, sigma_data: float = 0.5):
-        super().__init__()
-        self.config, self.sigma_data = cfg, sigma_data
+        super().__init__(cfg, sigma_data)
         self.net = DiT(cfg)
 
     def forward(self, x, sigma, captions, caption_mask=None, keep=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
-        view = (-1,) + (1,) * (x.ndim - 1)
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        dtype = self.net.final.weight.dtype
-        f = self.net((c_in.view(view) * x.float()).to(dtype), c_noise, captions, caption_mask, keep)
-        return (c_skip.view(view) * x.float() + c_out.view(view) * f.float()).to(x.dtype)
+        return self.precondition(x, sigma, captions, caption_mask, keep)[0]
+
+    def network(self, x, c_noise, captions, caption_mask, keep):
+        return self.net(x, c_noise, captions, caption_mask, keep)
+
+    def active_parameters(self, per_token: bool = False) -> int:
+        """The network's :meth:`DiT.active_parameters` (the preconditioning has no parameters)."""
+        return self.net.active_parameters(per_token)
 
 
 def build_denoiser(cfg: DiTConfig, sigma_data: float = 0.5) -> DiTDenoiser:
     return DiTDenoiser(cfg, sigma_data)
 
 
-def example_inputs(cfg: DiTConfig, batch: int, generator: torch.Generator | None = None) -> tuple:
+def example_inputs(
+    cfg: DiTConfig, batch: int, generator: torch.Generator | None = None, mask_ratio: float = 0.0
+) -> tuple:
     """x, σ, caption tokens and their mask (zeros and ones; random with ``generator``, about half the tokens
-    valid per caption)."""
+    valid per caption); with ``mask_ratio`` > 0 also ``keep``, the kept token indices of patch masking (the
+    first :func:`kept_tokens` of every image; random ones with ``generator``), so the backbone runs on those."""
     r, c, t, d = cfg.img_resolution, cfg.in_channels, cfg.caption_tokens, cfg.caption_dim
     if generator is None:
-        return torch.zeros(batch, c, r, r), torch.ones(batch), torch.zeros(batch, t, d), torch.ones(batch, t)
-    lengths = torch.randint(1, t + 1, (batch, 1), generator=generator)
-    return (
-        torch.randn(batch, c, r, r, generator=generator),
-        torch.rand(batch, generator=generator) + 0.1,
-        torch.randn(batch, t, d, generator=generator),
-        (torch.arange(t) < lengths).float(),
-    )
+        out = torch.zeros(batch, c, r, r), torch.ones(batch), torch.zeros(batch, t, d), torch.ones(batch, t)
+        keep = torch.arange(kept_tokens(cfg.tokens(), mask_ratio)).repeat(batch, 1)
+    else:
+        lengths = torch.randint(1, t + 1, (batch, 1), generator=generator)
+        out = (
+            torch.randn(batch, c, r, r, generator=generator),
+            torch.rand(batch, generator=generator) + 0.1,
+            torch.randn(batch, t, d, generator=generator),
+            (torch.arange(t) < lengths).float(),
+        )
+        keep = patch_keep(batch, cfg.tokens(), mask_ratio, generator) if mask_ratio > 0 else None
+    return out + (keep,) if mask_ratio > 0 else out

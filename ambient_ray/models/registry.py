@@ -40,6 +40,9 @@ class Arch:
     build: Callable[[Any, dict], nn.Module]  # (validated config, model.json) -> network
     presets: dict[str, dict]
     inputs: Callable[..., tuple] = image_inputs  # (config, batch[, generator]) -> example forward inputs
+    # a transformer with patch masking: (config, mask_ratio) -> tokens its backbone runs on per image; its
+    # ``inputs`` then take ``mask_ratio`` and add the kept indices. None: no tokens, no patch masking
+    tokens: Callable[[Any, float], int] | None = None
 
 
 ARCHS: Registry[Arch] = Registry("model.arch")
@@ -69,6 +72,7 @@ ARCHS.register(
         lambda cfg, meta: dit.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
         dit.PRESETS,
         dit.example_inputs,
+        lambda cfg, mask_ratio: dit.kept_tokens(cfg.tokens(), mask_ratio),
     ),
 )
 ARCHS.register(
@@ -82,10 +86,33 @@ ARCHS.register(
 )
 
 
-def example_inputs(cfg: BaseModel, batch: int, generator: torch.Generator | None = None) -> tuple:
+def example_inputs(
+    cfg: BaseModel, batch: int, generator: torch.Generator | None = None, mask_ratio: float = 0.0
+) -> tuple:
     """Example positional inputs of the network of a model config (its arch's ``inputs``): for counting FLOPs and
-    memory on the meta device (zeros), or for tests (random, from ``generator``)."""
-    return ARCHS.get(cfg.arch).inputs(cfg, batch, generator)
+    memory on the meta device (zeros), or for tests (random, from ``generator``). ``mask_ratio`` > 0: with patch
+    masking's kept token indices (an arch with ``tokens`` only)."""
+    arch = ARCHS.get(cfg.arch)
+    if not mask_ratio:
+        return arch.inputs(cfg, batch, generator)
+    _check_mask_ratio(cfg.arch, mask_ratio)
+    return arch.inputs(cfg, batch, generator, mask_ratio=mask_ratio)
+
+
+def tokens_per_image(cfg: BaseModel, mask_ratio: float = 0.0) -> int | None:
+    """The tokens a transformer's backbone runs on per image after patch masking; None for an arch without tokens."""
+    _check_mask_ratio(cfg.arch, mask_ratio)
+    tokens = ARCHS.get(cfg.arch).tokens
+    return None if tokens is None else tokens(cfg, mask_ratio)
+
+
+def _check_mask_ratio(arch: str, mask_ratio: float) -> None:
+    from ambient_ray.config import ConfigError
+
+    if not 0 <= mask_ratio < 1:
+        raise ConfigError(f"config key 'mask_ratio': {mask_ratio} is not in [0, 1)")
+    if mask_ratio and ARCHS.get(arch).tokens is None:
+        raise ConfigError(f"config key 'mask_ratio': model.arch {arch!r} has no patch masking (only a transformer has)")
 
 
 def takes_captions(arch: str) -> bool:

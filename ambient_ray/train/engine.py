@@ -893,7 +893,8 @@ def train(
 ) -> TrainingResult:
     """A training stage's driver, after its own checks: refuse a clash with an earlier run, save the resolved
     config, open the MLflow run (params: the config, and the run's size: ``parameters``, FLOPs per image from
-    ``costs``, ``world_size``, ``global_batch``), :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name:
+    ``costs``, ``world_size``, ``global_batch``; for a transformer ``active_parameters``, ``tokens_per_image`` and
+    ``tokens_per_step``, the global batch's kept tokens), :func:`fit` ``worker`` (each worker gets ``per_row``: ``{name:
     {id: value}}``; the run's ``checkpoint`` tag follows each checkpoint's URI), export the last checkpoint's
     weights to ``OUT/model/``, write and log the stage's ``artifacts(out, ckpt)``, register ``OUT/model`` as a
     version in the MLflow model registry, close the run and write ``summary.json`` (``extra`` added to it).
@@ -906,7 +907,7 @@ def train(
         check_init(cfg, meta)
     cfgmod.save_resolved(cfg, out)
     size = {"world_size": cfg.num_workers, "global_batch": cfg.batch_size * cfg.optim.grad_accum * cfg.num_workers}
-    params = {**cfgmod.flatten(cfg), **size, **(costs.params() if costs else {})}
+    params = {**cfgmod.flatten(cfg), **size, **(costs.params(size["global_batch"]) if costs else {})}
     run_id, uri = tracking.start_run(cfg.mlflow, out, params=params, tags={"stage": stage, **tags})
     print(headline + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
     loop_config = {"cfg": cfg.model_dump(mode="json"), **per_row, "mlflow_run_id": run_id, "mlflow_uri": uri}

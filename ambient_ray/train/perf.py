@@ -51,25 +51,40 @@ def peak_tflops(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class Costs:
-    """A network's size and FLOPs per image (2 per multiply-add)."""
+    """A network's size and FLOPs per image (2 per multiply-add); for a mixture of experts its active parameters,
+    for a transformer the tokens its backbone runs on per image (after patch masking)."""
 
     parameters: int
     flops_forward: float
     flops_train: float
+    active_parameters: int | None = None
+    tokens_per_image: int | None = None
 
-    def params(self) -> dict[str, float | int]:
-        """As MLflow params."""
-        return {
+    def params(self, global_batch: int | None = None) -> dict[str, float | int]:
+        """As MLflow params; with the ``global_batch`` (images per optimizer step) also ``tokens_per_step``."""
+        out = {
             "parameters": self.parameters,
             "flops_per_image_forward": int(self.flops_forward),
             "flops_per_image_train": int(self.flops_train),
         }
+        if self.active_parameters is not None:
+            out["active_parameters"] = self.active_parameters
+        if self.tokens_per_image is not None:
+            out["tokens_per_image"] = self.tokens_per_image
+            if global_batch:
+                out["tokens_per_step"] = self.tokens_per_image * global_batch
+        return out
 
 
-def count(build: Callable[[], nn.Module], inputs: Callable[[int], tuple], batch: int = 2) -> Costs:
+def count(
+    build: Callable[[], nn.Module], inputs: Callable[[int], tuple], batch: int = 2, tokens: int | None = None
+) -> Costs:
     """Parameters and FLOPs per image of ``build()``'s network on ``inputs(batch)`` (positional arguments of
     its forward), built and run on the meta device: no memory, no arithmetic. The training step is the forward
-    in training mode plus the backward of a scalar of its output (inputs take no gradient)."""
+    in training mode plus the backward of a scalar of its output (inputs take no gradient). The FLOPs are those
+    the inputs make the network run: with patch masking's kept indices among them, the masked forward; an
+    expert-choice MoE counts only its experts' chosen tokens. A network with ``active_parameters()`` reports
+    them; ``tokens`` (per image) is passed through."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -83,24 +98,40 @@ def count(build: Callable[[], nn.Module], inputs: Callable[[int], tuple], batch:
     with FlopCounterMode(display=False) as step:
         out = net(*args)
         out.float().square().mean().backward()
-    return Costs(n, fwd.get_total_flops() / batch, step.get_total_flops() / batch)
+    active = net.active_parameters() if callable(getattr(net, "active_parameters", None)) else None
+    return Costs(n, fwd.get_total_flops() / batch, step.get_total_flops() / batch, active, tokens)
 
 
-def denoiser_inputs(model_cfg) -> Callable[[int], tuple]:
+def denoiser_inputs(model_cfg, mask_ratio: float = 0.0) -> Callable[[int], tuple]:
     """Example inputs of a model config's network for :func:`count` (its arch's, from the registry: for a denoiser
-    of images x, σ and one-hot labels; the meta device has no values for ``one_hot`` to read)."""
+    of images x, σ and one-hot labels; the meta device has no values for ``one_hot`` to read); ``mask_ratio``:
+    a transformer's share of patches dropped (its kept indices among the inputs)."""
     from ambient_ray.models.registry import example_inputs
 
-    return lambda b: example_inputs(model_cfg, b)
+    return lambda b: example_inputs(model_cfg, b, mask_ratio=mask_ratio)
+
+
+def count_denoiser(meta: dict, mask_ratio: float = 0.0) -> Costs:
+    """:func:`count` for the denoiser of a ``model.json``-shaped dict, trained with ``mask_ratio`` of its patches
+    dropped (a transformer's patch masking, e.g. the train stage's ``text.mask_ratio``; 0 for the others): the
+    FLOPs of the masked step (what MFU is counted on), the active parameters, the tokens kept per image."""
+    from ambient_ray.models import registry
+
+    cfg = registry.config_of(meta)
+    tokens = registry.tokens_per_image(cfg, mask_ratio)
+    return count(lambda: registry.build(meta), denoiser_inputs(cfg, mask_ratio), tokens=tokens)
 
 
 def achieved(costs: Costs | None, images: float, seconds: float, devices: int, peak: float | None) -> dict:
-    """``tflop_per_s`` (the whole job's model TFLOP/s over ``images`` trained in ``seconds``) and, with a per-device
-    ``peak`` (TFLOP/s), ``mfu`` = achieved / (peak × devices); {} without costs."""
+    """``tflop_per_s`` (the whole job's model TFLOP/s over ``images`` trained in ``seconds``; the FLOPs of the step
+    as run: patch-masked, each expert on its tokens) and, with a per-device ``peak`` (TFLOP/s), ``mfu`` =
+    achieved / (peak × devices); ``tokens_per_s`` for a transformer; {} without costs."""
     if costs is None or seconds <= 0:
         return {}
     tflops = costs.flops_train * images / seconds / 1e12
     out = {"tflop_per_s": tflops}
+    if costs.tokens_per_image:
+        out["tokens_per_s"] = costs.tokens_per_image * images / seconds
     if peak:
         out["mfu"] = tflops / (peak * devices)
     return out

@@ -118,20 +118,23 @@ def counts(net: nn.Module) -> Counts:
     return Counts(sum(p.numel() for p in params), largest, persistent, active)
 
 
-def _inputs(meta: dict, batch: int) -> tuple:
+def _inputs(meta: dict, batch: int, mask_ratio: float = 0.0) -> tuple:
+    """The arch's example inputs on the meta device; with ``mask_ratio`` > 0 (a transformer) the kept token
+    indices of patch masking among them, so the backbone runs on those tokens only."""
     from ambient_ray.models.registry import config_of, example_inputs
 
-    return tuple(t.to("meta") for t in example_inputs(config_of(meta), batch))
+    return tuple(t.to("meta") for t in example_inputs(config_of(meta), batch, mask_ratio=mask_ratio))
 
 
-def flops_per_image(meta: dict) -> int:
-    """FLOPs of one image's forward (two per multiply-add; EDM2's paper counts one), on the meta device.
-    Training costs about 3x this per image (4x with activation checkpointing)."""
+def flops_per_image(meta: dict, mask_ratio: float = 0.0) -> int:
+    """FLOPs of one image's forward (two per multiply-add; EDM2's paper counts one), on the meta device, with
+    ``mask_ratio`` of a transformer's patches dropped before its backbone. Training costs about 3x this per
+    image (4x with activation checkpointing)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = meta_model(meta).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        net(*_inputs(meta, 1))
+        net(*_inputs(meta, 1, mask_ratio))
     return int(fc.get_total_flops())
 
 
@@ -195,11 +198,11 @@ class _Saved:
         return total
 
 
-def _saved(meta: dict, batch: int, precision: Precision, **model) -> _Saved:
+def _saved(meta: dict, batch: int, precision: Precision, mask_ratio: float = 0.0, **model) -> _Saved:
     net = meta_model(meta, **model).train().to(torch.bfloat16 if precision == "bf16" else torch.float32)
     s = _Saved(net)
     with torch.autograd.graph.saved_tensors_hooks(s.pack, lambda t: t):
-        net(*_inputs(meta, batch))
+        net(*_inputs(meta, batch, mask_ratio))
     for h in s.handles:
         h.remove()
     return s
@@ -216,17 +219,18 @@ class Activations:
 CHECKPOINT_KEY = "checkpoint_blocks"
 
 
-def activations(meta: dict, batch: int, precision: Precision = "bf16") -> Activations:
-    """Activation bytes of one micro-batch of ``batch`` per GPU, measured on the meta device.
+def activations(meta: dict, batch: int, precision: Precision = "bf16", mask_ratio: float = 0.0) -> Activations:
+    """Activation bytes of one micro-batch of ``batch`` per GPU, measured on the meta device (a transformer's
+    backbone on the tokens patch masking keeps at ``mask_ratio``).
 
     With checkpointing (the arch's ``checkpoint_blocks``) the blocks run inside ``torch.utils.checkpoint``
     and save nothing through this hook: they are the outermost modules that saved bytes without it and none
     with it. Their inputs stay alive for the recomputation, and backward recomputes one block at a time, so
     the peak adds the largest block's own saved bytes (measured without checkpointing)."""
-    plain = _saved(meta, batch, precision, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
+    plain = _saved(meta, batch, precision, mask_ratio, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
     if not _has_checkpoint(meta):
         return Activations(plain.total, None, None)
-    ck = _saved(meta, batch, precision, **{CHECKPOINT_KEY: True})
+    ck = _saved(meta, batch, precision, mask_ratio, **{CHECKPOINT_KEY: True})
     silent = {n for n, used in plain.per_call.items() if used > 0 and ck.per_call.get(n, 0) == 0}
     blocks = [n for n in silent if _parent(n) not in silent]
     if not blocks:  # the option changed nothing this hook can see
@@ -396,10 +400,20 @@ class PlanConfig(Strict):
         description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup",
         json_schema_extra=flag("--ema"),
     )
+    mask_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="a transformer's share of patches dropped before its backbone (the train stage's "
+        "text.mask_ratio); fewer tokens in the activations and FLOPs. None: 0.75 for dit (MicroDiT's "
+        "pretraining), else 0",
+        json_schema_extra=flag("--mask-ratio"),
+    )
 
 
-PAPER_GLOBAL_BATCH = {"edm2": 2048}
+PAPER_GLOBAL_BATCH = {"edm2": 2048, "dit": 2048}  # EDM2 Table 1; MicroDiT, every phase
 PAPER_EMA = {"edm2": "power"}
+PAPER_MASK_RATIO = {"dit": 0.75}  # MicroDiT's pretraining phases (256² and 512², 75% of patches dropped)
 
 
 @dataclass(frozen=True)
@@ -408,11 +422,15 @@ class Plan:
     meta: dict
     counts: Counts
     activations: Activations
-    flops: int
+    flops: int  # forward FLOPs per image, patch-masked at mask_ratio
     ema: str
     nodes: int  # the node count of the table: the recommendation's, or --nodes
     choice: Choice | None
     rows: dict[int, dict[str, int | None]]  # per stage: the table's bytes
+    mask_ratio: float = 0.0  # a transformer's patch masking (the activations and FLOPs are of the kept tokens)
+    tokens: int | None = None  # tokens the backbone runs on per image (None: not a transformer)
+    tokens_all: int | None = None  # ... without patch masking
+    active_per_token: int | None = None  # parameters an image token passes through (a mixture of experts)
 
     def per_gpu(self, stage: int, nodes: int, checkpoint: bool) -> int:
         return per_gpu_bytes(self.cfg, self.counts, self.activations, self.ema, stage, nodes, checkpoint)
@@ -439,7 +457,14 @@ def plan(cfg: PlanConfig) -> Plan:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config key 'model': preset {cfg.model!r} at this interface: {e}") from None
     c = counts(net)
-    act = activations(meta, cfg.batch, cfg.precision)
+    from ambient_ray.models.registry import config_of, tokens_per_image
+
+    mask = PAPER_MASK_RATIO.get(meta["arch"], 0.0) if cfg.mask_ratio is None else cfg.mask_ratio
+    try:
+        tokens, tokens_all = tokens_per_image(config_of(meta), mask), tokens_per_image(config_of(meta))
+    except ConfigError as e:
+        raise ConfigError(f"config key 'mask_ratio' (--mask-ratio): preset {cfg.model!r}: {e}") from None
+    act = activations(meta, cfg.batch, cfg.precision, mask)
     ema = PAPER_EMA.get(meta["arch"], "warmup") if cfg.ema == "auto" else cfg.ema
     options = (False, True) if act.checkpointed is not None else (False,)
 
@@ -466,7 +491,9 @@ def plan(cfg: PlanConfig) -> Plan:
             "  with checkpointing ": fits(stage, nodes, True) if act.checkpointed is not None else None,
             "host memory per node (offload)": s.cpu * cfg.gpus if cfg.offload else None,
         }
-    return Plan(cfg, meta, c, act, flops_per_image(meta), ema, nodes, choice, rows)
+    per_token = net.active_parameters(per_token=True) if c.active is not None else None
+    flops = flops_per_image(meta, mask)
+    return Plan(cfg, meta, c, act, flops, ema, nodes, choice, rows, mask, tokens, tokens_all, per_token)
 
 
 def _gib(b: int | None) -> str:
@@ -476,19 +503,36 @@ def _gib(b: int | None) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as plain aligned text."""
     cfg, c = p.cfg, p.counts
-    from ambient_ray.models.registry import config_of
+    from ambient_ray.models.registry import config_of, takes_captions
 
     mc = config_of(p.meta)
     labels = getattr(mc, "label_dim", 0)
-    lines = [
-        f"{cfg.model} (arch {p.meta['arch']}): {c.params:,} parameters"
-        + (f" ({c.active:,} active per token)" if c.active is not None else ""),
+    if takes_captions(p.meta["arch"]):
+        cond = f", captions of {mc.caption_tokens} tokens x {mc.caption_dim} (with their mask)"
+    else:
+        cond = f", {labels} classes" if labels else ", unconditional"
+    lines = [f"{cfg.model} (arch {p.meta['arch']}): {c.params:,} parameters (exact)"]
+    if c.active is not None:
+        per_token = p.active_per_token
+        lines.append(
+            f"  {c.active:,} active ({c.active / c.params:.0%}: each expert counted at the share of tokens it takes)"
+            + (
+                f"; {per_token:,} per image token (without adaLN, the conditioning and caption-side layers)"
+                if per_token is not None
+                else ""
+            )
+        )
+    lines += [
         f"  largest layer {c.largest_layer:,}; ZeRO-3 keeps {c.persistent:,} whole on every rank "
         f"(tensors of <= {PERSISTENCE_THRESHOLD:,} elements)",
-        f"  input {mc.img_resolution}x{mc.img_resolution}x{mc.in_channels}"
-        + (f", {labels} classes" if labels else ", unconditional")
+        f"  input {mc.img_resolution}x{mc.img_resolution}x{mc.in_channels}{cond}"
         + f"; forward {p.flops / 1e9:,.1f} GFLOPs per image ({p.flops / 2e9:,.1f} G multiply-adds)",
     ]
+    if p.tokens is not None:
+        lines.append(
+            f"  patch masking {p.mask_ratio:.0%} (--mask-ratio): the backbone runs on {p.tokens} of {p.tokens_all} "
+            f"tokens per image (the patch mixer on all); activations and FLOPs counted so"
+        )
     world = cfg.gpus * p.nodes
     lines.append(
         f"per GPU in GiB: {cfg.precision}{', optimizer offloaded to CPU' if cfg.offload else ''}, "
