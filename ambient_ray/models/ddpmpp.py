@@ -27,7 +27,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from ambient_ray.config import Strict, fill_preset
-from ambient_ray.models.precond import edm_precond
+from ambient_ray.models.precond import EDMPrecond
 
 # Sizes of the family, one line each; a preset fills the keys a config leaves unset (``model.preset``).
 PRESETS: dict[str, dict] = {
@@ -259,33 +259,27 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class EDMDenoiser(nn.Module):
-    """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (Karras et al. 2022, Table 1 and Eq. 7).
+class EDMDenoiser(EDMPrecond):
+    """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (Karras et al. 2022, Table 1 and Eq. 7) around :class:`UNet`.
 
     ``sigma`` is (B,) (or a scalar) and is broadcast over the image. The preconditioning is computed
     in float32 (float64 if x is float64), the network runs in its own parameter dtype (e.g. bf16 under
     DeepSpeed), and D is returned in float32 or wider: ``promote_types(x.dtype, float32)``.
     """
 
+    dtype_param, wide = "unet.conv_in.weight", True
+
     def __init__(self, cfg: UNetConfig, sigma_data: float = 0.5):
-        super().__init__()
-        self.config = cfg
-        self.sigma_data = float(sigma_data)
+        super().__init__(cfg, sigma_data)
         self.unet = UNet(cfg)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        view = (-1,) + (1,) * (x.ndim - 1)
-        net_dtype = self.unet.conv_in.weight.dtype
-        x = x.to(dtype)
-        f = self.unet((c_in.view(view) * x).to(net_dtype), c_noise, class_labels)
-        return c_skip.view(view) * x + c_out.view(view) * f.to(dtype)
+        return self.precondition(x, sigma, class_labels)[0]
+
+    def network(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        return self.unet(x, c_noise, class_labels)
 
 
 def build_denoiser(cfg: UNetConfig, sigma_data: float = 0.5) -> EDMDenoiser:

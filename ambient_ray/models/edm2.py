@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ambient_ray.config import Strict, fill_preset
-from ambient_ray.models.precond import edm_precond
+from ambient_ray.models.precond import EDMPrecond
 
 # One line per size (paper Table 2 / App. E): model_channels and dropout; the rest is config G.
 PRESETS: dict[str, dict] = {
@@ -331,15 +331,15 @@ class EDM2UNet(nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-class EDM2Denoiser(nn.Module):
+class EDM2Denoiser(EDMPrecond):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (EDM Table 1) with the learned log-variance u(σ)
     (``return_logvar=True`` gives (D, u) with u of shape (B, 1, 1, 1))."""
 
     has_logvar = True
+    dtype_param = "unet.out_conv.weight"
 
     def __init__(self, cfg: EDM2Config, sigma_data: float = 0.5):
-        super().__init__()
-        self.config, self.sigma_data = cfg, sigma_data
+        super().__init__(cfg, sigma_data)
         self.unet = EDM2UNet(cfg)
         self.logvar_fourier = MPFourier(cfg.logvar_channels, seed=1)
         self.logvar_linear = MPConv(cfg.logvar_channels, 1, ())
@@ -351,19 +351,14 @@ class EDM2Denoiser(nn.Module):
         class_labels: torch.Tensor | None = None,
         return_logvar: bool = False,
     ):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
-        view = (-1,) + (1,) * (x.ndim - 1)
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma.float(), self.sigma_data)
-        dtype = self.unet.out_conv.weight.dtype
-        f = self.unet((c_in.view(view) * x.float()).to(dtype), c_noise.to(dtype), class_labels)
-        d = c_skip.view(view) * x.float() + c_out.view(view) * f.float()
-        d = d.to(x.dtype)
+        d, c_noise = self.precondition(x, sigma, class_labels)
         if not return_logvar:
             return d
-        u = self.logvar_linear(self.logvar_fourier(c_noise.float())).float().reshape(view)
+        u = self.logvar_linear(self.logvar_fourier(c_noise.float())).float().reshape((-1,) + (1,) * (x.ndim - 1))
         return d, u
+
+    def network(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        return self.unet(x, c_noise.to(x.dtype), class_labels)
 
 
 def build_denoiser(cfg: EDM2Config, sigma_data: float = 0.5) -> EDM2Denoiser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
@@ -16,3 +17,39 @@ def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Ten
     c_in = 1.0 / s2.sqrt()
     c_noise = sigma.log() / 4.0
     return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """The EDM-preconditioned denoiser every model family wraps its network F in (Karras et al. 2022, Table 1 and
+    Eq. 7): D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), ...).
+
+    A subclass keeps F at its own attribute (its state-dict keys), names the parameter whose dtype F runs in
+    (``dtype_param``, e.g. ``"unet.conv_in.weight"``: bf16 under DeepSpeed), implements :meth:`network` and
+    calls :meth:`precondition` from its ``forward``. ``sigma`` is (B,) or a scalar and is broadcast over the
+    batch; the preconditioning runs in float32 and D comes back in x's dtype, or, with ``wide``, both in
+    ``promote_types(x.dtype, float32)`` (a float64 sampler state stays float64, a bf16 x gives a float32 D).
+    """
+
+    dtype_param: str
+    wide: bool = False
+
+    def __init__(self, cfg, sigma_data: float = 0.5):
+        super().__init__()
+        self.config, self.sigma_data = cfg, float(sigma_data)
+
+    def network(self, x: torch.Tensor, c_noise: torch.Tensor, *extra) -> torch.Tensor:
+        """F(c_in·x, c_noise, *extra): ``x`` already scaled and cast to the network's dtype."""
+        raise NotImplementedError
+
+    def precondition(self, x: torch.Tensor, sigma: torch.Tensor | float, *extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x; σ), c_noise), ``extra`` passed on to :meth:`network`."""
+        dtype = torch.promote_types(x.dtype, torch.float32) if self.wide else torch.float32
+        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        view = (-1,) + (1,) * (x.ndim - 1)
+        x_wide = x.to(dtype)
+        f = self.network((c_in.view(view) * x_wide).to(self.get_parameter(self.dtype_param).dtype), c_noise, *extra)
+        d = c_skip.view(view) * x_wide + c_out.view(view) * f.to(dtype)
+        return d.to(dtype if self.wide else x.dtype), c_noise
