@@ -86,13 +86,14 @@ def write_clip_vocab(folder, words=CAPTION_WORDS) -> tuple[str, str]:
     return str(vocab_path), str(merges_path)
 
 
-def make_tiny_clip_text(folder, seed: int = 0, words=CAPTION_WORDS) -> str:
-    """A random CLIPTextModel (hidden 32, 2 layers, 2 heads, 77 positions) and its CLIPTokenizer, in ``folder``."""
+def make_tiny_clip_text(folder, seed: int = 0, words=CAPTION_WORDS, max_length: int = 77) -> str:
+    """A random CLIPTextModel (hidden 32, 2 layers, 2 heads, ``max_length`` positions: CLIP's 77 by default) and its
+    CLIPTokenizer, in ``folder``."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     write_clip_vocab(folder, words)
     tokenizer = CLIPTokenizer.from_pretrained(
-        str(folder), local_files_only=True, model_max_length=77, pad_token="<|endoftext|>"
+        str(folder), local_files_only=True, model_max_length=max_length, pad_token="<|endoftext|>"
     )
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -102,7 +103,7 @@ def make_tiny_clip_text(folder, seed: int = 0, words=CAPTION_WORDS) -> str:
         projection_dim=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=77,
+        max_position_embeddings=max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

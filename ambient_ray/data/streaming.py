@@ -44,7 +44,8 @@ def capacities(probs: torch.Tensor, strata: torch.Tensor, total: int, minimum: i
 class StratumPools:
     """Bounded per-stratum pools fed by a stream of batches (see the module's docs).
 
-    ``stream`` yields ``(batch, epoch)``: a batch is a dict of arrays with :data:`FIELDS` (``x`` (B, ...)), and
+    ``stream`` yields ``(batch, epoch)``: a batch is a dict of arrays with ``fields`` (default :data:`FIELDS`;
+    ``x`` (B, ...), and e.g. caption embeddings), and
     ``epoch`` counts passes over the worker's share; ``stratum_of(batch)`` gives each row's stratum id. A
     background thread reads ``prefetch`` batches ahead; :attr:`wait_seconds` is the time :meth:`take` spent
     blocked on it (the feed's cost to training).
@@ -57,7 +58,9 @@ class StratumPools:
         capacity: dict[int, int],
         generator: torch.Generator,
         prefetch: int = 4,
+        fields: tuple[str, ...] = FIELDS,
     ):
+        self.fields = fields
         self.stratum_of, self.capacity, self.generator = stratum_of, capacity, generator
         self.pools: dict[int, dict[str, torch.Tensor]] = {}
         self.filled = {k: 0 for k in capacity}
@@ -92,7 +95,7 @@ class StratumPools:
             self.filled.setdefault(k, 0)
             self.pools[k] = {
                 f: torch.empty((self.capacity[k], *batch[f].shape[1:]), dtype=torch.from_numpy(batch[f][:0]).dtype)
-                for f in FIELDS
+                for f in self.fields
             }
         return self.pools[k]
 
@@ -103,7 +106,7 @@ class StratumPools:
                 batch, epoch = self._next()
                 self.epoch = epoch
                 strata = np.asarray(self.stratum_of(batch))
-                self._pending = ({f: np.asarray(batch[f]) for f in FIELDS}, strata, 0)
+                self._pending = ({f: np.asarray(batch[f]) for f in self.fields}, strata, 0)
             batch, strata, start = self._pending
             stop = min(len(strata), start + rows)
             self._route(batch, strata, start, stop)
@@ -123,7 +126,7 @@ class StratumPools:
             if len(idx) > free:  # a full pool: each new row replaces a uniformly chosen one
                 slots[free:] = torch.randint(0, cap, (len(idx) - free,), generator=self.generator)
             self.filled[k] = f + free
-            for name in FIELDS:
+            for name in self.fields:
                 pool[name][slots] = torch.from_numpy(np.ascontiguousarray(batch[name][idx]))
 
     def _fill(self, k: int) -> bool:
@@ -144,12 +147,12 @@ class StratumPools:
         for k in torch.unique(strata).tolist():
             if self.filled.get(k, 0) == 0 and not self._fill(k):
                 return None
-        out = {f: [] for f in FIELDS}
+        out = {f: [] for f in self.fields}
         order = []
         for k in torch.unique(strata).tolist():
             where = (strata == k).nonzero().flatten()
             pick = torch.randint(0, self.filled[k], (len(where),), generator=self.generator)
-            for f in FIELDS:
+            for f in self.fields:
                 out[f].append(self.pools[k][f][pick])
             order.append(where)
         inv = torch.empty(len(strata), dtype=torch.long)

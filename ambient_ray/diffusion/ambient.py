@@ -328,6 +328,7 @@ class Batch:
     sigma_n: torch.Tensor  # (B,) the sample's annotation used here (0 for crops below σ_max)
     mask: torch.Tensor  # (B, 1, H, W) pixels that count in the loss (a crop, or all)
     index: torch.Tensor  # (B,) rows of the dataset
+    crop_size: torch.Tensor  # (B,) the crop each row trains through (0: the whole row)
 
 
 @dataclass
@@ -399,7 +400,7 @@ def noise_batch(
     sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min)
     x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
     x_s = x_n + bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
-    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), index)
+    return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), index, crop_size)
 
 
 def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,5 +408,5 @@ def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tupl
     dev = x0_pred.device
     per = ambient_loss(x0_pred, b.x_sigma.to(dev), b.x_sigma_n.to(dev), b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
     m = b.mask.to(dev)
-    per_sample = (per * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * per.shape[1])
+    per_sample = (per * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)).clamp(min=1) * per.shape[1])
     return per_sample.mean(), per_sample

@@ -145,3 +145,28 @@ class Guided:
         if self.weight == 1.0:
             return d
         return self.guide(x, sigma, class_labels).lerp(d, self.weight)
+
+
+class ClassifierFree:
+    """Classifier-free guidance (Ho & Salimans 2022) of a network of captions: D = D(x; σ, ∅) + w·(D(x; σ, c) −
+    D(x; σ, ∅)), i.e. ``lerp(D_null, D_cond, w)``, the null caption ∅ being zero embeddings with no valid token
+    (what caption dropout trains). Both halves run as one batch of 2B. ``captions`` (B, T, D) and ``mask``
+    (B, T) belong to the B images of the batch being sampled; w = 1 is the conditional model alone, w = 0 the
+    unconditional one.
+
+    A denoiser for the samplers (``class_labels`` is ignored); ``config`` and ``meta`` are the network's."""
+
+    def __init__(self, net, captions: torch.Tensor, mask: torch.Tensor, weight: float):
+        self.net, self.weight = net, float(weight)
+        self.captions, self.mask = captions, mask
+        self.config, self.meta = net.config, getattr(net, "meta", None)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None):
+        c, m = self.captions.to(x.device), self.mask.to(x.device)
+        if self.weight == 1.0:
+            return self.net(x, sigma, c, m)
+        both = self.net(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([c, torch.zeros_like(c)]), torch.cat([m, 0 * m])
+        )
+        d_cond, d_null = both.chunk(2)
+        return d_null.lerp(d_cond, self.weight)

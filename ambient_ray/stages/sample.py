@@ -63,12 +63,24 @@ class SampleConfig(Strict):
         json_schema_extra=flag("--guide"),
     )
     guide_weights: Literal["ema", "raw"] = "ema"
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="for a text-to-image model: the captions, image i drawn for prompt i % len(prompts), with "
+        "classifier-free guidance weight 'guidance' (none: the null caption, unconditional)",
+        json_schema_extra=flag("--prompt", "a caption (repeatable)"),
+    )
+    text_encoder: str | None = Field(
+        None, description="the text encoder's folder, where it is not where the model's precompute stage had it"
+    )
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
     def _guide(self) -> SampleConfig:
-        if self.guidance != 1.0 and not self.guide:
-            raise ValueError("config key 'guidance': a weight other than 1 needs a guiding model ('guide')")
+        if self.guidance != 1.0 and not self.guide and not self.prompts:
+            raise ValueError(
+                "config key 'guidance': a weight other than 1 needs a guiding model ('guide') or, for a "
+                "text-to-image model, prompts (classifier-free guidance)"
+            )
         return self
 
 
@@ -109,16 +121,25 @@ def draw(
     progress: bool = False,
     device: torch.device | str = "cpu",
     decode=None,
+    captions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guidance: float = 1.0,
 ) -> np.ndarray:
     """``num`` images as uint8 (N, H, W, C); a progress bar over the batches with ``progress``. A model
     trained on precomputed latents (``latents`` in its model.json) has its samples decoded by its VAE
     (``decode``: a :func:`latent_decoder` already built, else one is built here). The noise is drawn on the
-    CPU from ``seed`` and moved to ``device`` (the network's), so a seed gives the same images anywhere."""
+    CPU from ``seed`` and moved to ``device`` (the network's), so a seed gives the same images anywhere.
+
+    A network of captions draws image i for caption ``i % len(captions)`` of ``captions`` ((K, T, D) embeddings,
+    (K, T) masks; :func:`encode_prompts`) with classifier-free guidance weight ``guidance``; without captions,
+    from the null caption (unconditional)."""
     from tqdm.auto import tqdm
 
-    from ambient_ray.diffusion.samplers import heun_sample, to_uint8
+    from ambient_ray.diffusion.samplers import ClassifierFree, heun_sample, to_uint8
 
     cfg = net.config
+    text = hasattr(cfg, "caption_dim")
+    if text and captions is None:
+        captions = (torch.zeros(1, cfg.caption_tokens, cfg.caption_dim), torch.zeros(1, cfg.caption_tokens))
     decode = decode or latent_decoder(getattr(net, "meta", None))
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -130,8 +151,12 @@ def draw(
         if cfg.label_dim:
             base = torch.arange(start, start + n) % cfg.label_dim
             labels = (torch.full((n,), class_label) if class_label is not None else base).to(device)
+        den = net
+        if text:
+            pick = torch.arange(start, start + n) % len(captions[0])
+            den = ClassifierFree(net, captions[0][pick].float(), captions[1][pick].float(), guidance)
         x = heun_sample(
-            net,
+            den,
             latents,
             num_steps=steps,
             sigma_max=sigma_max,
@@ -144,6 +169,25 @@ def draw(
         )
         out.append(to_uint8(decode(x.cpu()) if decode else x))
     return np.concatenate(out)
+
+
+def encode_prompts(meta: dict | None, prompts: list[str], text_encoder: str | None = None):
+    """Caption embeddings and masks of ``prompts`` by the text encoder a model's captions were made with (the
+    precompute stage's, recorded in its model.json; ``text_encoder`` overrides the location, e.g. on another
+    machine). Another encoder than that one (other weights) is refused."""
+    from ambient_ray.models import encoders
+
+    info = (meta or {}).get("latents") or {}
+    uri = text_encoder or info.get("text_encoder")
+    if not uri:
+        raise ConfigError("config key 'text_encoder': the model records no text encoder; give its folder")
+    enc = encoders.load_text_encoder(uri)
+    if info.get("text_fingerprint") and enc.fingerprint != info["text_fingerprint"]:
+        raise ConfigError(f"the text encoder at {uri} is not the one this model's captions were made with")
+    emb, mask = enc.encode(list(prompts))
+    if info.get("emb_dtype") == "float16":  # as the training rows were stored
+        emb = emb.half()
+    return emb.float(), mask.float()
 
 
 def latent_decoder(meta: dict | None):
@@ -179,9 +223,16 @@ def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     net = weights.load(cfg.checkpoint, "denoiser", cfg.weights)
-    if cfg.class_label is not None and not net.config.label_dim:
+    text = hasattr(net.config, "caption_dim")
+    if cfg.class_label is not None and not getattr(net.config, "label_dim", 0):
         raise ConfigError("config key 'class_label': the model is not class-conditional")
-    net = guided(net, cfg.guide, cfg.guidance, cfg.guide_weights)
+    if cfg.prompts and not text:
+        raise ConfigError("config key 'prompts': the model does not take captions")
+    if text and cfg.guide:
+        raise ConfigError("config key 'guide': a text-to-image model is guided classifier-free ('guidance', 'prompts')")
+    captions = encode_prompts(net.meta, cfg.prompts, cfg.text_encoder) if cfg.prompts else None
+    if not text:
+        net = guided(net, cfg.guide, cfg.guidance, cfg.guide_weights)
     cfgmod.save_resolved(cfg, out)
     imgs = draw(
         net,
@@ -197,6 +248,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
         s_noise=cfg.s_noise,
         sigma_max=cfg.sigma_max,
         progress=progress,
+        captions=captions,
+        guidance=cfg.guidance,
     )
     buf = io.BytesIO()
     np.save(buf, imgs)

@@ -47,6 +47,12 @@ class AmbientConfig(Strict):
         "corrupted_sigma_min, the rest are clean (Ambient-o's ImageNet recipe); used without a sigma_min column",
     )
     low_fraction: float = Field(0.9, gt=0, lt=1, description="with quality_score: the share of rows called low quality")
+    source_sigma_min: dict[str, float] = Field(
+        default_factory=dict,
+        description="a fixed σ_min per value of the 'source' column (Ambient-o's text-to-image recipe: the "
+        "synthetic DiffusionDB at 2, the other sources clean); a row's σ_min is the larger of this and what the "
+        "other rules give it",
+    )
     crop_sigmas: list[float] = Field(default_factory=list, description="crop(σ) table: σ thresholds, ascending")
     crop_sizes: list[int] = Field(default_factory=list, description="crop(σ) table: crop size for σ ≤ each threshold")
 
@@ -66,6 +72,22 @@ class StreamConfig(Strict):
     read_batch: int = Field(256, ge=1, description="stream: rows per Ray Data batch read by a worker")
 
 
+class TextConfig(Strict):
+    """Text-to-image training (a network that takes captions, e.g. ``model.arch: dit``; README "Text to image")."""
+
+    mask_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of patch tokens dropped per image (MicroDiT: 0.75 in pretraining)"
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, le=1, description="share of rows trained with the null caption (zeros), for classifier-free guidance"
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="fixed prompts of the periodic sample grids (default: the first rows' captions)",
+    )
+    guidance: float = Field(5.0, ge=0, description="classifier-free guidance weight of the periodic grids")
+
+
 class TrainConfig(EngineConfig):
     """Config of ``ambient-ray train`` (the engine's keys, plus the model and the ambient objective)."""
 
@@ -80,6 +102,7 @@ class TrainConfig(EngineConfig):
     )
     val_rows: int = Field(64, ge=1, description="with report_every: clean rows per worker for the validation loss")
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
 
 
 # ------------------------------------------------------------------------------ data
@@ -115,6 +138,14 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
                 f"; warning: {n_bad} rows marked corrupted train as clean "
                 "(annotate them, or set ambient.corrupted_sigma_min)"
             )
+    if cfg.ambient.source_sigma_min:
+        if "source" not in meta:
+            raise ConfigError("config key 'ambient.source_sigma_min': the data has no 'source' column")
+        fixed = meta["source"].map(cfg.ambient.source_sigma_min).to_numpy(dtype=np.float64, na_value=0.0)
+        smin = np.maximum(smin, fixed)
+        origin += "; fixed sigma_min by source: " + ", ".join(
+            f"{k}={v:g}" for k, v in cfg.ambient.source_sigma_min.items()
+        )
     bad = ~np.isfinite(smin) | (smin < 0)
     if bad.any():
         rows = meta["id"][bad].head(5).tolist()
@@ -141,13 +172,14 @@ def latents_of(data: str) -> dict | None:
     if info is None:
         return None
     keys = ("vae", "vae_subfolder", "vae_fingerprint", "channels", "latent_shape", "shift", "scale", "resolution")
+    keys += ("text_encoder", "text_fingerprint", "emb_shape", "emb_dtype")
     return {k: info.get(k) for k in keys}
 
 
-def strata_counts(cfg: TrainConfig, smin: np.ndarray, smax: np.ndarray) -> dict:
+def strata_counts(cfg: TrainConfig, smin: np.ndarray, smax: np.ndarray, groups: list[np.ndarray] = ()) -> dict:
     """The dataset-wide stratum counts of the streaming σ-first sampler: edges from the annotations' own
     values where they are few (a grid: nothing is rounded), else the default log grid (thresholds rounded up,
-    σ_max down)."""
+    σ_max down). With ``groups`` (a boolean row mask per source), each group's own counts too, as ``sources``."""
     import torch
 
     from ambient_ray.diffusion import stratified
@@ -159,9 +191,16 @@ def strata_counts(cfg: TrainConfig, smin: np.ndarray, smax: np.ndarray) -> dict:
     else:
         edges = stratified.DEFAULT_EDGES
     ids, table = stratified.strata_of(torch.from_numpy(smin), torch.from_numpy(smax), lam, edges)
-    n = torch.bincount(ids, minlength=len(table))
-    nz = n.nonzero().flatten()
-    return {"edges": edges, "strata": nz.tolist(), "counts": n[nz].tolist()}
+
+    def counts(rows: torch.Tensor) -> dict:
+        n = torch.bincount(rows, minlength=len(table))
+        nz = n.nonzero().flatten()
+        return {"strata": nz.tolist(), "counts": n[nz].tolist()}
+
+    out = {"edges": edges, **counts(ids)}
+    if len(groups):
+        out["sources"] = [counts(ids[torch.from_numpy(g)]) for g in groups]
+    return out
 
 
 def with_sigmas(ds, cfg: TrainConfig):
@@ -205,11 +244,6 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train; returns a summary dict (out URIs, MLflow run id, final metrics). ``callbacks``: Ray Train
     ``UserCallback``s (a Ray Tune trial passes the one that forwards each report to Tune)."""
 
-    if registry.takes_captions(cfg.model.arch):
-        raise ConfigError(
-            f"config key 'model.arch': {cfg.model.arch} is a text-to-image network; training it on caption "
-            "embeddings is not built yet (the train stage feeds class labels only). Use ddpmpp or edm2"
-        )
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
     meta = load_metadata(cfg.data, (cfg.ambient.quality_score,) if cfg.ambient.quality_score else ())
@@ -224,17 +258,26 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     latents = latents_of(cfg.data)
     shape = (latents["latent_shape"][1], latents["latent_shape"][0] // 2) if latents else None
     cfg.model = registry.with_interface(cfg.model, *engine.check_run(cfg, meta, shape))
+    captions = caption_interface(cfg, latents)
     ids = meta["id"].tolist()
+    sources = sorted(meta["source"].dropna().unique().tolist()) if "source" in meta else []
     space = f"{'x'.join(map(str, latents['latent_shape']))} latents" if latents else "pixels"
     streaming = cfg.stream.mode == "stream" or (cfg.stream.mode == "auto" and len(meta) > cfg.stream.above_rows)
     x = "latent" if latents else "image"
+    cap_cols = ["caption_emb", "caption_mask"] if captions else []
     if streaming:  # the annotations travel as columns; the workers get the strata's counts only
-        per_row = {"stream": strata_counts(cfg, smin, smax), "latents": latents}
-        columns = ["id", x, *[c for c in meta.columns if c != "id"]]
+        groups = [(meta["source"] == name).to_numpy() for name in sources] if len(sources) > 1 else []
+        per_row = {"stream": strata_counts(cfg, smin, smax, groups), "latents": latents}
+        columns = ["id", x, *cap_cols, *[c for c in meta.columns if c != "id"]]
     else:
         per_row = {"sigma_min": dict(zip(ids, smin.tolist())), "sigma_max": dict(zip(ids, smax.tolist()))}
         per_row["latents"] = latents
-        columns = [c for c in ("id", x, "label") if c in meta.columns or c != "label"]
+        columns = [c for c in ("id", x, *cap_cols, "label") if c in meta.columns or c != "label"]
+        if len(sources) > 1:  # per-source loss, draws and donut
+            code = {name: i for i, name in enumerate(sources)}
+            per_row["source"] = dict(zip(ids, meta["source"].map(code).fillna(-1).astype(int).tolist()))
+    per_row["sources"] = sources if len(sources) > 1 else []
+    per_row["captions"] = captions
     how = "streamed" if streaming else "in memory"
     return engine.train(
         cfg,
@@ -253,6 +296,28 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         callbacks=callbacks,
         costs=denoiser_costs(model_meta(cfg, latents)) if cfg.mlflow.enabled else None,  # only MLflow shows them
     )
+
+
+def caption_interface(cfg: TrainConfig, latents: dict | None) -> dict | None:
+    """For a network that takes captions: the caption embeddings' shape from the precompute stage (it sets
+    ``model.caption_tokens``/``model.caption_dim``, as the data sets the image interface) and the text encoder that made them (for the prompts of the
+    grids); None for a class-conditional or unconditional network. A mask ratio needs a network that masks."""
+    if not registry.takes_captions(cfg.model.arch):
+        if cfg.text.mask_ratio:
+            raise ConfigError(f"config key 'text.mask_ratio': model.arch {cfg.model.arch} has no patch masking")
+        return None
+    if not latents or not latents.get("emb_shape"):
+        raise ConfigError(
+            f"config key 'data': model.arch {cfg.model.arch} trains on caption embeddings; {cfg.data} has none "
+            "(run 'ambient-ray precompute' with --text-encoder, and --vae pixels for pixel data)"
+        )
+    t, d = latents["emb_shape"]
+    cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "caption_tokens": t, "caption_dim": d})
+    return {
+        "emb_shape": [t, d],
+        "text_encoder": latents.get("text_encoder"),
+        "fingerprint": latents.get("text_fingerprint"),
+    }
 
 
 def denoiser_costs(meta: dict):
@@ -278,8 +343,17 @@ def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
     png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
     storage.write_bytes(storage.join(out, "coverage.png"), png)
     files = {"coverage.png": png, "coverage.json": json.dumps(cov).encode()}
+    for name, part in cov.get("sources", {}).items():  # each source's donut
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        files[f"coverage_{safe}.png"] = p = plots.coverage_plot(part["donut"], title=f"σ coverage of source {name}")
+        storage.write_bytes(storage.join(out, f"coverage_{safe}.png"), p)
     if cfg.sample_grid:
-        imgs = draw(load(storage.join(out, "model"), "denoiser"), cfg.sample_grid, seed=cfg.seed)
+        net, kw = load(storage.join(out, "model"), "denoiser"), {}
+        if registry.takes_captions(cfg.model.arch) and cfg.text.prompts:  # else the null caption
+            from ambient_ray.stages.sample import encode_prompts
+
+            kw = {"captions": encode_prompts(net.meta, cfg.text.prompts), "guidance": cfg.text.guidance}
+        imgs = draw(net, cfg.sample_grid, seed=cfg.seed, **kw)
         files["samples.png"] = grid = plots.image_grid_png(imgs)
         storage.write_bytes(storage.join(out, "samples.png"), grid)
     return files

@@ -57,9 +57,15 @@ class AmbientTask:
             return self.setup_stream(w)
         cfg, config = self.cfg, self.config
         per_row = {"sigma_min": config["sigma_min"], "sigma_max": config["sigma_max"]}
-        lat = config.get("latents")
+        if config.get("sources"):
+            per_row["source"] = config["source"]
+        lat, cap = config.get("latents"), config.get("captions")
         tensor = ("latent", lat["latent_shape"]) if lat else None
-        _, rows, cols, self.labels = engine.load_rank_rows(w.rank, w.world, per_row, cfg.model.label_dim, tensor)
+        columns = {"caption_emb": cap["emb_shape"], "caption_mask": cap["emb_shape"][:1]} if cap else None
+        label_dim = getattr(cfg.model, "label_dim", 0)
+        _, rows, cols, self.labels = engine.load_rank_rows(w.rank, w.world, per_row, label_dim, tensor, columns)
+        self.captions = (cols["caption_emb"], cols["caption_mask"]) if cap else None
+        self.source = cols.get("source")
         # uint8 images, or latents (mean, std) drawn afresh at every use
         self.images = ambient.Latents(rows, torch.tensor(lat["shift"]), torch.tensor(lat["scale"])) if lat else rows
         self.smin, smax = cols["sigma_min"], cols["sigma_max"]
@@ -69,9 +75,17 @@ class AmbientTask:
         self.sampler = ambient.SigmaSampler(self.smin, smax, **kw)
         # rank 0's dataset-wide view for the σ donut: eligible counts over all rows, draws summed over ranks
         self.view = None
+        self.source_views = []
         if w.rank == 0:
             all_min, all_max = (torch.tensor(list(config[k].values())) for k in ("sigma_min", "sigma_max"))
             self.view = ambient.SigmaSampler(all_min, all_max, **kw)
+            if config.get("sources"):  # the same ids in the same order as the annotations
+                src = torch.tensor(list(config["source"].values()))
+                self.source_views = [
+                    ambient.SigmaSampler(all_min[src == k], all_max[src == k], **kw) if bool((src == k).any()) else None
+                    for k in range(len(config["sources"]))
+                ]
+        self.setup_sources()
         self.n_buckets = len(self.sampler.coverage.edges) - 1
         self.bucket_loss, self.bucket_n = torch.zeros(self.n_buckets), torch.zeros(self.n_buckets)
         self.seen = 0
@@ -97,32 +111,48 @@ class AmbientTask:
         self.table, self.crop = table, crop
         self.sampler = self.stratified(self.n_full)
         self.view = self.stratified(self.n_full) if w.rank == 0 else None
+        self.source_views = []
+        if w.rank == 0 and self.config.get("sources"):  # each source's own stratum counts
+            for part in st.get("sources", []):
+                n = torch.zeros(len(table), dtype=torch.long)
+                n[torch.tensor(part["strata"], dtype=torch.long)] = torch.tensor(part["counts"], dtype=torch.long)
+                self.source_views.append(self.stratified(n) if int(n.sum()) else None)
+        self.setup_sources()
         # pool sizes by each stratum's share of the draws (σ's drawn with a fixed seed: the same on every rank)
         g, sizing = torch.Generator().manual_seed(cfg.seed + 31337), self.stratified(self.n_full)
         probs = sizing.stratum_probs(sizing.sample(20_000, g)[0]).mean(0)
         caps = streaming.capacities(probs, self.sampler.active, cfg.stream.pool_rows)
-        label_dim, shape = cfg.model.label_dim, lat["latent_shape"] if lat else None
+        label_dim, shape = getattr(cfg.model, "label_dim", 0), lat["latent_shape"] if lat else None
+        cap = self.config.get("captions")
+        code = {name: i for i, name in enumerate(self.config.get("sources") or [])}
+        fields = streaming.FIELDS + (("caption_emb", "caption_mask") if cap else ()) + (("source",) if code else ())
 
-        def rows(batch: dict) -> dict:  # a Ray Data batch -> x (image uint8 CHW or latent), σ's, label
+        def rows(batch: dict) -> dict:  # a Ray Data batch -> x (image uint8 CHW or latent), σ's, label[, captions]
             n = len(batch["id"])
             if lat:
                 x = np.asarray(batch["latent"], dtype=np.float32).reshape(n, *shape)
             else:
                 x = np.stack([decode_png(b).transpose(2, 0, 1) for b in batch["image"]])
             label = batch["label"] if label_dim and "label" in batch else np.zeros(n)
-            return {
+            out = {
                 "x": x,
                 "sigma_min": np.array(batch["sigma_min"], np.float32),  # copies: Ray's arrays are read-only
                 "sigma_max": np.array(batch["sigma_max"], np.float32),
                 "label": np.nan_to_num(np.asarray(label, np.float64)).astype(np.int64),
             }
+            if cap:
+                out["caption_emb"] = np.stack([np.asarray(e).reshape(cap["emb_shape"]) for e in batch["caption_emb"]])
+                out["caption_mask"] = np.stack([np.asarray(m, np.uint8) for m in batch["caption_mask"]])
+            if code:
+                out["source"] = np.array([code.get(v, -1) for v in batch["source"]], np.int64)
+            return out
 
         def stratum_of(batch: dict) -> np.ndarray:
             return stratified.strata_of(batch["sigma_min"], batch["sigma_max"], a.lambda_max, st["edges"])[0].numpy()
 
         stream = ((rows(b), e) for b, e in engine.stream_batches(cfg.stream.read_batch))
         self.pools = streaming.StratumPools(
-            stream, stratum_of, caps, torch.Generator().manual_seed(cfg.seed * 7 + w.rank)
+            stream, stratum_of, caps, torch.Generator().manual_seed(cfg.seed * 7 + w.rank), fields=fields
         )
         self.latents = (
             ambient.Latents(torch.zeros(0), torch.tensor(lat["shift"]), torch.tensor(lat["scale"])) if lat else None
@@ -140,6 +170,40 @@ class AmbientTask:
             if picks and picks[0] is not None:
                 self.val = picks[0]
                 self.val_rows = torch.arange(cfg.val_rows)
+
+    def setup_sources(self) -> None:
+        """Per-source counters (data of several ``source`` values): loss, draws and σ coverage per source."""
+        names = self.config.get("sources") or []
+        edges = self.sampler.coverage.edges
+        self.source_cov = [ambient.Coverage(edges) for _ in names]
+        self.source_loss, self.source_n = torch.zeros(len(names)), torch.zeros(len(names))
+
+    def count_sources(self, src: torch.Tensor, b: ambient.Batch, per_sample: torch.Tensor) -> None:
+        for k, cov in enumerate(self.source_cov):
+            m = src == k
+            if bool(m.any()):
+                cov.count(b.sigma[m], b.crop_size[m])
+                self.source_loss[k] += float(per_sample[m].sum())
+                self.source_n[k] += int(m.sum())
+
+    def condition(self, w: engine.Worker, labels, captions, train: bool) -> tuple[tuple, dict]:
+        """The network's inputs after (x, σ): class labels, or for a network of captions the caption tokens and
+        mask (in training, ``text.caption_dropout`` of them set to the null caption: zeros, no valid token) and
+        the patches each image keeps (``text.mask_ratio``)."""
+        if captions is None:
+            return (labels.to(w.device) if labels is not None else None,), {}
+        emb, mask = captions[0].float(), captions[1].float()
+        kw = {}
+        if train:
+            t = self.cfg.text
+            if t.caption_dropout:
+                drop = torch.rand(len(emb), generator=w.generator) < t.caption_dropout
+                emb, mask = emb.masked_fill(drop[:, None, None], 0.0), mask.masked_fill(drop[:, None], 0.0)
+            if t.mask_ratio:
+                from ambient_ray.models import dit
+
+                kw["keep"] = dit.patch_keep(len(emb), self.cfg.model.tokens(), t.mask_ratio, w.generator).to(w.device)
+        return (emb.to(w.device), mask.to(w.device)), kw
 
     def stratified(self, n: torch.Tensor):
         from ambient_ray.diffusion.stratified import StratifiedSigmaSampler
@@ -164,29 +228,47 @@ class AmbientTask:
             self.sampler.load_state_dict(state)
         y = self.latents.draw(rows["x"], w.generator) if self.latents is not None else rows["x"].float() / 127.5 - 1.0
         b = ambient.noise_batch(sigma, y, rows["sigma_min"], crop_size, torch.arange(len(sigma)), w.generator)
-        return b, rows["label"] if self.labels is not None else None
+        caps = (rows["caption_emb"], rows["caption_mask"]) if "caption_emb" in rows else None
+        return b, rows["label"] if self.labels is not None else None, caps, rows.get("source")
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             prefix = "sampler."
             self.sampler.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            for k, cov in enumerate(self.source_cov):
+                p = f"source.{k}."
+                if any(key.startswith(p) for key in state):
+                    cov.load_state_dict({key[len(p) :]: v for key, v in state.items() if key.startswith(p)})
 
     def loss(self, w: engine.Worker) -> torch.Tensor:
         if self.pools is not None:
-            b, cl = self.stream_batch(w)
-            cl = cl.to(w.device) if cl is not None else None
+            b, cl, caps, src = self.stream_batch(w)
         else:
             b = ambient.ambient_batch(self.sampler, self.images, self.smin, self.cfg.batch_size, w.generator)
-            cl = self.labels[b.index].to(w.device) if self.labels is not None else None
+            cl = self.labels[b.index] if self.labels is not None else None
+            caps = (self.captions[0][b.index], self.captions[1][b.index]) if self.captions is not None else None
+            src = self.source[b.index] if self.source is not None else None
+        args, kw = self.condition(w, cl, caps, train=True)
+        if "keep" in kw:  # MicroDiT: the loss counts only the patches the network kept
+            from ambient_ray.models import dit
+
+            m = self.cfg.model
+            b.mask = b.mask * dit.patch_mask(kw["keep"], m.tokens(), m.patch, m.img_resolution)
         # x_σ and σ stay fp32: the denoiser computes its preconditioning in fp32 and casts the
         # network input to the parameters' dtype (bf16 under DeepSpeed on GPU) itself
         out = w.engine(
-            b.x_sigma.to(w.device), b.sigma.to(w.device), cl, **({"return_logvar": True} if self.logvar else {})
+            b.x_sigma.to(w.device),
+            b.sigma.to(w.device),
+            *args,
+            **kw,
+            **({"return_logvar": True} if self.logvar else {}),
         )
         d_out, u = out if self.logvar else (out, None)
         loss, per_sample = ambient.batch_loss(d_out.float(), b, self.cfg.ambient.sigma_data)
         if u is not None:  # EDM2 Sec. 2.5: the ambient loss ℓ(σ) weighted by 1/e^u(σ), plus u(σ)
             loss = (per_sample / u.reshape(-1).exp() + u.reshape(-1)).mean()
+        if src is not None and self.source_cov:
+            self.count_sources(src, b, per_sample.detach().float().cpu())
         k = self.sampler.coverage.bucket(b.sigma)
         self.bucket_loss.index_add_(0, k, per_sample.detach().float().cpu())
         self.bucket_n.index_add_(0, k, torch.ones_like(b.sigma))
@@ -209,6 +291,22 @@ class AmbientTask:
             for i, row in enumerate(self.view.donut()):
                 extra[f"draws_bucket_{i:02d}"] = float(row["draws"])
                 extra[f"eligible_bucket_{i:02d}"] = float(row["eligible_full"] + row["eligible_crops"])
+        if self.source_cov:  # per source: its loss and draws of the interval, its σ coverage so far
+            names, nb = self.config["sources"], self.n_buckets
+            parts = [self.source_loss, self.source_n]
+            parts += [torch.cat([c.draws, c.full_draws, c.crop_draws]) for c in self.source_cov]
+            tot = w.all_reduce(torch.cat(parts).double())
+            s_loss, s_n, per = tot[: len(names)], tot[len(names) : 2 * len(names)], tot[2 * len(names) :]
+            for k, name in enumerate(names):
+                d, full, crop = per[k * 3 * nb : (k + 1) * 3 * nb].long().split(nb)
+                if s_n[k] > 0:
+                    extra[f"loss_source_{name}"] = float(s_loss[k] / s_n[k])
+                extra[f"draws_source_{name}"] = float(s_n[k])
+                if k < len(self.source_views) and self.source_views[k] is not None:
+                    vc = self.source_views[k].coverage
+                    vc.draws, vc.full_draws, vc.crop_draws = d, full, crop
+            self.source_loss.zero_()
+            self.source_n.zero_()
         metrics = {
             "loss": float(b_loss.sum() / b_n.sum().clamp(min=1)),
             "images_per_s": self.seen * w.world / max(seconds, 1e-9),
@@ -232,18 +330,20 @@ class AmbientTask:
         if self.pools is not None:  # the rows this worker kept for validation when streaming began
             x = self.val["x"]
             y = self.latents.draw(x, g) if self.latents is not None else x.float() / 127.5 - 1.0
-            lab = self.val["label"].to(w.device) if self.labels is not None else None
+            lab = self.val["label"] if self.labels is not None else None
+            caps = (self.val["caption_emb"], self.val["caption_mask"]) if "caption_emb" in self.val else None
         else:
             y = ambient.clean_rows(self.images, rows, g)
-            lab = self.labels[rows].to(w.device) if self.labels is not None else None
+            lab = self.labels[rows] if self.labels is not None else None
+            caps = (self.captions[0][rows], self.captions[1][rows]) if self.captions is not None else None
+        args, _ = self.condition(w, lab, caps, train=False)
         was_training = w.engine.module.training
         w.engine.module.eval()
         sums = edm.validation_losses(
-            lambda x, s, c: w.engine(x.to(w.device), s.to(w.device), c),
+            lambda x, s, _c: w.engine(x.to(w.device), s.to(w.device), *args),
             y,
             sigma_data=self.cfg.ambient.sigma_data,
             seed=self.cfg.seed + 7919,
-            labels=lab,
         )
         w.engine.module.train(was_training)
         total = w.all_reduce(torch.cat([sums, torch.tensor([float(len(rows))])]).double())
@@ -279,15 +379,47 @@ class AmbientTask:
         if not hasattr(self, "decode"):  # the VAE is loaded once per run
             self.decode = latent_decoder(meta)
         c = self.cfg
-        imgs = draw(net, c.grid_images, seed=c.seed, steps=c.grid_sampler_steps, device=w.device, decode=self.decode)
+        kw = {}
+        if self.config.get("captions"):  # the fixed prompts (or the first rows' captions), with CFG
+            kw = {"captions": self.grid_captions(meta), "guidance": c.text.guidance}
+        imgs = draw(
+            net, c.grid_images, seed=c.seed, steps=c.grid_sampler_steps, device=w.device, decode=self.decode, **kw
+        )
         return plots.image_grid_png(imgs)
+
+    def grid_captions(self, meta: dict):
+        """The grids' captions: ``text.prompts`` through the run's text encoder (loaded once), else the caption
+        embeddings of this rank's first rows (the validation rows when streaming); None: the null caption."""
+        if not hasattr(self, "_grid_captions"):
+            from ambient_ray.stages.sample import encode_prompts
+
+            val = getattr(self, "val", {})
+            rows = self.captions if self.pools is None else (val.get("caption_emb"), val.get("caption_mask"))
+            if self.cfg.text.prompts:
+                self._grid_captions = encode_prompts(meta, self.cfg.text.prompts)
+            elif rows is not None and rows[0] is not None:
+                n = self.cfg.grid_images
+                self._grid_captions = (rows[0][:n].float(), rows[1][:n].float())
+            else:
+                self._grid_captions = None
+        return self._grid_captions
 
     def progress(self, m: dict) -> str:
         return f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.0f} images/s"
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"sampler.{k}": v for k, v in self.sampler.state_dict().items()}
+        out = {f"sampler.{k}": v for k, v in self.sampler.state_dict().items()}
+        for i, cov in enumerate(self.source_cov):
+            out.update({f"source.{i}.{k}": v for k, v in cov.state_dict().items()})
+        return out
 
     def files(self) -> dict[str, str]:
         v = self.view
-        return {"coverage.json": json.dumps({"donut": v.donut(), "redraws": v.coverage.redraws, "rows": v.n})}
+        cov = {"donut": v.donut(), "redraws": v.coverage.redraws, "rows": v.n}
+        if self.source_views:  # each source's donut: its own eligible rows, and the draws paired with them
+            cov["sources"] = {
+                name: {"donut": sv.donut(), "rows": sv.n}
+                for name, sv in zip(self.config["sources"], self.source_views)
+                if sv is not None
+            }
+        return {"coverage.json": json.dumps(cov)}
