@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade "pip>=24" setuptools wheel
 	$(PIP) install --quiet $(TORCH_SPEC)
 	$(PIP) install --quiet -e ".[dev]"
+	# DeepSpeed's CPU Adam (ZeRO-Offload) is a C++ op compiled on first use (~70 s on 2 cores): build it once
+	# here, into this venv (tests/conftest.py points TORCH_EXTENSIONS_DIR there too), not inside a test
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions DS_ACCELERATOR=cpu $(PY) -c \
+		"from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	touch $(STAMP)
 
 demo: setup

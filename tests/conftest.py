@@ -20,6 +20,10 @@ BUCKET = "ambient-test"
 # About 4-6 s less per run, measured; nothing a test checks depends on either.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# DeepSpeed's CPU Adam (the ZeRO-Offload test) is compiled on first use into TORCH_EXTENSIONS_DIR, by default
+# ~/.cache/torch_extensions, shared by every checkout: a build from another checkout's sources is rebuilt
+# (60-90 s on 2 cores, measured in its ninja log). One build per venv, made by `make setup`.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def pytest_collection_modifyitems(items):
