@@ -161,9 +161,10 @@ FLAGS = {
     "plan": (
         ["--model", "edm2-xxl", "--gpus", "4", "--nodes", "2", "--gpu-mem", "40", "--batch", "16"]
         + ["--global-batch", "512", "--resolution", "32", "--channels", "3", "--label-dim", "0"]
-        + ["--precision", "fp32", "--offload", "--ema", "power"],
+        + ["--precision", "fp32", "--offload", "--ema", "power", "--mask-ratio", "0.5"],
         {"model": "edm2-xxl", "gpus": 4, "nodes": 2, "gpu_mem": 40.0, "batch": 16, "global_batch": 512}
-        | {"resolution": 32, "channels": 3, "label_dim": 0, "precision": "fp32", "offload": True, "ema": "power"},
+        | {"resolution": 32, "channels": 3, "label_dim": 0, "precision": "fp32", "offload": True, "ema": "power"}
+        | {"mask_ratio": 0.5},
     ),
 }
 
