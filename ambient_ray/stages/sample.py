@@ -148,7 +148,7 @@ def draw(
         n = min(batch_size, num - start)
         latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
         labels = None
-        if cfg.label_dim:
+        if getattr(cfg, "label_dim", 0):
             base = torch.arange(start, start + n) % cfg.label_dim
             labels = (torch.full((n,), class_label) if class_label is not None else base).to(device)
         den = net

@@ -132,12 +132,6 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
     else:
         smin = np.zeros(n)
         origin = "no sigma_min column: every row treated as clean (plain EDM)"
-        n_bad = int((meta["quality"] == "corrupted").sum()) if "quality" in meta else 0
-        if n_bad:
-            origin += (
-                f"; warning: {n_bad} rows marked corrupted train as clean "
-                "(annotate them, or set ambient.corrupted_sigma_min)"
-            )
     if cfg.ambient.source_sigma_min:
         if "source" not in meta:
             raise ConfigError("config key 'ambient.source_sigma_min': the data has no 'source' column")
@@ -145,6 +139,12 @@ def resolve_sigmas(meta, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]
         smin = np.maximum(smin, fixed)
         origin += "; fixed sigma_min by source: " + ", ".join(
             f"{k}={v:g}" for k, v in cfg.ambient.source_sigma_min.items()
+        )
+    n_bad = int(((meta["quality"] == "corrupted").to_numpy() & (smin == 0)).sum()) if "quality" in meta else 0
+    if n_bad and origin.startswith("no sigma_min column"):
+        origin += (
+            f"; warning: {n_bad} rows marked corrupted train as clean "
+            "(annotate them, or set ambient.corrupted_sigma_min)"
         )
     bad = ~np.isfinite(smin) | (smin < 0)
     if bad.any():
@@ -300,8 +300,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
 def caption_interface(cfg: TrainConfig, latents: dict | None) -> dict | None:
     """For a network that takes captions: the caption embeddings' shape from the precompute stage (it sets
-    ``model.caption_tokens``/``model.caption_dim``, as the data sets the image interface) and the text encoder that made them (for the prompts of the
-    grids); None for a class-conditional or unconditional network. A mask ratio needs a network that masks."""
+    ``model.caption_tokens``/``model.caption_dim``, as the data sets the image interface) and the text encoder
+    that made them (for the prompts of the grids); None for a class-conditional or unconditional network. A mask
+    ratio needs a network that masks."""
     if not registry.takes_captions(cfg.model.arch):
         if cfg.text.mask_ratio:
             raise ConfigError(f"config key 'text.mask_ratio': model.arch {cfg.model.arch} has no patch masking")
