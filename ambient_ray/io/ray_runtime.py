@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from ambient_ray.data import shards
 from ambient_ray.io import storage
 
 LOG_NAME = "ray.log"
@@ -272,3 +273,26 @@ def shard_actors(
         return [{"name": name, "failed": why} for name in names]
     finally:
         ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+
+
+def raise_failed_shards(
+    results: list[dict],
+    plan: dict,
+    *,
+    label: str,
+    total: int,
+    done: str,
+    error: type[Exception],
+    complete: str = "shards complete",
+) -> None:
+    """Raise ``error`` (the stage's own exception class) naming the shards, up to ten, whose :func:`shard_actors`
+    summary says ``failed``, with how many of the stage's ``total`` shards are ``complete`` (the done-markers of
+    ``plan["fingerprint"]`` in ``plan["out"]``/``done``) and how to resume; nothing when none failed."""
+    failed = [r for r in results if r.get("failed")]
+    if failed:
+        finished = len(shards.done_all(storage.join(plan["out"], done), plan["fingerprint"]))
+        listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
+        raise error(
+            f"{label} stage failed with {finished} of {total} {complete} in {plan['out']}; failed:\n  {listing}\n"
+            "completed shards are kept; re-run the same command to resume"
+        )

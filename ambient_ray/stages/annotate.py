@@ -692,15 +692,15 @@ def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, pr
         num_gpus=cfg.num_gpus,
         enabled=progress,
     )
-    failed = [r for r in results if r.get("failed")]
-    if failed:
-        finished = len(shards.done_all(storage.join(plan["out"], "_curves_done"), plan["fingerprint"]))
-        listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
-        raise StageFailed(
-            f"annotate stage failed with {finished} of {total} shards' curves complete in {plan['out']}; "
-            f"failed:\n  {listing}\n"
-            "completed shards are kept; re-run the same command to resume"
-        )
+    ray_runtime.raise_failed_shards(
+        results,
+        plan,
+        label="annotate",
+        total=total,
+        done="_curves_done",
+        error=StageFailed,
+        complete="shards' curves complete",
+    )
     return results
 
 

@@ -351,15 +351,7 @@ def _run_actors(cfg: PrecomputeConfig, plan: dict, todo: list[str], total: int, 
         num_gpus=cfg.num_gpus,
         enabled=progress,
     )
-    failed = [r for r in results if r.get("failed")]
-    if failed:
-        finished = len(shards.done_all(storage.join(plan["out"], "_done"), plan["fingerprint"]))
-        listing = "\n  ".join(f"{r['name']}: {r['failed']}" for r in failed[:10])
-        raise StageFailed(
-            f"precompute stage failed with {finished} of {total} shards complete in {plan['out']}; "
-            f"failed:\n  {listing}\n"
-            "completed shards are kept; re-run the same command to resume"
-        )
+    ray_runtime.raise_failed_shards(results, plan, label="precompute", total=total, done="_done", error=StageFailed)
     return results
 
 
