@@ -20,11 +20,24 @@ did not finish resumes by its own means: corrupt and annotate skip the shards th
 the two training stages continue from their latest checkpoint; sample and evaluate start over.
 
 MLflow: one parent run for the pipeline (reopened when resumed), with each stage's run nested under it.
+
+Starting from a dataset: with a top-level ``data`` (precomputed latents, or any data the train stage reads),
+corrupt, classifier and annotate are not run (their sections must be empty) and train reads ``data``; a
+``precompute`` section then runs ``ambient-ray precompute`` on it first (``OUT/precomputed/``) and train reads
+its latents. Evaluate runs there only when its section is given (it has no default reference).
+
+Multi-phase schedules (README "Multi-phase schedules"): ``train.phases`` is a list of ``{name, <train keys>}``;
+phase i trains with the train section deep-merged with its keys (nested sections merge key by key, lists and
+values replace; dotted keys such as ``optim.lr`` are nested first), starts from phase i-1's weights
+(``init_from``, set by the pipeline; the first phase from ``train.init_from`` if given), and writes
+``OUT/train/<name>/``, with its own marker, fingerprint and MLflow child run ``train/<name>``; sample and
+evaluate use the last phase. A phase may set its own ``data`` (e.g. latents at a higher resolution).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -37,8 +50,9 @@ from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages.results import StageFailed
 
-STAGES = ("corrupt", "classifier", "annotate", "train", "sample", "evaluate")
+STAGES = ("corrupt", "classifier", "annotate", "train", "sample", "evaluate")  # the whole pipeline
 FOLDERS = {
+    "precompute": "precomputed",
     "corrupt": "corrupt",
     "classifier": "classifier",
     "annotate": "annotated",
@@ -58,12 +72,25 @@ class PipelineConfig(Strict):
         description="output URI (local folder or s3://bucket/prefix); one folder per stage under it",
         json_schema_extra=flag("--out"),
     )
+    data: str | None = Field(
+        None,
+        description="start from this dataset (e.g. precomputed latents with per-source sigma_min): corrupt, "
+        "classifier and annotate are not run and train reads it (or, with a precompute section, its latents)",
+    )
+    precompute: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keys of 'ambient-ray precompute', run first on 'data' (needs 'data'); empty: not run",
+    )
     corrupt: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray corrupt'")
     classifier: dict[str, Any] = Field(
         default_factory=dict, description="keys of 'ambient-ray train-classifier' (the noise classifier)"
     )
     annotate: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray annotate'")
-    train: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray train'")
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keys of 'ambient-ray train'; 'phases': a list of {name, <train keys>} trained one after "
+        "the other, each from the previous one's weights",
+    )
     sample: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray sample'")
     evaluate: dict[str, Any] = Field(
         default_factory=dict,
@@ -73,6 +100,7 @@ class PipelineConfig(Strict):
 
 
 _OWNED = {  # keys the pipeline sets itself in each section
+    "precompute": {"data", "out", "mlflow"},
     "corrupt": {"out"},
     "classifier": {"data", "out", "kind", "resume", "mlflow"},
     "annotate": {"data", "out", "classifier", "mlflow"},
@@ -82,10 +110,15 @@ _OWNED = {  # keys the pipeline sets itself in each section
 }
 
 
+_PHASE_OWNED = {"out", "resume", "mlflow"}  # a phase may set its own data; init_from only the first
+_PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _models() -> dict[str, type]:
-    from ambient_ray.stages import annotate, corrupt, evaluate, sample, train, train_classifier
+    from ambient_ray.stages import annotate, corrupt, evaluate, precompute, sample, train, train_classifier
 
     return {
+        "precompute": precompute.PrecomputeConfig,
         "corrupt": corrupt.CorruptConfig,
         "classifier": train_classifier.ClassifierTrainConfig,
         "annotate": annotate.AnnotateConfig,
@@ -95,57 +128,175 @@ def _models() -> dict[str, type]:
     }
 
 
+def stage_of(step: str) -> str:
+    """The stage a step of the pipeline runs: ``train/<phase>`` -> ``train``."""
+    return step.split("/", 1)[0]
+
+
+def phases(cfg: PipelineConfig) -> list[dict]:
+    """``train.phases``, checked: a non-empty list of mappings, each with a unique folder-safe ``name``."""
+    raw = cfg.train.get("phases")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("config key 'train.phases': a non-empty list of {name: ..., <train keys>} expected")
+    seen: set[str] = set()
+    for i, ph in enumerate(raw):
+        key = f"train.phases[{i}]"
+        if not isinstance(ph, dict):
+            raise ConfigError(f"config key '{key}': a mapping of train keys with a 'name' expected, got {ph!r}")
+        name = ph.get("name")
+        if not isinstance(name, str) or not _PHASE_NAME.fullmatch(name):
+            raise ConfigError(f"config key '{key}.name': a folder name (letters, digits, '_', '.', '-') expected")
+        if name in seen:
+            raise ConfigError(f"config key '{key}.name': {name!r} names two phases")
+        seen.add(name)
+    return raw
+
+
+def steps(cfg: PipelineConfig) -> list[str]:
+    """The pipeline's steps in order: stage names, with one ``train/<name>`` per phase of ``train.phases``."""
+    if cfg.data is None:
+        head = ["corrupt", "classifier", "annotate"]
+    else:
+        head = ["precompute"] if cfg.precompute else []
+    trains = [f"train/{ph['name']}" for ph in phases(cfg)] or ["train"]
+    tail = ["sample"] + (["evaluate"] if cfg.data is None or cfg.evaluate else [])
+    return head + trains + tail
+
+
+def _nest(keys: dict) -> dict:
+    """Dotted keys as nested sections: ``{'optim.lr': 1}`` -> ``{'optim': {'lr': 1}}``."""
+    out: dict = {}
+    for k, v in keys.items():
+        *parents, last = k.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = merge(node[last], v) if isinstance(node.get(last), dict) and isinstance(v, dict) else v
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` deep-merged into it: sections merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_sections(cfg: PipelineConfig) -> None:
+    if cfg.data is not None:
+        for s in ("corrupt", "classifier", "annotate"):
+            if getattr(cfg, s):
+                raise ConfigError(f"config key '{s}': not run when 'data' is given (the pipeline starts from it)")
+    elif cfg.precompute:
+        raise ConfigError("config key 'precompute': runs on the top-level 'data'; set 'data' to precompute it")
+
+
 def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[str, Any]:
-    """Every stage's validated config, wired together under ``cfg.out``; a ConfigError names the key.
+    """Every step's validated config (by step, in order: :func:`steps`), wired together under ``cfg.out``; a
+    ConfigError names the key (``train.phases[2].optim.lr``).
 
     This is the whole check of a pipeline: it runs before the first stage does any work."""
     from ambient_ray.corruptions import parse
 
+    _check_sections(cfg)
+    order = steps(cfg)
     out = storage.normalize(cfg.out)
-    dirs = {s: storage.join(out, FOLDERS[s]) for s in STAGES}
+    dirs = {s: storage.join(out, FOLDERS[stage_of(s)] + s[len(stage_of(s)) :]) for s in order}
     for spec in cfg.corrupt.get("corruptions") or []:
         try:
             parse(spec)
         except Exception as e:
             raise ConfigError(f"config key 'corrupt.corruptions': {e}") from None
+    trains = [s for s in order if stage_of(s) == "train"]
 
-    def mlflow(name: str) -> dict:  # the pipeline's trained denoiser is its product: registered
-        return tracking.child(cfg.mlflow, name, parent_run, register=name == "train")
+    def mlflow(name: str) -> dict:  # the pipeline's trained denoiser (its last phase) is its product: registered
+        return tracking.child(cfg.mlflow, name, parent_run, register=name == trains[-1])
 
+    if cfg.data is None:
+        data = dirs["annotate"]
+    else:
+        data = storage.normalize(cfg.data)
+    train_data = dirs["precompute"] if cfg.precompute else data
     wiring = {
-        "corrupt": {"out": dirs["corrupt"]},
+        "precompute": {
+            "data": data if cfg.precompute else None,
+            "out": dirs.get("precompute"),
+            "mlflow": mlflow("precompute"),
+        },
+        "corrupt": {"out": dirs.get("corrupt")},
         "classifier": {
-            "data": dirs["corrupt"],
-            "out": dirs["classifier"],
+            "data": dirs.get("corrupt"),
+            "out": dirs.get("classifier"),
             "kind": "noise",
             "mlflow": mlflow("train-classifier"),
         },
         "annotate": {
-            "data": dirs["corrupt"],
-            "classifier": dirs["classifier"],
-            "out": dirs["annotate"],
+            "data": dirs.get("corrupt"),
+            "classifier": dirs.get("classifier"),
+            "out": dirs.get("annotate"),
             "mlflow": mlflow("annotate"),
         },
-        "train": {"data": dirs["annotate"], "out": dirs["train"], "mlflow": mlflow("train")},
-        "sample": {"checkpoint": dirs["train"], "out": dirs["sample"], "mlflow": mlflow("sample")},
-        "evaluate": {"samples": dirs["sample"], "out": dirs["evaluate"], "mlflow": mlflow("evaluate")},
+        "train": {"data": train_data, "out": dirs[trains[0]], "mlflow": mlflow("train")},
+        "sample": {"checkpoint": dirs[trains[-1]], "out": dirs["sample"], "mlflow": mlflow("sample")},
+        "evaluate": {"samples": dirs["sample"], "out": dirs.get("evaluate"), "mlflow": mlflow("evaluate")},
     }
-    if "reference" not in cfg.evaluate:  # the clean rows of the mixed data: the distribution the pipeline aims at
-        wiring["evaluate"].update(reference=dirs["corrupt"], reference_where="quality=clean")
-    if "train" not in cfg.evaluate:
-        wiring["evaluate"]["train"] = dirs["annotate"]
+    if cfg.data is None:
+        if "reference" not in cfg.evaluate:  # the clean rows of the mixed data: the distribution the pipeline aims at
+            wiring["evaluate"].update(reference=dirs["corrupt"], reference_where="quality=clean")
+        if "train" not in cfg.evaluate:
+            wiring["evaluate"]["train"] = dirs["annotate"]
     owner = "the pipeline itself (it wires the stages together)"
-    return {
-        s: cfgmod.build_section(m, s, getattr(cfg, s), owned=_OWNED[s], owner=owner, fill=wiring[s])
-        for s, m in _models().items()
-    }
+    models = _models()
+    built: dict[str, Any] = {}
+    for s in order:
+        stage = stage_of(s)
+        if s != stage:  # a phase: train/<name>
+            continue
+        keys = {k: v for k, v in getattr(cfg, stage).items() if not (stage == "train" and k == "phases")}
+        built[s] = cfgmod.build_section(models[stage], stage, keys, owned=_OWNED[stage], owner=owner, fill=wiring[s])
+    if len(trains) > 1 or trains[0] != "train":
+        built.update(_phase_configs(cfg, trains, train_data, dirs, mlflow, owner))
+    return {s: built[s] for s in order}
+
+
+def _phase_configs(cfg: PipelineConfig, trains: list[str], data: str, dirs: dict, mlflow, owner: str) -> dict:
+    """Each phase's TrainConfig: the train section deep-merged with the phase's keys, from the previous phase."""
+    model = _models()["train"]
+    base = {k: v for k, v in cfg.train.items() if k != "phases"}
+    clash = sorted(_OWNED["train"] & set(base))
+    if clash:
+        raise ConfigError(f"config key 'train.{clash[0]}': set by {owner}")
+    built = {}
+    for i, (step, ph) in enumerate(zip(trains, phases(cfg))):
+        label = f"train.phases[{i}]"
+        over = _nest({k: v for k, v in ph.items() if k != "name"})
+        owned = _PHASE_OWNED | ({"init_from"} if i else set())
+        clash = sorted(owned & set(over))
+        if clash:
+            why = "; each phase starts from the previous one's output" if clash[0] == "init_from" else ""
+            raise ConfigError(f"config key '{label}.{clash[0]}': set by {owner}{why}")
+        own = over.pop("data", None)
+        fill = {"data": data if own is None else storage.normalize(own), "out": dirs[step], "mlflow": mlflow(step)}
+        if i:
+            fill["init_from"] = dirs[trains[i - 1]]
+        try:
+            built[step] = cfgmod.build_section(model, label, merge(base, over), owned=set(), owner=owner, fill=fill)
+        except ConfigError:
+            # a bad key of the train section itself is named as train.KEY, not as the phase's
+            fill0 = {"data": data, "out": dirs[step], "mlflow": fill["mlflow"]}
+            cfgmod.build_section(model, "train", base, owned=set(), owner=owner, fill=fill0)
+            raise
+    return built
 
 
 def fingerprints(stages: dict[str, Any]) -> dict[str, str]:
-    """Per stage: a hash of its resolved config (less MLflow and resume switches) chained with the stage before it."""
+    """Per step: a hash of its resolved config (less MLflow and resume switches) chained with the step before it."""
     prints, prev = {}, ""
-    for name in STAGES:
-        prev = prints[name] = shards.chain(prev, stages[name].model_dump(mode="json", exclude=set(shards.NOT_WORK)))
+    for name, scfg in stages.items():
+        prev = prints[name] = shards.chain(prev, scfg.model_dump(mode="json", exclude=set(shards.NOT_WORK)))
     return prints
 
 
@@ -153,15 +304,16 @@ def _marker(stage_out: str) -> dict | None:
     return shards.read_marker(stage_out, _MARKER_NAME)
 
 
-def _prepare(name: str, scfg, fingerprint: str) -> Any:
-    """Make a stage's folder ready to (re)run: clear a finished run of another config, set the resume switches."""
+def _prepare(step: str, scfg, fingerprint: str) -> Any:
+    """Make a step's folder ready to (re)run: clear a finished run of another config, set the resume switches."""
     from ambient_ray.train import engine
 
+    name = stage_of(step)
     out = storage.normalize(scfg.out)
     old = _marker(out)
     if old is not None:  # finished, but with another config (or after a changed earlier stage)
         print(
-            f"pipeline: {name}: its config or an earlier stage changed since it finished "
+            f"pipeline: {step}: its config or an earlier stage changed since it finished "
             f"({old['fingerprint']} -> {fingerprint}); redoing it"
         )
         storage.delete(out)
@@ -170,19 +322,25 @@ def _prepare(name: str, scfg, fingerprint: str) -> Any:
         return scfg
     if name in ("classifier", "train"):
         if engine.latest_checkpoint(out):
-            print(f"pipeline: {name}: continuing the unfinished run in {out} from its latest checkpoint")
+            print(f"pipeline: {step}: continuing the unfinished run in {out} from its latest checkpoint")
             return scfg.model_copy(update={"resume": True})
         storage.delete(out)  # started, no checkpoint yet: nothing to keep
     elif name in ("sample", "evaluate"):
         storage.delete(out)
+    elif name == "precompute":  # resumes shard by shard; an unfinished one of another config is the pipeline's own
+        return scfg.model_copy(update={"overwrite": True})
     # corrupt and annotate resume shard by shard on their own
     return scfg
 
 
 def _run_stage(name: str, scfg, progress: bool) -> dict:
     """Run one stage; returns the JSON-safe summary kept in its marker."""
-    from ambient_ray.stages import annotate, corrupt, evaluate, sample, train, train_classifier
+    from ambient_ray.stages import annotate, corrupt, evaluate, precompute, sample, train, train_classifier
 
+    if name == "precompute":
+        r = precompute.run(scfg, progress=progress)
+        figs = {k: r[k] for k in ("rows_out", "rows_quarantined", "images_per_s")}
+        return {"out": r["out"], "mlflow_run_id": r.get("mlflow_run_id"), "figures": figs}
     if name == "corrupt":
         r = corrupt.run(scfg, progress=progress)
         print(r.summary())
@@ -223,6 +381,8 @@ def _run_stage(name: str, scfg, progress: bool) -> dict:
 def _input_of(name: str, scfg) -> str:
     if name == "corrupt":
         return str(scfg.source.dataset)
+    if name == "train" and scfg.init_from:
+        return f"{scfg.data} (from the weights of {scfg.init_from})"
     return str(getattr(scfg, {"sample": "checkpoint", "evaluate": "samples"}.get(name, "data")))
 
 
@@ -240,26 +400,25 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
         cfg.mlflow, out, name=cfg.mlflow.run_name or "pipeline", params=params, tags={"stage": "pipeline"}
     ) as (parent, uri):
         stages = stage_configs(cfg, parent)
-        print(f"pipeline: {' -> '.join(STAGES)} -> {out}" + (f"; MLflow run {parent} at {uri}" if parent else ""))
+        print(f"pipeline: {' -> '.join(stages)} -> {out}" + (f"; MLflow run {parent} at {uri}" if parent else ""))
         done: dict[str, dict] = {}
-        for i, name in enumerate(STAGES, 1):
-            scfg = stages[name]
-            head = f"pipeline: [{i}/{len(STAGES)}] {name}"
+        for i, (name, scfg) in enumerate(stages.items(), 1):
+            head = f"pipeline: [{i}/{len(stages)}] {name}"
             kept = shards.done(scfg.out, _MARKER_NAME, prints[name])
             if kept is not None:
                 done[name] = kept
                 print(f"{head}: finished earlier, skipped ({kept['out']})")
                 continue
             scfg = _prepare(name, scfg, prints[name])
-            print(f"{head}: {_input_of(name, scfg)} -> {scfg.out}")
+            print(f"{head}: {_input_of(stage_of(name), scfg)} -> {scfg.out}")
             s0 = time.perf_counter()
             try:
-                summary = _run_stage(name, scfg, progress)
+                summary = _run_stage(stage_of(name), scfg, progress)
             except (ConfigError, StageFailed):
                 raise
             except Exception as e:
                 raise StageFailed(
-                    f"stage '{name}' failed on input {_input_of(name, scfg)} (output {scfg.out}): "
+                    f"stage '{name}' failed on input {_input_of(stage_of(name), scfg)} (output {scfg.out}): "
                     f"{type(e).__name__}: {e}"
                 ) from e
             summary["seconds"] = round(time.perf_counter() - s0, 1)
