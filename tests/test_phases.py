@@ -170,3 +170,24 @@ def test_a_bad_key_of_the_train_section_is_named_as_its_own(tmp_path):
     refused = cfg.model_copy(update={"corrupt": {"clean_fraction": 0.5}})
     with pytest.raises(ConfigError, match="'corrupt': not run when 'data' is given"):
         pipeline.stage_configs(refused)
+
+
+def test_phase_keys_merge_into_the_train_section_and_the_steps_follow_the_sections(tmp_path):
+    cfg = pipeline_config(str(tmp_path / "run"), str(tmp_path / "data"), {"model": {"dropout": 0.2}})
+    stages = pipeline.stage_configs(cfg)
+    assert list(stages) == ["train/p1", "train/p2", "sample"]
+    p1, p2 = stages["train/p1"], stages["train/p2"]
+    # nested keys merge one by one: phase 2 keeps the section's model and optim keys it does not set
+    assert (p2.model.dropout, p2.model.model_channels, p1.model.dropout) == (0.2, 16, p1.model.dropout)
+    assert (p2.optim.lr, p2.optim.warmup_steps, p1.optim.lr) == (1e-9, 0, 2e-3)
+    assert (p1.init_from, p2.init_from, stages["sample"].checkpoint) == (None, p1.out, p2.out)
+    assert p1.out == str(tmp_path / "run" / "train" / "p1") and p1.data == p2.data == str(tmp_path / "data")
+    raw = cfg.model_dump()
+    with_pre = pipeline.PipelineConfig.model_validate(
+        {**raw, "precompute": {"vae": "pixels"}, "evaluate": {"reference": "digits"}}
+    )
+    stages = pipeline.stage_configs(with_pre)
+    assert list(stages) == ["precompute", "train/p1", "train/p2", "sample", "evaluate"]
+    assert stages["train/p1"].data == stages["precompute"].out == str(tmp_path / "run" / "precomputed")
+    with pytest.raises(ConfigError, match="'precompute': runs on the top-level 'data'"):
+        pipeline.stage_configs(pipeline.PipelineConfig.model_validate({**raw, "data": None, "precompute": {"a": 1}}))
