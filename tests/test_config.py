@@ -120,3 +120,41 @@ def test_the_edm2_imagenet_example_config_validates():
     assert t.model.arch == "edm2" and t.model.model_channels == 448 and t.num_workers * t.batch_size == 2048
     assert t.ema == "power" and t.ambient.quality_score and t.ambient.corrupted_sigma_min == 0.2
     assert t.grad_guard and not train.TrainConfig.model_fields["grad_guard"].default  # opt-in, on for EDM2
+
+
+def test_the_text_to_image_example_job_validates_and_agrees_with_the_planner():
+    """jobs/configs/t2i_microdit.yaml is a whole pipeline (precompute -> four phases -> sample), every phase a
+    valid train config; its first phase is the planner's choice for microdit-xl-2 on one node of 8 x 80 GB at
+    75% masking, and each phase keeps MicroDiT's global batch 2048."""
+    import os
+
+    import yaml
+
+    from ambient_ray.train.planner import PlanConfig, plan
+    from ambient_ray.workflows import pipeline
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "t2i_microdit.yaml")) as f:
+        spec = yaml.safe_load(f)
+    stages = pipeline.stage_configs(pipeline.PipelineConfig.model_validate(spec))
+    names = ["precompute", "train/p1-256-masked", "train/p2-256", "train/p3-512-masked", "train/p4-512", "sample"]
+    assert list(stages) == names
+    trains = [stages[n] for n in names[1:5]]
+    assert [t.text.mask_ratio for t in trains] == [0.75, 0.0, 0.75, 0.0]
+    assert all(t.model.arch == "dit" and t.ambient.source_sigma_min == {"diffusiondb": 2.0} for t in trains)
+    assert all(t.num_workers * t.batch_size * t.optim.grad_accum == 2048 for t in trains)
+    assert trains[1].init_from == trains[0].out and stages["sample"].checkpoint == trains[3].out
+    assert stages["sample"].prompts and stages["sample"].guidance == 5.0
+    first = trains[0]
+    p = plan(
+        PlanConfig(
+            model="microdit-xl-2",
+            gpus=8,
+            gpu_mem=80,
+            batch=first.batch_size,
+            global_batch=2048,
+            mask_ratio=first.text.mask_ratio,
+            resolution=32,
+        )
+    )
+    assert p.choice is not None and p.choice.nodes * 8 == first.num_workers
+    assert (p.choice.stage, p.choice.checkpoint) == (first.zero_stage, first.model.checkpoint_blocks)

@@ -294,7 +294,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         artifacts=lambda out, ckpt: artifacts(cfg, out, ckpt),
         extra={"rows": len(meta), "sigma_min": origin},
         callbacks=callbacks,
-        costs=denoiser_costs(model_meta(cfg, latents)) if cfg.mlflow.enabled else None,  # only MLflow shows them
+        costs=denoiser_costs(model_meta(cfg, latents), cfg.text.mask_ratio) if cfg.mlflow.enabled else None,
     )
 
 
@@ -321,13 +321,14 @@ def caption_interface(cfg: TrainConfig, latents: dict | None) -> dict | None:
     }
 
 
-def denoiser_costs(meta: dict):
-    """The denoiser's parameters and FLOPs per image (:func:`ambient_ray.train.perf.count`, on the meta device);
-    None, with a note, where a network cannot be counted there (then no tflop_per_s or mfu is logged)."""
+def denoiser_costs(meta: dict, mask_ratio: float = 0.0):
+    """The denoiser's parameters (exact and active) and FLOPs per image of its step as trained (patch-masked:
+    :func:`ambient_ray.train.perf.count_denoiser`, on the meta device), for MLflow only; None, with a note, where
+    a network cannot be counted there (then no tflop_per_s or mfu is logged)."""
     from ambient_ray.train import perf
 
     try:
-        return perf.count(lambda: registry.build(meta), perf.denoiser_inputs(registry.config_of(meta)))
+        return perf.count_denoiser(meta, mask_ratio)
     except Exception as e:  # never a reason to stop a run
         print(f"train: could not count the model's FLOPs on the meta device ({type(e).__name__}: {e})")
         return None
