@@ -14,8 +14,13 @@ from ambient_ray.train.engine import _row_spans
 PAPER_MILLIONS = {"edm2-xs": 125, "edm2-s": 280, "edm2-m": 498, "edm2-l": 777, "edm2-xl": 1119, "edm2-xxl": 1523}
 
 
+# the tiny 8x8 one-channel network the tests below train and check, as a model config and as model.json
+TINY = {"preset": "edm2-tiny", "img_resolution": 8, "in_channels": 1}
+TINY_META = {"kind": "denoiser", "arch": "edm2", "model": TINY}
+
+
 def meta_count(preset: str) -> int:
-    meta = {"kind": "denoiser", "arch": "edm2", "model": {"preset": preset, **edm2.PAPER_INTERFACE}}
+    meta = {**TINY_META, "model": {"preset": preset, **edm2.PAPER_INTERFACE}}
     with torch.device("meta"):
         net = registry.build(meta)
     return sum(p.numel() for p in net.parameters())
@@ -60,7 +65,7 @@ def test_the_unet_output_has_unit_magnitude_at_init_with_unit_gains():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = edm2.EDM2Config(preset="edm2-tiny", img_resolution=8, in_channels=1)
+    cfg = edm2.EDM2Config(**TINY)
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
@@ -110,7 +115,7 @@ def test_without_the_hook_this_learning_rate_moves_row_magnitudes_beyond_the_tol
     normalisation in forward only (no forced renormalisation), leave the rows' magnitude off 1 by more than
     the 1e-3 those tests allow; so they would fail if the normalisation were lost."""
     torch.manual_seed(0)
-    net = edm2.build_denoiser(edm2.EDM2Config(preset="edm2-tiny", img_resolution=8, in_channels=1))
+    net = edm2.build_denoiser(edm2.EDM2Config(**TINY))
     edm2.force_normalize_(net)
     opt = torch.optim.Adam(net.parameters(), lr=LR, betas=(0.9, 0.99))
     for _ in range(STEPS):
@@ -132,7 +137,6 @@ def stages_loop(config: dict) -> None:
 
     from ambient_ray.train.engine import EngineConfig, Worker
 
-    meta = {"kind": "denoiser", "arch": "edm2", "model": {"preset": "edm2-tiny", "img_resolution": 8, "in_channels": 1}}
     result = {}
     for zero in (0, 1, 2, 3):
         cfg = EngineConfig(
@@ -145,7 +149,7 @@ def stages_loop(config: dict) -> None:
             mlflow=dict(enabled=False),
         )
         torch.manual_seed(0)
-        w = Worker(cfg, registry.build(meta), meta, {})
+        w = Worker(cfg, registry.build(TINY_META), TINY_META, {})
         g = torch.Generator().manual_seed(100 + w.rank)
         losses = []
         for _ in range(STEPS):
@@ -189,9 +193,8 @@ def stages(ray_cluster, tmp_path_factory):
 
 def initial_weights():
     """The weights every rank starts from: seed 0, forced-normalised."""
-    meta = {"kind": "denoiser", "arch": "edm2", "model": {"preset": "edm2-tiny", "img_resolution": 8, "in_channels": 1}}
     torch.manual_seed(0)
-    net = registry.build(meta)
+    net = registry.build(TINY_META)
     edm2.force_normalize_(net)
     return {n: p.detach().numpy() for n, p in net.named_parameters()}
 
