@@ -96,13 +96,29 @@ def test_patch_masking_keeps_a_fixed_share_and_marks_the_loss_pixels(ratio):
     assert (f.abs().sum(1, keepdim=True)[m == 0] == 0).all() and (f.abs().sum(1, keepdim=True)[m == 1] > 0).all()
 
 
-def test_the_planner_covers_the_dit_and_training_it_is_refused_until_captions_are_wired(capsys):
+def test_masked_patches_do_not_enter_the_ambient_loss():
+    """The train task multiplies the batch's loss mask by the kept patches: any prediction on a dropped patch
+    leaves the loss as it is; on a kept patch it moves it."""
+    from ambient_ray.diffusion import ambient
+
+    g = torch.Generator().manual_seed(0)
+    keep = dit.patch_keep(4, 16, 0.75, g)
+    m = dit.patch_mask(keep, 16, 2, 8)
+    y = torch.randn(4, 4, 8, 8, generator=g)
+    b = ambient.noise_batch(
+        torch.full((4,), 1.0), y, torch.full((4,), 0.3), torch.zeros(4, dtype=torch.long), torch.arange(4), g
+    )
+    b.mask = b.mask * m
+    pred = torch.randn(4, 4, 8, 8, generator=g)
+    loss, per = ambient.batch_loss(pred, b)
+    dropped = pred + 100.0 * (1 - m)
+    assert torch.equal(ambient.batch_loss(dropped, b)[1], per)
+    assert not torch.allclose(ambient.batch_loss(pred + m, b)[1], per)
+
+
+def test_the_planner_covers_the_dit(capsys):
     from ambient_ray import cli
-    from ambient_ray.config import ConfigError
-    from ambient_ray.stages.train import TrainConfig, run
 
     assert cli.main(["plan", "--model", "microdit-xl-2", "--gpus", "8", "--gpu-mem", "80", "--batch", "32"]) == 0
     out = capsys.readouterr().out
     assert "1,165,442,320 parameters" in out and "recommended" in out
-    with pytest.raises(ConfigError, match="model.arch.*text-to-image"):
-        run(TrainConfig(data="/nowhere", out="/nowhere/out", model=dict(arch="dit", preset="dit-tiny")))

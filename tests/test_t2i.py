@@ -189,14 +189,63 @@ def test_dit_kill_and_resume_ends_with_the_same_weights(zero_runs):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_captions_and_sources_through_the_streamed_data_path(t2i):
-    """The same data read as a stream (per-stratum pools): captions reach the network, each source keeps its
-    own donut, and the synthetic rows stay above their buffer."""
+def test_captions_sources_and_prompt_grids_through_the_streamed_data_path(t2i, mlflow_server):
+    """The same data read as a stream (per-stratum pools), tracked in MLflow: captions reach the network, each
+    source keeps its own donut, loss and draws, the synthetic rows stay above their buffer, the grids are drawn
+    for the fixed prompts (through the run's text encoder, in the worker), and the run's size counts the active
+    parameters and the tokens a step keeps."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
     out = str(t2i["root"] / "streamed")
-    res = train(zcfg(t2i["data"], out, num_workers=1, zero_stage=0, steps=8, stream={"mode": "stream"}))
+    cfg = zcfg(
+        t2i["data"],
+        out,
+        num_workers=1,
+        zero_stage=0,
+        steps=8,
+        log_every=4,
+        stream={"mode": "stream"},
+        grid_every=4,
+        grid_images=4,
+        grid_sampler_steps=3,
+        text={"mask_ratio": 0.5, "prompts": ["a handwritten digit seven", "a handwritten digit one"]},
+        mlflow={"experiment": f"t2i-{time.time_ns()}", "register_model": False, "system_metrics": False},
+    )
+    res = train(cfg)
     assert np.isfinite(res["metrics"]["loss"])
     cov = json.loads(storage.read_bytes(storage.join(out, "coverage.json")))
     buf = float(buffer_sigma(torch.tensor(SYNTHETIC_SIGMA_MIN), 4.0))
     syn = cov["sources"]["synthetic"]["donut"]
     assert all(b["draws"] == 0 for b in syn if b["sigma_hi"] <= buf)
     assert sum(b["draws"] for b in cov["donut"]) == 8 * 16
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(res["mlflow_run_id"])
+    p, m = run.data.params, run.data.metrics
+    assert 0 < int(p["active_parameters"]) < int(p["parameters"])  # the experts count at capacity / E
+    assert int(p["tokens_per_step"]) == 8 * 16  # half of each image's 16 patches, 16 images a step
+    assert {"loss_source_digits", "loss_source_synthetic", "draws_source_digits", "draws_source_synthetic"} <= set(m)
+    history = client.get_metric_history(run.info.run_id, "draws_source_digits")
+    synthetic = client.get_metric_history(run.info.run_id, "draws_source_synthetic")
+    assert sum(h.value for h in history) + sum(h.value for h in synthetic) == 8 * 16
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == [
+        "grids/grid_0000004.png",
+        "grids/grid_0000008.png",
+    ]
+
+
+def test_text_keys_are_refused_where_they_cannot_apply(blurred_digits, tmp_path):
+    """A DiT on data without caption embeddings, and patch masking for a network without patches, fail before
+    any worker starts, naming the key."""
+    from ambient_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'data': model.arch dit trains on caption embeddings"):
+        train(TrainConfig(data=blurred_digits, out=str(tmp_path / "a"), model=MODEL, mlflow={"enabled": False}))
+    with pytest.raises(ConfigError, match="'text.mask_ratio': model.arch ddpmpp has no patch masking"):
+        train(
+            TrainConfig(
+                data=blurred_digits, out=str(tmp_path / "b"), text={"mask_ratio": 0.5}, mlflow={"enabled": False}
+            )
+        )
