@@ -124,7 +124,7 @@ def test_cfg_samples_are_the_captioned_digit(t2i, tmp_path):
     assert cond >= 0.8 and uncond < 0.3
 
 
-# ------------------------------------------------------------------------------ the DiT under ZeRO, and streamed
+# ------------------------------------------------------------------------------ the DiT under ZeRO-3, and streamed
 
 ZERO_STEPS = 8
 
@@ -156,35 +156,24 @@ def exported(out: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(t2i):
-    """The DiT on two CPU workers with caption dropout and 50% patch masking: ZeRO-2, ZeRO-3, and ZeRO-3 with its
-    workers killed at step 6 and restarted by Ray Train from the step-4 checkpoint."""
+def zero3_runs(t2i):
+    """The DiT train stage on two CPU workers under ZeRO-3 with caption dropout and 50% patch masking: straight,
+    and with its workers killed at step 6 and restarted by Ray Train from the step-4 checkpoint. (ZeRO-2 = ZeRO-3
+    for the DiT is checked on the engine's worker in tests/test_edm2.py, in the same Ray Train run as EDM2's.)"""
     root, data = t2i["root"], t2i["data"]
-    out = {name: str(root / name) for name in ("zero2", "zero3", "killed")}
-    res = {
-        "zero2": train(zcfg(data, out["zero2"], zero_stage=2)),
-        "zero3": train(zcfg(data, out["zero3"])),
-        "killed": train(zcfg(data, out["killed"], debug_fail_at_step=6, max_failures=1)),
-    }
-    return out, res
+    out = {name: str(root / name) for name in ("zero3", "killed")}
+    train(zcfg(data, out["zero3"]))
+    train(zcfg(data, out["killed"], debug_fail_at_step=6, max_failures=1))
+    return out
 
 
-def test_dit_zero2_and_zero3_give_the_same_losses_and_weights(zero_runs):
-    out, res = zero_runs
-    l2, l3 = res["zero2"]["metrics"]["loss"], res["zero3"]["metrics"]["loss"]
-    assert np.isfinite(l2) and abs(l2 - l3) <= 1e-5 * abs(l2)
-    a, b = exported(out["zero2"]), exported(out["zero3"])
-    assert set(a) == set(b)
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
-
-
-def test_dit_kill_and_resume_ends_with_the_same_weights(zero_runs):
+def test_dit_kill_and_resume_ends_with_the_same_weights(zero3_runs):
     import os
 
-    out, _ = zero_runs
+    out = zero3_runs
     assert os.path.exists(f"{out['killed']}/_debug_failed")  # the failure happened
     a, b = exported(out["zero3"]), exported(out["killed"])
+    assert set(a) == set(b)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
