@@ -62,8 +62,9 @@ FLAGS = {
     ),
     "train": (
         ["--data", "/d", "--out", "/o", "--steps", "7", "--num-workers", "2", "--zero-stage", "3", "--resume"]
-        + ["--data-path", "stream"],
+        + ["--data-path", "stream", "--init-from", "/i"],
         {
+            "init_from": "/i",
             "data": "/d",
             "out": "/o",
             "steps": 7,
@@ -75,8 +76,9 @@ FLAGS = {
     ),
     "train-classifier": (
         ["--data", "/d", "--kind", "crops", "--out", "/o", "--good", "source=a", "--bad", "source=b"]
-        + ["--steps", "9", "--num-workers", "2", "--zero-stage", "1", "--resume"],
+        + ["--steps", "9", "--num-workers", "2", "--zero-stage", "1", "--resume", "--init-from", "/i"],
         {
+            "init_from": "/i",
             "data": "/d",
             "kind": "crops",
             "out": "/o",
@@ -90,9 +92,9 @@ FLAGS = {
     ),
     "sample": (
         ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"]
-        + ["--guide", "/g", "--guidance", "1.5"],
+        + ["--guide", "/g", "--guidance", "1.5", "--prompt", "a digit one", "--prompt", "a digit two"],
         {"checkpoint": "/c", "num": 5, "out": "/o", "steps": 4, "stochastic": True, "seed": 2}
-        | {"guide": "/g", "guidance": 1.5},
+        | {"guide": "/g", "guidance": 1.5, "prompts": ["a digit one", "a digit two"]},
     ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],

@@ -129,53 +129,6 @@ def test_without_the_hook_this_learning_rate_moves_row_magnitudes_beyond_the_tol
     assert np.abs(mags - 1).max() > 1e-2
 
 
-def stages_loop(config: dict) -> None:
-    """One Ray Train run, every ZeRO stage in turn on the engine's own Worker (the DeepSpeed glue and its
-    forced-normalisation hook): the same network (seed 0) and the same per-rank batches, STEPS steps of the
-    EDM2 loss each; rank 0 saves each stage's losses (averaged over ranks) and gathered weights."""
-    import ray.train
-
-    from ambient_ray.train.engine import EngineConfig, Worker
-
-    result = {}
-    for zero in (0, 1, 2, 3):
-        cfg = EngineConfig(
-            data="-",
-            out="-",
-            steps=STEPS,
-            batch_size=16,
-            zero_stage=zero,
-            optim=dict(lr=LR, warmup_steps=0, decay="none", grad_clip=0, name="adam"),
-            mlflow=dict(enabled=False),
-        )
-        torch.manual_seed(0)
-        w = Worker(cfg, registry.build(TINY_META), TINY_META, {})
-        g = torch.Generator().manual_seed(100 + w.rank)
-        losses = []
-        for _ in range(STEPS):
-            x = torch.randn(16, 1, 8, 8, generator=g)
-            s = torch.exp(torch.randn(16, generator=g) * 1.2 - 1.2)
-            noisy = x + s[:, None, None, None] * torch.randn(16, 1, 8, 8, generator=g)
-            d, u = w.engine(noisy, s, return_logvar=True)
-            lam = (s**2 + 0.25) / (0.5 * s) ** 2
-            loss = (lam * (d.float() - x).square().mean((1, 2, 3)) / u.reshape(-1).exp() + u.reshape(-1)).mean()
-            w.engine.backward(loss)
-            w.engine.step()
-            w.end_step()
-            losses.append(float(w.all_reduce(loss.detach().reshape(1))[0]) / w.world)
-        weights = {}
-        for name, p in w.engine.module.named_parameters():  # one parameter whole at a time (ZeRO-3: a gather)
-            with w.gathered([p]):
-                weights[name] = p.detach().float().cpu().clone().numpy()
-        result[zero] = {"losses": losses, "weights": weights}
-        w.close()
-    for zero in (2, 3):  # the MoE DiT too (caption dropout, 50% patch masking): result["dit2"], result["dit3"]
-        result[f"dit{zero}"] = dit_steps(zero)
-    if w.rank == 0:
-        torch.save(result, config["path"])
-    ray.train.report({"done": 1})
-
-
 DIT_META = {
     "kind": "denoiser",
     "arch": "dit",
@@ -194,43 +147,69 @@ DIT_META = {
 }
 
 
-def dit_steps(zero: int) -> dict:
-    """STEPS steps of the DiT's masked denoising loss on the engine's Worker under ZeRO ``zero`` (inside a Ray
-    Train worker): the same network and per-rank batches at every stage; losses averaged over ranks, weights."""
-    from ambient_ray.models import dit
+def engine_steps(meta: dict, zero: int, optim: dict, seed: int, step_loss) -> dict:
+    """STEPS steps on the engine's own Worker under ZeRO ``zero`` (inside a Ray Train worker): the network of
+    ``meta`` (seed 0), per-rank batches from ``seed``; ``step_loss(engine, generator)`` is one step's loss.
+    Returns the losses (averaged over ranks) and the weights, gathered one parameter at a time."""
     from ambient_ray.train.engine import EngineConfig, Worker
 
     cfg = EngineConfig(
-        data="-",
-        out="-",
-        steps=STEPS,
-        batch_size=16,
-        zero_stage=zero,
-        optim=dict(lr=3e-3, warmup_steps=0, decay="none"),
-        mlflow=dict(enabled=False),
+        data="-", out="-", steps=STEPS, batch_size=16, zero_stage=zero, optim=optim, mlflow=dict(enabled=False)
     )
     torch.manual_seed(0)
-    w = Worker(cfg, registry.build(DIT_META), DIT_META, {})
-    m = registry.config_of(DIT_META)
-    g = torch.Generator().manual_seed(200 + w.rank)
+    w = Worker(cfg, registry.build(meta), meta, {})
+    g = torch.Generator().manual_seed(seed + w.rank)
     losses = []
     for _ in range(STEPS):
-        x0, s = torch.randn(16, 1, 8, 8, generator=g), torch.exp(torch.randn(16, generator=g) * 1.2 - 1.2)
-        cap, mask = torch.randn(16, 8, 32, generator=g), (torch.rand(16, 8, generator=g) < 0.5).float()
-        keep = dit.patch_keep(16, m.tokens(), 0.5, g)
-        d = w.engine(x0 + s[:, None, None, None] * torch.randn(16, 1, 8, 8, generator=g), s, cap, mask, keep=keep)
-        pm = dit.patch_mask(keep, m.tokens(), m.patch, m.img_resolution)
-        loss = ((d.float() - x0).square() * pm).sum() / pm.sum()
+        loss = step_loss(w.engine, g)
         w.engine.backward(loss)
         w.engine.step()
         w.end_step()
         losses.append(float(w.all_reduce(loss.detach().reshape(1))[0]) / w.world)
     weights = {}
-    for name, p in w.engine.module.named_parameters():
+    for name, p in w.engine.module.named_parameters():  # one parameter whole at a time (ZeRO-3: a gather)
         with w.gathered([p]):
             weights[name] = p.detach().float().cpu().clone().numpy()
     w.close()
-    return {"losses": losses, "weights": weights}
+    return {"losses": losses, "weights": weights, "rank": w.rank}
+
+
+def edm2_loss(engine, g):
+    """EDM2's loss with its learned log-variance (Sec. 2.5) on a random batch."""
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    s = torch.exp(torch.randn(16, generator=g) * 1.2 - 1.2)
+    d, u = engine(x + s[:, None, None, None] * torch.randn(16, 1, 8, 8, generator=g), s, return_logvar=True)
+    lam = (s**2 + 0.25) / (0.5 * s) ** 2
+    return (lam * (d.float() - x).square().mean((1, 2, 3)) / u.reshape(-1).exp() + u.reshape(-1)).mean()
+
+
+def dit_loss(engine, g):
+    """The DiT's denoising loss on the kept half of the patches, random captions with random masks."""
+    from ambient_ray.models import dit
+
+    m = registry.config_of(DIT_META)
+    x0, s = torch.randn(16, 1, 8, 8, generator=g), torch.exp(torch.randn(16, generator=g) * 1.2 - 1.2)
+    cap, mask = torch.randn(16, 8, 32, generator=g), (torch.rand(16, 8, generator=g) < 0.5).float()
+    keep = dit.patch_keep(16, m.tokens(), 0.5, g)
+    d = engine(x0 + s[:, None, None, None] * torch.randn(16, 1, 8, 8, generator=g), s, cap, mask, keep=keep)
+    pm = dit.patch_mask(keep, m.tokens(), m.patch, m.img_resolution)
+    return ((d.float() - x0).square() * pm).sum() / pm.sum()
+
+
+def stages_loop(config: dict) -> None:
+    """One Ray Train run, every ZeRO stage in turn on the engine's own Worker (the DeepSpeed glue and its
+    forced-normalisation hook): the same network (seed 0) and the same per-rank batches, STEPS steps of the
+    EDM2 loss each, then the MoE DiT (captions, 50% patch masking) under ZeRO-2 and ZeRO-3; rank 0 saves each
+    run's losses (averaged over ranks) and gathered weights."""
+    import ray.train
+
+    edm2_optim = dict(lr=LR, warmup_steps=0, decay="none", grad_clip=0, name="adam")
+    result = {zero: engine_steps(TINY_META, zero, edm2_optim, 100, edm2_loss) for zero in (0, 1, 2, 3)}
+    dit_optim = dict(lr=3e-3, warmup_steps=0, decay="none")
+    result.update({f"dit{zero}": engine_steps(DIT_META, zero, dit_optim, 200, dit_loss) for zero in (2, 3)})
+    if result[0]["rank"] == 0:
+        torch.save(result, config["path"])
+    ray.train.report({"done": 1})
 
 
 @pytest.fixture(scope="module")
