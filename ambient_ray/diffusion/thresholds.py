@@ -60,11 +60,7 @@ def sigma_min(
     samples first and gives every sample the same σ_min.
     """
     curves, grid = check_curves(curves, grid, tau)
-    curves = _pool(curves, mode)
-    above = curves > tau
-    crossed = above.any(dim=1)
-    first = above.to(torch.int8).argmax(dim=1)  # index of the first True (0 if none)
-    out = torch.where(crossed, grid[first], grid[-1])
+    out, crossed = first_crossing(_pool(curves, mode), grid, tau)
     return out.float(), crossed
 
 

@@ -135,9 +135,10 @@ def draw(
     from tqdm.auto import tqdm
 
     from ambient_ray.diffusion.samplers import ClassifierFree, heun_sample, to_uint8
+    from ambient_ray.models.registry import takes_captions
 
     cfg = net.config
-    text = hasattr(cfg, "caption_dim")
+    text = takes_captions(cfg.arch)
     if text and captions is None:
         captions = (torch.zeros(1, cfg.caption_tokens, cfg.caption_dim), torch.zeros(1, cfg.caption_tokens))
     decode = decode or latent_decoder(getattr(net, "meta", None))
@@ -222,8 +223,10 @@ def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
+    from ambient_ray.models.registry import takes_captions
+
     net = weights.load(cfg.checkpoint, "denoiser", cfg.weights)
-    text = hasattr(net.config, "caption_dim")
+    text = takes_captions(net.config.arch)
     if cfg.class_label is not None and not getattr(net.config, "label_dim", 0):
         raise ConfigError("config key 'class_label': the model is not class-conditional")
     if cfg.prompts and not text:

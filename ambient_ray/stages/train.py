@@ -300,9 +300,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
 def caption_interface(cfg: TrainConfig, latents: dict | None) -> dict | None:
     """For a network that takes captions: the caption embeddings' shape from the precompute stage (it sets
-    ``model.caption_tokens``/``model.caption_dim``, as the data sets the image interface) and the text encoder
-    that made them (for the prompts of the grids); None for a class-conditional or unconditional network. A mask
-    ratio needs a network that masks."""
+    ``model.caption_tokens``/``model.caption_dim``, as the data sets the image interface; the text encoder of the
+    grids' prompts is read from ``model.json``'s latents); None for a class-conditional or unconditional network.
+    A mask ratio needs a network that masks."""
     if not registry.takes_captions(cfg.model.arch):
         if cfg.text.mask_ratio:
             raise ConfigError(f"config key 'text.mask_ratio': model.arch {cfg.model.arch} has no patch masking")
@@ -314,11 +314,7 @@ def caption_interface(cfg: TrainConfig, latents: dict | None) -> dict | None:
         )
     t, d = latents["emb_shape"]
     cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "caption_tokens": t, "caption_dim": d})
-    return {
-        "emb_shape": [t, d],
-        "text_encoder": latents.get("text_encoder"),
-        "fingerprint": latents.get("text_fingerprint"),
-    }
+    return {"emb_shape": [t, d]}
 
 
 def denoiser_costs(meta: dict, mask_ratio: float = 0.0):
