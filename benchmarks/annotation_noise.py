@@ -1,18 +1,22 @@
-"""How much of a per-sample σ_min is the sample, and how much is the noise draws?
+"""How much of a per-sample σ_min is the sample, and how much is the noise draws? Each estimator, measured.
 
-Ambient-o annotates each corrupted row at the first grid σ where the classifier's mean probability
-of "clean" over ``draws`` noise draws exceeds τ (Eq. 3.2 applied per sample). With few draws that
-mean is itself noisy, and taking the *first* crossing of a noisy curve moves σ_min down. This script
-annotates the same rows with the same classifier several times, with independent noise, and prints:
+Ambient-o annotates each corrupted row from its classifier curve: the mean probability of "clean" over
+``draws`` noise draws on a σ grid (Eq. 3.2 per sample). That mean is noisy, and the rules of
+:mod:`ambient_ray.diffusion.thresholds` read σ_min off it in different ways. This script computes the
+curves of the same rows twice, with independent noise, and prints per rule:
 
-- test-retest agreement of per-sample σ_min at ``--draws`` (same grid point; Spearman correlation);
-- the same at ``--many`` draws (what is left is the per-sample signal);
-- mean σ_min and the share of rows below the per-dataset σ_min, at each number of draws.
+- mean σ_min, the per-dataset σ_min (one for the set, from the pooled curve) and the share of rows below it;
+- test-retest agreement of the per-sample σ_min (Spearman between the two annotations);
+- where the data mixes corruption strengths (several ``corruption`` specs): the mean σ_min per spec and
+  the AUC of σ_min for telling the stronger spec's rows from the weaker's (0.5: no per-sample signal);
+- the classifier evaluations per image and the seconds the curves took.
 
+The authors' rule (``smoothed``) runs on their grid kind (sorted draws of the training log-normal,
+``--dense`` points, span ``--span``); the other rules on ``--grid`` log-spaced points.
 Pure torch, no Ray: it runs beside other work without joining its cluster.
 
     python benchmarks/annotation_noise.py --data OUT_OF_CORRUPT --classifier CLASSIFIER_OUT [--tau 0.45]
-        [--draws 4] [--many 16] [--grid 24] [--threads 1]
+        [--draws 4] [--grid 24] [--dense 512] [--span 8] [--rows 600] [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,17 +25,52 @@ import argparse
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
-from ambient_ray.data.sources import read_array
-from ambient_ray.diffusion.thresholds import sigma_min
+from ambient_ray.data.images import decode_png
+from ambient_ray.data.metadata import load_metadata
+from ambient_ray.diffusion.thresholds import RULES, estimate_sigma_min, lognormal_grid, sigma_min
 from ambient_ray.io.weights import load
 from ambient_ray.models.classifier import noise_curves
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = (np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float) for v in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    ra, rb = (pd.Series(v).rank().to_numpy() for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+
+
+def auc(strong: np.ndarray, weak: np.ndarray) -> float:
+    """P(σ_min of a strong-corruption row > a weak one's), ties half: the Mann-Whitney AUC."""
+    ranks = pd.Series(np.concatenate([strong, weak])).rank().to_numpy()[: len(strong)]
+    return float((ranks.sum() - len(strong) * (len(strong) + 1) / 2) / (len(strong) * len(weak)))
+
+
+def corrupted_rows(data: str, limit: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The corrupted rows' images in [-1, 1] (N, C, H, W) and their corruption specs, at most ``limit``."""
+    import pyarrow.parquet as pq
+
+    from ambient_ray.data.metadata import data_dir
+    from ambient_ray.io import storage
+
+    meta = load_metadata(data)
+    keep = set(meta["id"][meta["quality"] == "corrupted"])
+    imgs, specs = [], []
+    for f in sorted(storage.list_files(data_dir(data), (".parquet",))):
+        fs, path = storage.filesystem(f)
+        t = pq.read_table(path, filesystem=fs, columns=["id", "image", "corruption"]).to_pydict()
+        for rid, img, spec in zip(t["id"], t["image"], t["corruption"]):
+            if rid in keep:
+                imgs.append(decode_png(img))
+                specs.append(spec)
+    order = np.random.default_rng(0).permutation(len(imgs))[:limit]
+    y = torch.from_numpy(np.stack([imgs[i] for i in order])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return y, np.array([specs[i] for i in order])
+
+
+def strength(spec: str) -> float:
+    """The number in a spec such as blur:sigma=1.5 (for ordering the specs)."""
+    return float(spec.rsplit("=", 1)[-1])
 
 
 def main() -> None:
@@ -40,39 +79,59 @@ def main() -> None:
     ap.add_argument("--classifier", required=True, help="a train-classifier output (noise classifier)")
     ap.add_argument("--tau", type=float, default=0.45)
     ap.add_argument("--draws", type=int, default=4, help="the annotate stage's draws")
-    ap.add_argument("--many", type=int, default=16, help="a larger number of draws for comparison")
-    ap.add_argument("--grid", type=int, default=24, help="grid points, log-spaced over [0.01, 20]")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", type=int, default=24, help="log-spaced grid points over the classifier's σ range")
+    ap.add_argument("--dense", type=int, default=512, help="grid points of the authors' log-normal grid")
+    ap.add_argument("--span", type=float, default=8.0, help="the authors' smoothing span (grid points)")
+    ap.add_argument("--rows", type=int, default=600, help="corrupted rows to annotate (a random subset)")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    imgs, _ = read_array(a.data, "quality=corrupted")
-    y = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y, specs = corrupted_rows(a.data, a.rows)
     net = load(a.classifier, "noise", img_resolution=y.shape[-1], channels=y.shape[1]).eval()
-    grid = torch.from_numpy(np.geomspace(0.01, 20.0, a.grid)).float()
-    print(f"{len(y)} corrupted rows of {a.data}; tau {a.tau}; grid {a.grid} points")
+    from ambient_ray.io.weights import model_dir
 
-    t0 = time.perf_counter()
-    res = {}
-    for k in (a.draws, a.many):
+    lo, hi = model_dir(a.classifier)[1]["sigma_range"]
+    grids = {"log": torch.from_numpy(np.geomspace(lo, hi, a.grid))}
+    dense = lognormal_grid(a.dense * 64)
+    dense = dense[(dense >= lo) & (dense <= hi)]
+    grids["lognormal"] = dense[np.unique(np.linspace(0, len(dense) - 1, a.dense).round().astype(int))]
+    print(f"{len(y)} corrupted rows of {a.data} ({', '.join(sorted(set(specs)))}); tau {a.tau}; draws {a.draws}")
+
+    curves, cost = {}, {}
+    for kind, grid in grids.items():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            curves[kind] = [
+                noise_curves(net, y, grid.float(), a.draws, torch.Generator().manual_seed(rep), with_std=True)
+                for rep in (1, 2)
+            ]
+        cost[kind] = (len(grid) * a.draws, (time.perf_counter() - t0) / 2)
+        print(f"grid {kind}: {len(grid)} points, {len(grid) * a.draws} evaluations per image, {cost[kind][1]:.1f} s")
+
+    specs_sorted = sorted(set(specs), key=strength)
+    heads = "| rule | grid | evaluations / image | mean σ_min | per-set σ_min | rows below it | retest Spearman |"
+    if len(specs_sorted) > 1:
+        heads += " " + " | ".join(f"mean σ_min {s}" for s in specs_sorted) + " | AUC strong vs weak |"
+    print("\n" + heads)
+    print("|" + "---|" * heads.count(" | ") + "---|")
+    for rule in RULES:
+        kind = "lognormal" if rule == "smoothed" else "log"
+        grid = grids[kind].double()
         runs = []
-        for rep in range(2):
-            with torch.no_grad():
-                c = noise_curves(net, y, grid, k, torch.Generator().manual_seed(1000 * k + rep))
-            runs.append((sigma_min(c, grid, a.tau)[0].numpy(), sigma_min(c, grid, a.tau, "per-dataset")[0][0].item()))
-        res[k] = runs
-    print(f"({time.perf_counter() - t0:.0f} s)\n")
-    print("| draws | mean σ_min | per-dataset σ_min | rows below it | retest: same grid point | retest: Spearman |")
-    print("|---|---|---|---|---|---|")
-    for k, ((s1, d1), (s2, _)) in res.items():
-        print(
-            f"| {k} | {s1.mean():.2f} | {d1:.2f} | {(s1 < d1 - 1e-6).mean():.0%} | "
-            f"{(s1 == s2).mean():.0%} | {spearman(s1, s2):.2f} |"
+        for mean, std in curves[kind]:
+            s, _ = estimate_sigma_min(rule, mean.double(), grid, a.tau, std=std.double(), draws=a.draws, span=a.span)
+            runs.append(s.numpy())
+        per_set = sigma_min(curves[kind][0][0].double(), grid, a.tau, "per-dataset")[0][0].item()
+        s1, s2 = runs
+        row = (
+            f"| {rule} | {kind} {len(grid)} | {cost[kind][0]} | {s1.mean():.2f} | {per_set:.2f} | "
+            f"{(s1 < per_set - 1e-6).mean():.0%} | {spearman(s1, s2):.2f} |"
         )
-    few, many = res[a.draws][0][0], res[a.many][0][0]
-    print(
-        f"\nSpearman between {a.draws}-draw and {a.many}-draw annotations of the same rows: {spearman(few, many):.2f}"
-    )
+        if len(specs_sorted) > 1:
+            row += " " + " | ".join(f"{s1[specs == sp].mean():.2f}" for sp in specs_sorted)
+            row += f" | {auc(s1[specs == specs_sorted[-1]], s1[specs == specs_sorted[0]]):.2f} |"
+        print(row)
 
 
 if __name__ == "__main__":

@@ -166,21 +166,27 @@ def noise_curves(
     draws: int,
     seeds: list[int] | torch.Generator | None = None,
     max_batch: int = 4096,
-) -> torch.Tensor:
+    with_std: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, G) mean probability of "clean" over ``draws`` noise draws at each grid σ (the inner
     expectation of Eq. 3.2). ``y`` (B, C, H, W) in [-1, 1], on the network's device; ``seeds`` one
     per row (results independent of batching) or a generator. The B·G·draws noised copies go through
-    the network about ``max_batch`` at a time (whole samples per forward)."""
+    the network about ``max_batch`` at a time (whole samples per forward). ``with_std``: also the
+    (B, G) standard deviation over the draws (unbiased; 0 for one draw), which the confidence and
+    shrinkage estimators of σ_min need (:mod:`ambient_ray.diffusion.thresholds`)."""
     b, g = y.shape[0], grid.numel()
     sig = grid.to(y.device, torch.float32).repeat_interleave(draws)  # (G*K,)
     per = max(1, max_batch // (g * draws))
-    out = []
+    out, spread = [], []
     for s in range(0, b, per):
         rows = range(s, min(b, s + per))
         noise = _row_noise((g * draws, *y.shape[1:]), seeds, rows, y.device)
         x = (y[s : s + len(rows)].unsqueeze(1) + sig.view(1, -1, 1, 1, 1) * noise).flatten(0, 1)
-        p = torch.sigmoid(net(x, sig.repeat(len(rows))))
-        out.append(p.view(len(rows), g, draws).mean(dim=2).cpu())
+        p = torch.sigmoid(net(x, sig.repeat(len(rows)))).view(len(rows), g, draws)
+        out.append(p.mean(dim=2).cpu())
+        spread.append(p.std(dim=2).cpu() if draws > 1 else torch.zeros(len(rows), g))
+    if with_std:
+        return torch.cat(out), torch.cat(spread)
     return torch.cat(out)
 
 

@@ -64,6 +64,7 @@ CURVES_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("noise_curve", pa.list_(pa.float32())),
+        ("noise_std", pa.list_(pa.float32())),
         ("crop_curve", pa.list_(pa.float32())),
         ("score", pa.float32()),
         ("error", pa.string()),
@@ -115,10 +116,25 @@ class AnnotateConfig(Strict):
         "corruption",
         description="per-dataset: a set per corruption spec, or all non-clean rows as one set (one σ_min for all)",
     )
+    rule: thresholds.Rule = Field(
+        "first",
+        description="per sample: how σ_min is read off a sample's noisy curve (README 'Per-sample σ_min "
+        "estimators'): first, smoothed (the authors'), last, isotonic, confident, shrunk",
+        json_schema_extra=flag("--rule"),
+    )
+    span: float = Field(32.0, ge=1, description="rule smoothed: the moving average's span, in grid points")
+    z: float = Field(1.0, ge=0, description="rule confident: the bound is mean − z·std/√draws")
     crops_mode: thresholds.Mode = "per-sample"
     grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
     grid_hi: float | None = Field(None, gt=0)
-    grid_points: int = Field(24, ge=2, description="σ grid points, log-spaced")
+    grid_points: int = Field(24, ge=2, description="σ grid points")
+    grid: Literal["log", "lognormal"] = Field(
+        "log",
+        description="log: log-spaced over [grid_lo, grid_hi]; lognormal: sorted draws of the training "
+        "log-normal (grid_p_mean, grid_p_std) inside that range, densest where training σ's are (the authors')",
+    )
+    grid_p_mean: float = Field(-1.2, description="grid lognormal: the log-normal's mean of ln σ")
+    grid_p_std: float = Field(1.2, gt=0, description="grid lognormal: its standard deviation of ln σ")
     draws: int = Field(4, ge=1, description="noise draws (or crops) per grid σ and row")
     weights: Literal["ema", "raw"] = "ema"
     fixed: dict[str, float] = Field(
@@ -235,6 +251,7 @@ class CurveActor:
         arrays, errors = curve_rows(ids, images, self.plan["image_size"], self.plan["channels"])
         g = len(self.plan["grid"])
         noise = np.full((len(ids), g), np.nan, np.float32)
+        noise_std = np.full((len(ids), g), np.nan, np.float32)
         crop = np.full((len(ids), g), np.nan, np.float32)
         score = np.full(len(ids), np.nan, np.float32)
         ok = [i for i, e in enumerate(errors) if not e]
@@ -245,9 +262,10 @@ class CurveActor:
             y = (y8.float() / 127.5 - 1.0).to(self.device)
             seeds = [row_seed(self.plan["seed"], ids[i]) for i in rows]
             if self.noise is not None:
-                noise[rows] = noise_curves(
-                    self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward
-                ).numpy()
+                mean, std = noise_curves(
+                    self.noise, y, self.grid, self.plan["draws"], seeds, self.max_forward, with_std=True
+                )
+                noise[rows], noise_std[rows] = mean.numpy(), std.numpy()
             if self.crops is not None:
                 crop[rows] = crop_curves(self.crops, y, self.crop_sizes, self.plan["draws"], seeds).numpy()
             if self.scorer is not None:
@@ -256,6 +274,7 @@ class CurveActor:
             {
                 "id": ids,
                 "noise_curve": list(noise),
+                "noise_std": list(noise_std),
                 "crop_curve": list(crop),
                 "score": score,
                 "error": errors,
@@ -326,7 +345,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     hi = cfg.grid_hi or (noise_meta["sigma_range"][1] if noise_meta else 20.0)
     if hi <= lo:
         raise ConfigError(f"config key 'grid_hi': {hi} must exceed grid_lo {lo}")
-    grid = np.geomspace(lo, hi, cfg.grid_points).tolist()
+    grid = make_grid(cfg, lo, hi)
     if cfg.locality_eps is not None and not (cfg.crops_classifier and cfg.locality):
         raise ConfigError(
             "config key 'locality_eps': re-derives crop(σ) for the crops classifier; "
@@ -383,24 +402,44 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
         if scorer_file(cfg.scorer):
             plan["digests"]["scorer"] = _file_digest(scorer_file(cfg.scorer))
     keep = {
-        k: plan[k]
-        for k in (
-            "classifier",
-            "crops_classifier",
-            "digests",
-            "grid",
-            "draws",
-            "seed",
-            "weights",
-            "scorer",
-            "crop_sizes",
-        )
+        "curves": 2,  # 2: the std over the draws is stored beside the mean
+        **{
+            k: plan[k]
+            for k in (
+                "classifier",
+                "crops_classifier",
+                "digests",
+                "grid",
+                "draws",
+                "seed",
+                "weights",
+                "scorer",
+                "crop_sizes",
+            )
+        },
     }
     keep["files"] = [
         (shards.shard_name(f), storage.filesystem(f)[0].get_file_info(storage.filesystem(f)[1]).size) for f in files
     ]
     plan["fingerprint"] = shards.fingerprint(keep)
     return plan
+
+
+def make_grid(cfg: AnnotateConfig, lo: float, hi: float) -> list[float]:
+    """The σ grid: log-spaced over [lo, hi], or (``grid: lognormal``) the sorted draws of the training
+    log-normal that fall inside [lo, hi], ``grid_points`` of them (a fixed seed: the same grid every run)."""
+    if cfg.grid == "log":
+        return np.geomspace(lo, hi, cfg.grid_points).tolist()
+    # draw until grid_points land inside [lo, hi]; refuse a range the log-normal hardly reaches
+    inside = thresholds.lognormal_grid(cfg.grid_points * 64, cfg.grid_p_mean, cfg.grid_p_std)
+    inside = inside[(inside >= lo) & (inside <= hi)]
+    if len(inside) < cfg.grid_points:
+        raise ConfigError(
+            f"config key 'grid': the log-normal (grid_p_mean {cfg.grid_p_mean}, grid_p_std {cfg.grid_p_std}) "
+            f"puts too few σ's inside [{lo:g}, {hi:g}] for {cfg.grid_points} grid points"
+        )
+    pick = np.linspace(0, len(inside) - 1, cfg.grid_points).round().astype(int)
+    return inside[np.unique(pick)].tolist()
 
 
 def _check_rules(cfg: AnnotateConfig, meta) -> None:
@@ -451,10 +490,17 @@ def annotate_rows(cfg: AnnotateConfig, plan: dict, meta, curves) -> dict:
         # or over every non-clean row (sets="all"); per sample the grouping does not matter
         by_spec = cfg.sets == "corruption" and "corruption" in meta
         sets = meta["corruption"].fillna("").astype(str).to_numpy() if by_spec else np.full(n, "")
+        grid = torch.tensor(plan["grid"])
         for name in dict.fromkeys(sets[rest]):
             sel = rest & (sets == name)
-            cur = np.stack(curves["noise_curve"].to_numpy()[sel])
-            s, crossed = thresholds.sigma_min(torch.from_numpy(cur), torch.tensor(plan["grid"]), cfg.tau, cfg.mode)
+            cur = torch.from_numpy(np.stack(curves["noise_curve"].to_numpy()[sel]))
+            if cfg.mode == "per-dataset":
+                s, crossed = thresholds.sigma_min(cur, grid, cfg.tau, cfg.mode)
+            else:  # shrunk: toward the curve of this sample's set
+                std = torch.from_numpy(np.stack(curves["noise_std"].to_numpy()[sel]))
+                s, crossed = thresholds.estimate_sigma_min(
+                    cfg.rule, cur, grid, cfg.tau, std=std, draws=cfg.draws, span=cfg.span, z=cfg.z
+                )
             smin[sel] = s.numpy()
             crossed_all[sel] = crossed.numpy()
             label[sel] = np.where(crossed.numpy(), "classifier", "classifier:never-crossed")
@@ -606,6 +652,9 @@ def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
         "crops_classifier": plan["crops_classifier"],
         "tau": cfg.tau,
         "mode": cfg.mode,
+        "rule": cfg.rule if cfg.mode == "per-sample" else None,
+        "span": cfg.span if cfg.rule == "smoothed" else None,
+        "z": cfg.z if cfg.rule == "confident" else None,
         "sets": cfg.sets,
         "crops_mode": cfg.crops_mode,
         "grid": plan["grid"],
