@@ -294,7 +294,10 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
         )
         == 2
     )
-    _changed_train_key_redoes_the_arms_only(experiment, flags, s, again, out, client, exp_id, parent.info.run_id)
+    changed = _changed_train_key_redoes_the_arms_only(
+        experiment, flags, s, again, out, client, exp_id, parent.info.run_id
+    )
+    _another_corruption_reuses_only_clean_and_oracle(experiment, changed, out, tmp_path)
 
 
 def _changed_train_key_redoes_the_arms_only(experiment, flags, first, again, out, client, exp_id, parent_id):
@@ -323,6 +326,45 @@ def _changed_train_key_redoes_the_arms_only(experiment, flags, first, again, out
         [exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'experiment-arm'"
     )
     assert len(arm_runs) == 2 and all(r.info.status == "FINISHED" for r in arm_runs)
+    return changed
+
+
+def _another_corruption_reuses_only_clean_and_oracle(experiment, flags, out, tmp_path):
+    """only-clean, oracle, the clean splits and the feature net do not depend on the corruption: an experiment
+    on another corruption takes them from an earlier one by fingerprint (``reuse``) and recomputes them when
+    their config changes."""
+
+    def run(name, **kw):
+        cfg = cfgmod.build(experiment.ExperimentConfig, flags={**flags, "out": str(tmp_path / name), **kw})
+        return experiment.run(cfg, progress=False)
+
+    arms = ["only-clean", "oracle"]
+    # blur σ=1 beside the first experiment's σ=2: only-clean and the prep are taken from it, oracle is new
+    second = run("exp-b1", corruption=["blur:sigma=1"], arms=arms, reuse=[out])
+    assert {"prep/clean-train", "prep/clean-holdout", "prep/features", "runs/only-clean/seed-0"} <= set(
+        second["reused"]
+    )
+    assert not any(r.startswith(("prep/", "runs/only-clean")) for r in second["ran"])
+    assert {"seed-0/mixed", "runs/oracle/seed-0/train"} <= set(second["ran"])
+    first = json.loads(open(f"{out}/results.json").read())["table"]
+    assert second["table"]["only-clean"]["fd"] == first["only-clean"]["fd"]
+    md = open(tmp_path / "exp-b1" / "results.md").read()
+    assert "Taken from the reuse folders" in md and "only-clean seed 0" in md
+    assert md.count("Paired by seed, each arm minus only-clean") == 1
+    # a third corruption reusing the second: both arms taken, only its own mixed set is made
+    third = run("exp-b3", corruption=["blur:sigma=3"], arms=arms, reuse=[str(tmp_path / "exp-b1")])
+    assert third["ran"] == ["seed-0/mixed"] and {"runs/only-clean/seed-0", "runs/oracle/seed-0"} <= set(third["reused"])
+    assert third["table"] == second["table"]
+    # a changed sample key: both arms sample and evaluate again; their training is still taken
+    fourth = run(
+        "exp-b3",
+        corruption=["blur:sigma=3"],
+        arms=arms,
+        reuse=[out, str(tmp_path / "exp-b1")],
+        sample={**flags["sample"], "steps": 3},
+    )
+    assert set(fourth["ran"]) == {f"runs/{a}/seed-0/{s}" for a in arms for s in ("samples", "eval")}
+    assert {"runs/only-clean/seed-0/train", "runs/oracle/seed-0/train"} <= set(fourth["reused"])
 
 
 def test_experiment_refuses_bad_sections(tmp_path):

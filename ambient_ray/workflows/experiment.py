@@ -228,20 +228,24 @@ class Runner:
 
     def find(self, out: str, fp: str) -> dict | None:
         """The summary of the step ``out`` if it finished with fingerprint ``fp`` here, or at the same place
-        in one of the ``reuse`` folders (then :meth:`loc` points there); else None."""
-        self.at[out] = out
-        kept = shards.done(out, STEP, fp)
-        if kept is not None:
-            return kept
+        in one of the ``reuse`` folders; else None. A step taken from a reuse folder gets a marker here that
+        says where its output is (``reused_from``, which :meth:`loc` returns), so a later experiment that
+        reuses this one finds it too."""
         rel = out[len(self.out) + 1 :]
+        kept = shards.done(out, STEP, fp)
         for src in self.reuse:
+            if kept is not None:
+                break
             there = storage.join(src, rel)
             kept = shards.done(there, STEP, fp)
             if kept is not None:
-                self.at[out], self.prints[there] = there, fp
-                self.reused.append(rel)
-                return kept
-        return None
+                kept = {**kept, "reused_from": kept.get("reused_from", there)}
+                shards.mark_done(out, STEP, fp, kept)
+        self.at[out] = out if kept is None else kept.get("reused_from", out)
+        if self.at[out] != out:
+            self.prints[self.at[out]] = fp
+            self.reused.append(rel)
+        return kept
 
     def loc(self, out: str) -> str:
         """Where the finished step ``out`` is: ``out`` itself, or the reuse folder it was taken from."""
@@ -443,7 +447,9 @@ class Runner:
         arm_fp = shards.fingerprint({"evaluate": eval_fp, "sigma": sigma})
         kept = self.find(out, arm_fp)
         if kept is not None:
-            return kept if self.loc(out) == out else {**kept, "reused_from": self.loc(out)}
+            if "reused_from" in kept:
+                shards.write_json(storage.join(out, "result.json"), kept)
+            return kept
         params = {"arm": arm, "seed": seed, "data": data, "rows": rows or ""}
         tags = {"stage": "experiment-arm", "arm": arm}
         # a redone arm logs into its own child run again (reopened from OUT/runs/ARM/seed-S/mlflow_run.json)
