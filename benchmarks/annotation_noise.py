@@ -11,8 +11,9 @@ curves of the same rows twice, with independent noise, and prints per rule:
   the AUC of σ_min for telling the stronger spec's rows from the weaker's (0.5: no per-sample signal);
 - the classifier evaluations per image and the seconds the curves took.
 
-The authors' rule (``smoothed``) runs on their grid kind (sorted draws of the training log-normal,
-``--dense`` points, span ``--span``); the other rules on ``--grid`` log-spaced points.
+Every rule runs on two grids: ``--grid`` log-spaced points (the annotate default) and the authors' kind,
+``--dense`` sorted draws of the training log-normal; ``smoothed`` (the authors' rule) takes span ``--span``
+on the dense grid and the same span in σ (scaled by the number of points) on the other.
 Pure torch, no Ray: it runs beside other work without joining its cluster.
 
     python benchmarks/annotation_noise.py --data OUT_OF_CORRUPT --classifier CLASSIFIER_OUT [--tau 0.45]
@@ -115,23 +116,26 @@ def main() -> None:
         heads += " " + " | ".join(f"mean σ_min {s}" for s in specs_sorted) + " | AUC strong vs weak |"
     print("\n" + heads)
     print("|" + "---|" * heads.count(" | ") + "---|")
-    for rule in RULES:
-        kind = "lognormal" if rule == "smoothed" else "log"
-        grid = grids[kind].double()
-        runs = []
-        for mean, std in curves[kind]:
-            s, _ = estimate_sigma_min(rule, mean.double(), grid, a.tau, std=std.double(), draws=a.draws, span=a.span)
-            runs.append(s.numpy())
+    for kind, grid in grids.items():
+        grid = grid.double()
+        # the span in grid points is the same smoothing in σ when scaled with the number of points
+        span = max(1.0, a.span * len(grid) / len(grids["lognormal"]))
         per_set = sigma_min(curves[kind][0][0].double(), grid, a.tau, "per-dataset")[0][0].item()
-        s1, s2 = runs
-        row = (
-            f"| {rule} | {kind} {len(grid)} | {cost[kind][0]} | {s1.mean():.2f} | {per_set:.2f} | "
-            f"{(s1 < per_set - 1e-6).mean():.0%} | {spearman(s1, s2):.2f} |"
-        )
-        if len(specs_sorted) > 1:
-            row += " " + " | ".join(f"{s1[specs == sp].mean():.2f}" for sp in specs_sorted)
-            row += f" | {auc(s1[specs == specs_sorted[-1]], s1[specs == specs_sorted[0]]):.2f} |"
-        print(row)
+        for rule in RULES:
+            runs = []
+            for mean, std in curves[kind]:
+                s, _ = estimate_sigma_min(rule, mean.double(), grid, a.tau, std=std.double(), draws=a.draws, span=span)
+                runs.append(s.numpy())
+            s1, s2 = runs
+            name = f"{rule} (span {span:g})" if rule == "smoothed" else rule
+            row = (
+                f"| {name} | {kind} {len(grid)} | {cost[kind][0]} | {s1.mean():.2f} | {per_set:.2f} | "
+                f"{(s1 < per_set - 1e-6).mean():.0%} | {spearman(s1, s2):.2f} |"
+            )
+            if len(specs_sorted) > 1:
+                row += " " + " | ".join(f"{s1[specs == sp].mean():.2f}" for sp in specs_sorted)
+                row += f" | {auc(s1[specs == specs_sorted[-1]], s1[specs == specs_sorted[0]]):.2f} |"
+            print(row)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,48 @@ def test_new_tau_and_per_dataset_mode_reuse_the_curves(annotated, blurred, noise
     annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
 
 
+def test_every_rule_reads_the_same_curves(annotated, blurred, noise_clf):
+    """Each per-sample estimator re-annotates from the stored curves (mean and std over the draws) without
+    recomputing one, and gives what thresholds.estimate_sigma_min gives on them, per corruption set."""
+    from ambient_ray.diffusion import thresholds
+
+    out, first = annotated
+    curves = rows_of(out, "curves").set_index("id")
+    assert {"noise_curve", "noise_std"} <= set(curves.columns)
+    grid = torch.tensor(first["provenance"]["grid"], dtype=torch.float64)
+    seen = {}
+    for rule in thresholds.RULES:
+        s = annotate.run(acfg(blurred, out, classifier=noise_clf[0], rule=rule), progress=False)
+        assert s["shards_run"] == 0 and s["provenance"]["rule"] == rule
+        df = rows_of(out)
+        df = df[df.quality == "corrupted"]
+        spec = df.corruption.iloc[0]
+        part = df[df.corruption == spec]
+        mean = torch.tensor(np.stack(curves.loc[part.id, "noise_curve"].to_numpy()), dtype=torch.float64)
+        std = torch.tensor(np.stack(curves.loc[part.id, "noise_std"].to_numpy()), dtype=torch.float64)
+        want, _ = thresholds.estimate_sigma_min(rule, mean, grid, 0.45, std=std, draws=FAST["draws"])
+        assert part.sigma_min.to_numpy() == pytest.approx(want.numpy(), rel=1e-6), rule
+        seen[rule] = df.sigma_min.mean()
+    assert seen["last"] >= seen["first"] and seen["confident"] >= seen["first"]  # later crossings by design
+    assert len(set(np.round(list(seen.values()), 6))) >= 4  # the rules differ on real curves
+    annotate.run(acfg(blurred, out, classifier=noise_clf[0]), progress=False)
+
+
+def test_lognormal_grid_is_the_training_distribution(blurred, noise_clf, tmp_path):
+    """grid=lognormal: sorted draws of the training log-normal inside the classifier's range, densest near
+    exp(P_mean); a range it hardly reaches is refused."""
+    from ambient_ray.stages.annotate import make_grid
+
+    cfg = acfg(blurred, str(tmp_path / "g"), classifier=noise_clf[0], grid="lognormal", grid_points=64)
+    g = np.array(make_grid(cfg, 0.01, 20.0))
+    assert len(g) == 64 and (np.diff(g) > 0).all() and g[0] >= 0.01 and g[-1] <= 20.0
+    # half the points below the log-normal's median exp(-1.2) = 0.30, far more than a log grid puts there
+    assert abs(np.median(g) - np.exp(-1.2)) < 0.1
+    assert (g < 1).mean() > 0.75 and (np.geomspace(0.01, 20, 64) < 1).mean() < 0.65
+    with pytest.raises(ConfigError, match="too few"):
+        make_grid(cfg, 50.0, 80.0)
+
+
 def test_resume_after_interruption(annotated, blurred, noise_clf, tmp_path):
     out = str(tmp_path / "resumed")
     with pytest.raises(StageFailed, match=r"3 of 4 shards(.|\n)*shard-00002: RuntimeError: debug_fail_shard"):

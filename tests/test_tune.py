@@ -275,6 +275,7 @@ def test_a_rerun_redoes_exactly_what_a_changed_key_touches(searched, mixed, tmp_
         (["space.annotate.tau={between: [0.3, 0.4]}"], "expected a domain"),
         (["train.ambient.lambda_max=3"], "both searched"),
         (["space.train.data={choice: [a]}"], "set by the search itself"),
+        (["space.annotate.rule={choice: [first, median]}"], "first"),  # not an estimator: the known ones named
     ],
 )
 def test_bad_spaces_are_refused_before_any_trial(sets, message, tmp_path, capsys):
@@ -298,6 +299,11 @@ def test_bad_spaces_are_refused_before_any_trial(sets, message, tmp_path, capsys
 def test_the_shipped_space_loads_and_a_missing_searcher_package_is_named(monkeypatch):
     cfg = search.load("tuning/ambient_o.yaml", [], {"data": "x", "out": "y"})
     assert set(search.spacemod.flatten(cfg.space)) == {"train.ambient.lambda_max", "annotate.tau"}
+    # the per-sample estimator is searchable like any annotate key
+    rules = search.load(
+        "tuning/ambient_o.yaml", ["space.annotate.rule={choice: [first, shrunk]}"], {"data": "x", "out": "y"}
+    )
+    assert "annotate.rule" in search.spacemod.flatten(rules.space)
     import importlib.util
 
     real = importlib.util.find_spec
