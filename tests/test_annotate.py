@@ -155,7 +155,7 @@ def test_every_rule_reads_the_same_curves(annotated, blurred, noise_clf):
     grid = torch.tensor(first["provenance"]["grid"], dtype=torch.float64)
     seen = {}
     for rule in thresholds.RULES:
-        s = annotate.run(acfg(blurred, out, classifier=noise_clf[0], rule=rule), progress=False)
+        s = annotate.run(acfg(blurred, out, classifier=noise_clf[0], rule=rule, span=2), progress=False)
         assert s["shards_run"] == 0 and s["provenance"]["rule"] == rule
         df = rows_of(out)
         df = df[df.quality == "corrupted"]
@@ -163,7 +163,7 @@ def test_every_rule_reads_the_same_curves(annotated, blurred, noise_clf):
         part = df[df.corruption == spec]
         mean = torch.tensor(np.stack(curves.loc[part.id, "noise_curve"].to_numpy()), dtype=torch.float64)
         std = torch.tensor(np.stack(curves.loc[part.id, "noise_std"].to_numpy()), dtype=torch.float64)
-        want, _ = thresholds.estimate_sigma_min(rule, mean, grid, 0.45, std=std, draws=FAST["draws"])
+        want, _ = thresholds.estimate_sigma_min(rule, mean, grid, 0.45, std=std, draws=FAST["draws"], span=2)
         assert part.sigma_min.to_numpy() == pytest.approx(want.numpy(), rel=1e-6), rule
         seen[rule] = df.sigma_min.mean()
     assert seen["last"] >= seen["first"] and seen["confident"] >= seen["first"]  # later crossings by design

@@ -122,7 +122,12 @@ class AnnotateConfig(Strict):
         "estimators'): first, smoothed (the authors'), last, isotonic, confident, shrunk",
         json_schema_extra=flag("--rule"),
     )
-    span: float = Field(32.0, ge=1, description="rule smoothed: the moving average's span, in grid points")
+    span: float = Field(
+        32.0,
+        ge=1,
+        description="rule smoothed: the moving average's span in grid points (the authors': 32 of 2,048; scale "
+        "it with grid_points for the same smoothing in σ, e.g. 8 of 512)",
+    )
     z: float = Field(1.0, ge=0, description="rule confident: the bound is mean − z·std/√draws")
     crops_mode: thresholds.Mode = "per-sample"
     grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
