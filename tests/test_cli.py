@@ -107,7 +107,7 @@ FLAGS = {
     "annotate": (
         ["--data", "/d", "--classifier", "/k", "--crops-classifier", "/kc", "--locality", "/l", "--out", "/o"]
         + ["--tau", "0.4", "--mode", "per-dataset", "--fixed", "web=0.5", "--fixed", "synthetic=2"]
-        + ["--scorer", "sharpness", "--top-percent", "20", "--overwrite"],
+        + ["--scorer", "sharpness", "--top-percent", "20", "--overwrite", "--rule", "shrunk"],
         {
             "data": "/d",
             "classifier": "/k",
@@ -120,6 +120,7 @@ FLAGS = {
             "scorer": "sharpness",
             "top_percent": 20.0,
             "overwrite": True,
+            "rule": "shrunk",
         },
     ),
     "features": (
@@ -144,14 +145,15 @@ FLAGS = {
     ),
     "experiment": (
         ["--dataset", "faces", "--corruption", "blur:sigma=2", "--clean-fraction", "0.2", "--seeds", "0, 4"]
-        + ["--arms", "only-clean,ambient-o", "--out", "/o"],
+        + ["--arms", "only-clean,ambient-o,ambient-o:shrunk", "--out", "/o", "--reuse", "/a", "--reuse", "/b"],
         {
             "dataset": "faces",
             "corruption": ["blur:sigma=2"],
             "clean_fraction": 0.2,
             "seeds": [0, 4],
-            "arms": ["only-clean", "ambient-o"],
+            "arms": ["only-clean", "ambient-o", "ambient-o:shrunk"],
             "out": "/o",
+            "reuse": ["/a", "/b"],
         },
     ),
     "tune": (
@@ -220,6 +222,8 @@ def test_a_flag_conversion_error_exits_2_naming_the_key(capsys):
     assert "config key 'seeds'" in err and "--seeds '0,x'" in err
     assert cli.main(["experiment", "--out", "/o", "--arms", "only-clean,best"]) == 2
     assert "arms" in capsys.readouterr().err
+    assert cli.main(["experiment", "--out", "/o", "--arms", "ambient-o:median"]) == 2
+    assert "ambient-o:RULE with RULE one of first" in capsys.readouterr().err
     assert cli.main(["annotate", "--data", "/d", "--out", "/o", "--fixed", "digits"]) == 2
     assert "expected SOURCE=SIGMA" in capsys.readouterr().err
 
