@@ -49,6 +49,9 @@ def fingerprint(out: str) -> dict:
         )
 
     curves_digest = _digest(*[curve_row(r) for r in curves])
+    # the mean curve over the rows, for a check with a tolerance: the classifier's float32 arithmetic
+    # differs in its last bits between CPU models (seen: AMD EPYC against the machine that recorded it)
+    curve_mean = np.mean([np.asarray(r["noise_curve"], np.float64) for r in curves], axis=0)
     ann = _table(os.path.join(out, "annotated", "data")).select(["id", "sigma_min"]).to_pylist()
     ann.sort(key=lambda r: r["id"])
     sigma_min = _digest(*[(r["id"], np.float64(r["sigma_min"]).tobytes()) for r in ann])
@@ -59,6 +62,7 @@ def fingerprint(out: str) -> dict:
         "corrupt_rows": len(rows),
         "corrupt": corrupt,
         "curves": curves_digest,
+        "curve_mean": [round(float(v), 8) for v in curve_mean],
         "sigma_min": sigma_min,
         "mean_sigma_min": float(np.mean([r["sigma_min"] for r in ann])),
         "final_loss": loss,
