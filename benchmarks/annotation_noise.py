@@ -31,7 +31,7 @@ import torch
 
 from ambient_ray.data.images import decode_png
 from ambient_ray.data.metadata import load_metadata
-from ambient_ray.diffusion.thresholds import RULES, estimate_sigma_min, lognormal_grid, sigma_min
+from ambient_ray.diffusion.thresholds import RULES, estimate_sigma_min, sigma_min
 from ambient_ray.io.weights import load
 from ambient_ray.models.classifier import noise_curves
 
@@ -94,9 +94,10 @@ def main() -> None:
 
     lo, hi = model_dir(a.classifier)[1]["sigma_range"]
     grids = {"log": torch.from_numpy(np.geomspace(lo, hi, a.grid))}
-    dense = lognormal_grid(a.dense * 64)
-    dense = dense[(dense >= lo) & (dense <= hi)]
-    grids["lognormal"] = dense[np.unique(np.linspace(0, len(dense) - 1, a.dense).round().astype(int))]
+    from ambient_ray.stages.annotate import AnnotateConfig, make_grid
+
+    dense = AnnotateConfig(data=a.data, out="-", grid="lognormal", grid_points=a.dense)
+    grids["lognormal"] = torch.tensor(make_grid(dense, lo, hi), dtype=torch.float64)
     print(f"{len(y)} corrupted rows of {a.data} ({', '.join(sorted(set(specs)))}); tau {a.tau}; draws {a.draws}")
 
     curves, cost = {}, {}

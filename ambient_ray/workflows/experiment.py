@@ -52,8 +52,8 @@ ARMS: tuple[str, ...] = ("only-clean", "all-data", "ambient-fixed", "ambient-o",
 # keys of the stage configs that hold a path: left out of the steps' fingerprints, which chain the
 # fingerprints of the steps they read from instead, so the same work in two experiment folders has one print
 PATH_KEYS = frozenset(
-    {"data", "out", "classifier", "curves_from", "checkpoint", "samples", "reference", "holdout", "train", "features"}
-    | {"dataset"}
+    ("data", "out", "classifier", "curves_from", "checkpoint", "samples", "reference", "holdout", "train")
+    + ("features", "dataset")
 )
 
 
@@ -378,14 +378,14 @@ class Runner:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from ambient_ray.data.metadata import data_dir
+        from ambient_ray.data.metadata import data_dir, parse_filter
 
-        field, _, values = where.partition("=")
+        field, values = parse_filter(where)
         h = hashlib.sha256(where.encode())
         for f in sorted(storage.list_files(data_dir(data), (".parquet",))):
             fs, path = storage.filesystem(f)
             t = pq.read_table(path, filesystem=fs, columns=["id", field, "image"])
-            t = t.filter(pc.is_in(t.column(field), pa.array(values.split(","))))
+            t = t.filter(pc.is_in(t.column(field), pa.array(sorted(values))))
             for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
                 h.update(rid.encode() + b"\0" + hashlib.sha256(img).digest())
         return h.hexdigest()[:16]
@@ -531,6 +531,11 @@ def paired(results: list[dict], arms: list[str], base: str = BASELINE) -> dict:
     return out
 
 
+def paired_cells(d: dict) -> list[str]:
+    """One arm's paired differences as table cells: mean ± SE of each PAIRED_METRICS."""
+    return [f"{d[m]['mean']:+.2f} ± {d[m]['se']:.2f}" for m in PAIRED_METRICS]
+
+
 def markdown(
     table: dict,
     cfg: ExperimentConfig,
@@ -582,7 +587,7 @@ def markdown(
             "|---|---|---|" + ("---|" if gap else ""),
         ]
         for arm, d in diffs.items():
-            cells = [f"{d[m]['mean']:+.2f} ± {d[m]['se']:.2f}" for m in PAIRED_METRICS]
+            cells = paired_cells(d)
             if gap:
                 cells.append(f"{d['fd']['mean'] / oracle['fd']['mean']:.0%}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -597,9 +602,7 @@ def markdown(
             "|---|---|---|",
         ]
         for arm, d in versus.items():
-            lines.append(
-                f"| {arm} | " + " | ".join(f"{d[m]['mean']:+.2f} ± {d[m]['se']:.2f}" for m in PAIRED_METRICS) + " |"
-            )
+            lines.append(f"| {arm} | " + " | ".join(paired_cells(d)) + " |")
     return "\n".join(lines) + "\n"
 
 
