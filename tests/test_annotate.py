@@ -110,6 +110,7 @@ def test_sigma_min_rises_with_blur(annotated, blurred):
         pq.read_schema(storage.list_files(f"{out}/data", (".parquet",))[0]).metadata[b"ambient_ray.annotation"]
     )
     assert prov["tau"] == 0.45 and prov["mode"] == "per-sample" and prov["classifier"].endswith("/model")
+    assert prov["rule"] == "shrunk"  # the default estimator (README "Per-sample σ_min estimators")
     # the images and the other columns came through untouched
     src = rows_of(blurred).set_index("id")
     assert (df.set_index("id").loc[src.index, "image"] == src["image"]).all()
@@ -184,6 +185,16 @@ def test_lognormal_grid_is_the_training_distribution(blurred, noise_clf, tmp_pat
     assert (g < 1).mean() > 0.75 and (np.geomspace(0.01, 20, 64) < 1).mean() < 0.65
     with pytest.raises(ConfigError, match="too few"):
         make_grid(cfg, 50.0, 80.0)
+
+
+def test_rules_that_weigh_the_draws_refuse_a_single_draw():
+    """shrunk (the default) and confident read each curve's noise off the spread of its draws: one draw has
+    none, so the config is refused, naming the rule; first, or one σ_min per set, is allowed."""
+    for rule in ("shrunk", "confident"):
+        with pytest.raises(ValueError, match=f"rule {rule} .* needs draws >= 2 \\(got 1\\)"):
+            AnnotateConfig(data="d", out="o", classifier="c", rule=rule, draws=1)
+    assert AnnotateConfig(data="d", out="o", classifier="c", rule="first", draws=1).draws == 1
+    assert AnnotateConfig(data="d", out="o", classifier="c", mode="per-dataset", draws=1).rule == "shrunk"
 
 
 def test_resume_after_interruption(annotated, blurred, noise_clf, tmp_path):

@@ -4,7 +4,9 @@
 run on the first-wave layout (commit 1c41918): the corrupt shards, the annotation curves, σ_min per row, the
 final training loss and the sample array. A refactor that changes any number fails here: the shards, σ_min
 and samples bit for bit, the curves (their mean over the rows, added later from a run of this test whose σ_min,
-samples and loss matched the recording) and the loss to float32 precision, whose last bits vary by CPU.
+samples and loss matched the recording) and the loss to float32 precision, whose last bits vary by CPU. The
+short demo pins ``annotate.rule=first``, the only per-sample rule when it was recorded (the default is now
+``shrunk``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SHORT = [
     "train.log_every=20",
     "train.sample_grid=16",
     "sample.num=32",
+    "annotate.rule=first",  # the recording's rule: per-sample σ_min was the first crossing before issue 21
 ]
 
 

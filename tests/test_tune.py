@@ -238,7 +238,7 @@ def test_a_rerun_redoes_exactly_what_a_changed_key_touches(searched, mixed, tmp_
         scheduler="none",
         samples=0,
         report_every=2,
-        annotate=dict(grid_points=4, draws=1),
+        annotate=dict(grid_points=4, draws=2),
         train=dict(steps=4, checkpoint_every=4, log_every=2),
     )
     out = str(tmp_path / "small")

@@ -21,7 +21,8 @@ Two phases.
    - the row's ``source`` is in ``fixed`` (``--fixed source=sigma``) -> that σ_min (annotation ``fixed:SOURCE``);
    - ``quality=clean`` -> 0 (``clean``);
    - a noise classifier -> σ_min from its curve: the first grid σ with probability > τ (Eq. 3.2), per
-     sample or per dataset (one per corruption spec, or one for all non-clean rows with ``sets=all``)
+     dataset (one per corruption spec, or one for all non-clean rows with ``sets=all``), or per sample, read
+     off each sample's curve by ``rule`` (default ``shrunk``: the curve shrunk toward its set's first)
      (``classifier``; a curve that never crosses gets the top of the grid and ``classifier:never-crossed``,
      and is counted in the report);
    - ``fixed_sigma_min`` -> that σ_min (``fixed``).
@@ -48,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
@@ -117,9 +118,10 @@ class AnnotateConfig(Strict):
         description="per-dataset: a set per corruption spec, or all non-clean rows as one set (one σ_min for all)",
     )
     rule: thresholds.Rule = Field(
-        "first",
+        "shrunk",
         description="per sample: how σ_min is read off a sample's noisy curve (README 'Per-sample σ_min "
-        "estimators'): first, smoothed (the authors'), last, isotonic, confident, shrunk",
+        "estimators'): shrunk (the default: the best FD of the rules in the controlled experiment), first "
+        "(Eq. 3.2 as written), smoothed (the authors'), last, isotonic, confident",
         json_schema_extra=flag("--rule"),
     )
     span: float = Field(
@@ -179,6 +181,15 @@ class AnnotateConfig(Strict):
     overwrite: bool = Field(False, json_schema_extra=flag("--overwrite", "recompute curves of another run in --out"))
     debug_fail_shard: str | None = Field(None, description="tests: fail on this input shard to exercise resume")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _draws_for_the_rule(self) -> "AnnotateConfig":
+        if self.mode == "per-sample" and self.rule in ("confident", "shrunk") and self.draws < 2:
+            raise ValueError(
+                f"rule {self.rule} weighs each curve by the spread of its noise draws: it needs draws >= 2 "
+                f"(got {self.draws}); or choose rule first"
+            )
+        return self
 
     @field_validator("fixed")
     @classmethod
