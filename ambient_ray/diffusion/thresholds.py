@@ -90,6 +90,7 @@ def sigma_max(
 
 Rule = Literal["first", "smoothed", "last", "isotonic", "confident", "shrunk"]
 RULES: tuple[str, ...] = ("first", "smoothed", "last", "isotonic", "confident", "shrunk")
+DRAW_RULES: tuple[str, ...] = ("confident", "shrunk")  # the rules that read the spread of the noise draws
 
 
 def lognormal_grid(n: int, p_mean: float = -1.2, p_std: float = 1.2, seed: int = 0) -> torch.Tensor:
@@ -184,7 +185,7 @@ def estimate_sigma_min(
     - ``shrunk``: the first crossing of the curve shrunk toward its set's (:func:`shrink`).
     """
     mean, grid = check_curves(mean, grid, tau)
-    if rule in ("confident", "shrunk"):
+    if rule in DRAW_RULES:
         if std is None or not draws:
             raise ValueError(f"rule {rule!r} needs the std over the noise draws and their number")
         std = torch.as_tensor(std, dtype=torch.float64)

@@ -184,7 +184,7 @@ class AnnotateConfig(Strict):
 
     @model_validator(mode="after")
     def _draws_for_the_rule(self) -> "AnnotateConfig":
-        if self.mode == "per-sample" and self.rule in ("confident", "shrunk") and self.draws < 2:
+        if self.mode == "per-sample" and self.rule in thresholds.DRAW_RULES and self.draws < 2:
             raise ValueError(
                 f"rule {self.rule} weighs each curve by the spread of its noise draws: it needs draws >= 2 "
                 f"(got {self.draws}); or choose rule first"

@@ -52,8 +52,19 @@ ARMS: tuple[str, ...] = ("only-clean", "all-data", "ambient-fixed", "ambient-o",
 # keys of the stage configs that hold a path: left out of the steps' fingerprints, which chain the
 # fingerprints of the steps they read from instead, so the same work in two experiment folders has one print
 PATH_KEYS = frozenset(
-    ("data", "out", "classifier", "curves_from", "checkpoint", "samples", "reference", "holdout", "train")
-    + ("features", "dataset")
+    (
+        "data",
+        "out",
+        "classifier",
+        "curves_from",
+        "checkpoint",
+        "samples",
+        "reference",
+        "holdout",
+        "train",
+        "features",
+        "dataset",
+    )
 )
 
 
