@@ -379,6 +379,9 @@ def test_experiment_refuses_bad_sections(tmp_path):
         experiment.check(build(train={"data": "x"}))
     with pytest.raises(cfgmod.ConfigError, match="arms"):
         build(arms=["only-clean", "magic"])
+    with pytest.raises(cfgmod.ConfigError, match="ambient-fixed:per-spec"):  # the message names the arms there are
+        build(arms=["ambient-fixed:per-set"])
+    assert build(arms=["ambient-fixed", experiment.PER_SPEC]).arms == ["ambient-fixed", "ambient-fixed:per-spec"]
     with pytest.raises(Exception, match="unknown corruption"):
         experiment.check(build(corruption=["smudge:x=1"]))
 
@@ -402,3 +405,21 @@ def test_paired_differences_cancel_what_seeds_share():
     assert d["ambient-o"]["fd_holdout"]["mean"] == pytest.approx(-2.0)
     assert d["oracle"]["fd"]["n"] == 1 and d["oracle"]["fd"]["mean"] == pytest.approx(-2.0)
     assert experiment.paired(results, ["ambient-o", "oracle"], base="all-data") == {}
+
+
+def test_results_md_sets_the_annotated_arms_against_ambient_fixed():
+    """The second paired table: the per-sample arms and the per-spec bound minus ambient-fixed, not the
+    unannotated arms."""
+    from ambient_ray.workflows import experiment
+
+    fd = {"only-clean": 4.0, "ambient-fixed": 2.0, "ambient-o:shrunk": 2.5, experiment.PER_SPEC: 1.25, "oracle": 1.0}
+    results = [
+        {"arm": a, "seed": s, "metrics": {"fd": v + s, "fd_holdout": v + 2 * s}} for a, v in fd.items() for s in (0, 1)
+    ]
+    cfg = cfgmod.build(experiment.ExperimentConfig, flags={"out": "/tmp/x", "arms": list(fd), "seeds": [0, 1]})
+    table = experiment.summarize(results, list(fd))
+    md = experiment.markdown(table, cfg, 1.0, experiment.paired(results, list(fd)), results=results)
+    versus = md.split("minus one σ_min for the set")[1]
+    assert "| ambient-o:shrunk | +0.50 ± 0.00 | +0.50 ± 0.00 |" in versus
+    assert "| ambient-fixed:per-spec | -0.75 ± 0.00 | -0.75 ± 0.00 |" in versus
+    assert "| oracle |" not in versus and "| only-clean |" not in versus

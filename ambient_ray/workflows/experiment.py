@@ -12,6 +12,9 @@ sections are shared; only the data and its annotation differ):
 - ``ambient-fixed``: one σ_min for all corrupted rows of a corruption set (``annotate --mode per-dataset``
   with the same noise classifier);
 - ``ambient-o``: a σ_min per sample (``annotate --mode per-sample``, Eq. 3.2);
+- ``ambient-fixed:per-spec`` (not run by default): one σ_min per corruption spec (``annotate --mode
+  per-dataset --set sets=corruption``). It is told which rows share a corruption, so it is not a
+  competitor but a bound: the per-sample arms at their best, with a perfect grouping of the rows;
 - ``oracle``: the whole training part clean (``corrupt --clean-fraction 1``).
 
 Each (arm, seed) then runs ``sample`` and ``evaluate``: FD against the clean training part and
@@ -49,6 +52,7 @@ from ambient_ray.io import storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 
 ARMS: tuple[str, ...] = ("only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle")
+PER_SPEC = "ambient-fixed:per-spec"  # one σ_min per corruption spec: told the grouping, a bound (run on request)
 # keys of the stage configs that hold a path: left out of the steps' fingerprints, which chain the
 # fingerprints of the steps they read from instead, so the same work in two experiment folders has one print
 PATH_KEYS = frozenset(
@@ -96,9 +100,11 @@ class ExperimentConfig(Strict):
     arms: list[str] = Field(
         default_factory=lambda: list(ARMS),
         min_length=1,
-        description="arms, of " + ", ".join(ARMS) + "; ambient-o:RULE is ambient-o with another per-sample "
-        "σ_min estimator (annotate's rule: " + ", ".join(RULES) + "); plain ambient-o uses annotate.rule",
-        json_schema_extra=flag("--arms", "comma-separated arms: " + ",".join(ARMS) + ", ambient-o:RULE", parse=csv()),
+        description="arms, of " + ", ".join(ARMS) + f", {PER_SPEC}; ambient-o:RULE is ambient-o with another "
+        "per-sample σ_min estimator (annotate's rule: " + ", ".join(RULES) + "); plain ambient-o uses annotate.rule",
+        json_schema_extra=flag(
+            "--arms", "comma-separated arms: " + ",".join(ARMS) + f", {PER_SPEC}, ambient-o:RULE", parse=csv()
+        ),
     )
     reuse: list[str] = Field(
         default_factory=list,
@@ -137,10 +143,11 @@ class ExperimentConfig(Strict):
     @field_validator("arms")
     @classmethod
     def _arms(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ARMS and arm_rule(a) not in RULES]
+        bad = [a for a in v if a not in ARMS and a != PER_SPEC and arm_rule(a) not in RULES]
         if bad:
             raise ValueError(
-                f"unknown arms {bad}: expected {', '.join(ARMS)}, or ambient-o:RULE with RULE one of {', '.join(RULES)}"
+                f"unknown arms {bad}: expected {', '.join(ARMS)}, {PER_SPEC}, or ambient-o:RULE with RULE one of "
+                f"{', '.join(RULES)}"
             )
         return v
 
@@ -346,13 +353,22 @@ class Runner:
         return self.loc(out)
 
     def annotate(
-        self, data: str, classifier: str, mode: str, seed: int, rule: str | None = None, curves: str | None = None
+        self,
+        data: str,
+        classifier: str,
+        mode: str,
+        seed: int,
+        rule: str | None = None,
+        curves: str | None = None,
+        sets: str = "all",
     ) -> tuple[str, float]:
         """σ_min per dataset or per sample (with ``rule``, else the annotate section's); ``curves``: an
-        annotate output of the same seed whose curves to reuse (annotate checks they match)."""
+        annotate output of the same seed whose curves to reuse (annotate checks they match); ``sets``: the
+        per-dataset pooling, all corrupted rows as one set (every arm but the per-spec bound) or one set per
+        corruption spec."""
         from ambient_ray.stages import annotate
 
-        name = f"annotated-{mode}" + (f"-{rule}" if rule else "")
+        name = f"annotated-{mode}" + (f"-{rule}" if rule else "") + ("-per-spec" if sets == "corruption" else "")
         out = storage.join(self.out, f"seed-{seed}", name)
         flags = {
             **self.cfg.annotate,
@@ -361,7 +377,7 @@ class Runner:
             "classifier": classifier,
             "curves_from": curves,
             "mode": mode,
-            "sets": "all",
+            "sets": sets,
             "seed": seed,
             "overwrite": True,
             "mlflow": self.mlflow_for(self.parent_id, f"{name} seed {seed}"),
@@ -603,7 +619,7 @@ def markdown(
                 cells.append(f"{d['fd']['mean'] / oracle['fd']['mean']:.0%}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     versus = paired(results, list(table), base="ambient-fixed") if "ambient-fixed" in table else {}
-    versus = {a: d for a, d in versus.items() if a == "ambient-o" or arm_rule(a)}
+    versus = {a: d for a, d in versus.items() if a in ("ambient-o", PER_SPEC) or arm_rule(a)}
     if versus:
         lines += [
             "",
@@ -667,13 +683,14 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         for seed in cfg.seeds:
             mixed = r.corrupt(f"seed-{seed}/mixed", part="train", clean_fraction=cfg.clean_fraction, seed=seed)
             annotated: dict[str, tuple[str, float]] = {}
-            wanted = [a for a in cfg.arms if a == "ambient-fixed" or a == "ambient-o" or arm_rule(a)]
+            wanted = [a for a in cfg.arms if a in ("ambient-fixed", "ambient-o", PER_SPEC) or arm_rule(a)]
             if wanted:
                 clf = r.classifier(mixed, seed)
                 curves = None  # the first annotation's curves serve the others (only the reading differs)
                 for a in wanted:
-                    mode = "per-dataset" if a == "ambient-fixed" else "per-sample"
-                    annotated[a] = r.annotate(mixed, clf, mode, seed, rule=arm_rule(a), curves=curves)
+                    mode = "per-dataset" if a in ("ambient-fixed", PER_SPEC) else "per-sample"
+                    sets = "corruption" if a == PER_SPEC else "all"
+                    annotated[a] = r.annotate(mixed, clf, mode, seed, rule=arm_rule(a), curves=curves, sets=sets)
                     curves = curves or annotated[a][0]
             for arm in cfg.arms:
                 k += 1
