@@ -77,6 +77,15 @@ def arm_rule(arm: str) -> str | None:
     return arm.split(":", 1)[1] if arm.startswith("ambient-o:") else None
 
 
+def arm_annotation(arm: str) -> tuple[str, str] | None:
+    """The annotate ``mode`` and ``sets`` of an arm that trains on σ_min annotations; None for the others."""
+    if arm in ("ambient-fixed", PER_SPEC):
+        return "per-dataset", "corruption" if arm == PER_SPEC else "all"
+    if arm == "ambient-o" or arm_rule(arm):
+        return "per-sample", "all"
+    return None
+
+
 TABLE_METRICS = ("fd", "fd_holdout", "precision", "recall", "memorization", "mean_sigma_min")
 
 
@@ -619,7 +628,7 @@ def markdown(
                 cells.append(f"{d['fd']['mean'] / oracle['fd']['mean']:.0%}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     versus = paired(results, list(table), base="ambient-fixed") if "ambient-fixed" in table else {}
-    versus = {a: d for a, d in versus.items() if a in ("ambient-o", PER_SPEC) or arm_rule(a)}
+    versus = {a: d for a, d in versus.items() if arm_annotation(a)}
     if versus:
         lines += [
             "",
@@ -683,13 +692,12 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         for seed in cfg.seeds:
             mixed = r.corrupt(f"seed-{seed}/mixed", part="train", clean_fraction=cfg.clean_fraction, seed=seed)
             annotated: dict[str, tuple[str, float]] = {}
-            wanted = [a for a in cfg.arms if a in ("ambient-fixed", "ambient-o", PER_SPEC) or arm_rule(a)]
+            wanted = [a for a in cfg.arms if arm_annotation(a)]
             if wanted:
                 clf = r.classifier(mixed, seed)
                 curves = None  # the first annotation's curves serve the others (only the reading differs)
                 for a in wanted:
-                    mode = "per-dataset" if a in ("ambient-fixed", PER_SPEC) else "per-sample"
-                    sets = "corruption" if a == PER_SPEC else "all"
+                    mode, sets = arm_annotation(a)
                     annotated[a] = r.annotate(mixed, clf, mode, seed, rule=arm_rule(a), curves=curves, sets=sets)
                     curves = curves or annotated[a][0]
             for arm in cfg.arms:
