@@ -135,6 +135,14 @@ def set_path(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` deep-merged into it: sections merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The field names of the section at ``loc`` (the parent of an unknown key)."""
     cls: Any = model

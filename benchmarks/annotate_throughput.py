@@ -80,8 +80,8 @@ def plain(
     import pyarrow.parquet as pq
 
     from ambient_ray.data.images import decode_png
-    from ambient_ray.io.weights import load
     from ambient_ray.models.classifier import noise_curves
+    from ambient_ray.models.weights import load
 
     torch.set_num_threads(threads)
     net = load(clf, "noise").to(device)

@@ -32,8 +32,8 @@ import torch
 from ambient_ray.data.images import decode_png
 from ambient_ray.data.metadata import load_metadata
 from ambient_ray.diffusion.thresholds import RULES, estimate_sigma_min, sigma_min
-from ambient_ray.io.weights import load
 from ambient_ray.models.classifier import noise_curves
+from ambient_ray.models.weights import load
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,7 +90,7 @@ def main() -> None:
 
     y, specs = corrupted_rows(a.data, a.rows)
     net = load(a.classifier, "noise", img_resolution=y.shape[-1], channels=y.shape[1]).eval()
-    from ambient_ray.io.weights import model_dir
+    from ambient_ray.models.weights import model_dir
 
     lo, hi = model_dir(a.classifier)[1]["sigma_range"]
     grids = {"log": torch.from_numpy(np.geomspace(lo, hi, a.grid))}

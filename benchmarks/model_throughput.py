@@ -11,8 +11,8 @@ tokens it takes), so their MFU is counted on the active parameters:
 - ``plain``: a baseline without DeepSpeed: the module in fp32, ``torch.autocast`` to bf16 on GPU (fp32 on
   CPU), ``torch.optim.Adam`` (fused on GPU), forced normalisation on the whole weights;
 - ``zero2`` and ``zero3``: ambient-ray's path, ``deepspeed.initialize`` with the engine's own config
-  (:func:`ambient_ray.train.engine.deepspeed_config`: bf16 on GPU, fp32 on CPU) and its
-  :class:`~ambient_ray.train.engine.ForcedWeightNorm` post-step hook, on ``--world`` processes
+  (:func:`ambient_ray.train.parts.deepspeed_config`: bf16 on GPU, fp32 on CPU) and its
+  :class:`~ambient_ray.train.weight_norm.ForcedWeightNorm` post-step hook, on ``--world`` processes
   (``torch.multiprocessing``; NCCL on GPUs, gloo on CPU), micro-batch ``--batch`` each.
 
 Printed per preset: parameters (and active ones, and kept tokens per image, for the DiT), model FLOPs per
@@ -199,7 +199,9 @@ def deepspeed_worker(rank: int, world: int, port: int, preset: str, stage: int, 
     import deepspeed
 
     from ambient_ray.models import edm2
-    from ambient_ray.train.engine import EngineConfig, ForcedWeightNorm, deepspeed_config
+    from ambient_ray.train.config import EngineConfig
+    from ambient_ray.train.parts import deepspeed_config
+    from ambient_ray.train.weight_norm import ForcedWeightNorm
 
     if cuda:
         torch.cuda.set_device(rank)

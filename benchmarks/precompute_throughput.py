@@ -156,7 +156,7 @@ def stage_config(data, out, vae, clip, batch, actors, cpus_per_actor, num_gpus):
 
 def stage(cfg) -> dict:
     """``run()`` end to end: rows, wall seconds, the stage's own seconds and its per-shard seconds."""
-    from ambient_ray.data import shards
+    from ambient_ray.io import shards
     from ambient_ray.stages import precompute
 
     t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def cold_start(vae: str, clip: str, device: str) -> float:
     """Seconds a fresh Python process takes to import the stage and load both encoders (each actor pays it)."""
     code = (
         "from ambient_ray.models import encoders\n"
-        "from ambient_ray.stages.precompute import image_encoder\n"
+        "from ambient_ray.models.encoders import image_encoder\n"
         f"image_encoder({vae!r}, None, 3, {device!r})\n"
         f"encoders.load_text_encoder({clip!r}, device={device!r})\n"
     )
@@ -259,7 +259,7 @@ def main() -> None:
     t_start = time.perf_counter()
     try:
         from ambient_ray.models import encoders
-        from ambient_ray.stages.precompute import image_encoder
+        from ambient_ray.models.encoders import image_encoder
         from tests.encoders_fixtures import make_tiny_clip_text
 
         if not args.no_ray:  # Ray once, before everything (the corrupt stage joins it); its start-up is not timed

@@ -13,7 +13,7 @@ names ``RayTrainWorker``), polled from outside every ``--poll`` seconds, with no
 training loop; beside it the peak private RSS (RSS less shared pages: those are mostly Ray's object
 store, whose pages a worker maps when it reads a block, and the libraries). A streamed worker's pools
 fill only as fast as its batches consume rows, so the streamed runs take as many steps as the pools of
-the larger dataset need to be full (computed here as ``AmbientTask.setup_stream`` sizes them); at fewer
+the larger dataset need to be full (computed here as ``DenoiserTask.setup_stream`` sizes them); at fewer
 steps they would hold only the rows drawn so far. The in-memory runs take ``--steps`` (their memory is
 all taken when the worker loads its share). Goal: streamed peak at 10·N ÷ peak at N ≤ 1.2; the
 in-memory ratio is printed as the contrast (that worker holds its whole share).
@@ -185,7 +185,7 @@ def train_config(data: str, out: str, mode: str, steps: int, batch: int, model: 
 
 
 def pool_fill(cfg) -> tuple[dict[int, int], int]:
-    """The streamed worker's pool sizes for ``cfg``'s data (as ``AmbientTask.setup_stream`` sizes them, one
+    """The streamed worker's pool sizes for ``cfg``'s data (as ``DenoiserTask.setup_stream`` sizes them, one
     worker) and how many rows it must read before every pool is full (each stratum's rows arrive at its share
     of the data)."""
     import torch
@@ -193,10 +193,10 @@ def pool_fill(cfg) -> tuple[dict[int, int], int]:
     from ambient_ray.data.metadata import load_metadata
     from ambient_ray.data.streaming import capacities
     from ambient_ray.diffusion import stratified
-    from ambient_ray.stages import train
+    from ambient_ray.train.tasks import denoiser_data
 
-    smin, smax, _ = train.resolve_sigmas(load_metadata(cfg.data), cfg)
-    st = train.strata_counts(cfg, smin, smax)
+    smin, smax, _ = denoiser_data.resolve_sigmas(load_metadata(cfg.data), cfg)
+    st = denoiser_data.strata_counts(cfg, smin, smax)
     table = stratified.strata_table(st["edges"])
     n = torch.zeros(len(table), dtype=torch.long)
     n[torch.tensor(st["strata"])] = torch.tensor(st["counts"])

@@ -31,14 +31,15 @@ import torch
 
 from ambient_ray.data import metadata
 from ambient_ray.data.images import decode_png
+from ambient_ray.data.metadata import data_dir
 from ambient_ray.data.sources import SourceConfig
 from ambient_ray.diffusion import ambient, edm
 from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
 from ambient_ray.stages import train
 from ambient_ray.stages.corrupt import CorruptConfig
 from ambient_ray.stages.corrupt import run as corrupt_run
-from ambient_ray.train import engine
 from ambient_ray.train.schedules import lr_lambda
+from ambient_ray.train.tasks.denoiser_data import resolve_sigmas
 
 
 def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +49,9 @@ def load_images(cfg: train.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     from ambient_ray.io import storage
 
     meta = metadata.load_metadata(cfg.data)
-    smin, _, _ = train.resolve_sigmas(meta, cfg)
+    smin, _, _ = resolve_sigmas(meta, cfg)
     by_id = {}
-    for f in storage.list_files(engine.data_dir(cfg.data), (".parquet",)):
+    for f in storage.list_files(data_dir(cfg.data), (".parquet",)):
         t = pq.read_table(f, columns=["id", "image"]).to_pydict()
         by_id.update(zip(t["id"], t["image"]))
     imgs = np.stack([decode_png(by_id[i]).transpose(2, 0, 1) for i in meta["id"]])

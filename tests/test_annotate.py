@@ -249,7 +249,7 @@ def test_wrong_classifier_is_refused(blurred, tmp_path):
     storage.write_bytes(f"{denoiser}/model/model.json", json.dumps({"model": {}}).encode())
     with pytest.raises(ValueError, match="holds a diffusion model"):
         annotate.run(acfg(blurred, str(tmp_path / "o3"), classifier=str(denoiser)), progress=False)
-    from ambient_ray.io.weights import load
+    from ambient_ray.models.weights import load
 
     with pytest.raises(ValueError, match="holds a noise classifier, not a diffusion model"):
         load(big, "denoiser")
@@ -365,7 +365,8 @@ def test_crops_classifier_gives_sigma_max_and_train_uses_the_crop_table(blurred,
     from ambient_ray.diffusion import ambient
     from ambient_ray.stages.locality import LocalityConfig
     from ambient_ray.stages.locality import run as locality_run
-    from ambient_ray.stages.train import TrainConfig, load_crop_table, resolve_sigmas
+    from ambient_ray.train.tasks.denoiser_config import TrainConfig
+    from ambient_ray.train.tasks.denoiser_data import load_crop_table, resolve_sigmas
     from tests.test_locality import write_denoiser
 
     crops = str(tmp_path / "crops")

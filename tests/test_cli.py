@@ -14,6 +14,7 @@ from pydantic import Field
 from ambient_ray import cli
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, flag
+from ambient_ray.stages import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,8 +63,9 @@ FLAGS = {
     ),
     "train": (
         ["--data", "/d", "--out", "/o", "--steps", "7", "--num-workers", "2", "--zero-stage", "3", "--resume"]
-        + ["--data-path", "stream", "--init-from", "/i"],
+        + ["--data-path", "stream", "--init-from", "/i", "--objective", "ambient"],
         {
+            "objective": "ambient",
             "init_from": "/i",
             "data": "/d",
             "out": "/o",
@@ -92,9 +94,11 @@ FLAGS = {
     ),
     "sample": (
         ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"]
-        + ["--guide", "/g", "--guidance", "1.5", "--prompt", "a digit one", "--prompt", "a digit two"],
-        {"checkpoint": "/c", "num": 5, "out": "/o", "steps": 4, "stochastic": True, "seed": 2}
-        | {"guide": "/g", "guidance": 1.5, "prompts": ["a digit one", "a digit two"]},
+        + ["--sampler", "autoguidance", "--guide", "/g", "--guidance", "1.5"]
+        + ["--prompt", "a digit one", "--prompt", "a digit two"],
+        {"checkpoint": "/c", "num": 5, "out": "/o", "sampler.steps": 4, "sampler.stochastic": True, "seed": 2}
+        | {"sampler.name": "autoguidance", "sampler.guide": "/g", "sampler.guidance": 1.5}
+        | {"prompts": ["a digit one", "a digit two"]},
     ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],
@@ -174,7 +178,7 @@ FLAGS = {
 
 
 def test_every_stage_with_a_config_is_covered():
-    assert set(FLAGS) == {name for name, st in cli.STAGES.items() if st.model is not None}
+    assert set(FLAGS) == {name for name, st in registry.STAGES.items() if st.config is not None}
 
 
 @pytest.mark.parametrize("stage", sorted(FLAGS))
@@ -184,7 +188,7 @@ def test_each_flag_sets_its_config_key(stage):
     assert {k: key(cfg, k) for k in expected} == expected
     # and no other flag is declared than those the table (the README's names) lists
     given = {a for a in argv if a.startswith("--")}
-    assert {fl.name for _, _, fl in cfgmod.declared_flags(cli.STAGES[stage].model())} == given
+    assert {fl.name for _, _, fl in cfgmod.declared_flags(registry.get(stage).model())} == given
 
 
 def test_flags_left_out_keep_the_defaults():
@@ -311,9 +315,9 @@ def test_jobs_modules_call_the_cli_with_their_stage():
         ]
         assert len(calls) == 1, name
         stage = calls[0].args[0].elts[0].value
-        assert stage == name[:-3].replace("_", "-") and stage in cli.STAGES, name
+        assert stage == name[:-3].replace("_", "-") and stage in registry.STAGES, name
         seen.add(stage)
-    assert seen == set(cli.STAGES) - {"jobs"}
+    assert seen == set(registry.STAGES.names()) - {"jobs"}
 
 
 def test_one_stage_imports_only_its_own_modules():

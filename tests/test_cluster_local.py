@@ -36,7 +36,7 @@ TINY = [  # the pipeline of jobs/configs/pipeline.yaml, cut to seconds per stage
     "train.log_every=5",  # three loss points, as the test asks
     "train.sample_grid=16",
     "sample.num=64",
-    "sample.steps=6",
+    "sample.sampler.steps=6",
 ]
 
 

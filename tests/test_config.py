@@ -143,7 +143,7 @@ def test_the_text_to_image_example_job_validates_and_agrees_with_the_planner():
     assert all(t.model.arch == "dit" and t.ambient.source_sigma_min == {"diffusiondb": 2.0} for t in trains)
     assert all(t.num_workers * t.batch_size * t.optim.grad_accum == 2048 for t in trains)
     assert trains[1].init_from == trains[0].out and stages["sample"].checkpoint == trains[3].out
-    assert stages["sample"].prompts and stages["sample"].guidance == 5.0
+    assert stages["sample"].prompts and stages["sample"].sampler.guidance == 5.0
     first = trains[0]
     p = plan(
         PlanConfig(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ambient_ray.models import edm2, registry
-from ambient_ray.train.engine import _row_spans
+from ambient_ray.train.weight_norm import row_spans
 
 PAPER_MILLIONS = {"edm2-xs": 125, "edm2-s": 280, "edm2-m": 498, "edm2-l": 777, "edm2-xl": 1119, "edm2-xxl": 1523}
 
@@ -87,11 +87,11 @@ def test_row_sums_of_partition_slices_add_up_to_the_whole_normalisation(fan_in):
         sums = torch.zeros(9)
         pieces = [(r * s, flat[r * s : (r + 1) * s].clone()) for r in range(world)]
         for start, frag in pieces:
-            for row, lo, hi, count in _row_spans(start, frag.numel(), fan_in):
+            for row, lo, hi, count in row_spans(start, frag.numel(), fan_in):
                 sums[row : row + count] += frag[lo:hi].view(count, -1).square().sum(1)
         scale = edm2.row_scale(sums, torch.full((9,), float(fan_in)))
         for start, frag in pieces:
-            for row, lo, hi, count in _row_spans(start, frag.numel(), fan_in):
+            for row, lo, hi, count in row_spans(start, frag.numel(), fan_in):
                 frag[lo:hi].view(count, -1).mul_(scale[row : row + count, None])
         torch.testing.assert_close(torch.cat([f for _, f in pieces]).view(9, fan_in), edm2.normalize(w))
 
@@ -151,7 +151,8 @@ def engine_steps(meta: dict, zero: int, optim: dict, seed: int, step_loss) -> di
     """STEPS steps on the engine's own Worker under ZeRO ``zero`` (inside a Ray Train worker): the network of
     ``meta`` (seed 0), per-rank batches from ``seed``; ``step_loss(engine, generator)`` is one step's loss.
     Returns the losses (averaged over ranks) and the weights, gathered one parameter at a time."""
-    from ambient_ray.train.engine import EngineConfig, Worker
+    from ambient_ray.train.config import EngineConfig
+    from ambient_ray.train.worker import Worker
 
     cfg = EngineConfig(
         data="-", out="-", steps=STEPS, batch_size=16, zero_stage=zero, optim=optim, mlflow=dict(enabled=False)
@@ -161,9 +162,11 @@ def engine_steps(meta: dict, zero: int, optim: dict, seed: int, step_loss) -> di
     g = torch.Generator().manual_seed(seed + w.rank)
     losses = []
     for _ in range(STEPS):
+        w.begin_step()
         loss = step_loss(w.engine, g)
         w.engine.backward(loss)
         w.engine.step()
+        w.update(w.main)  # the post-step hooks (forced weight normalisation), then the EMA
         w.end_step()
         losses.append(float(w.all_reduce(loss.detach().reshape(1))[0]) / w.world)
     weights = {}
@@ -196,6 +199,140 @@ def dit_loss(engine, g):
     return ((d.float() - x0).square() * pm).sum() / pm.sum()
 
 
+# ------------------------------------------------------------------------------ a task of several parts
+
+
+class ToyParts:
+    """Two small trained networks updated in turn and a frozen one: ``student`` learns the frozen ``teacher``'s map
+    and ``follower`` learns ``student``'s (so each step's second update reads the first's result); ``follower`` is
+    exported. Batches come from the worker's generator, which a checkpoint restores."""
+
+    name = "toy_parts"
+
+    def __init__(self, cfg, fail_at: int | None = None):
+        self.cfg, self.fail_at = cfg, fail_at
+
+    def parts(self):
+        from ambient_ray.train.config import OptimConfig
+        from ambient_ray.train.parts import Part
+
+        torch.manual_seed(self.cfg.seed)
+        teacher = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        student = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        follower = torch.nn.Linear(4, 4)
+        slow = OptimConfig(lr=0.02, warmup_steps=0, decay="none", grad_clip=0)
+        return {
+            "student": Part(student),
+            "teacher": Part(teacher, trained=False),
+            "follower": Part(follower, optim=slow, export=True),
+        }
+
+    def meta(self):
+        return {"kind": "toy"}
+
+    def schedule(self):
+        return [("student", 1), ("follower", 1)]
+
+    def setup(self, w):
+        self.sum, self.n = 0.0, 0
+
+    def load_state(self, state):
+        pass
+
+    def loss(self, w, part):
+        if w.step == self.fail_at:  # a kill, on every rank at once (after the step-4 checkpoint)
+            self.fail_at = None
+            raise RuntimeError(f"planted failure at step {w.step}")
+        x = torch.randn(8, 4, generator=w.generator)
+        with torch.no_grad():
+            target = w.parts["teacher"].engine(x) if part == "student" else w.parts["student"].engine(x)
+        loss = (w.parts[part].engine(x) - target).square().mean()
+        self.sum, self.n = self.sum + float(loss), self.n + 1
+        return loss
+
+    def interval(self, w, seconds):
+        tot = w.all_reduce(torch.tensor([self.sum, float(self.n)]))
+        self.sum, self.n = 0.0, 0
+        return {"loss": float(tot[0] / tot[1])}, {}
+
+    def validation(self, w):
+        return {}
+
+    def progress(self, m):
+        return f"loss {m['loss']:.4f}"
+
+    def state(self):
+        return {}
+
+    def files(self):
+        return {}
+
+
+def part_weights(w) -> dict:
+    """Every part's weights and every trained part's EMA, gathered a parameter at a time (collective)."""
+    out = {}
+    for name, p in w.parts.items():
+        for n, t in p.net.named_parameters():
+            with w.gathered([t]):
+                out[f"{name}/{n}"] = t.detach().float().cpu().clone()
+        if p.trained:
+            ema = w.ema_weights(name)
+            out.update({f"{name}/ema/{n}": t.clone() for n, t in (ema or {}).items()})
+    return out
+
+
+def parts_run(zero: int, root: str) -> dict:
+    """The toy task of three parts on the engine's own loop under ZeRO ``zero``, 6 steps: once left alone, once
+    killed in step 5 (a planted failure) and restarted from its step-4 checkpoint on a fresh worker."""
+    import ray.train
+    import torch.distributed as dist
+
+    from ambient_ray.train import loop
+    from ambient_ray.train.config import EngineConfig
+    from ambient_ray.train.worker import Worker
+
+    rank = ray.train.get_context().get_world_rank()
+    runs = {}
+    for kind in ("alone", "killed"):
+        out = os.path.join(root, f"zero{zero}-{kind}")
+        cfg = EngineConfig(
+            data="-",
+            out=out,
+            steps=6,
+            batch_size=8,
+            zero_stage=zero,
+            log_every=2,
+            checkpoint_every=2,
+            optim=dict(lr=0.05, warmup_steps=0, decay="none", grad_clip=0),
+            ema_decay=0.5,
+            mlflow=dict(enabled=False),
+        )
+        task = ToyParts(cfg, fail_at=5 if kind == "killed" else None)
+        w = Worker(cfg, task.parts(), task.meta(), {})
+        before = part_weights(w)
+        saved = {}
+
+        def save_here(metrics, state=None, files=None, _w=w, _out=out, _saved=saved):
+            d = os.path.join(_out, f"ckpt-{_w.step}")
+            _w.save(d, state, files)
+            dist.barrier()
+            _saved[_w.step] = d
+
+        w.save_and_report = save_here
+        try:
+            loop.steps(task, cfg, w)
+        except RuntimeError as e:
+            assert kind == "killed" and "planted failure" in str(e), e
+            w = Worker(cfg, task.parts(), task.meta(), {})  # a restart: fresh workers, the last checkpoint
+            w.save_and_report = lambda *a, **k: None
+            loop.steps(task, cfg, w, ckpt=ray.train.Checkpoint.from_directory(saved[4]))
+        runs[kind] = {"before": before, "after": part_weights(w), "step": w.step}
+        runs[kind]["files"] = sorted(
+            os.path.relpath(os.path.join(d, f), saved[4]) for d, _, fs in os.walk(saved[4]) for f in fs
+        )
+    return runs if rank == 0 else {}
+
+
 def stages_loop(config: dict) -> None:
     """One Ray Train run, every ZeRO stage in turn on the engine's own Worker (the DeepSpeed glue and its
     forced-normalisation hook): the same network (seed 0) and the same per-rank batches, STEPS steps of the
@@ -207,6 +344,7 @@ def stages_loop(config: dict) -> None:
     result = {zero: engine_steps(TINY_META, zero, edm2_optim, 100, edm2_loss) for zero in (0, 1, 2, 3)}
     dit_optim = dict(lr=3e-3, warmup_steps=0, decay="none")
     result.update({f"dit{zero}": engine_steps(DIT_META, zero, dit_optim, 200, dit_loss) for zero in (2, 3)})
+    result.update({f"parts{zero}": parts_run(zero, config["parts"]) for zero in (2, 3)})
     if result[0]["rank"] == 0:
         torch.save(result, config["path"])
     ray.train.report({"done": 1})
@@ -221,7 +359,7 @@ def stages(ray_cluster, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("edm2-stages") / "result.pt")
     TorchTrainer(
         stages_loop,
-        train_loop_config={"path": path},
+        train_loop_config={"path": path, "parts": str(tmp_path_factory.mktemp("edm2-parts"))},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path_factory.mktemp("edm2-stages-ray"))),
@@ -276,6 +414,33 @@ def test_dit_zero2_and_zero3_give_the_same_losses_and_weights(stages):
     diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     print(f"DiT: max |ZeRO-3 weights - ZeRO-2's| = {diff:.1e}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_task_of_two_trained_parts_and_a_frozen_one_trains_each_in_turn_and_resumes_exactly(stages, zero):
+    """Two CPU workers, the toy task of three parts (two trained in turn, one frozen) on the one loop: both trained
+    parts and their EMAs move, the frozen part does not; a run killed after step 5 and restarted from its step-4
+    checkpoint ends with the same weights and EMAs, bit for bit, as the run left alone; the checkpoint holds each
+    trained part's DeepSpeed state and EMA (the export part at the top, the other under parts/NAME/), no frozen part."""
+    runs = stages[f"parts{zero}"]
+    alone, killed = runs["alone"], runs["killed"]
+    assert alone["step"] == killed["step"] == 6
+    before, after = alone["before"], alone["after"]
+    moved = {k.split("/")[0] + ("/ema" if "/ema/" in k else ""): 0.0 for k in after}
+    for k in after:
+        key = k.split("/")[0] + ("/ema" if "/ema/" in k else "")
+        ref = before.get(k, before.get(k.replace("/ema/", "/")))
+        moved[key] = max(moved[key], float((after[k] - ref).abs().max()))
+    print(f"ZeRO-{zero}: largest change per part:", {k: f"{v:.2e}" for k, v in moved.items()})
+    assert moved["teacher"] == 0.0
+    assert min(moved[k] for k in ("student", "follower", "student/ema", "follower/ema")) > 1e-3
+    assert set(after) == set(killed["after"])
+    diff = max(float((after[k] - killed["after"][k]).abs().max()) for k in after)
+    assert diff == 0.0, f"the restarted run differs from the run left alone by up to {diff:.2e}"
+    files = alone["files"]
+    assert {"model.json", "ema.safetensors", "parts/student/ema.safetensors", "rank-0000.safetensors"} <= set(files)
+    assert any(f.startswith("parts/student/ds/") for f in files) and any(f.startswith("ds/") for f in files)
+    assert not any("teacher" in f for f in files) and "parts/student/model.json" not in files
 
 
 # ------------------------------------------------------------------------------ the train stage under ZeRO-3
@@ -383,7 +548,9 @@ def test_sampling_an_edm2_run_with_guidance_by_another(runs, tmp_path):
     model = runs[0]
 
     def draw(name, **kw):
-        res = sample(SampleConfig(checkpoint=model, out=str(tmp_path / name), num=8, steps=4, **kw), False)
+        res = sample(
+            SampleConfig(checkpoint=model, out=str(tmp_path / name), num=8, sampler=dict(steps=4, **kw)), False
+        )
         return np.load(res["samples"])
 
     plain = draw("plain")
@@ -401,7 +568,7 @@ def test_sampling_an_edm2_run_with_guidance_by_another(runs, tmp_path):
     other = draw("other", guide=str(guide), guidance=2.0)
     assert np.abs(other.astype(int) - plain).max() > 0
     with pytest.raises(ValidationError, match="guide"):
-        SampleConfig(checkpoint=model, out=str(tmp_path / "x"), guidance=2.0)
+        SampleConfig(checkpoint=model, out=str(tmp_path / "x"), sampler=dict(guidance=2.0))
 
 
 def test_a_quality_score_splits_the_data_into_a_fixed_sigma_min_part_and_a_clean_part():
@@ -410,7 +577,8 @@ def test_a_quality_score_splits_the_data_into_a_fixed_sigma_min_part_and_a_clean
     import pandas as pd
 
     from ambient_ray.config import ConfigError
-    from ambient_ray.stages.train import TrainConfig, resolve_sigmas
+    from ambient_ray.train.tasks.denoiser_config import TrainConfig
+    from ambient_ray.train.tasks.denoiser_data import resolve_sigmas
 
     score = np.arange(100, dtype=float)
     score[3] = np.nan

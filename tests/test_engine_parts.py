@@ -9,8 +9,9 @@ import pathlib
 import pytest
 import torch
 
+from ambient_ray.train.config import EngineConfig, OptimConfig
 from ambient_ray.train.ema import EMAS, WarmupEMA
-from ambient_ray.train.engine import OPTIMIZERS, EngineConfig, OptimConfig
+from ambient_ray.train.parts import OPTIMIZERS
 from ambient_ray.train.schedules import SCHEDULES, lr_lambda
 
 
@@ -54,16 +55,21 @@ def test_the_registries_choose_by_config_key_and_name_the_known_ones():
 
 
 def test_post_step_hooks_run_in_order_before_the_ema_sees_the_weights():
-    """end_step: count the step, run the hooks in registration order, then average the weights they left."""
+    """A step: count it, run the part's hooks in registration order, then average the weights they left."""
     from types import SimpleNamespace
 
-    from ambient_ray.train.engine import Worker
+    from ambient_ray.train.parts import Part, TrainedPart
+    from ambient_ray.train.worker import Worker
 
     net = torch.nn.Linear(2, 1, bias=False)
     w = Worker.__new__(Worker)  # the step bookkeeping alone: no Ray Train context, no DeepSpeed engine
     w.cfg = EngineConfig(data="d", out="o", steps=10, log_every=5, checkpoint_every=10, ema_decay=0.0)
-    w.engine, w.zero3, w.step = SimpleNamespace(module=net), False, 0
-    w.ema = WarmupEMA(net.parameters(), torch.device("cpu"), decay=0.0)  # decay 0: the EMA is the weights
+    w.zero3, w.step, w.main = False, 0, "net"
+    part = TrainedPart.__new__(TrainedPart)
+    part.name, part.part, part.net, part.trained, part.updates = "net", Part(net, export=True), net, True, 0
+    part.engine = SimpleNamespace(module=net)
+    part.ema = WarmupEMA(net.parameters(), torch.device("cpu"), decay=0.0)  # decay 0: the EMA is the weights
+    w.parts = {"net": part}
     calls = []
 
     def renormalise(worker):
@@ -71,21 +77,27 @@ def test_post_step_hooks_run_in_order_before_the_ema_sees_the_weights():
         with torch.no_grad():
             net.weight.div_(net.weight.norm())
 
-    w.post_step_hooks = [renormalise, lambda worker: calls.append(("count", worker.step))]
+    part.hooks = [renormalise, lambda worker: calls.append(("count", worker.step))]
+
+    def end_step():  # the loop's bookkeeping around one optimizer step of the part
+        w.begin_step()
+        w.update("net")
+        return w.end_step()
+
     with torch.no_grad():
         net.weight.fill_(3.0)
-    assert w.end_step() == (False, False)
+    assert end_step() == (False, False)
     assert calls == [("renormalise", 1), ("count", 1)]
     torch.testing.assert_close(w.ema.tensors[0].norm(), torch.tensor(1.0))
     for _ in range(4):
-        log_now, checkpoint_now = w.end_step()
+        log_now, checkpoint_now = end_step()
     assert (w.step, log_now, checkpoint_now) == (5, True, False) and len(calls) == 10
 
 
 def test_grad_guard_zeroes_and_counts_nonfinite_gradient_elements():
     """grad_guard's hook (opt-in): NaN/Inf gradient elements become 0 and are counted across backward passes;
     finite elements pass unchanged."""
-    from ambient_ray.train.engine import Worker
+    from ambient_ray.train.worker import Worker
 
     w = Worker.__new__(Worker)
     w.nonfinite = torch.zeros((), dtype=torch.float64)
@@ -103,7 +115,7 @@ def test_a_rank_restores_from_its_own_files_only(tmp_path):
     the shared small files, not rank 0's nor the raw-weights export (and under ZeRO-3, not the gathered EMA)."""
     import ray.train
 
-    from ambient_ray.train.engine import rank_checkpoint, rank_files
+    from ambient_ray.io.checkpoint import rank_checkpoint, rank_files
 
     names = [
         "ds/mp_rank_00_model_states.pt",

@@ -247,7 +247,7 @@ def test_tiny_experiment_end_to_end(ray_cluster, mlflow_server, tmp_path):
         classifier=dict(steps=30, batch_size=32, checkpoint_every=30, log_every=10, model=model),
         annotate=dict(grid_points=8, draws=2),
         train=dict(steps=10, batch_size=32, checkpoint_every=10, log_every=5, sample_grid=0, model=model),
-        sample=dict(steps=4),
+        sample=dict(sampler=dict(steps=4)),
         mlflow=dict(experiment="tests-experiment"),
     )
     cfg = cfgmod.build(experiment.ExperimentConfig, flags=flags)

@@ -13,8 +13,7 @@ import torch
 from pydantic import Field
 
 from ambient_ray.config import ConfigError, Strict, build
-from ambient_ray.io import weights
-from ambient_ray.models import registry
+from ambient_ray.models import registry, weights
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "ambient_ray"
 FORBIDDEN = ("ray", "deepspeed", "mlflow")
@@ -31,7 +30,7 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("sub", ["models", "diffusion", "evaluation"])
+@pytest.mark.parametrize("sub", ["models", "diffusion", "evaluation", "sampling"])
 def test_math_and_networks_import_no_ray_deepspeed_or_mlflow(sub):
     files = sorted((PKG / sub).rglob("*.py"))
     assert files
@@ -126,3 +125,126 @@ def test_the_interface_comes_from_the_data_and_a_given_value_must_agree():
     with pytest.raises(ConfigError, match="model.img_resolution"):
         registry.with_interface(cfg(img_resolution=16), 8, 1)
     assert os.path.basename(registry.__file__) == "registry.py"
+
+
+# ------------------------------------------------------------------------------ layers and cycles, from the imports
+
+# who may not import whom: (importing package, imported packages) under ambient_ray/
+LAYER_RULES = {
+    "train": ("stages", "workflows", "cli"),
+    "io": (
+        "data",
+        "models",
+        "corruptions",
+        "diffusion",
+        "evaluation",
+        "sampling",
+        "train",
+        "stages",
+        "workflows",
+        "cli",
+    ),
+    "models": ("train", "stages", "workflows", "cli"),
+    "diffusion": ("train", "stages", "workflows", "cli"),
+    "sampling": ("train", "stages", "workflows", "cli"),
+}
+
+
+def module_graph(pkg: pathlib.Path) -> dict[str, set[str]]:
+    """Every module of package ``pkg`` -> the package's modules it imports (anywhere in the file, functions
+    included: an import inside a function still ties the two modules together). ``from a.b import c`` is the
+    module ``a.b.c`` where that is a module, else ``a.b``."""
+    root = pkg.name
+    mods = {}
+    for f in pkg.rglob("*.py"):
+        parts = f.relative_to(pkg.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if sub in mods else node.module)
+        graph[name] = {d for d in deps if d in mods and d != name and d.split(".")[0] == root}
+    return graph
+
+
+def layer_violations(graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]]) -> list[str]:
+    """``a -> b`` for every import of a module of a forbidden package ``b`` by one of package ``a``."""
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        layer = mod.split(".")[1] if "." in mod else ""
+        for dep in sorted(deps):
+            if "." in dep and dep.split(".")[1] in rules.get(layer, ()):
+                bad.append(f"{mod} -> {dep}")
+    return bad
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each is an import cycle."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_layer_imports_upward():
+    """train/ never imports stages/ (nor workflows, the CLI); io/ imports no data/, models/ or anything above it;
+    the math, networks and samplers import nothing from the engine or the stages."""
+    bad = layer_violations(module_graph(PKG), LAYER_RULES)
+    assert not bad, "imports against the layers:\n  " + "\n  ".join(bad)
+
+
+def test_the_package_has_no_import_cycle():
+    cycles = import_cycles(module_graph(PKG))
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_layer_and_cycle_checks_see_a_planted_cycle_and_an_upward_import(tmp_path):
+    pkg = tmp_path / "ambient_ray"
+    for d in ("train", "stages", "io", "data"):
+        (pkg / d).mkdir(parents=True)
+        (pkg / d / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train" / "engine.py").write_text("def f():\n    from ambient_ray.stages.phema import g\n")
+    (pkg / "stages" / "phema.py").write_text("from ambient_ray.train import engine\n\ndef g():\n    pass\n")
+    (pkg / "io" / "plots.py").write_text("import ambient_ray.data.images\n")
+    (pkg / "data" / "images.py").write_text("")
+    graph = module_graph(pkg)
+    assert graph["ambient_ray.train.engine"] == {"ambient_ray.stages.phema"}
+    assert graph["ambient_ray.stages.phema"] == {"ambient_ray.train.engine"}  # `from pkg import module`
+    assert import_cycles(graph) == [["ambient_ray.stages.phema", "ambient_ray.train.engine"]]
+    assert layer_violations(graph, LAYER_RULES) == [
+        "ambient_ray.io.plots -> ambient_ray.data.images",
+        "ambient_ray.train.engine -> ambient_ray.stages.phema",
+    ]
+    (pkg / "train" / "engine.py").write_text("from ambient_ray.io import plots\n")
+    graph = module_graph(pkg)
+    assert import_cycles(graph) == [] and layer_violations(graph, {"train": ("stages",)}) == []

@@ -341,7 +341,7 @@ def check_finished(run: Run, summary: dict, before: dict) -> list[dict]:
     import numpy as np
     import torch
 
-    from ambient_ray.io.weights import load
+    from ambient_ray.models.weights import load
 
     m = summary["metrics"]
     assert m["step"] == STEPS and np.isfinite(m["loss"]), m
@@ -368,7 +368,8 @@ def check_finished(run: Run, summary: dict, before: dict) -> list[dict]:
 
 def test_min_workers_is_ray_trains_elastic_range_and_needs_zero_stage_0():
     from ambient_ray.config import ConfigError
-    from ambient_ray.train.engine import EngineConfig, check_run, elastic_workers
+    from ambient_ray.train.config import EngineConfig, check_run
+    from ambient_ray.train.driver import elastic_workers
 
     def cfg(**kw):
         return EngineConfig(data="d", out="o", num_workers=2, **kw)

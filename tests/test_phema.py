@@ -153,7 +153,7 @@ def test_a_checkpoint_restores_every_profile_bit_for_bit(tmp_path, zero3):
 
     from safetensors import safe_open
 
-    from ambient_ray.train.engine import restore_ema, save_ema
+    from ambient_ray.io.checkpoint import restore_ema, save_ema
 
     g = torch.Generator().manual_seed(3)
     names = [f"p{i}" for i in range(len(SHAPES))]
@@ -195,7 +195,8 @@ def test_a_checkpoint_restores_every_profile_bit_for_bit(tmp_path, zero3):
 
 
 def test_snapshots_fall_on_the_steps_whose_images_cross_a_multiple():
-    from ambient_ray.train.engine import EngineConfig, snapshot_due
+    from ambient_ray.train.config import EngineConfig
+    from ambient_ray.train.worker import snapshot_due
 
     cfg = EngineConfig(data="d", out="o", steps=20, ema="power", ema_snapshot_every=100)
     due = [s for s in range(1, 21) if snapshot_due(cfg, s, 48)]  # 48 images a step: 96, 144 crosses 100, ...
@@ -208,7 +209,7 @@ def test_snapshots_fall_on_the_steps_whose_images_cross_a_multiple():
 
 
 def _fake_run(tmp_path, stds=(0.05, 0.10), steps=(10, 20, 30)):
-    from ambient_ray.stages.phema import write_snapshot
+    from ambient_ray.io.snapshots import write_snapshot
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
@@ -225,7 +226,8 @@ def _fake_run(tmp_path, stds=(0.05, 0.10), steps=(10, 20, 30)):
 def test_the_stage_reconstructs_and_refuses_what_it_cannot(tmp_path):
     from safetensors.torch import load_file
 
-    from ambient_ray.stages.phema import PhemaConfig, list_snapshots
+    from ambient_ray.io.snapshots import list_snapshots
+    from ambient_ray.stages.phema import PhemaConfig
     from ambient_ray.stages.phema import run as phema_run
 
     run, ema = _fake_run(tmp_path)

@@ -105,6 +105,25 @@ def test_model_state_formulas_against_deepspeeds_estimators():
     assert gib == 2**30
 
 
+def test_a_task_of_several_parts_sums_each_trained_parts_states_and_each_frozen_parts_weights():
+    """A distillation's shape: two trained parts (each its own DeepSpeed engine: states, buffers, EMA) and a frozen
+    teacher (bf16 weights only; under ZeRO-3 its partition plus its persistent and largest layer)."""
+    big = planner.Counts(params=10**9, largest_layer=10**7, persistent=10**5)
+    small = planner.Counts(params=10**8, largest_layer=10**6, persistent=0)
+    parts = {"generator": (big, True), "fake_score": (small, True), "teacher": (big, False)}
+    for stage in (2, 3):
+        got = planner.parts_bytes(parts, stage, 8, "bf16")
+        for name, c in (("generator", big), ("fake_score", small)):
+            s = planner.model_states(c, stage, 8, "bf16")
+            assert got[name] == s.gpu + s.buffers + planner.ema_bytes(c, stage, 8, 1)
+        assert got["total"] == got["generator"] + got["fake_score"] + got["teacher"]
+    assert planner.parts_bytes(parts, 2, 8)["teacher"] == 2 * 10**9  # whole, in bf16, no state
+    assert planner.parts_bytes(parts, 3, 8)["teacher"] == 2 * (10**9 // 8 + 10**5 + 10**7)
+    assert planner.parts_bytes(parts, 3, 8, "fp32")["teacher"] == 4 * (10**9 // 8 + 10**5 + 10**7)
+    one = planner.parts_bytes({"net": (big, True)}, 2, 8, ema="power")  # a one-part task: as today's plan
+    assert one["total"] == one["net"] == planner.model_states(big, 2, 8).gpu + 10**9 + planner.ema_bytes(big, 2, 8, 2)
+
+
 def test_the_recommendation_is_the_fewest_nodes_then_no_checkpointing_then_the_lowest_stage():
     # hand-made per-GPU GiB: stage s on n nodes holds 40 - 8·s (partitioned stages shrink with n) GiB; + 30
     # of activations, 5 with checkpointing
@@ -203,7 +222,8 @@ def _measure(config: dict) -> None:
     and what the rank holds when the inner optimizer steps (the peak: gradients and Adam states all live)."""
     import torch.distributed as dist
 
-    from ambient_ray.train.engine import EngineConfig, Worker
+    from ambient_ray.train.config import EngineConfig
+    from ambient_ray.train.worker import Worker
 
     results = []
     for stage in config["stages"]:
@@ -224,12 +244,14 @@ def _measure(config: dict) -> None:
         inner.step = step
         g = torch.Generator().manual_seed(w.rank)
         for _ in range(2):
+            w.begin_step()
             x = torch.randn(4, 1, 16, 16, generator=g)
             loss = (w.engine(x, torch.rand(4, generator=g) + 0.2) - x).square().mean()
             w.engine.backward(loss)
             del loss
             backward = _held(w, before)  # the step's other candidate for the peak (ZeRO-3's persistent parameters)
             w.engine.step()
+            w.update(w.main)
             w.end_step()
         results.append({"stage": stage, "backward": backward, "step": box["held"]})
         del w, inner, real_step, step, box

@@ -214,7 +214,7 @@ def test_latents_end_to_end(world, tmp_path):
     cov = json.loads(storage.read_bytes(storage.join(model, "coverage.json")))
     assert sum(r["draws"] for r in cov["donut"]) == 12 * 16
     out = str(tmp_path / "samples")
-    sample_run(SampleConfig(checkpoint=model, out=out, num=6, steps=3), progress=False)
+    sample_run(SampleConfig(checkpoint=model, out=out, num=6, sampler=dict(steps=3)), progress=False)
     imgs = np.load(storage.join(out, "samples.npy"))
     assert imgs.shape == (6, 32, 32, 1) and imgs.dtype == np.uint8 and imgs.std() > 0  # decoded, grey again
     assert storage.read_bytes(storage.join(out, "grid.png"))[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""The one resume protocol (ambient_ray.data.shards): fingerprints, done-markers, manifests (no Ray)."""
+"""The one resume protocol (ambient_ray.io.shards): fingerprints, done-markers, manifests (no Ray)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from ambient_ray.data import shards
-from ambient_ray.io import tracking
+from ambient_ray.io import shards, tracking
 from ambient_ray.stages import results
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_ray.diffusion.samplers import edm_time_steps, heun_sample, image_grid, to_uint8
+from ambient_ray.diffusion.samplers import edm_time_steps, heun_sample, to_uint8
+from ambient_ray.io.plots import image_grid
 
 MU, S = 0.3, 0.4  # data x_0 ~ N(MU, S²) per pixel
 STOCHASTIC = dict(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.0)

@@ -168,7 +168,8 @@ def test_two_workers_stream_disjoint_shares_that_cover_the_data(digits):
     import ray.data
 
     from ambient_ray.data.metadata import data_dir
-    from ambient_ray.stages.train import TrainConfig, with_sigmas
+    from ambient_ray.train.tasks.denoiser_config import TrainConfig
+    from ambient_ray.train.tasks.denoiser_data import with_sigmas
 
     cfg = TrainConfig(data=digits, out="/tmp/unused", ambient={"corrupted_sigma_min": 0.8})
     ds = with_sigmas(ray.data.read_parquet(data_dir(digits)).select_columns(["id", "image", "quality"]), cfg)

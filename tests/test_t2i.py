@@ -105,8 +105,7 @@ def test_cfg_samples_are_the_captioned_digit(t2i, tmp_path):
             out=str(tmp_path / "cond"),
             num=per * 10,
             prompts=prompts,
-            guidance=5.0,
-            steps=18,
+            sampler=dict(guidance=5.0, steps=18),
         ),
         progress=False,
     )

@@ -92,8 +92,8 @@ def denoising_loss(data, out=None, model=None, sigmas=(0.3, 0.6, 1.0, 2.0, 4.0),
 
     from ambient_ray.data.images import decode_png
     from ambient_ray.diffusion.edm import edm_loss
-    from ambient_ray.io.weights import load
     from ambient_ray.models.ddpmpp import UNetConfig, build_denoiser
+    from ambient_ray.models.weights import load
 
     if out is not None:
         net = load(out, "denoiser", weights="raw")
@@ -269,19 +269,23 @@ def test_bad_data_is_refused_before_training(digits, tmp_path):
 
 
 def test_sample_stage_from_a_trained_model(zero2_run, tmp_path):
-    from ambient_ray.io.weights import load
+    from ambient_ray.models.weights import load
     from ambient_ray.stages.sample import SampleConfig
     from ambient_ray.stages.sample import run as sample_run
 
     cfg, _ = zero2_run
     s = sample_run(
-        SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s"), num=10, steps=6, mlflow=dict(enabled=False))
+        SampleConfig(
+            checkpoint=cfg.out, out=str(tmp_path / "s"), num=10, sampler=dict(steps=6), mlflow=dict(enabled=False)
+        )
     )
     imgs = np.load(s["samples"])
     assert imgs.shape == (10, 8, 8, 1) and imgs.dtype == np.uint8 and imgs.std() > 0
     assert (tmp_path / "s" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     again = sample_run(
-        SampleConfig(checkpoint=cfg.out, out=str(tmp_path / "s2"), num=10, steps=6, mlflow=dict(enabled=False))
+        SampleConfig(
+            checkpoint=cfg.out, out=str(tmp_path / "s2"), num=10, sampler=dict(steps=6), mlflow=dict(enabled=False)
+        )
     )
     assert (np.load(again["samples"]) == imgs).all()  # seeded
     # weights that do not fit the model.json are refused

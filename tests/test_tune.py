@@ -55,7 +55,7 @@ def job(data, out, space, **kw):
             model=MODEL,
             optim=dict(warmup_steps=2),
         ),  # lr: the default 1e-3, or searched
-        sample=dict(steps=6),
+        sample=dict(sampler=dict(steps=6)),
         mlflow=dict(experiment="tests-tune"),
     )
     for k, v in kw.items():

@@ -9,7 +9,7 @@ given, else trained on the data with the ``classifier_train`` keys) and the anno
 ``OUT/trials/<trial_id>``): re-annotate with the trial's τ (and ε) from those curves (phase 2 only),
 train on its own Ray Train run nested inside the trial (the trial is the Train driver; each report
 of the workers reaches Tune through ``TuneReportCallback``), then sample and score FD against the
-data's clean rows. Every step leaves a fingerprinted done-marker (:mod:`ambient_ray.data.shards`), so a
+data's clean rows. Every step leaves a fingerprinted done-marker (:mod:`ambient_ray.io.shards`), so a
 restarted or resumed trial continues where it was, and a search re-run into its ``out`` with another
 config redoes its trials but keeps the classifier and curves when their own inputs are unchanged.
 
@@ -40,9 +40,11 @@ from ray.tune import Callback
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.data import shards
-from ambient_ray.io import ray_runtime, storage, tracking
+from ambient_ray.io import ray_runtime, shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages import registry
+from ambient_ray.workflows import chain
+from ambient_ray.workflows import steps as stepsmod
 from tuning import space as spacemod
 
 
@@ -103,21 +105,19 @@ def check(cfg: TuneConfig) -> TuneConfig:
     flat = spacemod.check(cfg.space, {"annotate": cfg.annotate, "train": cfg.train, "sample": cfg.sample}, cfg.searcher)
     if cfg.searcher in ("optuna", "hyperopt"):
         _require(cfg.searcher)
-    for stage in ("annotate", "train", "sample"):
-        owned = sorted(spacemod.OWNED[stage] & set(getattr(cfg, stage)))
+    for stage in spacemod.STAGES:
+        owned = sorted(spacemod.owned(stage) & set(getattr(cfg, stage)))
         if owned:
             raise ConfigError(f"config key '{stage}.{owned[0]}': set by the search itself for each trial")
         both = sorted({f"{stage}.{k}" for k in cfgmod.flatten(getattr(cfg, stage))} & set(flat))
         if both:
             raise ConfigError(f"config key '{both[0]}': both searched (in 'space') and fixed; drop one")
-    from ambient_ray.stages.evaluate import EvaluateConfig
-    from ambient_ray.stages.train_classifier import ClassifierTrainConfig
-
-    for section, model, owned in (
-        ("evaluate", EvaluateConfig, {"samples", "reference", "reference_where", "out", "mlflow"}),
-        ("classifier_train", ClassifierTrainConfig, {"data", "out", "kind", "mlflow"}),
+    for section, stage, owned in (
+        ("evaluate", "evaluate", registry.owned("evaluate", "reference", "reference_where")),
+        ("classifier_train", "train-classifier", registry.owned("train-classifier")),
     ):
         fill = {"samples": "x", "reference": "x", "out": "x"} if section == "evaluate" else {"data": "x", "out": "x"}
+        model = registry.get(stage).model()
         cfgmod.build_section(model, section, getattr(cfg, section), owned=owned, owner="the search itself", fill=fill)
     return cfg
 
@@ -143,9 +143,6 @@ def trial_dir(job: dict, trial_id: str) -> str:
     return storage.join(job["out"], "trials", trial_id)
 
 
-STEP = "_step"  # a step's done-marker (ambient_ray.data.shards): <the step's folder>/_step.json
-
-
 def _mlflow(job: dict, parent: str | None, name: str) -> dict:
     return tracking.child(job["mlflow"], name, parent)
 
@@ -157,11 +154,12 @@ def trial_print(job: dict, config: dict) -> str:
 
 def _step(folder: str, fp: str, work) -> dict:
     """``work()`` unless ``folder`` holds its done-marker with this fingerprint; its summary either way."""
-    kept = shards.done(folder, STEP, fp)
-    if kept is None:
-        kept = dict(work())
-        shards.mark_done(folder, STEP, fp, kept)
-    return kept
+    return stepsmod.run(folder, fp, work)[0]
+
+
+def _stage(name: str, flags: dict):
+    """The config of a run of the registered stage ``name``."""
+    return cfgmod.build(registry.get(name).model(), flags=flags)
 
 
 def trial(config: dict, job: dict | None = None, parent: str | None = None) -> None:
@@ -172,22 +170,21 @@ def trial(config: dict, job: dict | None = None, parent: str | None = None) -> N
     import torch
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ambient_ray.stages import annotate, evaluate, sample, train
-
     assert job is not None
     torch.set_num_threads(max(1, int(job["trial_cpus"])))  # sampling and FD in this process: its own CPUs
     trial_id = ray.tune.get_context().get_trial_id()
     out = trial_dir(job, trial_id)
     fp = trial_print(job, config)
-    kept = shards.done(out, STEP, fp)
+    kept = shards.done(out, stepsmod.STEP, fp)
     if kept is not None:  # finished before an interruption: hand Tune its last result again
         ray.tune.report(kept["metrics"])
         return
     params = {k: config[k] for k in sorted(config)}
     over = spacemod.split(params)
     prep = storage.join(job["out"], "prep")
-    annotated = storage.join(out, "annotated")
-    train_out = storage.join(out, "train")
+    # annotate -> train (-> sample -> evaluate, unless the trial scores no samples), each in its stage's folder
+    outs = {s: storage.join(out, registry.get(s).folder) for s in chain.CHAIN[: 4 if job["samples"] else 2]}
+    annotated, train_out = outs["annotate"], outs["train"]
     # the driver closes the run of a trial that failed or was stopped early (TrialRuns)
     with tracking.run(
         job["mlflow"],
@@ -199,53 +196,44 @@ def trial(config: dict, job: dict | None = None, parent: str | None = None) -> N
         close_on_error=False,
     ) as handle:
         child = handle.run_id
+        links = chain.wire(
+            job["data"], outs, classifier=job["classifier"], mlflow=lambda stage: _mlflow(job, child, stage)
+        )
         aflags = {
-            **_merge(job["annotate"], over.get("annotate", {})),
-            "data": job["data"],
-            "out": annotated,
-            "classifier": job["classifier"],
-            "curves_from": storage.join(prep, "annotated"),
+            **cfgmod.merge(job["annotate"], over.get("annotate", {})),
+            **links["annotate"],
+            "curves_from": storage.join(prep, registry.get("annotate").folder),
             "overwrite": True,
-            "mlflow": _mlflow(job, child, "annotate"),
         }
-        acfg = cfgmod.build(annotate.AnnotateConfig, flags=aflags)
+        acfg = _stage("annotate", aflags)
         a_fp = shards.config_print(acfg, job["curves_fingerprint"])
-        report = _step(annotated, a_fp, lambda: annotate.run(acfg, progress=False))
+        report = _step(annotated, a_fp, lambda: registry.get("annotate").call(acfg, progress=False))
         tflags = {
-            **job["train"],
-            "data": annotated,
-            "out": train_out,
+            **cfgmod.merge(job["train"], over.get("train", {})),
+            **links["train"],
             "report_every": job["report_every"],
             "resume": storage.exists(storage.join(train_out, "ray", "train")),
-            "mlflow": _mlflow(job, child, "train"),
         }
-        tcfg = cfgmod.build(train.TrainConfig, flags=_merge(tflags, over.get("train", {})))
+        tcfg = _stage("train", tflags)
         t_fp = shards.config_print(tcfg, a_fp)
-        s = _step(train_out, t_fp, lambda: train.run(tcfg, callbacks=[TuneReportCallback()]))
+        s = _step(train_out, t_fp, lambda: registry.get("train").call(tcfg, callbacks=[TuneReportCallback()]))
         metrics = {k: v for k, v in (s["metrics"] or {}).items() if isinstance(v, (int, float))}
         metrics.setdefault("val_loss", math.nan)  # a run resumed after its last step reports nothing new: unknown
         metrics.update({"step": tcfg.steps, "mean_sigma_min": float(report["mean_sigma_min"])})
         if job["samples"]:
-            sflags = {
-                **_merge(job["sample"], over.get("sample", {})),
-                "checkpoint": s["out"],
-                "out": storage.join(out, "samples"),
-                "num": job["samples"],
-                "mlflow": _mlflow(job, child, "sample"),
-            }
-            scfg = cfgmod.build(sample.SampleConfig, flags=sflags)
+            sflags = {**cfgmod.merge(job["sample"], over.get("sample", {})), **links["sample"], "num": job["samples"]}
+            scfg = _stage("sample", sflags)
             s_fp = shards.config_print(scfg, t_fp)
-            r = _step(sflags["out"], s_fp, lambda: sample.run(scfg, progress=False))
+            _step(outs["sample"], s_fp, lambda: registry.get("sample").call(scfg, progress=False))
             eflags = {
                 **job["evaluate"],
-                "samples": r["out"],
+                **links["evaluate"],
                 "reference": job["data"],
                 "reference_where": "quality=clean",
-                "out": storage.join(out, "eval"),
-                "mlflow": _mlflow(job, child, "evaluate"),
             }
-            ecfg = cfgmod.build(evaluate.EvaluateConfig, flags=eflags)
-            e = _step(eflags["out"], shards.config_print(ecfg, s_fp), lambda: evaluate.run(ecfg, progress=False))
+            ecfg = _stage("evaluate", eflags)
+            e_fp = shards.config_print(ecfg, s_fp)
+            e = _step(outs["evaluate"], e_fp, lambda: registry.get("evaluate").call(ecfg, progress=False))
             metrics.update({k: v for k, v in e["metrics"].items() if k in ("fd", "precision", "recall")})
         metrics["completed"] = 1
         result = {
@@ -261,15 +249,8 @@ def trial(config: dict, job: dict | None = None, parent: str | None = None) -> N
         tracking.log_metrics(child, handle.uri, {k: v for k, v in metrics.items() if k != "step"}, step=tcfg.steps)
         handle.tags = {"checkpoint": s["checkpoint"] or ""}
     shards.write_json(storage.join(out, "result.json"), result)
-    shards.mark_done(out, STEP, fp, result)
+    shards.mark_done(out, stepsmod.STEP, fp, result)
     ray.tune.report(metrics)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # ------------------------------------------------------------------------------ the driver's side
@@ -302,7 +283,7 @@ class TrialRuns(Callback):
 
     def _close(self, trial, status: str, outcome: str) -> None:
         folder = trial_dir(self.job, trial.trial_id)
-        if shards.done(folder, STEP, trial_print(self.job, trial.config)) is not None:
+        if shards.done(folder, stepsmod.STEP, trial_print(self.job, trial.config)) is not None:
             return  # completed: the trial closed its own runs
         storage.write_bytes(storage.join(folder, "outcome.json"), json.dumps({"outcome": outcome}).encode())
         for sub in (("train",), ()):
@@ -341,9 +322,7 @@ def resources(cfg: TuneConfig) -> tuple[dict, int]:
 
 def base_train(cfg: TuneConfig):
     """The train section as a TrainConfig (placeholder data and out): its workers and steps."""
-    from ambient_ray.stages.train import TrainConfig
-
-    return cfgmod.build(TrainConfig, flags={"data": "x", "out": "x", **cfg.train})
+    return _stage("train", {"data": "x", "out": "x", **cfg.train})
 
 
 def build_tuner(cfg: TuneConfig, job: dict, parent: str | None, resume: bool):
@@ -412,8 +391,6 @@ SEARCH = "_search"  # the search's done-marker: OUT/_search.json
 
 def _prep_configs(cfg: TuneConfig, parent: str | None) -> tuple[Any, Any]:
     """The shared classifier's config (None when ``classifier`` is given) and the curves' annotate config."""
-    from ambient_ray.stages import annotate, train_classifier
-
     prep = storage.join(cfg.out, "prep")
     mlflow = cfg.mlflow.model_dump()
     clf = None
@@ -421,24 +398,23 @@ def _prep_configs(cfg: TuneConfig, parent: str | None) -> tuple[Any, Any]:
         flags = {
             **cfg.classifier_train,
             "data": cfg.data,
-            "out": storage.join(prep, "classifier"),
+            "out": storage.join(prep, registry.get("train-classifier").folder),
             "kind": "noise",
             "mlflow": tracking.child(mlflow, "classifier", parent),
         }
-        clf = cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags)
-    flags = {
-        **cfg.annotate,
-        "data": cfg.data,
-        "out": storage.join(prep, "annotated"),
-        "classifier": cfg.classifier or clf.out,
-        "overwrite": True,
-        "mlflow": tracking.child(mlflow, "annotate (curves)", parent),
-    }
-    return clf, cfgmod.build(annotate.AnnotateConfig, flags=flags)
+        clf = _stage("train-classifier", flags)
+    curves = {"annotate": storage.join(prep, registry.get("annotate").folder)}
+    links = chain.wire(
+        cfg.data,
+        curves,
+        classifier=cfg.classifier or clf.out,
+        mlflow=lambda _: tracking.child(mlflow, "annotate (curves)", parent),
+    )
+    return clf, _stage("annotate", {**cfg.annotate, **links["annotate"], "overwrite": True})
 
 
 def fingerprints(cfg: TuneConfig) -> dict[str, str]:
-    """Fingerprints (:mod:`ambient_ray.data.shards`) of the shared classifier, the curves, and the search
+    """Fingerprints (:mod:`ambient_ray.io.shards`) of the shared classifier, the curves, and the search
     (every key its trials depend on: all but ``out``, MLflow and the trials' resources)."""
     manifest = shards.read_marker(cfg.data, "_manifest")  # a corrupt output: the plan that made it
     data = (manifest or {}).get("fingerprint", "")
@@ -453,19 +429,17 @@ def fingerprints(cfg: TuneConfig) -> dict[str, str]:
 def prepare(cfg: TuneConfig, job: dict, parent: str | None) -> None:
     """The shared classifier and the annotation curves, once per search (skipped when done with the same
     fingerprint, so a search redone for another train key keeps them)."""
-    from ambient_ray.stages import annotate, train_classifier
-
     prints = fingerprints(cfg)
     clf, curves = _prep_configs(cfg, parent)
     if clf is not None:
-        if shards.done(clf.out, STEP, prints["classifier"]) is None:
-            shards.clear(clf.out)
-            s = train_classifier.run(clf)
-            shards.mark_done(clf.out, STEP, prints["classifier"], dict(s))
+        stepsmod.run(clf.out, prints["classifier"], lambda: registry.get("train-classifier").call(clf), clear=True)
         job["classifier"] = clf.out
-    if shards.done(curves.out, STEP, prints["curves"]) is None:
-        s = annotate.run(curves, progress=True)
-        shards.mark_done(curves.out, STEP, prints["curves"], {"out": s["out"], "mean_sigma_min": s["mean_sigma_min"]})
+
+    def annotate() -> dict:
+        s = registry.get("annotate").call(curves, progress=True)
+        return {"out": s["out"], "mean_sigma_min": s["mean_sigma_min"]}
+
+    stepsmod.run(curves.out, prints["curves"], annotate)
 
 
 def collect(job: dict, grid, metric: str) -> list[dict]:
@@ -474,7 +448,7 @@ def collect(job: dict, grid, metric: str) -> list[dict]:
     for res in grid:
         m = dict(res.metrics or {})
         tid = os.path.basename(res.path.rstrip("/"))  # _dirname: the trial id
-        final = shards.done(trial_dir(job, tid), STEP, trial_print(job, res.config or {}))
+        final = shards.done(trial_dir(job, tid), stepsmod.STEP, trial_print(job, res.config or {}))
         if final:
             m.update(final["metrics"])
         outcome = storage.join(trial_dir(job, tid), "outcome.json")

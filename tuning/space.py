@@ -2,7 +2,7 @@
 
 A space names keys of the stage configs a trial runs, prefixed with the stage: ``annotate.tau``,
 ``annotate.locality_eps`` (the crop-size threshold ε of the locality map), ``train.ambient.lambda_max``,
-``train.optim.lr``, ``sample.steps``. Each maps to one domain::
+``train.optim.lr``, ``sample.sampler.steps``. Each maps to one domain::
 
     annotate.tau: {uniform: [0.3, 0.5]}
     train.ambient.lambda_max: {loguniform: [1.5, 8]}
@@ -26,22 +26,26 @@ from typing import Any
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError
+from ambient_ray.stages import registry
 
 DOMAINS = ("uniform", "loguniform", "choice", "grid", "randint")
 SEARCHERS = ("random", "grid", "optuna", "hyperopt")
-OWNED = {  # keys every trial sets itself
-    "annotate": {"data", "out", "classifier", "curves_from", "overwrite", "mlflow"},
-    "train": {"data", "out", "resume", "report_every", "mlflow"},
-    "sample": {"checkpoint", "out", "mlflow"},
+STAGES = ("annotate", "train", "sample")  # the registered stages of a trial whose keys a space may search
+_ALSO_OWNED = {  # keys every trial sets itself in a stage's section, besides the keys that wire the stage
+    "annotate": ("curves_from", "overwrite"),
+    "train": ("resume", "report_every"),
+    "sample": (),
 }
 
 
-def stage_models() -> dict:
-    from ambient_ray.stages.annotate import AnnotateConfig
-    from ambient_ray.stages.sample import SampleConfig
-    from ambient_ray.stages.train import TrainConfig
+def owned(stage: str) -> set[str]:
+    """The keys of ``stage`` a trial sets itself: neither searched nor fixed in the search config."""
+    return registry.owned(stage, *_ALSO_OWNED[stage])
 
-    return {"annotate": AnnotateConfig, "train": TrainConfig, "sample": SampleConfig}
+
+def stage_models() -> dict:
+    """Each searchable stage's config class, from the stage registry."""
+    return {stage: registry.get(stage).model() for stage in STAGES}
 
 
 def _is_domain(v: Any) -> bool:
@@ -106,7 +110,7 @@ def check(space: dict, base: dict[str, dict], searcher: str) -> dict[str, dict]:
             raise ConfigError(
                 f"search space key '{key}': must start with one of {', '.join(models)} (e.g. annotate.tau)"
             )
-        if rest.split(".")[0] in OWNED[stage]:
+        if rest.split(".")[0] in owned(stage):
             raise ConfigError(f"search space key '{key}': set by the search itself for each trial")
         kind, arg = next(iter(domain.items()))
         if kind == "grid" and searcher in ("optuna", "hyperopt"):

@@ -3,6 +3,8 @@ and row filters ``FIELD=V1[,V2]``."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ambient_ray.io import storage
@@ -89,3 +91,19 @@ def one_shape(meta, data: str) -> tuple[int, int]:
     if h != w:
         raise ValueError(f"images are {h}x{w}; training needs square images (corrupt with --image-size)")
     return int(h), int(c)
+
+
+def read_latents_info(data: str) -> dict | None:
+    """``latents.json`` of a precompute output (or of the folder a later stage wrote from it), if any."""
+    uri = storage.join(storage.normalize(data), "latents.json")
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def read_locality_table(uri: str) -> dict:
+    """A ``locality.json`` (the file, or a folder holding it), validated."""
+    uri = storage.normalize(uri)
+    path = uri if uri.endswith(".json") else storage.join(uri, "locality.json")
+    t = json.loads(storage.read_bytes(path))
+    if len(t.get("sigmas", [])) != len(t.get("crop", [])) or not t["sigmas"]:
+        raise ValueError(f"{path}: not a locality table (needs equal-length 'sigmas' and 'crop')")
+    return t

@@ -1,6 +1,6 @@
 """Streaming rows for σ-first training: a worker's share of the data, read as a stream of batches and kept in
 bounded per-stratum pools, so memory does not grow with the dataset (pure numpy/torch; the Ray Data reader
-that feeds it is :func:`ambient_ray.train.engine.stream_batches`).
+that feeds it is :func:`ambient_ray.train.rows.stream_batches`).
 
 The exact σ-first law (DESIGN.md, "The streaming σ-first sampler"; :mod:`ambient_ray.diffusion.stratified`)
 draws σ, then a stratum k with probability ∝ n_k·e_k(σ) from the *global* counts n_k, then a row of stratum

@@ -106,27 +106,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def image_grid(images: np.ndarray, ncols: int, pad: int = 0, pad_value: int = 255) -> np.ndarray:
-    """Tile uint8 (N, H, W, C) images row by row into one (rows·H', ncols·W', C) uint8 array.
-
-    ``pad`` pixels of ``pad_value`` go between and around the tiles; empty cells of the last row are
-    ``pad_value`` too. Save it with ``PIL.Image.fromarray(grid[..., 0] if C == 1 else grid)``.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"image_grid expects uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1 (got {ncols})")
-    n, h, w, c = images.shape
-    nrows = max(1, math.ceil(n / ncols))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, np.uint8)
-    for k in range(n):
-        r, q = divmod(k, ncols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[top : top + h, left : left + w] = images[k]
-    return grid
-
-
 class Guided:
     """EDM2's guidance by a weaker model ("autoguidance"; Karras et al. 2024 and its follow-up, "Guiding a
     Diffusion Model with a Bad Version of Itself"): D(x; σ, c) = D_guide + w·(D_main − D_guide), i.e.

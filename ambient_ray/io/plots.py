@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
-import pyarrow.parquet as pq
-
-from ambient_ray.data.images import decode_png
-from ambient_ray.data.sources import decode
-from ambient_ray.io import storage
 
 
 def figure_png(fig) -> bytes:
@@ -48,41 +44,30 @@ def image_rows(rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> byt
     return figure_png(fig)
 
 
-def corruption_preview(out: str, source, cfg, items, roles, specs, per_spec: int = 8) -> str:
-    """Write ``OUT/preview.png``: for each corruption, originals above their corrupted versions."""
-    wanted = {f"c{i}": [] for i in range(len(specs))}
-    for f in storage.list_files(storage.join(out, "data"), (".parquet",)):
-        fs, path = storage.filesystem(f)
-        t = pq.read_table(path, filesystem=fs, columns=["id", "image", "quality", "corruption"]).to_pylist()
-        for row in t:
-            if row["quality"] != "corrupted":
-                continue
-            key = next((k for k, s in zip(wanted, specs) if s.spec == row["corruption"]), None)
-            if key and len(wanted[key]) < per_spec:
-                wanted[key].append(row)
-        if all(len(v) >= per_spec for v in wanted.values()):
-            break
-    loc_of = dict(items)
-    rows = []
-    for spec, key in zip(specs, wanted):
-        picked = wanted[key]
-        if not picked:
-            continue
-        records = source.load([loc_of[r["id"]] for r in picked])
-        originals = [decode(rec, cfg.source)[0] for rec in records]
-        rows.append(("original", [o for o in originals if o is not None]))
-        rows.append((spec.spec, [decode_png(r["image"]) for r in picked]))
-    uri = storage.join(out, "preview.png")
-    if rows:
-        storage.write_bytes(uri, image_rows(rows, title=f"clean vs corrupted ({cfg.source.dataset})"))
-    return uri
+def image_grid(images: np.ndarray, ncols: int, pad: int = 0, pad_value: int = 255) -> np.ndarray:
+    """Tile uint8 (N, H, W, C) images row by row into one (rows·H', ncols·W', C) uint8 array.
+
+    ``pad`` pixels of ``pad_value`` go between and around the tiles; empty cells of the last row are
+    ``pad_value`` too. Save it with ``PIL.Image.fromarray(grid[..., 0] if C == 1 else grid)``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid expects uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1 (got {ncols})")
+    n, h, w, c = images.shape
+    nrows = max(1, math.ceil(n / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[top : top + h, left : left + w] = images[k]
+    return grid
 
 
 def image_grid_png(images: np.ndarray, ncols: int | None = None) -> bytes:
     """A PNG of uint8 (N, H, W, C) images tiled in a grid (no axes), upscaled for small images."""
     from PIL import Image
-
-    from ambient_ray.diffusion.samplers import image_grid
 
     grid = image_grid(images, ncols or int(np.ceil(np.sqrt(len(images)))), pad=1, pad_value=255)
     im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

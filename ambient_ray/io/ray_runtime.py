@@ -26,8 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from ambient_ray.data import shards
-from ambient_ray.io import storage
+from ambient_ray.io import shards, storage
 
 LOG_NAME = "ray.log"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")

@@ -319,6 +319,14 @@ def load_image_encoder(
     return loader(uri=uri, subfolder=subfolder, device=device, dtype=dtype, channels=channels, what=what)
 
 
+def image_encoder(vae: str, subfolder: str | None, channels: int, device: str = "cpu") -> ImageEncoder:
+    """The image encoder of ``--vae`` (precompute's key, recorded in a model's ``model.json``): a diffusers
+    AutoencoderKL folder, or ``pixels`` (the identity) for images of ``channels`` channels."""
+    if vae == "pixels":
+        return load_image_encoder(None, kind="pixels", channels=channels, device=device)
+    return load_image_encoder(vae, subfolder=subfolder, device=device)
+
+
 # ------------------------------------------------------------------------------------------------ text
 
 

@@ -52,12 +52,11 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.data import shards
+from ambient_ray.config import ConfigError, flag
 from ambient_ray.diffusion import thresholds
-from ambient_ray.io import ray_runtime, storage
-from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.io import shards, storage
 from ambient_ray.models.classifier import crop_curves, noise_curves
+from ambient_ray.stages.actor_stage import ActorConfig, ActorStage
 from ambient_ray.stages.results import AnnotateResult, StageFailed
 
 ANNOTATION_COLUMNS = ("sigma_min", "sigma_max", "annotation", "quality_score")
@@ -73,13 +72,9 @@ CURVES_SCHEMA = pa.schema(
 )
 
 
-class AnnotateConfig(Strict):
-    """Config of ``ambient-ray annotate``."""
+class AnnotateConfig(ActorConfig):
+    """Config of ``ambient-ray annotate`` (the actor keys: :class:`~ambient_ray.stages.actor_stage.ActorConfig`)."""
 
-    data: str = Field(
-        ..., description="dataset URI (a corrupt output folder or Parquet shards)", json_schema_extra=flag("--data")
-    )
-    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     classifier: str | None = Field(
         None,
         description="noise classifier (train-classifier --kind noise output) for σ_min",
@@ -172,15 +167,8 @@ class AnnotateConfig(Strict):
     max_forward: int | None = Field(
         None, ge=1, description="noised images per forward pass (default 4096 on CPU, 32768 on GPU)"
     )
-    concurrency: int | None = Field(
-        None, ge=1, description="actors (default: as many as the cluster's CPUs or GPUs allow)"
-    )
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (and its torch threads)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
     seed: int = Field(0, ge=0)
     overwrite: bool = Field(False, json_schema_extra=flag("--overwrite", "recompute curves of another run in --out"))
-    debug_fail_shard: str | None = Field(None, description="tests: fail on this input shard to exercise resume")
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
     def _draws_for_the_rule(self) -> "AnnotateConfig":
@@ -227,8 +215,8 @@ class CurveActor:
     """Ray Data actor: loads the classifiers and scorer once, then turns one input shard per call into curves."""
 
     def __init__(self, plan: dict):
-        from ambient_ray.io.weights import load
         from ambient_ray.models.scorers import load_scorer
+        from ambient_ray.models.weights import load
 
         self.plan = plan
         self.device = "cuda" if plan["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
@@ -341,10 +329,9 @@ def _file_digest(uri: str) -> str:
 
 def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
     """What the curves depend on (fingerprinted), after checking classifiers, locality and data agree."""
-    from ambient_ray.data.metadata import one_shape
+    from ambient_ray.data.metadata import one_shape, read_locality_table
     from ambient_ray.diffusion.ambient import CropTable
-    from ambient_ray.io.weights import load, model_dir
-    from ambient_ray.stages.locality import read_table
+    from ambient_ray.models.weights import load, model_dir
 
     size, channels = one_shape(meta, cfg.data)
     wfile = "ema.safetensors" if cfg.weights == "ema" else "model.safetensors"
@@ -374,7 +361,7 @@ def make_plan(cfg: AnnotateConfig, out: str, files: list[str], meta) -> dict:
             )
         d, _ = model_dir(cfg.crops_classifier)
         load(cfg.crops_classifier, "crops", cfg.weights, channels=channels)
-        table = read_table(cfg.locality)
+        table = read_locality_table(cfg.locality)
         if cfg.locality_eps is not None:
             from ambient_ray.diffusion.locality import crop_sizes
 
@@ -596,132 +583,141 @@ def write_outputs(
 # ------------------------------------------------------------------------------ the stage
 
 
+class Annotate(ActorStage):
+    """The annotate stage on :class:`ActorStage`: phase 1 (the curves) on the actor pool, phase 2 in
+    :meth:`finish`. The curves' done-markers are in ``_curves_done`` of OUT, or of ``curves_from`` when it
+    holds this very plan's curves."""
+
+    label = "annotate"
+    held = "curves from other classifiers, grid, draws, seed or data"
+    replace = " to recompute them"
+    outputs = (
+        "curves",
+        "_curves_done",
+        "data",
+        "quarantine",
+        "locality.json",
+        "latents.json",
+        "annotation.json",
+        "summary.json",
+        "sigma_min.png",
+        "sigma_max.png",
+        "curves.png",
+        "crop_curves.png",
+    )
+
+    def plan(self) -> None:
+        from ambient_ray.data.metadata import data_dir, load_metadata
+
+        cfg = self.cfg
+        self.refuse_overlap(data_dir(cfg.data), "annotation")
+        if not (cfg.classifier or cfg.crops_classifier or cfg.fixed or cfg.scorer or cfg.fixed_sigma_min is not None):
+            raise ConfigError(
+                "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, "
+                "--scorer or fixed_sigma_min"
+            )
+        self.files = storage.list_files(data_dir(cfg.data), (".parquet",))
+        self.meta = load_metadata(cfg.data)
+        _check_rules(cfg, self.meta)
+        self.curves_plan = make_plan(cfg, self.out, self.files, self.meta)
+        self.fingerprint = self.curves_plan["fingerprint"]
+        self.shards = [shards.shard_name(f) for f in self.files]
+        self.manifest = {"shards": len(self.files)}
+
+    def claim(self) -> None:
+        super().claim()
+        self.curves_root = _reusable_curves(self.cfg, self.curves_plan, self.files) or self.out
+        self.markers = storage.join(self.curves_root, "_curves_done")
+
+    def work(self, todo: list[str]) -> list[dict]:
+        wanted = set(todo)
+        files = [f for f in self.files if shards.shard_name(f) in wanted]
+        complete = "shards' curves complete"
+        return self.actors(
+            CurveActor, self.curves_plan, files, error=StageFailed, done="_curves_done", complete=complete
+        )
+
+    def finish(self, done: dict[str, dict], ran: list[dict], seconds: float) -> AnnotateResult:
+        """Phase 2: σ_min (and σ_max) per row from the curves, the annotated shards, the report and plots."""
+        import pandas as pd
+
+        cfg, out, files, meta, plan = self.cfg, self.out, self.files, self.meta, self.curves_plan
+        curves_root, results = self.curves_root, ran
+        tables = []
+        for f in files:
+            c_uri = storage.join(curves_root, "curves", f"{shards.shard_name(f)}.parquet")
+            fs, path = storage.filesystem(c_uri)
+            tables.append(pq.read_table(path, filesystem=fs))
+        curves = pa.concat_tables(tables).to_pandas().set_index("id").loc[meta["id"]].reset_index()
+        rows = annotate_rows(cfg, plan, meta, curves)
+        err = curves["error"].to_numpy()
+        provenance = {
+            "classifier": plan["classifier"],
+            "crops_classifier": plan["crops_classifier"],
+            "tau": cfg.tau,
+            "mode": cfg.mode,
+            "rule": cfg.rule if cfg.mode == "per-sample" else None,
+            "span": cfg.span if cfg.rule == "smoothed" else None,
+            "z": cfg.z if cfg.rule == "confident" else None,
+            "sets": cfg.sets,
+            "crops_mode": cfg.crops_mode,
+            "grid": plan["grid"],
+            "draws": cfg.draws,
+            "weights": cfg.weights,
+            "fixed": cfg.fixed,
+            "fixed_sigma_min": cfg.fixed_sigma_min,
+            "scorer": cfg.scorer,
+            "top_percent": cfg.top_percent if cfg.scorer else None,
+            "locality": storage.normalize(cfg.locality) if cfg.locality else None,
+            "locality_eps": cfg.locality_eps,
+            "data": storage.normalize(cfg.data),
+            "curves": curves_root,
+        }
+        n_out, n_q = write_outputs(cfg, out, files, meta, rows, err, provenance)
+        self.conserve(len(meta), len(meta), n_out, n_q)
+        if plan["locality"]:
+            storage.write_bytes(storage.join(out, "locality.json"), json.dumps(plan["locality"], indent=1).encode())
+        latents = storage.join(storage.normalize(cfg.data), "latents.json")
+        if storage.exists(
+            latents
+        ):  # precomputed latents: training and sampling read their normalisation beside the data
+            storage.write_bytes(storage.join(out, "latents.json"), storage.read_bytes(latents))
+
+        usable = rows["usable"]
+        group = _groups(meta, rows)
+        by_group = {g: rows["sigma_min"][(group == g) & usable] for g in dict.fromkeys(group[usable])}
+        annotated = usable & (rows["annotation"] != "clean")
+        summary = {
+            "out": out,
+            "rows_in": len(meta),
+            "rows_out": n_out,
+            "rows_quarantined": n_q,
+            "shards": len(files),
+            "shards_run": len(results),
+            "shards_skipped": len(files) - len(results),
+            "rows_run": int(sum(r["rows"] for r in results)),
+            "seconds_curves": seconds,
+            "images_per_s": sum(r["rows"] for r in results) / seconds if results and seconds > 0 else 0.0,
+            "never_crossed": int((rows["never_crossed"] & usable).sum()),
+            "mean_sigma_min": float(rows["sigma_min"][annotated].mean()) if annotated.any() else 0.0,
+            "mean_sigma_min_by_group": {g: float(v.mean()) for g, v in by_group.items() if len(v)},
+            "rows_with_sigma_max": int((rows["sigma_max"][usable] > 0).sum()),
+            "annotations": pd.Series(rows["annotation"][usable]).value_counts().to_dict(),
+            "provenance": provenance,
+        }
+        storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
+        files_out = _plots(cfg, plan, out, curves, rows, group, summary)
+        _track(cfg, out, summary, files_out)
+        if summary.get("mlflow_run_id"):
+            storage.write_bytes(
+                storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode()
+            )
+        return summary
+
+
 def run(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
     """Run the annotate stage (Ray started in-process if not connected); returns the summary."""
-    import pandas as pd
-
-    from ambient_ray.data.metadata import data_dir, load_metadata
-
-    out = storage.normalize(cfg.out)
-    storage.check_reachable(out)
-    inp = data_dir(cfg.data)
-    if any(
-        a == b or a.startswith(b.rstrip("/") + "/")
-        for a, b in ((inp, out), (out, inp), (storage.normalize(cfg.data), out))
-    ):
-        raise ConfigError(f"config key 'out': {out} overlaps the input shards in {inp}; write the annotation elsewhere")
-    if not (cfg.classifier or cfg.crops_classifier or cfg.fixed or cfg.scorer or cfg.fixed_sigma_min is not None):
-        raise ConfigError(
-            "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, "
-            "--scorer or fixed_sigma_min"
-        )
-    files = storage.list_files(data_dir(cfg.data), (".parquet",))
-    meta = load_metadata(cfg.data)
-    _check_rules(cfg, meta)
-    plan = make_plan(cfg, out, files, meta)
-
-    if shards.manifest_changed(out, plan["fingerprint"]):
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{out} already holds curves from other classifiers, grid, draws, seed or data; "
-                "use another 'out' or set overwrite=true to recompute them"
-            )
-        for sub in (
-            "curves",
-            "_curves_done",
-            "data",
-            "quarantine",
-            "locality.json",
-            "latents.json",
-            "annotation.json",
-            "summary.json",
-            "sigma_min.png",
-            "sigma_max.png",
-            "curves.png",
-            "crop_curves.png",
-        ):
-            storage.delete(storage.join(out, sub))
-    shards.write_manifest(out, plan["fingerprint"], shards=len(files))
-    cfgmod.save_resolved(cfg, out)
-
-    curves_root = _reusable_curves(cfg, plan, files) or out
-    done = shards.done_all(storage.join(curves_root, "_curves_done"), plan["fingerprint"])
-    todo = [f for f in files if shards.shard_name(f) not in done]
-    t0 = time.perf_counter()
-    results: list[dict] = []
-    if todo:
-        ray_runtime.ray_init(out)
-        results = _run_actors(cfg, plan, todo, len(files), progress)
-    seconds = time.perf_counter() - t0
-
-    # phase 2
-    tables = []
-    for f in files:
-        c_uri = storage.join(curves_root, "curves", f"{shards.shard_name(f)}.parquet")
-        fs, path = storage.filesystem(c_uri)
-        tables.append(pq.read_table(path, filesystem=fs))
-    curves = pa.concat_tables(tables).to_pandas().set_index("id").loc[meta["id"]].reset_index()
-    rows = annotate_rows(cfg, plan, meta, curves)
-    err = curves["error"].to_numpy()
-    provenance = {
-        "classifier": plan["classifier"],
-        "crops_classifier": plan["crops_classifier"],
-        "tau": cfg.tau,
-        "mode": cfg.mode,
-        "rule": cfg.rule if cfg.mode == "per-sample" else None,
-        "span": cfg.span if cfg.rule == "smoothed" else None,
-        "z": cfg.z if cfg.rule == "confident" else None,
-        "sets": cfg.sets,
-        "crops_mode": cfg.crops_mode,
-        "grid": plan["grid"],
-        "draws": cfg.draws,
-        "weights": cfg.weights,
-        "fixed": cfg.fixed,
-        "fixed_sigma_min": cfg.fixed_sigma_min,
-        "scorer": cfg.scorer,
-        "top_percent": cfg.top_percent if cfg.scorer else None,
-        "locality": storage.normalize(cfg.locality) if cfg.locality else None,
-        "locality_eps": cfg.locality_eps,
-        "data": storage.normalize(cfg.data),
-        "curves": curves_root,
-    }
-    n_out, n_q = write_outputs(cfg, out, files, meta, rows, err, provenance)
-    if n_out + n_q != len(meta):
-        raise RuntimeError(f"annotate: row conservation broken: {len(meta)} rows in, {n_out} out, {n_q} quarantined")
-    if plan["locality"]:
-        storage.write_bytes(storage.join(out, "locality.json"), json.dumps(plan["locality"], indent=1).encode())
-    latents = storage.join(storage.normalize(cfg.data), "latents.json")
-    if storage.exists(latents):  # precomputed latents: training and sampling read their normalisation beside the data
-        storage.write_bytes(storage.join(out, "latents.json"), storage.read_bytes(latents))
-
-    usable = rows["usable"]
-    group = _groups(meta, rows)
-    by_group = {g: rows["sigma_min"][(group == g) & usable] for g in dict.fromkeys(group[usable])}
-    annotated = usable & (rows["annotation"] != "clean")
-    summary = {
-        "out": out,
-        "rows_in": len(meta),
-        "rows_out": n_out,
-        "rows_quarantined": n_q,
-        "shards": len(files),
-        "shards_run": len(results),
-        "shards_skipped": len(files) - len(results),
-        "rows_run": int(sum(r["rows"] for r in results)),
-        "seconds_curves": seconds,
-        "images_per_s": sum(r["rows"] for r in results) / seconds if results and seconds > 0 else 0.0,
-        "never_crossed": int((rows["never_crossed"] & usable).sum()),
-        "mean_sigma_min": float(rows["sigma_min"][annotated].mean()) if annotated.any() else 0.0,
-        "mean_sigma_min_by_group": {g: float(v.mean()) for g, v in by_group.items() if len(v)},
-        "rows_with_sigma_max": int((rows["sigma_max"][usable] > 0).sum()),
-        "annotations": pd.Series(rows["annotation"][usable]).value_counts().to_dict(),
-        "provenance": provenance,
-    }
-    storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
-    files_out = _plots(cfg, plan, out, curves, rows, group, summary)
-    _track(cfg, out, summary, files_out)
-    if summary.get("mlflow_run_id"):
-        storage.write_bytes(storage.join(out, "annotation.json"), json.dumps(summary, indent=1, default=float).encode())
-    return summary
+    return Annotate(cfg, progress).run()
 
 
 def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str | None:
@@ -743,30 +739,6 @@ def _reusable_curves(cfg: AnnotateConfig, plan: dict, files: list[str]) -> str |
         print(f"annotate: not reusing the curves in {src}: {why}; computing them in {plan['out']}")
         return None
     return src
-
-
-def _run_actors(cfg: AnnotateConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:
-    results = ray_runtime.shard_actors(
-        CurveActor,
-        plan,
-        todo,
-        [shards.shard_name(f) for f in todo],
-        label="annotate",
-        concurrency=cfg.concurrency,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        enabled=progress,
-    )
-    ray_runtime.raise_failed_shards(
-        results,
-        plan,
-        label="annotate",
-        total=total,
-        done="_curves_done",
-        error=StageFailed,
-        complete="shards' curves complete",
-    )
-    return results
 
 
 def _groups(meta, rows) -> np.ndarray:

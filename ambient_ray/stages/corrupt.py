@@ -10,7 +10,7 @@ shard's rows, corrupt them (batched numpy/PIL), and write
                                         source, quality, corruption, seed
     OUT/quarantine/shard-NNNNN.parquet  rows that could not be used: id, source, locator, reason, image
     OUT/_done/shard-NNNNN.json          the shard's counts, written last: the shard's commit marker
-                                        (a done-marker of :mod:`ambient_ray.data.shards`, with the plan's fingerprint)
+                                        (a done-marker of :mod:`ambient_ray.io.shards`, with the plan's fingerprint)
 
 Each file is written atomically, and a shard counts as done only once its marker exists, so a
 re-run after a kill redoes exactly the unfinished shards and never duplicates a row. The plan is
@@ -33,16 +33,16 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
-from ambient_ray.config import Strict, flag
-from ambient_ray.data import shards
+from ambient_ray.config import flag
 from ambient_ray.data.images import encode_png
 from ambient_ray.data.schema import DATA_SCHEMA, QUARANTINE_SCHEMA
 from ambient_ray.data.sources import SourceConfig, decode, list_items, make_source, unjson
-from ambient_ray.io import ray_runtime, storage
+from ambient_ray.io import ray_runtime, shards, storage
+from ambient_ray.stages.actor_stage import ActorStage, ShardedConfig
 from ambient_ray.stages.results import StageFailed
 
 
-class CorruptConfig(Strict):
+class CorruptConfig(ShardedConfig):
     """Config of ``ambient-ray corrupt`` (YAML keys; ``--set source.image_size=32`` and so on)."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -57,9 +57,6 @@ class CorruptConfig(Strict):
         0.1, ge=0.0, le=1.0, json_schema_extra=flag("--clean-fraction", "fraction of rows kept clean")
     )
     seed: int = Field(0, ge=0, json_schema_extra=flag("--seed", "seed for the clean subset and the corruptions"))
-    out: str = Field(
-        ..., description="output URI: a local folder or s3://bucket/prefix", json_schema_extra=flag("--out")
-    )
     shard_size: int = Field(1024, ge=1, le=1_000_000, json_schema_extra=flag("--shard-size", "rows per output shard"))
     plugins: list[str] = Field(
         default_factory=list,
@@ -257,50 +254,48 @@ def done_shards(out: str, fingerprint: str) -> dict[int, dict]:
     return {int(s["shard"]): s for s in shards.done_all(storage.join(out, "_done"), fingerprint).values()}
 
 
-def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
-    """Run the corrupt stage (connecting to Ray, or starting it in-process)."""
-    load_plugins(cfg.plugins)
-    specs = [corruptions.parse(s) for s in cfg.corruptions]  # clear errors before any work
-    out = storage.normalize(cfg.out)
-    storage.check_reachable(out)
-    if storage.is_s3(cfg.source.dataset):
-        storage.check_reachable(cfg.source.dataset)
+class Corrupt(ActorStage):
+    """The corrupt stage on :class:`ActorStage`: one Ray task per shard of the source's listing (Ray Core's
+    retries bound the retries of a shard whose worker died)."""
 
-    source = make_source(cfg.source)
-    items = list_items(source, cfg.source)
-    ids = [i for i, _ in items]
-    roles, seeds = plan_rows(ids, len(specs), cfg.clean_fraction, cfg.seed)
-    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    fingerprint = _fingerprint(cfg, ids)
+    label = "corrupt"
+    held = "a corrupt run with a different plan (config or source changed)"
+    replace = " to replace it"
 
-    if shards.manifest_changed(out, fingerprint):
-        if not cfg.overwrite:
-            raise cfgmod.ConfigError(
-                f"{out} already holds a corrupt run with a different plan (config or source changed); "
-                "use another 'out' or set overwrite=true to replace it"
-            )
-        for sub in ("data", "quarantine", "_done"):
-            storage.delete(storage.join(out, sub))
-    shards.write_manifest(out, fingerprint, rows=len(items), shards=n_shards, shard_size=cfg.shard_size)
-    cfgmod.save_resolved(cfg, out)
+    def check(self) -> None:
+        load_plugins(self.cfg.plugins)
+        self.specs = [corruptions.parse(s) for s in self.cfg.corruptions]  # clear errors before any work
 
-    done = done_shards(out, fingerprint)
-    todo = [k for k in range(n_shards) if k not in done]
-    rows = []
-    for k in todo:
-        s = slice(k * cfg.shard_size, (k + 1) * cfg.shard_size)
-        payload = {"ids": ids[s], "locs": [loc for _, loc in items[s]], "roles": roles[s], "seeds": seeds[s]}
-        rows.append({"shard": k, "payload": json.dumps(payload)})
+    def plan(self) -> None:
+        cfg = self.cfg
+        if storage.is_s3(cfg.source.dataset):
+            storage.check_reachable(cfg.source.dataset)
+        self.source = make_source(cfg.source)
+        self.items = list_items(self.source, cfg.source)
+        self.ids = [i for i, _ in self.items]
+        self.roles, self.seeds = plan_rows(self.ids, len(self.specs), cfg.clean_fraction, cfg.seed)
+        n_shards = (len(self.items) + cfg.shard_size - 1) // cfg.shard_size
+        self.fingerprint = _fingerprint(cfg, self.ids)
+        self.shards = [_shard_name(k) for k in range(n_shards)]
+        self.manifest = {"rows": len(self.items), "shards": n_shards, "shard_size": cfg.shard_size}
 
-    new: list[dict] = []
-    if rows:
-        ray_runtime.ray_init(out)
-    t0 = time.perf_counter()
-    if rows:
+    def work(self, todo: list[str]) -> list[dict]:
+        cfg, size = self.cfg, self.cfg.shard_size
+        index = {name: k for k, name in enumerate(self.shards)}
+        batches = []
+        for name in todo:
+            k = index[name]
+            s = slice(k * size, (k + 1) * size)
+            payload = {
+                "ids": self.ids[s],
+                "locs": [loc for _, loc in self.items[s]],
+                "roles": self.roles[s],
+                "seeds": self.seeds[s],
+            }
+            batches.append({"shard": [k], "payload": [json.dumps(payload)]})
         try:
             # one Ray task per shard: Ray Core's max_retries bounds the retries of a shard whose worker died
             # (Ray Data's map_batches takes it only through the deprecated ray_remote_args)
-            batches = [{"shard": [r["shard"]], "payload": [r["payload"]]} for r in rows]
             summaries = ray_runtime.run_tasks(
                 process_shard,
                 batches,
@@ -309,51 +304,51 @@ def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
                 num_cpus=cfg.num_cpus_per_task,
                 max_retries=cfg.task_retries,
                 kwargs={
-                    "source": source,
+                    "source": self.source,
                     "source_cfg": cfg.source,
-                    "specs": specs,
-                    "out": out,
-                    "fingerprint": fingerprint,
+                    "specs": self.specs,
+                    "out": self.out,
+                    "fingerprint": self.fingerprint,
                 },
-                enabled=progress,
+                enabled=self.progress,
             )
-            new = [{k: v[0] for k, v in summary.items()} for summary in summaries]
         except Exception as e:
-            finished = len(done_shards(out, fingerprint))
+            finished = len(done_shards(self.out, self.fingerprint))
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise StageFailed(
-                f"corrupt stage failed with {finished} of {n_shards} shards complete in {out}: {cause}\n"
+                f"corrupt stage failed with {finished} of {len(self.shards)} shards complete in {self.out}: {cause}\n"
                 "completed shards are kept; re-run the same command to resume"
             ) from e
-    seconds = time.perf_counter() - t0
+        return [{k: v[0] for k, v in summary.items()} for summary in summaries]
 
-    all_done = done_shards(out, fingerprint)
-    missing = sorted(set(range(n_shards)) - set(all_done))
-    if missing:
-        raise RuntimeError(f"corrupt: shards {missing[:10]} of {out} have no completion marker after the run")
-    rows_in = sum(d["rows_in"] for d in all_done.values())
-    rows_out = sum(d["rows_out"] for d in all_done.values())
-    rows_q = sum(d["rows_quarantined"] for d in all_done.values())
-    if rows_in != len(items) or rows_out + rows_q != rows_in:
-        raise RuntimeError(
-            f"corrupt: row conservation broken: {len(items)} listed, {rows_in} in, {rows_out} out, {rows_q} quarantined"
+    def finish(self, done: dict[str, dict], ran: list[dict], seconds: float) -> CorruptResult:
+        rows_in = sum(d["rows_in"] for d in done.values())
+        rows_out = sum(d["rows_out"] for d in done.values())
+        rows_q = sum(d["rows_quarantined"] for d in done.values())
+        self.conserve(len(self.items), rows_in, rows_out, rows_q)
+        rows_run = sum(int(r["rows_in"]) for r in ran)
+        result = CorruptResult(
+            out=self.out,
+            rows_in=rows_in,
+            rows_out=rows_out,
+            rows_quarantined=rows_q,
+            shards_total=len(self.shards),
+            shards_run=len(ran),
+            shards_skipped=len(self.shards) - len(ran),
+            rows_run=rows_run,
+            seconds=seconds,
+            images_per_s=rows_run / seconds if seconds > 0 and rows_run else 0.0,
         )
-    rows_run = sum(int(r["rows_in"]) for r in new)
-    result = CorruptResult(
-        out=out,
-        rows_in=rows_in,
-        rows_out=rows_out,
-        rows_quarantined=rows_q,
-        shards_total=n_shards,
-        shards_run=len(new),
-        shards_skipped=n_shards - len(new),
-        rows_run=rows_run,
-        seconds=seconds,
-        images_per_s=rows_run / seconds if seconds > 0 and rows_run else 0.0,
-    )
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(asdict(result), indent=1).encode())
-    if cfg.preview:
-        from ambient_ray.io.plots import corruption_preview
+        storage.write_bytes(storage.join(self.out, "summary.json"), json.dumps(asdict(result), indent=1).encode())
+        if self.cfg.preview:
+            from ambient_ray.data.preview import corruption_preview
 
-        corruption_preview(out, source, cfg, items, roles, specs, per_spec=cfg.preview)
-    return result
+            corruption_preview(
+                self.out, self.source, self.cfg, self.items, self.roles, self.specs, per_spec=self.cfg.preview
+            )
+        return result
+
+
+def run(cfg: CorruptConfig, *, progress: bool = True) -> CorruptResult:
+    """Run the corrupt stage (connecting to Ray, or starting it in-process)."""
+    return Corrupt(cfg, progress).run()

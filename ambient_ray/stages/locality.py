@@ -60,7 +60,7 @@ def run(cfg: LocalityConfig) -> LocalityResult:
     from ambient_ray.data.images import read_images
     from ambient_ray.data.metadata import load_metadata
     from ambient_ray.io import plots, tracking
-    from ambient_ray.io.weights import load
+    from ambient_ray.models.weights import load
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
@@ -111,13 +111,3 @@ def run(cfg: LocalityConfig) -> LocalityResult:
     tracking.log_files(run_id, uri, {"locality.png": png, "locality.json": json.dumps(table).encode()})
     tracking.finish(run_id, uri)
     return {"out": out, "table": table, "mlflow_run_id": run_id}
-
-
-def read_table(uri: str) -> dict:
-    """A ``locality.json`` (the file, or a folder holding it), validated."""
-    uri = storage.normalize(uri)
-    path = uri if uri.endswith(".json") else storage.join(uri, "locality.json")
-    t = json.loads(storage.read_bytes(path))
-    if len(t.get("sigmas", [])) != len(t.get("crop", [])) or not t["sigmas"]:
-        raise ValueError(f"{path}: not a locality table (needs equal-length 'sigmas' and 'crop')")
-    return t

@@ -1,14 +1,14 @@
 """The phema stage: post-hoc EMA (EDM2 Sec. 3.2) from the power-EMA snapshots a training run wrote.
 
 A run trained with ``ema: power`` writes every ``ema_snapshot_every`` images, for each tracked profile,
-``OUT/phema/<std>-<step, 10 digits>.safetensors`` (:func:`write_snapshot`): the full EMA of that profile after
-that optimizer step, with the profile (σ_rel, γ) and the time (step, images, global batch) in the safetensors
-metadata. ``ambient-ray phema --run OUT --std S [--at STEP] --out DIR`` solves for the least-squares
-combination of the snapshots (at steps ≤ ``at``) whose averaging profile is closest to the power profile of
-σ_rel ``S`` at step ``at`` (:func:`ambient_ray.diffusion.phema.solve`; exact inner products over steps), refuses
-a fit that leaves more than ``max_residual`` of the profile unexplained, and writes ``DIR/ema.safetensors``
-(the combination, summed one tensor at a time), ``DIR/model.json`` (the run's) and ``DIR/phema.json`` (the
-weights used), so ``ambient-ray sample --checkpoint DIR`` draws from it.
+``OUT/phema/<std>-<step, 10 digits>.safetensors`` (:func:`ambient_ray.io.snapshots.write_snapshot`): the full EMA
+of that profile after that optimizer step, with the profile (σ_rel, γ) and the time (step, images, global batch) in
+the safetensors metadata. ``ambient-ray phema --run OUT --std S [--at STEP] --out DIR`` solves for the
+least-squares combination of the snapshots (at steps ≤ ``at``) whose averaging profile is closest to the power
+profile of σ_rel ``S`` at step ``at`` (:func:`ambient_ray.diffusion.phema.solve`; exact inner products over steps),
+refuses a fit that leaves more than ``max_residual`` of the profile unexplained, and writes ``DIR/ema.safetensors``
+(the combination, summed one tensor at a time), ``DIR/model.json`` (the run's) and ``DIR/phema.json`` (the weights
+used), so ``ambient-ray sample --checkpoint DIR`` draws from it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pydantic import Field
 
 from ambient_ray.config import ConfigError, Strict, csv, flag
 from ambient_ray.io import storage
-
-FORMAT = "ambient-ray power-EMA snapshot"
+from ambient_ray.io.snapshots import list_snapshots
 
 
 class PhemaConfig(Strict):
@@ -53,60 +52,6 @@ class PhemaConfig(Strict):
         gt=0,
         description="refuse a reconstruction whose profile fit leaves more than this relative L2 residual",
     )
-
-
-# ------------------------------------------------------------------------------ the snapshots on storage
-
-
-def snapshot_uri(out: str, std: float, step: int) -> str:
-    return storage.join(storage.normalize(out), "phema", f"{std:g}-{step:010d}.safetensors")
-
-
-def write_snapshot(out: str, tensors: dict, std: float, gamma: float, step: int, global_batch: int) -> str:
-    """One profile's full EMA after ``step`` to ``OUT/phema/`` (atomically: readers see the whole file or none)."""
-    from safetensors.torch import save
-
-    meta = {"format": FORMAT, "std": repr(float(std)), "gamma": repr(float(gamma)), "step": str(step)}
-    meta.update(nimg=str(step * global_batch), global_batch=str(global_batch))
-    uri = snapshot_uri(out, std, step)
-    storage.write_bytes(uri, save(tensors, metadata=meta))
-    return uri
-
-
-def read_metadata(uri: str) -> dict[str, str]:
-    """A safetensors file's metadata, from its header only (8 bytes of length, then the JSON header)."""
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("not a safetensors file")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {uri}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{uri}: not a readable safetensors snapshot ({e})") from None
-    return header.get("__metadata__") or {}
-
-
-def list_snapshots(run: str) -> list[dict]:
-    """The run's snapshots as dicts (uri, std, gamma, step, nimg), sorted by step then σ_rel."""
-    root = storage.join(storage.normalize(run), "phema")
-    found = []
-    for uri in storage.list_files(root, (".safetensors",), recursive=False):
-        meta = read_metadata(uri)
-        if meta.get("format") != FORMAT:
-            continue
-        found.append(
-            {
-                "uri": uri,
-                "std": float(meta["std"]),
-                "gamma": float(meta["gamma"]),
-                "step": int(meta["step"]),
-                "nimg": int(meta["nimg"]),
-            }
-        )
-    return sorted(found, key=lambda s: (s["step"], s["std"]))
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -151,8 +96,8 @@ def choose(cfg: PhemaConfig, snaps: list[dict]) -> tuple[list[dict], int, list[f
 
 def model_json(run: str) -> bytes:
     """The run's ``model.json`` (its exported ``model/``, else its latest checkpoint's)."""
-    from ambient_ray.io.weights import model_dir
-    from ambient_ray.train.engine import latest_checkpoint
+    from ambient_ray.io.checkpoint import latest_checkpoint
+    from ambient_ray.models.weights import model_dir
 
     try:
         d, _ = model_dir(run)

@@ -21,7 +21,7 @@ Outputs under OUT (every input column is kept):
   decoding (measured over the data so that each channel has std ``latent_std``, as EDM2 rescales its
   latents, unless ``latent_shift``/``latent_scale`` are given; the identity for ``pixels``).
 
-Resumable with the shard protocol (:mod:`ambient_ray.data.shards`): a shard's done-marker in ``OUT/_done``
+Resumable with the shard protocol (:mod:`ambient_ray.io.shards`): a shard's done-marker in ``OUT/_done``
 carries the fingerprint of the encoders, resolution and data; a killed run redoes only unfinished shards
 (each shard file is written whole, so nothing is duplicated), and another set of encoders into the same
 ``out`` is refused unless ``overwrite``. Wrong or unreadable weights are refused by name before any work.
@@ -40,22 +40,17 @@ import torch
 from pydantic import Field
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.data import schema, shards
-from ambient_ray.io import ray_runtime, storage, tracking
-from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.config import ConfigError, flag
+from ambient_ray.data import schema
+from ambient_ray.io import shards, storage, tracking
+from ambient_ray.models.encoders import image_encoder
+from ambient_ray.stages.actor_stage import ActorConfig, ActorStage
 from ambient_ray.stages.results import PrecomputeResult, StageFailed
 
 
-class PrecomputeConfig(Strict):
-    """Config of ``ambient-ray precompute``."""
+class PrecomputeConfig(ActorConfig):
+    """Config of ``ambient-ray precompute`` (the actor keys: :class:`~ambient_ray.stages.actor_stage.ActorConfig`)."""
 
-    data: str = Field(
-        ...,
-        description="input dataset URI (a corrupt/annotate output or Parquet shards)",
-        json_schema_extra=flag("--data"),
-    )
-    out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     vae: str = Field(
         ...,
         description="a diffusers AutoencoderKL folder (local or s3://), or 'pixels' (identity, for pixel-space runs)",
@@ -82,12 +77,6 @@ class PrecomputeConfig(Strict):
     latent_scale: list[float] | None = Field(None, description="configured normalisation: per-channel scale")
     emb_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored caption embeddings")
     batch_size: int = Field(32, ge=1, description="images (and captions) per encoder call")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share a GPU)")
-    concurrency: int | None = Field(None, ge=1, description="actors (default: as many as the resources allow)")
-    overwrite: bool = Field(False, description="replace an earlier precompute with other encoders in 'out'")
-    debug_fail_shard: str | None = Field(None, description="tests: this shard's actor call fails")
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -142,15 +131,6 @@ def make_plan(cfg: PrecomputeConfig, out: str, files: list[str], meta) -> dict:
         debug_fail_shard=cfg.debug_fail_shard,
     )
     return plan
-
-
-def image_encoder(vae: str, subfolder: str | None, channels: int, device: str = "cpu"):
-    """The image encoder of ``--vae``: a diffusers AutoencoderKL folder, or ``pixels`` (the identity)."""
-    from ambient_ray.models import encoders
-
-    if vae == "pixels":
-        return encoders.load_image_encoder(None, kind="pixels", channels=channels, device=device)
-    return encoders.load_image_encoder(vae, subfolder=subfolder, device=device)
 
 
 def specs(plan: dict) -> list[schema.TensorSpec]:
@@ -339,99 +319,72 @@ def normalisation(cfg: PrecomputeConfig, plan: dict, done: dict[str, dict]) -> d
     }
 
 
-def _run_actors(cfg: PrecomputeConfig, plan: dict, todo: list[str], total: int, progress: bool) -> list[dict]:
-    results = ray_runtime.shard_actors(
-        PrecomputeActor,
-        plan,
-        todo,
-        [shards.shard_name(f) for f in todo],
-        label="precompute",
-        concurrency=cfg.concurrency,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        enabled=progress,
-    )
-    ray_runtime.raise_failed_shards(results, plan, label="precompute", total=total, done="_done", error=StageFailed)
-    return results
+class Precompute(ActorStage):
+    """The precompute stage on :class:`ActorStage`: the encoders on the actor pool, the normalisation and
+    ``latents.json`` in :meth:`finish`."""
+
+    label = "precompute"
+    held = "a precompute with other encoders, resolution or data"
+    outputs = ("data", "quarantine", "_done", "latents.json", "summary.json")
+
+    def plan(self) -> None:
+        from ambient_ray.data.metadata import data_dir, load_metadata
+
+        cfg = self.cfg
+        inp = data_dir(cfg.data)
+        self.refuse_overlap(inp, "latents")
+        self.files = storage.list_files(inp, (".parquet",))
+        self.meta = load_metadata(cfg.data)
+        self.encoders = make_plan(cfg, self.out, self.files, self.meta)
+        self.fingerprint = self.encoders["fingerprint"]
+        self.shards = [shards.shard_name(f) for f in self.files]
+        self.manifest = {"shards": len(self.files)}
+
+    def work(self, todo: list[str]) -> list[dict]:
+        wanted = set(todo)
+        files = [f for f in self.files if shards.shard_name(f) in wanted]
+        return self.actors(PrecomputeActor, self.encoders, files, error=StageFailed, done="_done")
+
+    def finish(self, done: dict[str, dict], ran: list[dict], seconds: float) -> PrecomputeResult:
+        """The latents' normalisation and ``latents.json``, the summary (also to MLflow and ``summary.json``)."""
+        cfg, out, plan, files, results = self.cfg, self.out, self.encoders, self.files, ran
+        rows_in = sum(d["rows"] for d in done.values())
+        rows_out = sum(d["rows_out"] for d in done.values())
+        rows_q = sum(d["quarantined"] for d in done.values())
+        self.conserve(len(self.meta), rows_in, rows_out, rows_q)
+        norm = normalisation(cfg, plan, done)
+        info = {
+            **{k: plan[k] for k in ("vae", "vae_subfolder", "vae_fingerprint", "text_encoder", "text_fingerprint")},
+            **{k: plan[k] for k in ("resolution", "channels", "factor", "latent_shape", "emb_shape", "emb_dtype")},
+            "fingerprint": plan["fingerprint"],
+            "latent_channels": plan["latent_shape"][0] // 2,
+            **norm,
+        }
+        shards.write_json(storage.join(out, "latents.json"), info)
+        run_rows = sum(r.get("rows", 0) for r in results)
+        summary: PrecomputeResult = {
+            "out": out,
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_quarantined": rows_q,
+            "shards": len(files),
+            "shards_run": len(results),
+            "shards_skipped": len(files) - len(results),
+            "seconds": seconds,
+            "images_per_s": run_rows / seconds if results and seconds > 0 else 0.0,
+            "latents": info,
+        }
+        tags = {"stage": "precompute", "vae_fingerprint": plan["vae_fingerprint"] or ""}
+        tags["text_fingerprint"] = plan["text_fingerprint"] or ""
+        with tracking.run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags=tags) as (run_id, uri):
+            metrics = ("rows_in", "rows_out", "rows_quarantined", "shards_run", "images_per_s")
+            tracking.log_metrics(run_id, uri, {k: float(summary[k]) for k in metrics})
+            tracking.log_files(run_id, uri, {"latents.json": json.dumps(info, indent=1).encode()})
+            summary["mlflow_run_id"] = run_id
+        shards.write_json(storage.join(out, "summary.json"), summary)
+        return summary
 
 
 def run(cfg: PrecomputeConfig, *, progress: bool = True) -> PrecomputeResult:
     """Run the precompute stage (Ray started in-process if not connected); returns the summary."""
-    from ambient_ray.data.metadata import data_dir, load_metadata
-
-    out = storage.normalize(cfg.out)
-    storage.check_reachable(out)
-    inp = data_dir(cfg.data)
-    if (
-        out == storage.normalize(cfg.data)
-        or out.startswith(inp.rstrip("/") + "/")
-        or inp.startswith(out.rstrip("/") + "/")
-    ):
-        raise ConfigError(f"config key 'out': {out} overlaps the input shards in {inp}; write the latents elsewhere")
-    files = storage.list_files(inp, (".parquet",))
-    meta = load_metadata(cfg.data)
-    plan = make_plan(cfg, out, files, meta)
-    if shards.manifest_changed(out, plan["fingerprint"]):
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{out} already holds a precompute with other encoders, resolution or data; "
-                "use another 'out' or set overwrite=true"
-            )
-        for sub in ("data", "quarantine", "_done", "latents.json", "summary.json"):
-            storage.delete(storage.join(out, sub))
-    shards.write_manifest(out, plan["fingerprint"], shards=len(files))
-    cfgmod.save_resolved(cfg, out)
-    done = shards.done_all(storage.join(out, "_done"), plan["fingerprint"])
-    todo = [f for f in files if shards.shard_name(f) not in done]
-    t0 = time.perf_counter()
-    results: list[dict] = []
-    if todo:
-        ray_runtime.ray_init(out)
-        results = _run_actors(cfg, plan, todo, len(files), progress)
-    seconds = time.perf_counter() - t0
-    done = shards.done_all(storage.join(out, "_done"), plan["fingerprint"])
-    rows_in = sum(d["rows"] for d in done.values())
-    rows_out = sum(d["rows_out"] for d in done.values())
-    rows_q = sum(d["quarantined"] for d in done.values())
-    if rows_in != len(meta) or rows_out + rows_q != rows_in:
-        raise StageFailed(
-            f"precompute: row conservation broken: {len(meta)} rows listed, {rows_in} in, "
-            f"{rows_out} out, {rows_q} quarantined"
-        )
-    norm = normalisation(cfg, plan, done)
-    info = {
-        **{k: plan[k] for k in ("vae", "vae_subfolder", "vae_fingerprint", "text_encoder", "text_fingerprint")},
-        **{k: plan[k] for k in ("resolution", "channels", "factor", "latent_shape", "emb_shape", "emb_dtype")},
-        "fingerprint": plan["fingerprint"],
-        "latent_channels": plan["latent_shape"][0] // 2,
-        **norm,
-    }
-    shards.write_json(storage.join(out, "latents.json"), info)
-    run_rows = sum(r.get("rows", 0) for r in results)
-    summary: PrecomputeResult = {
-        "out": out,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_quarantined": rows_q,
-        "shards": len(files),
-        "shards_run": len(results),
-        "shards_skipped": len(files) - len(results),
-        "seconds": seconds,
-        "images_per_s": run_rows / seconds if results and seconds > 0 else 0.0,
-        "latents": info,
-    }
-    tags = {"stage": "precompute", "vae_fingerprint": plan["vae_fingerprint"] or ""}
-    tags["text_fingerprint"] = plan["text_fingerprint"] or ""
-    with tracking.run(cfg.mlflow, out, params=cfgmod.flatten(cfg), tags=tags) as (run_id, uri):
-        metrics = ("rows_in", "rows_out", "rows_quarantined", "shards_run", "images_per_s")
-        tracking.log_metrics(run_id, uri, {k: float(summary[k]) for k in metrics})
-        tracking.log_files(run_id, uri, {"latents.json": json.dumps(info, indent=1).encode()})
-        summary["mlflow_run_id"] = run_id
-    shards.write_json(storage.join(out, "summary.json"), summary)
-    return summary
-
-
-def read_latents_info(data: str) -> dict | None:
-    """``latents.json`` of a precompute output (or of the folder a later stage wrote from it), if any."""
-    uri = storage.join(storage.normalize(data), "latents.json")
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    return Precompute(cfg, progress).run()

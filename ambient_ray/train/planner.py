@@ -318,6 +318,38 @@ def ema_bytes(c: Counts, stage: int, world: int, copies: int = 1) -> int:
     return 4 * copies * per_copy
 
 
+def frozen_bytes(c: Counts, stage: int, world: int, precision: Precision = "bf16") -> int:
+    """Per-rank bytes of a frozen part (:class:`ambient_ray.train.parts.Part` with ``trained=False``): its weights in
+    the run's precision, whole under ZeRO 0-2; under ZeRO-3 this rank's partition, the persistent parameters whole,
+    and the largest layer gathered for its forward. No gradients, master copy, optimizer state or EMA."""
+    w = dtype_bytes(precision)
+    if stage < 3:
+        return w * c.params
+    return int(w * c.params / world + w * c.persistent + w * c.largest_layer)
+
+
+def parts_bytes(
+    parts: dict[str, tuple[Counts, bool]],
+    stage: int,
+    world: int,
+    precision: Precision = "bf16",
+    ema: str = "warmup",
+    offload: bool = False,
+) -> dict[str, int]:
+    """Per-rank GPU bytes of a task's parts (``{name: (counts, trained)}``), each and ``total``: a trained part has
+    its own DeepSpeed engine, so its own model states, working buffers and EMA (:func:`model_states`,
+    :func:`ema_bytes`); a frozen part its weights (:func:`frozen_bytes`). Activations are not included."""
+    out = {}
+    for name, (c, trained) in parts.items():
+        if trained:
+            s = model_states(c, stage, world, precision, offload)
+            out[name] = s.gpu + s.buffers + ema_bytes(c, stage, world, EMA_COPIES[ema])
+        else:
+            out[name] = frozen_bytes(c, stage, world, precision)
+    out["total"] = sum(out.values())
+    return out
+
+
 # ------------------------------------------------------------------------------ the plan
 
 

@@ -27,7 +27,7 @@ annotations), ``runs/<arm>/seed-<s>/`` (train, samples, eval, ``result.json``), 
 ``results.md`` (mean ± standard error over seeds) and ``results.png``. MLflow: one parent run; one
 child run per (arm, seed) holding its metrics, with the stage runs nested under it.
 
-Resuming (:mod:`ambient_ray.data.shards`): every step (each corrupt split, the feature net, each
+Resuming (:mod:`ambient_ray.io.shards`): every step (each corrupt split, the feature net, each
 seed's classifier and annotations, and each arm's train, sample and evaluate) leaves a done-marker
 ``_step.json`` in its folder with the fingerprint of its resolved config chained with the steps it
 reads from. A re-run skips every step whose fingerprint is unchanged and redoes exactly those whose
@@ -46,10 +46,11 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, csv, flag
-from ambient_ray.data import shards
 from ambient_ray.diffusion.thresholds import RULES
-from ambient_ray.io import storage, tracking
+from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages import registry
+from ambient_ray.workflows import chain, steps
 
 ARMS: tuple[str, ...] = ("only-clean", "all-data", "ambient-fixed", "ambient-o", "oracle")
 PER_SPEC = "ambient-fixed:per-spec"  # one σ_min per corruption spec: told the grouping, a bound (run on request)
@@ -161,39 +162,26 @@ class ExperimentConfig(Strict):
         return v
 
 
-_OWNED = {  # keys the experiment sets itself in each stage section
-    "classifier": {"data", "out", "kind", "seed", "mlflow"},
-    "annotate": {"data", "out", "classifier", "curves_from", "mode", "sets", "seed", "mlflow"},
-    "train": {"data", "out", "rows", "seed", "resume", "mlflow"},
-    "sample": {"checkpoint", "out", "num", "seed", "mlflow"},
-    "evaluate": {
-        "samples",
-        "reference",
-        "reference_where",
-        "holdout",
-        "holdout_where",
-        "train",
-        "train_where",
-        "features",
-        "out",
-        "mlflow",
-    },
-    "features_stage": {"dataset", "where", "out"},
+SECTIONS = {  # each stage section of the config: the registered stage it configures
+    "classifier": "train-classifier",
+    "annotate": "annotate",
+    "train": "train",
+    "sample": "sample",
+    "evaluate": "evaluate",
+    "features_stage": "features",
+}
+_ALSO_OWNED = {  # keys the experiment sets itself in each section, besides the keys that wire the stage
+    "classifier": ("seed",),
+    "annotate": ("curves_from", "mode", "sets", "seed"),
+    "train": ("rows", "seed", "resume"),
+    "sample": ("num", "seed"),
+    "evaluate": ("reference", "reference_where", "holdout", "holdout_where", "train", "train_where", "features"),
+    "features_stage": ("where",),
 }
 
 
-def _stage_configs():
-    from ambient_ray.stages import evaluate, features, sample, train, train_classifier
-    from ambient_ray.stages.annotate import AnnotateConfig
-
-    return {
-        "classifier": train_classifier.ClassifierTrainConfig,
-        "annotate": AnnotateConfig,
-        "train": train.TrainConfig,
-        "sample": sample.SampleConfig,
-        "evaluate": evaluate.EvaluateConfig,
-        "features_stage": features.FeaturesConfig,
-    }
+def _owned(section: str) -> set[str]:
+    return registry.owned(SECTIONS[section], *_ALSO_OWNED[section])
 
 
 def check(cfg: ExperimentConfig) -> None:
@@ -203,35 +191,31 @@ def check(cfg: ExperimentConfig) -> None:
     for spec in cfg.corruption:
         parse(spec)
     dummy = {"data": "x", "out": "x", "checkpoint": "x", "samples": "x", "reference": "x"}
-    for section, model in _stage_configs().items():
+    for section, stage in SECTIONS.items():
+        model = registry.get(stage).model()
         fill = {k: v for k, v in dummy.items() if k in model.model_fields}
         cfgmod.build_section(
             model,
             section,
             getattr(cfg, section),
-            owned=_OWNED[section],
+            owned=_owned(section),
             owner="the experiment itself (per arm and seed)",
             fill=fill,
         )
-    from ambient_ray.stages.annotate import AnnotateConfig
-
     for rule, keys in cfg.rule_annotate.items():
         if rule not in RULES:
             raise cfgmod.ConfigError(f"config key 'rule_annotate.{rule}': not a rule; one of {', '.join(RULES)}")
         cfgmod.build_section(
-            AnnotateConfig,
+            registry.get("annotate").model(),
             f"rule_annotate.{rule}",
             {**cfg.annotate, **keys},
-            owned=_OWNED["annotate"],
+            owned=_owned("annotate"),
             owner="the experiment itself (per arm and seed)",
             fill={"data": "x", "out": "x"},
         )
 
 
 # ------------------------------------------------------------------------------ running the stages
-
-
-STEP = "_step"  # a step's done-marker (ambient_ray.data.shards): OUT/<the step's folder>/_step.json
 
 
 class Runner:
@@ -259,15 +243,15 @@ class Runner:
         says where its output is (``reused_from``, which :meth:`loc` returns), so a later experiment that
         reuses this one finds it too."""
         rel = out[len(self.out) + 1 :]
-        kept = shards.done(out, STEP, fp)
+        kept = shards.done(out, steps.STEP, fp)
         for src in self.reuse:
             if kept is not None:
                 break
             there = storage.join(src, rel)
-            kept = shards.done(there, STEP, fp)
+            kept = shards.done(there, steps.STEP, fp)
             if kept is not None:
                 kept = {**kept, "reused_from": kept.get("reused_from", there)}
-                shards.mark_done(out, STEP, fp, kept)
+                shards.mark_done(out, steps.STEP, fp, kept)
         self.at[out] = out if kept is None else kept.get("reused_from", out)
         if self.at[out] != out:
             self.prints[self.at[out]] = fp
@@ -282,23 +266,25 @@ class Runner:
         """A step's fingerprint: its resolved config less paths, chained with the fingerprints of its inputs."""
         return shards.config_print(cfg, *inputs, exclude=PATH_KEYS | set(exclude))
 
-    def step(self, out: str, fp: str, work, *, clear: bool = True) -> dict:
-        """``work()`` into the folder ``out``, unless it finished with fingerprint ``fp`` (here, or in a reuse
-        folder); its summary. ``clear``: start from an empty folder (else the stage resumes or overwrites)."""
+    def step(self, stage: str, out: str, fp: str, work) -> dict:
+        """``work()`` (a run of the registered ``stage``) into the folder ``out``, unless it finished with
+        fingerprint ``fp`` (here, or in a reuse folder); its summary. The folder is emptied first unless the
+        stage resumes in place (shard by shard: corrupt, annotate)."""
         self.prints[out] = fp
-        kept = self.find(out, fp)
-        if kept is not None:
-            return kept
-        if clear:
-            shards.clear(out)
-        summary = work()
-        shards.mark_done(out, STEP, fp, summary)
-        self.ran.append(storage.join(out)[len(self.out) + 1 :])
+        clear = not registry.get(stage).resumes_in_place
+        summary, ran = steps.run(out, fp, work, clear=clear, find=lambda: self.find(out, fp))
+        if ran:
+            self.ran.append(storage.join(out)[len(self.out) + 1 :])
         return summary
 
-    def corrupt(self, name: str, *, part: str, clean_fraction: float, seed: int) -> str:
-        from ambient_ray.stages import corrupt
+    def build(self, stage: str, flags: dict):
+        """The config of a run of the registered ``stage`` from ``flags``."""
+        return cfgmod.build(registry.get(stage).model(), flags=flags)
 
+    def call(self, stage: str, cfg):
+        return registry.get(stage).call(cfg, progress=self.progress)
+
+    def corrupt(self, name: str, *, part: str, clean_fraction: float, seed: int) -> str:
         out = storage.join(self.out, name)
         source = {
             "dataset": self.cfg.dataset,
@@ -314,41 +300,37 @@ class Runner:
             "out": out,
             "overwrite": True,
         }
-        ccfg = cfgmod.build(corrupt.CorruptConfig, flags=flags)
+        ccfg = self.build("corrupt", flags)
 
         def work() -> dict:
-            res = corrupt.run(ccfg, progress=self.progress)
+            res = self.call("corrupt", ccfg)
             return {"out": res.out, "rows_out": res.rows_out, "rows_quarantined": res.rows_quarantined}
 
         # at clean_fraction 1 no row is corrupted: the split is the same under every corruption
         fp = self.print_of(ccfg, exclude={"corruptions"} if clean_fraction == 1.0 else ())
-        self.step(out, fp, work, clear=False)  # corrupt resumes shard by shard
+        self.step("corrupt", out, fp, work)
         return self.loc(out)
 
     def features(self, clean_train: str) -> str:
-        from ambient_ray.stages import features
-
         if self.cfg.features:
             self.prints[self.cfg.features] = shards.fingerprint(self.cfg.features)
             return self.cfg.features
-        out = storage.join(self.out, "prep", "features")
+        out = storage.join(self.out, "prep", registry.get("features").folder)
         flags = {**self.cfg.features_stage, "dataset": clean_train, "where": "quality=clean", "out": out}
-        fcfg = cfgmod.build(features.FeaturesConfig, flags=flags)
+        fcfg = self.build("features", flags)
 
         def work() -> dict:
-            s = features.run(fcfg, progress=self.progress)
+            s = self.call("features", fcfg)
             print(f"experiment: feature net trained ({s['task']}), held-out accuracy {s['accuracy']:.3f}")
             return dict(s)
 
-        self.step(out, self.print_of(fcfg, self.prints[clean_train]), work)
+        self.step("features", out, self.print_of(fcfg, self.prints[clean_train]), work)
         spec = f"net@{self.loc(out)}"
         self.prints[spec] = self.prints[out]
         return spec
 
     def classifier(self, data: str, seed: int) -> str:
-        from ambient_ray.stages import train_classifier
-
-        out = storage.join(self.out, f"seed-{seed}", "classifier")
+        out = storage.join(self.out, f"seed-{seed}", registry.get("train-classifier").folder)
         flags = {
             **self.cfg.classifier,
             "data": data,
@@ -357,8 +339,10 @@ class Runner:
             "seed": seed,
             "mlflow": self.mlflow_for(self.parent_id, f"classifier seed {seed}"),
         }
-        ccfg = cfgmod.build(train_classifier.ClassifierTrainConfig, flags=flags)
-        self.step(out, self.print_of(ccfg, self.prints[data]), lambda: dict(train_classifier.run(ccfg)))
+        ccfg = self.build("train-classifier", flags)
+        self.step(
+            "train-classifier", out, self.print_of(ccfg, self.prints[data]), lambda: self.call("train-classifier", ccfg)
+        )
         return self.loc(out)
 
     def annotate(
@@ -375,33 +359,34 @@ class Runner:
         annotate output of the same seed whose curves to reuse (annotate checks they match); ``sets``: the
         per-dataset pooling, all corrupted rows as one set (every arm but the per-spec bound) or one set per
         corruption spec."""
-        from ambient_ray.stages import annotate
-
-        name = f"annotated-{mode}" + (f"-{rule}" if rule else "") + ("-per-spec" if sets == "corruption" else "")
+        name = (
+            f"{registry.get('annotate').folder}-{mode}"
+            + (f"-{rule}" if rule else "")
+            + ("-per-spec" if sets == "corruption" else "")
+        )
         out = storage.join(self.out, f"seed-{seed}", name)
+        mlflow = self.mlflow_for(self.parent_id, f"{name} seed {seed}")
+        links = chain.wire(data, {"annotate": out}, classifier=classifier, mlflow=lambda _: mlflow)
         flags = {
             **self.cfg.annotate,
-            "data": data,
-            "out": out,
-            "classifier": classifier,
+            **links["annotate"],
             "curves_from": curves,
             "mode": mode,
             "sets": sets,
             "seed": seed,
             "overwrite": True,
-            "mlflow": self.mlflow_for(self.parent_id, f"{name} seed {seed}"),
         }
         if rule:
             flags = {**flags, **self.cfg.rule_annotate.get(rule, {}), "rule": rule}
-        acfg = cfgmod.build(annotate.AnnotateConfig, flags=flags)
+        acfg = self.build("annotate", flags)
         fp = self.print_of(acfg, self.prints[data], self.prints[classifier])
 
         def work() -> dict:
-            s = annotate.run(acfg, progress=self.progress)
+            s = self.call("annotate", acfg)
             return {"out": s["out"], "mean_sigma_min": s["mean_sigma_min"]}
 
         # annotate keeps curves of the same plan (a new τ or mode) and overwrites the rest on its own
-        sigma = float(self.step(out, fp, work, clear=False)["mean_sigma_min"])
+        sigma = float(self.step("annotate", out, fp, work)["mean_sigma_min"])
         return self.loc(out), sigma
 
     def rows_print(self, data: str, where: str) -> str:
@@ -432,36 +417,26 @@ class Runner:
         Each of the three steps is skipped when it finished with the same fingerprint (here or in a reuse
         folder), so a changed evaluate key re-evaluates without retraining, and a changed train key redoes
         all three. A filtered arm (only-clean) is fingerprinted by the rows it reads, not by ``data``."""
-        from ambient_ray.stages import evaluate, sample, train
-
         out = storage.join(self.out, "runs", arm, f"seed-{seed}")
+        outs = {stage: storage.join(out, registry.get(stage).folder) for stage in ("train", "sample", "evaluate")}
+
+        def links(parent) -> dict[str, dict]:  # each step reads where the step before it finished (maybe reused)
+            return chain.wire(
+                data, outs, mlflow=lambda stage: self.mlflow_for(parent, f"{stage} {arm} seed {seed}"), where=self.loc
+            )
 
         def tcfg(parent):
-            flags = {
-                **self.cfg.train,
-                "data": data,
-                "out": storage.join(out, "train"),
-                "rows": rows,
-                "seed": seed,
-                "mlflow": self.mlflow_for(parent, f"train {arm} seed {seed}"),
-            }
-            return cfgmod.build(train.TrainConfig, flags=flags)
+            return self.build("train", {**self.cfg.train, **links(parent)["train"], "rows": rows, "seed": seed})
 
         def scfg(parent):
-            flags = {
-                **self.cfg.sample,
-                "checkpoint": self.loc(storage.join(out, "train")),
-                "out": storage.join(out, "samples"),
-                "num": refs["num"],
-                "seed": seed,
-                "mlflow": self.mlflow_for(parent, f"sample {arm} seed {seed}"),
-            }
-            return cfgmod.build(sample.SampleConfig, flags=flags)
+            return self.build(
+                "sample", {**self.cfg.sample, **links(parent)["sample"], "num": refs["num"], "seed": seed}
+            )
 
         def ecfg(parent):
             flags = {
                 **self.cfg.evaluate,
-                "samples": self.loc(storage.join(out, "samples")),
+                **links(parent)["evaluate"],
                 "reference": refs["clean"],
                 "reference_where": "quality=clean",
                 "holdout": refs["holdout"],
@@ -469,10 +444,8 @@ class Runner:
                 "train": data,
                 "train_where": rows,
                 "features": refs["features"],
-                "out": storage.join(out, "eval"),
-                "mlflow": self.mlflow_for(parent, f"evaluate {arm} seed {seed}"),
             }
-            return cfgmod.build(evaluate.EvaluateConfig, flags=flags)
+            return self.build("evaluate", flags)
 
         p = self.prints
         data_fp = self.rows_print(data, rows) if rows else p[data]
@@ -493,17 +466,9 @@ class Runner:
             self.mlflow, out, name=f"{arm} seed {seed}", parent=self.parent_id, params=params, tags=tags
         ) as (child, uri):
             t0 = time.perf_counter()
-            s = self.step(storage.join(out, "train"), train_fp, lambda: dict(train.run(tcfg(child))))
-            r = self.step(
-                storage.join(out, "samples"),
-                sample_fp,
-                lambda: dict(sample.run(scfg(child), progress=self.progress)),
-            )
-            e = self.step(
-                storage.join(out, "eval"),
-                eval_fp,
-                lambda: dict(evaluate.run(ecfg(child), progress=self.progress)),
-            )
+            s = self.step("train", outs["train"], train_fp, lambda: self.call("train", tcfg(child)))
+            r = self.step("sample", outs["sample"], sample_fp, lambda: self.call("sample", scfg(child)))
+            e = self.step("evaluate", outs["evaluate"], eval_fp, lambda: self.call("evaluate", ecfg(child)))
             values = dict(e["metrics"])
             if sigma is not None:
                 values["mean_sigma_min"] = sigma
@@ -518,7 +483,7 @@ class Runner:
             tracking.log_metrics(child, uri, values)
             tracking.log_files(child, uri, {"grid.png": storage.read_bytes(r["grid"])})
         shards.write_json(storage.join(out, "result.json"), result)
-        shards.mark_done(out, STEP, arm_fp, result)
+        shards.mark_done(out, steps.STEP, arm_fp, result)
         return result
 
 

@@ -36,6 +36,7 @@ evaluate use the last phase. A phase may set its own ``data`` (e.g. latents at a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -45,22 +46,24 @@ from pydantic import Field
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
-from ambient_ray.data import shards
-from ambient_ray.io import storage, tracking
+from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
+from ambient_ray.stages import registry
 from ambient_ray.stages.results import StageFailed
+from ambient_ray.workflows import chain
+from ambient_ray.workflows import steps as stepsmod
 
 STAGES = ("corrupt", "classifier", "annotate", "train", "sample", "evaluate")  # the whole pipeline
-FOLDERS = {
-    "precompute": "precomputed",
+SECTIONS = {  # each section of the config: the registered stage it configures (its folder under OUT is the stage's)
+    "precompute": "precompute",
     "corrupt": "corrupt",
-    "classifier": "classifier",
-    "annotate": "annotated",
+    "classifier": "train-classifier",
+    "annotate": "annotate",
     "train": "train",
-    "sample": "samples",
-    "evaluate": "eval",
+    "sample": "sample",
+    "evaluate": "evaluate",
 }
-MARKER = "pipeline_stage.json"  # a done-marker of ambient_ray.data.shards
+MARKER = "pipeline_stage.json"  # a done-marker of ambient_ray.io.shards
 _MARKER_NAME = MARKER.removesuffix(".json")
 
 
@@ -99,33 +102,14 @@ class PipelineConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
-_OWNED = {  # keys the pipeline sets itself in each section
-    "precompute": {"data", "out", "mlflow"},
-    "corrupt": {"out"},
-    "classifier": {"data", "out", "kind", "resume", "mlflow"},
-    "annotate": {"data", "out", "classifier", "mlflow"},
-    "train": {"data", "out", "resume", "mlflow"},
-    "sample": {"checkpoint", "out", "mlflow"},
-    "evaluate": {"samples", "out", "mlflow"},
-}
+def _owned(section: str) -> set[str]:
+    """Keys the pipeline sets itself in a section: the stage's links, and ``resume`` where it continues a run."""
+    stage = registry.get(SECTIONS[section])
+    return registry.owned(SECTIONS[section], *(("resume",) if stage.resume == "checkpoint" else ()))
 
 
 _PHASE_OWNED = {"out", "resume", "mlflow"}  # a phase may set its own data; init_from only the first
 _PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def _models() -> dict[str, type]:
-    from ambient_ray.stages import annotate, corrupt, evaluate, precompute, sample, train, train_classifier
-
-    return {
-        "precompute": precompute.PrecomputeConfig,
-        "corrupt": corrupt.CorruptConfig,
-        "classifier": train_classifier.ClassifierTrainConfig,
-        "annotate": annotate.AnnotateConfig,
-        "train": train.TrainConfig,
-        "sample": sample.SampleConfig,
-        "evaluate": evaluate.EvaluateConfig,
-    }
 
 
 def stage_of(step: str) -> str:
@@ -173,15 +157,7 @@ def _nest(keys: dict) -> dict:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[last] = merge(node[last], v) if isinstance(node.get(last), dict) and isinstance(v, dict) else v
-    return out
-
-
-def merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` deep-merged into it: sections merge key by key, anything else is replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        node[last] = cfgmod.merge(node[last], v) if isinstance(node.get(last), dict) and isinstance(v, dict) else v
     return out
 
 
@@ -204,7 +180,7 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
     _check_sections(cfg)
     order = steps(cfg)
     out = storage.normalize(cfg.out)
-    dirs = {s: storage.join(out, FOLDERS[stage_of(s)] + s[len(stage_of(s)) :]) for s in order}
+    dirs = {s: storage.join(out, _folder(stage_of(s)) + s[len(stage_of(s)) :]) for s in order}
     for spec in cfg.corrupt.get("corruptions") or []:
         try:
             parse(spec)
@@ -233,30 +209,28 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
             "kind": "noise",
             "mlflow": mlflow("train-classifier"),
         },
-        "annotate": {
-            "data": dirs.get("corrupt"),
-            "classifier": dirs.get("classifier"),
-            "out": dirs.get("annotate"),
-            "mlflow": mlflow("annotate"),
-        },
-        "train": {"data": train_data, "out": dirs[trains[0]], "mlflow": mlflow("train")},
-        "sample": {"checkpoint": dirs[trains[-1]], "out": dirs["sample"], "mlflow": mlflow("sample")},
-        "evaluate": {"samples": dirs["sample"], "out": dirs.get("evaluate"), "mlflow": mlflow("evaluate")},
     }
+    # annotate -> train -> sample -> evaluate: train's output is its last phase's (a single train: "train")
+    outs = {s: dirs[s] for s in ("annotate",) if s in dirs}
+    outs.update(train=dirs[trains[-1]], sample=dirs["sample"])
+    if "evaluate" in dirs:
+        outs["evaluate"] = dirs["evaluate"]
+    source = dirs["corrupt"] if cfg.data is None else train_data
+    wiring.update(chain.wire(source, outs, classifier=dirs.get("classifier"), mlflow=mlflow))
     if cfg.data is None:
         if "reference" not in cfg.evaluate:  # the clean rows of the mixed data: the distribution the pipeline aims at
             wiring["evaluate"].update(reference=dirs["corrupt"], reference_where="quality=clean")
         if "train" not in cfg.evaluate:
             wiring["evaluate"]["train"] = dirs["annotate"]
     owner = "the pipeline itself (it wires the stages together)"
-    models = _models()
     built: dict[str, Any] = {}
     for s in order:
         stage = stage_of(s)
         if s != stage:  # a phase: train/<name>
             continue
         keys = {k: v for k, v in getattr(cfg, stage).items() if not (stage == "train" and k == "phases")}
-        built[s] = cfgmod.build_section(models[stage], stage, keys, owned=_OWNED[stage], owner=owner, fill=wiring[s])
+        model = registry.get(SECTIONS[stage]).model()
+        built[s] = cfgmod.build_section(model, stage, keys, owned=_owned(stage), owner=owner, fill=wiring[s])
     if len(trains) > 1 or trains[0] != "train":
         built.update(_phase_configs(cfg, trains, train_data, dirs, mlflow, owner))
     return {s: built[s] for s in order}
@@ -264,9 +238,9 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
 
 def _phase_configs(cfg: PipelineConfig, trains: list[str], data: str, dirs: dict, mlflow, owner: str) -> dict:
     """Each phase's TrainConfig: the train section deep-merged with the phase's keys, from the previous phase."""
-    model = _models()["train"]
+    model = registry.get(SECTIONS["train"]).model()
     base = {k: v for k, v in cfg.train.items() if k != "phases"}
-    clash = sorted(_OWNED["train"] & set(base))
+    clash = sorted(_owned("train") & set(base))
     if clash:
         raise ConfigError(f"config key 'train.{clash[0]}': set by {owner}")
     built = {}
@@ -283,7 +257,9 @@ def _phase_configs(cfg: PipelineConfig, trains: list[str], data: str, dirs: dict
         if i:
             fill["init_from"] = dirs[trains[i - 1]]
         try:
-            built[step] = cfgmod.build_section(model, label, merge(base, over), owned=set(), owner=owner, fill=fill)
+            built[step] = cfgmod.build_section(
+                model, label, cfgmod.merge(base, over), owned=set(), owner=owner, fill=fill
+            )
         except ConfigError:
             # a bad key of the train section itself is named as train.KEY, not as the phase's
             fill0 = {"data": data, "out": dirs[step], "mlflow": fill["mlflow"]}
@@ -300,90 +276,60 @@ def fingerprints(stages: dict[str, Any]) -> dict[str, str]:
     return prints
 
 
-def _marker(stage_out: str) -> dict | None:
-    return shards.read_marker(stage_out, _MARKER_NAME)
+def _folder(section: str) -> str:
+    """A section's folder under OUT: its stage's (``annotated``, ``samples``, ...)."""
+    return registry.get(SECTIONS[section]).folder
 
 
 def _prepare(step: str, scfg, fingerprint: str) -> Any:
-    """Make a step's folder ready to (re)run: clear a finished run of another config, set the resume switches."""
-    from ambient_ray.train import engine
-
-    name = stage_of(step)
-    out = storage.normalize(scfg.out)
-    old = _marker(out)
-    if old is not None:  # finished, but with another config (or after a changed earlier stage)
-        print(
-            f"pipeline: {step}: its config or an earlier stage changed since it finished "
-            f"({old['fingerprint']} -> {fingerprint}); redoing it"
-        )
-        storage.delete(out)
-        return scfg
-    if not storage.exists(out):
-        return scfg
-    if name in ("classifier", "train"):
-        if engine.latest_checkpoint(out):
-            print(f"pipeline: {step}: continuing the unfinished run in {out} from its latest checkpoint")
-            return scfg.model_copy(update={"resume": True})
-        storage.delete(out)  # started, no checkpoint yet: nothing to keep
-    elif name in ("sample", "evaluate"):
-        storage.delete(out)
-    elif name == "precompute":  # resumes shard by shard; an unfinished one of another config is the pipeline's own
-        return scfg.model_copy(update={"overwrite": True})
-    # corrupt and annotate resume shard by shard on their own
-    return scfg
+    """Make a step's folder ready to (re)run: clear a finished run of another config, set the resume switches
+    (the stage's resume policy, :func:`ambient_ray.workflows.steps.prepare`)."""
+    stage = SECTIONS[stage_of(step)]
+    return stepsmod.prepare(stage, scfg, fingerprint, marker=_MARKER_NAME, label=f"pipeline: {step}")
 
 
 def _run_stage(name: str, scfg, progress: bool) -> dict:
-    """Run one stage; returns the JSON-safe summary kept in its marker."""
-    from ambient_ray.stages import annotate, corrupt, evaluate, precompute, sample, train, train_classifier
-
-    if name == "precompute":
-        r = precompute.run(scfg, progress=progress)
-        figs = {k: r[k] for k in ("rows_out", "rows_quarantined", "images_per_s")}
-        return {"out": r["out"], "mlflow_run_id": r.get("mlflow_run_id"), "figures": figs}
-    if name == "corrupt":
-        r = corrupt.run(scfg, progress=progress)
+    """Run one stage; returns the JSON-safe summary kept in its marker: its output, its MLflow run (for a stage
+    that tracks one), the keys the stage keeps (train's checkpoint) and its headline figures."""
+    stage = registry.get(SECTIONS[name])
+    r = stage.call(scfg, progress=progress)
+    if dataclasses.is_dataclass(r):  # corrupt's result says what it did in a line
         print(r.summary())
-        return {
-            "out": r.out,
-            "figures": {"rows_in": r.rows_in, "rows_out": r.rows_out, "rows_quarantined": r.rows_quarantined},
-        }
-    if name == "classifier":
-        r = train_classifier.run(scfg)
-        return {
-            "out": r["out"],
-            "mlflow_run_id": r["mlflow_run_id"],
-            "figures": {k: r["metrics"][k] for k in ("loss", "accuracy") if k in r["metrics"]},
-        }
-    if name == "annotate":
-        r = annotate.run(scfg, progress=progress)
-        figs = {
-            "rows_out": r["rows_out"],
-            "rows_quarantined": r["rows_quarantined"],
-            "mean_sigma_min": r["mean_sigma_min"],
-        }
-        return {"out": r["out"], "mlflow_run_id": r.get("mlflow_run_id"), "figures": figs}
-    if name == "train":
-        r = train.run(scfg)
-        return {
-            "out": r["out"],
-            "mlflow_run_id": r["mlflow_run_id"],
-            "checkpoint": r["checkpoint"],
-            "figures": {k: r["metrics"][k] for k in ("loss",) if k in r["metrics"]},
-        }
-    if name == "sample":
-        r = sample.run(scfg, progress=progress)
-        return {"out": r["out"], "mlflow_run_id": r["mlflow_run_id"], "figures": {"num": scfg.num}}
-    r = evaluate.run(scfg, progress=progress)
-    return {"out": r["out"], "mlflow_run_id": r["mlflow_run_id"], "figures": dict(r["metrics"])}
+        r = dataclasses.asdict(r)
+    summary = {"out": r["out"]}
+    if "mlflow" in type(scfg).model_fields:
+        summary["mlflow_run_id"] = r.get("mlflow_run_id")
+    summary.update({k: r[k] for k in stage.keep})
+    summary["figures"] = stage.figures(scfg, r) if stage.figures else {}
+    return summary
 
 
 def _input_of(name: str, scfg) -> str:
-    if name == "corrupt":
-        return str(scfg.source.dataset)
     if name == "train" and scfg.init_from:
         return f"{scfg.data} (from the weights of {scfg.init_from})"
-    return str(getattr(scfg, {"sample": "checkpoint", "evaluate": "samples"}.get(name, "data")))
+    value: Any = scfg
+    for part in registry.get(SECTIONS[name]).input.split("."):
+        value = getattr(value, part)
+    return str(value)
+
+
+def _step(head: str, name: str, scfg, fingerprint: str, progress: bool) -> dict:
+    """One step that has not finished: its folder made ready, the stage run; its summary (with its seconds).
+    A failure names the step and its input (a ConfigError, or a stage's own StageFailed, as it is)."""
+    scfg = _prepare(name, scfg, fingerprint)
+    print(f"{head}: {_input_of(stage_of(name), scfg)} -> {scfg.out}")
+    s0 = time.perf_counter()
+    try:
+        summary = _run_stage(stage_of(name), scfg, progress)
+    except (ConfigError, StageFailed):
+        raise
+    except Exception as e:
+        raise StageFailed(
+            f"stage '{name}' failed on input {_input_of(stage_of(name), scfg)} (output {scfg.out}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    summary["seconds"] = round(time.perf_counter() - s0, 1)
+    return summary
 
 
 def run(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -404,26 +350,13 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
         done: dict[str, dict] = {}
         for i, (name, scfg) in enumerate(stages.items(), 1):
             head = f"pipeline: [{i}/{len(stages)}] {name}"
-            kept = shards.done(scfg.out, _MARKER_NAME, prints[name])
-            if kept is not None:
-                done[name] = kept
-                print(f"{head}: finished earlier, skipped ({kept['out']})")
-                continue
-            scfg = _prepare(name, scfg, prints[name])
-            print(f"{head}: {_input_of(stage_of(name), scfg)} -> {scfg.out}")
-            s0 = time.perf_counter()
-            try:
-                summary = _run_stage(stage_of(name), scfg, progress)
-            except (ConfigError, StageFailed):
-                raise
-            except Exception as e:
-                raise StageFailed(
-                    f"stage '{name}' failed on input {_input_of(stage_of(name), scfg)} (output {scfg.out}): "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            summary["seconds"] = round(time.perf_counter() - s0, 1)
-            shards.mark_done(scfg.out, _MARKER_NAME, prints[name], summary)
+            summary, ran = stepsmod.run(
+                scfg.out, prints[name], lambda: _step(head, name, scfg, prints[name], progress), marker=_MARKER_NAME
+            )
             done[name] = summary
+            if not ran:
+                print(f"{head}: finished earlier, skipped ({summary['out']})")
+                continue
             figs = ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("figures", {}).items()
             )

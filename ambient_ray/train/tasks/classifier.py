@@ -1,8 +1,8 @@
 """The annotation-classifier task (Ambient-o Eq. 3.1 and Sec. 3.2): binary cross-entropy of the half U-Net on
 balanced batches of noised images (``noise``) or crops (``crops``).
 
-Its config is :class:`ambient_ray.stages.train_classifier.ClassifierTrainConfig`; the good (1) / bad (0)
-labels arrive in the loop config as ``{"labels": {id: 1 | 0 | -1}}`` (-1: not trained on).
+Its config is :class:`ambient_ray.train.tasks.classifier_config.ClassifierTrainConfig`; the good (1) / bad (0)
+labels arrive as :class:`~ambient_ray.train.tasks.classifier_config.ClassifierRows` (-1: not trained on).
 """
 
 from __future__ import annotations
@@ -11,23 +11,28 @@ import torch
 
 from ambient_ray.models import classifier as clf
 from ambient_ray.models import registry
-from ambient_ray.train import engine
+from ambient_ray.train.parts import Part
+from ambient_ray.train.rows import load_rank_rows
+from ambient_ray.train.worker import Worker
 
 
 class ClassifierTask:
     name = "train_classifier"
 
-    def __init__(self, cfg, config: dict, meta: dict):
-        self.cfg, self.config, self._meta = cfg, config, meta
+    def __init__(self, cfg, rows):
+        self.cfg, self.rows = cfg, rows
+
+    def parts(self) -> dict[str, Part]:
+        return {"net": Part(self.build(), export=True)}
 
     def build(self) -> torch.nn.Module:
-        return registry.build(self._meta)
+        return registry.build(self.rows.meta)
 
     def meta(self) -> dict:
-        return self._meta
+        return self.rows.meta
 
-    def setup(self, w: engine.Worker) -> None:
-        _, images, cols, _ = engine.load_rank_rows(w.rank, w.world, {"target": self.config["labels"]})
+    def setup(self, w: Worker) -> None:
+        _, images, cols, _ = load_rank_rows(w.rank, w.world, {"target": self.rows.labels})
         keep = cols["target"] >= 0
         self.images, self.target = images[keep], cols["target"][keep]
         if not (self.target == 1).any() or not (self.target == 0).any():
@@ -38,7 +43,7 @@ class ClassifierTask:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         pass  # the batches draw from the worker's generator, which the worker restores
 
-    def loss(self, w: engine.Worker) -> torch.Tensor:
+    def loss(self, w: Worker, part: str = "net") -> torch.Tensor:
         cfg = self.cfg
         x, sigma, y = clf.classifier_batch(
             cfg.kind,
@@ -58,7 +63,7 @@ class ClassifierTask:
         self.seen += len(y)
         return loss
 
-    def interval(self, w: engine.Worker, seconds: float) -> tuple[dict, dict]:
+    def interval(self, w: Worker, seconds: float) -> tuple[dict, dict]:
         tot = w.all_reduce(torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64))
         self.loss_sum = self.correct = self.seen = 0.0
         metrics = {
@@ -68,7 +73,7 @@ class ClassifierTask:
         }
         return metrics, {}
 
-    def validation(self, w: engine.Worker) -> dict:
+    def validation(self, w: Worker) -> dict:
         return {}
 
     def progress(self, m: dict) -> str:

@@ -1,0 +1,25 @@
+"""Sampling a trained denoiser (pure torch: no Ray, DeepSpeed or MLflow; nothing from the stages, the training
+engine, the workflows or the CLI).
+
+- :mod:`~ambient_ray.sampling.registry`: :data:`SAMPLERS` (``sampler.name``), a :class:`Sampler` entry and the
+  :class:`Batch` it samples;
+- :mod:`~ambient_ray.sampling.edm`: ``heun``, EDM's Heun sampler (Algorithms 1 and 2);
+- :mod:`~ambient_ray.sampling.guidance`: ``autoguidance`` (EDM2's guidance by a weaker model) and
+  ``classifier-free`` (for caption networks);
+- :mod:`~ambient_ray.sampling.config`: :class:`SamplerConfig`, the ``sampler:`` config section;
+- :mod:`~ambient_ray.sampling.draw`: :func:`draw`, N images of a network with a sampler;
+- :mod:`~ambient_ray.sampling.decode`, :mod:`~ambient_ray.sampling.prompts`: latents back to images through the
+  run's VAE; prompts to caption embeddings through the run's text encoder.
+"""
+
+# the sampler modules register their entries when imported: a new one is imported here, before the config
+# (whose --sampler help lists the registered samplers)
+from ambient_ray.sampling import edm, guidance  # noqa: F401  (registers heun, autoguidance, classifier-free)
+from ambient_ray.sampling.config import SamplerConfig
+from ambient_ray.sampling.decode import latent_decoder
+from ambient_ray.sampling.draw import draw
+from ambient_ray.sampling.guidance import guided
+from ambient_ray.sampling.prompts import encode_prompts
+from ambient_ray.sampling.registry import SAMPLERS, Batch, Sampler
+
+__all__ = ["SAMPLERS", "Batch", "Sampler", "SamplerConfig", "draw", "encode_prompts", "guided", "latent_decoder"]

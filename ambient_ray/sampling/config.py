@@ -1,0 +1,68 @@
+"""The ``sampler:`` config section: which registered sampler (``name``) and its knobs.
+
+Its flags (``--sampler``, ``--steps``, ``--stochastic``, ``--guidance``, ``--guide``) are those of the sample
+stage, whose config holds this section; the training grids build one from their own keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ambient_ray.config import Strict, flag
+from ambient_ray.sampling.registry import SAMPLERS
+
+DEFAULT = "heun"
+
+
+def _listing() -> str:
+    return "; ".join(f"{name}: {s.about}" for name, s in SAMPLERS.items())
+
+
+class SamplerConfig(Strict):
+    """A sampler and its knobs (defaults: EDM's deterministic Heun sampler, 18 steps, from σ = 80)."""
+
+    name: str = Field(
+        DEFAULT,
+        description=f"the sampler, one of: {_listing()}",
+        json_schema_extra=flag("--sampler", metavar="NAME"),
+    )
+    steps: int = Field(
+        18, ge=1, description="Heun steps (2*steps-1 network evaluations)", json_schema_extra=flag("--steps")
+    )
+    stochastic: bool = Field(
+        False,
+        description="EDM stochastic sampler (Algorithm 2) instead of the deterministic one (Algorithm 1)",
+        json_schema_extra=flag("--stochastic"),
+    )
+    s_churn: float = Field(40.0, ge=0, description="stochastic: S_churn, the total noise added back (EDM Alg. 2)")
+    s_min: float = Field(0.05, ge=0, description="stochastic: noise is added back only at S_min <= σ <= S_max")
+    s_max: float = Field(50.0, ge=0, description="stochastic: the upper end of that σ range")
+    s_noise: float = Field(1.003, ge=0, description="stochastic: S_noise, the std of the noise added back")
+    sigma_max: float = Field(80.0, gt=0, description="the σ the sampler starts from (EDM's σ_max)")
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="guidance weight w of a guided sampler (autoguidance: D_guide + w*(D - D_guide); "
+        "classifier-free: D(null) + w*(D(caption) - D(null))); 1: none",
+        json_schema_extra=flag("--guidance"),
+    )
+    guide: str | None = Field(
+        None,
+        description="autoguidance: the guiding model (a smaller or shorter-trained run on the same data)",
+        json_schema_extra=flag("--guide"),
+    )
+    guide_weights: Literal["ema", "raw"] = Field("ema", description="autoguidance: the guide's weights")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler.name {name!r}; allowed here: {', '.join(SAMPLERS.names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _fits(self) -> SamplerConfig:
+        SAMPLERS.get(self.name).check(self)
+        return self

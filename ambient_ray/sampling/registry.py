@@ -1,0 +1,59 @@
+"""The sampler registry: what a sampler is, what it gets per batch, and :data:`SAMPLERS` (``sampler.name``).
+
+A sampler is one function ``sample(net, batch, cfg) -> x``: from a batch of standard-normal latents to samples
+(B, C, R, R) in the network's space (pixels in [-1, 1], or normalised latents the caller decodes). It gets the
+network (after its ``prepare``), the :class:`Batch` (latents, labels, captions, the draw's generator) and the
+knobs of the ``sampler:`` section (:class:`~ambient_ray.sampling.config.SamplerConfig`). Adding one: a function
+and a ``SAMPLERS.register(name, Sampler(function, about))`` in a module that ``ambient_ray/sampling/__init__.py``
+imports (README "Adding a sampler").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ambient_ray.registry import Registry
+
+# the knobs, a :class:`~ambient_ray.sampling.config.SamplerConfig` (which reads this registry: not imported here)
+Knobs = Any
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch to sample, as every sampler gets it."""
+
+    latents: torch.Tensor  # (B, C, R, R) standard normal, on the network's device
+    class_labels: torch.Tensor | None  # (B,) class indices of a class-conditional network, else None
+    captions: tuple[torch.Tensor, torch.Tensor] | None  # (B, T, D) embeddings, (B, T) masks of a caption network
+    generator: torch.Generator  # the draw's CPU generator: the latents came from it; stochastic steps draw from it
+
+
+def no_guidance(cfg: Knobs) -> None:
+    """The default :attr:`Sampler.check`: the guidance knobs are for the guided samplers."""
+    if cfg.guide:
+        raise ValueError(f"sampler {cfg.name!r} takes no guiding model ('guide' is for sampler autoguidance)")
+    if cfg.guidance != 1.0:
+        raise ValueError(
+            f"sampler {cfg.name!r} takes no guidance weight: a weight other than 1 needs a guiding model ('guide', "
+            "sampler autoguidance) or, for a text-to-image model, prompts (classifier-free guidance)"
+        )
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: ``sample`` draws one batch; ``about`` is its line in the CLI's help (with the paper);
+    ``prepare`` runs once per draw, network -> the denoiser the batches use (a guide loaded, a network of the
+    wrong kind refused: :class:`~ambient_ray.config.ConfigError`); ``check`` refuses knobs that do not fit the
+    sampler when the config is built (a ``ValueError`` naming them)."""
+
+    sample: Callable[[Any, Batch, Knobs], torch.Tensor]
+    about: str
+    prepare: Callable[[Any, Knobs], Any] | None = None
+    check: Callable[[Knobs], None] = no_guidance
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler.name")

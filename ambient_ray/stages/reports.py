@@ -1,0 +1,165 @@
+"""What a stage says about a finished run: the lines ``ambient-ray STAGE`` prints, and the headline figures a
+workflow keeps in its report (``pipeline.json``). Each takes the stage's config and what its ``run()`` returned.
+
+The stage registry (:mod:`ambient_ray.stages.registry`) names them per stage; a stage without a ``report``
+gets :func:`done`, one without ``figures`` keeps none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def done(name: str, s: Any) -> None:
+    """The line of a stage that registered no report of its own."""
+    out = s.get("out") if isinstance(s, dict) else getattr(s, "out", None)
+    print(f"{name}: done" + (f"; output in {out}" if out else ""))
+    if isinstance(s, dict):
+        mlflow_line(s)
+
+
+def mlflow_line(s: dict) -> None:
+    if s.get("mlflow_run_id"):
+        print(f"  MLflow run {s['mlflow_run_id']} at {s.get('mlflow_uri')}")
+
+
+# ------------------------------------------------------------------------------ the command line's lines
+
+
+def corrupt(cfg, r) -> None:
+    print(r.summary())
+    if r.rows_quarantined:
+        print(f"  quarantined rows (with reasons): {r.out}/quarantine/")
+    print(f"  data: {r.out}/data/   preview: {r.out}/preview.png   config: {r.out}/config.yaml")
+
+
+def precompute(cfg, s) -> None:
+    lat = s["latents"]
+    print(
+        f"precompute: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
+        f"{s['shards_run']} shards run, {s['shards_skipped']} already done; {s['images_per_s']:.1f} images/s"
+    )
+    print(
+        f"  latents {'x'.join(map(str, lat['latent_shape']))} (mean, std) at {lat['resolution']}px; "
+        f"normalisation {lat['how']}" + (f"; caption embeddings {lat['emb_shape']}" if lat["emb_shape"] else "")
+    )
+    print(f"  data: {s['out']}/data/   report: {s['out']}/latents.json")
+
+
+def train_classifier(cfg, s) -> None:
+    m = s["metrics"]
+    loss, acc = m.get("loss", float("nan")), m.get("accuracy", float("nan"))
+    print(f"train-classifier: done in {s['seconds']:.0f}s; final loss {loss:.4f}, accuracy {acc:.3f}")
+    print(f"  classifier (safetensors): {s['out']}/model/   probability curves: {s['out']}/curves.png")
+    mlflow_line(s)
+
+
+def locality(cfg, s) -> None:
+    t = s["table"]
+    print("locality: crop(σ) = " + ", ".join(f"{c}px@σ≤{x:.3g}" for x, c in zip(t["sigmas"], t["crop"])))
+    print(f"  table: {s['out']}/locality.json   plot: {s['out']}/locality.png")
+
+
+def annotate(cfg, s) -> None:
+    print(
+        f"annotate: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_quarantined']} quarantined; "
+        f"{s['shards_run']} shards run, {s['shards_skipped']} already done; mean σ_min {s['mean_sigma_min']:.3f}"
+    )
+    for g, v in s["mean_sigma_min_by_group"].items():
+        print(f"  mean σ_min {g}: {v:.3f}")
+    if s["never_crossed"]:
+        print(
+            f"  {s['never_crossed']} rows never crossed τ={cfg.tau}: σ_min = top of the grid (classifier:never-crossed)"
+        )
+    print(f"  data: {s['out']}/data/   report: {s['out']}/annotation.json   plots: sigma_min.png, curves.png")
+
+
+def train(cfg, s) -> None:
+    print(f"train: done in {s['seconds']:.0f}s; final loss {s['metrics'].get('loss', float('nan')):.4f}")
+    print(f"  weights (safetensors): {s['out']}/model/   checkpoint: {s['checkpoint']}")
+    print(f"  σ coverage: {s['out']}/coverage.png   samples: {s['out']}/samples.png")
+    mlflow_line(s)
+
+
+def sample(cfg, s) -> None:
+    print(f"sample: {cfg.num} images -> {s['samples']}  grid: {s['grid']}")
+
+
+def phema(cfg, s) -> None:
+    print(
+        f"phema: σ_rel {s['std']} (γ {s['gamma']:.3f}) at step {s['at']} from {len(s['weights'])} snapshots; "
+        f"relative residual of the profile fit {s['residual']:.2e}"
+    )
+    for w in s["weights"]:
+        print(f"  {w['weight']:+.6f}  σ_rel {w['std']:g} at step {w['step']}")
+    print(f"  weights: {s['out']}/ema.safetensors  (ambient-ray sample --checkpoint {s['out']})")
+
+
+def features(cfg, s) -> None:
+    print(f"features: trained on {s['task']}, held-out accuracy {s['accuracy']:.3f}; use --features {s['spec']}")
+
+
+def evaluate(cfg, s) -> None:
+    d = s["details"]
+    print(
+        f"evaluate: {d['samples']} samples vs {d['reference']} reference images, "
+        f"features {d['features']} ({d['dim']}-d)"
+    )
+    for k, v in s["metrics"].items():
+        print(f"  {k:14s} {v:.4f}")
+    print(f"  report: {s['out']}/metrics.json")
+    mlflow_line(s)
+
+
+def experiment(cfg, s) -> None:
+    print(f"experiment: {s['minutes']:.0f} min; table: {s['out']}/results.md, results.json, results.png")
+    mlflow_line(s)
+
+
+def pipeline(cfg, s) -> None:
+    print(f"pipeline: done in {s['minutes']:.1f} min; report {s['out']}/pipeline.json")
+    for name, st in s["stages"].items():
+        print(f"  {name:10s} {st['out']}" + (f"   MLflow run {st['mlflow_run_id']}" if st.get("mlflow_run_id") else ""))
+    if s["mlflow_run_id"]:
+        print(f"  MLflow: pipeline run {s['mlflow_run_id']} at {s['mlflow_uri']}")
+
+
+def plan(cfg, p) -> None:
+    from ambient_ray.train import planner
+
+    print(planner.format_plan(p))
+
+
+# ------------------------------------------------------------------------------ a workflow's headline figures
+
+
+def _pick(values: dict, keys: tuple[str, ...]) -> dict:
+    return {k: values[k] for k in keys if k in values}
+
+
+def corrupt_figures(cfg, r) -> dict:
+    return {"rows_in": r["rows_in"], "rows_out": r["rows_out"], "rows_quarantined": r["rows_quarantined"]}
+
+
+def precompute_figures(cfg, r) -> dict:
+    return {k: r[k] for k in ("rows_out", "rows_quarantined", "images_per_s")}
+
+
+def train_classifier_figures(cfg, r) -> dict:
+    return _pick(r["metrics"], ("loss", "accuracy"))
+
+
+def annotate_figures(cfg, r) -> dict:
+    return {k: r[k] for k in ("rows_out", "rows_quarantined", "mean_sigma_min")}
+
+
+def train_figures(cfg, r) -> dict:
+    return _pick(r["metrics"], ("loss",))
+
+
+def sample_figures(cfg, r) -> dict:
+    return {"num": cfg.num}
+
+
+def evaluate_figures(cfg, r) -> dict:
+    return dict(r["metrics"])

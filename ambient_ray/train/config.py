@@ -1,0 +1,143 @@
+"""The engine's config: what every model trained on the engine shares (data, outputs, Ray Train, DeepSpeed,
+checkpoints, EMA, MLflow), and the driver-side check that a run's data and DeepSpeed options agree."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ambient_ray.config import ConfigError, Strict, flag
+from ambient_ray.data.metadata import one_shape
+from ambient_ray.io.tracking import MlflowConfig
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    name: Literal["adamw", "adam"] = Field("adamw", description="optimizer (DeepSpeed's CPU Adam under offload)")
+    decay: Literal["none", "cosine", "linear", "inv_sqrt"] = Field(
+        "cosine", description="learning-rate schedule after warm-up (ambient_ray.train.schedules)"
+    )
+    ref_steps: int = Field(10_000, ge=1, description="inv_sqrt: t_ref, the step where the decay starts")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    grad_accum: int = Field(1, ge=1)
+
+
+class EngineConfig(Strict):
+    """What every model trained on the engine shares: data, outputs, Ray Train, DeepSpeed, checkpoints, MLflow."""
+
+    data: str | None = Field(
+        None,
+        description="dataset URI (a corrupt/annotate output folder or Parquet shards); None: a run without a dataset "
+        "(an objective that draws no rows); a stage whose objectives read rows makes it required",
+        json_schema_extra=flag("--data"),
+    )
+    out: str = Field(..., description="output URI for checkpoints, weights and plots", json_schema_extra=flag("--out"))
+    objective: str = Field(
+        "ambient",
+        description="the training objective (ambient_ray.train.objectives.OBJECTIVES); each training stage has its own",
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    batch_size: int = Field(32, ge=1, description="micro-batch per worker")
+    steps: int = Field(200, ge=1, description="optimizer steps", json_schema_extra=flag("--steps"))
+    num_workers: int = Field(1, ge=1, json_schema_extra=flag("--num-workers", "Ray Train workers"))
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="elastic (zero_stage 0 only): a run that loses workers restarts from its last checkpoint on as "
+        "many as fit, at least this many (Ray Train's ScalingConfig(num_workers=(min, max))); None: num_workers always",
+    )
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: int = Field(
+        2, ge=0, le=3, json_schema_extra=flag("--zero-stage", "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    ema: Literal["warmup", "power"] = Field(
+        "warmup",
+        description="EMA of the weights (ambient_ray.train.ema): warmup (ema_decay), or power: EDM2's power-function "
+        "EMA, one profile per ema_stds, with snapshots for 'ambient-ray phema'",
+    )
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="warmup: the decay")
+    ema_stds: list[float] = Field(
+        [0.05, 0.10],
+        min_length=1,
+        description="power: σ_rel of each profile tracked (EDM2 Sec. 3.1; each in (0, 0.3003)); the first is "
+        "ema.safetensors, the one sampling loads",
+    )
+    ema_snapshot_every: int | None = Field(
+        8_000_000,
+        ge=1,
+        description="power: write every profile to OUT/phema/ each time this many training images (steps × global "
+        "batch) have passed, and at the last step; None: no snapshots",
+    )
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    report_every: int | None = Field(
+        None,
+        ge=1,
+        description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss "
+        "(Ray Tune's early stopping reads them)",
+    )
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
+    resume: bool = Field(
+        False,
+        description="continue the run already in 'out' from its latest checkpoint",
+        json_schema_extra=flag("--resume", "continue the run in --out from its latest checkpoint"),
+    )
+    grad_guard: bool = Field(
+        False,
+        description="zero non-finite gradient elements (EDM2) and count them (metric nonfinite_grads); a hook on "
+        "every parameter, so opt-in (about +20% per step on small models)",
+    )
+    init_from: str | None = Field(
+        None,
+        description="start from the weights of an earlier training output (its folder or its model/ folder, local "
+        "or s3://): the network and its EMA from its raw model.safetensors, at step 0 with a fresh optimizer and "
+        "schedule; the architecture must agree (only keys that change no parameter shape may differ, e.g. the "
+        "DiT's img_resolution); ignored when the run resumes from its own checkpoint",
+        json_schema_extra=flag("--init-from"),
+    )
+    debug_fail_at_step: int | None = Field(None, description="tests: raise once at this step to exercise recovery")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="one device's peak TFLOP/s for the mfu metric (default: the GPU's dense bf16 peak by its name, "
+        "ambient_ray.train.perf; on CPU mfu is logged only when this is set)",
+    )
+    grid_every: int = Field(
+        1000,
+        ge=0,
+        description="log a sample grid of the EMA weights (grids/grid_<step>.png) every this many steps (0: never)",
+    )
+    grid_images: int = Field(16, ge=1, description="images per grid (fixed seed and labels: every grid comparable)")
+    grid_sampler_steps: int = Field(18, ge=1, description="Heun steps of a grid's sampler")
+
+
+def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Before any worker starts: the data has one square shape (returned: resolution, channels; ``shape``
+    when the stage knows it, as for precomputed latents) and the DeepSpeed options agree."""
+    h, c = shape or one_shape(meta, cfg.data)
+    if cfg.ema == "power":
+        from ambient_ray.diffusion.phema import SIGMA_REL_MAX
+
+        bad = [s for s in cfg.ema_stds if not 0 < s < SIGMA_REL_MAX]
+        if bad or len(set(cfg.ema_stds)) < len(cfg.ema_stds):
+            raise ConfigError(
+                f"config key 'ema_stds': {cfg.ema_stds}: distinct σ_rel values in (0, {SIGMA_REL_MAX:.4f}) expected"
+            )
+    if cfg.zero_stage == 0 and cfg.offload_optimizer:
+        raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    if cfg.min_workers is not None and cfg.min_workers > cfg.num_workers:
+        raise ConfigError(f"config key 'min_workers': {cfg.min_workers} is more than num_workers={cfg.num_workers}")
+    if cfg.min_workers is not None and cfg.min_workers < cfg.num_workers and cfg.zero_stage > 0:
+        # DeepSpeed refuses a ZeRO >= 1 checkpoint saved on another number of ranks
+        raise ConfigError("config key 'min_workers': fewer workers than num_workers needs zero_stage 0")
+    return h, c

@@ -1,0 +1,89 @@
+"""The objective registry: ``objective`` in a training config names the entry that trains it.
+
+An :class:`Objective` brings a stage's config class (its sections), a driver-side ``prepare`` (checks the data and
+returns a typed :class:`~ambient_ray.train.driver.Prepared`: the rows every worker gets, the columns it reads) and a
+worker-side task (:class:`~ambient_ray.train.loop.Task`). Every Ray Train worker runs :func:`worker_loop`, which
+looks the objective up again by name. The built-in entries are registered at the end of this file; a new objective
+is a task file under ``train/tasks/`` and one ``OBJECTIVES.register`` line here (README, "Adding an objective, a
+sampler or a stage").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from ambient_ray.config import ConfigError
+from ambient_ray.registry import Registry
+from ambient_ray.train import loop
+from ambient_ray.train.config import EngineConfig
+from ambient_ray.train.prepared import Prepared
+from ambient_ray.train.tasks import classifier, classifier_config, denoiser_config, denoiser_data
+from ambient_ray.train.tasks.ambient import AmbientTask
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """``stage``: the CLI stage that trains it; ``config``: that stage's config class; ``prepare(cfg)``: the driver
+    side; ``task(cfg, rows)``: the worker side (``rows``: ``prepare``'s ``Prepared.rows``); ``help``: one line for
+    ``--help``."""
+
+    stage: str
+    config: type[EngineConfig]
+    prepare: Callable[[Any], Prepared]
+    task: Callable[[Any, Any], loop.Task]
+    help: str
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+
+
+def for_stage(name: str, stage: str) -> Objective:
+    """The objective ``name`` of a ``stage`` run; a ConfigError naming the stage's objectives otherwise."""
+    allowed = names(stage)
+    if name not in allowed:
+        where = f" (an objective of 'ambient-ray {OBJECTIVES.get(name).stage}')" if name in OBJECTIVES else ""
+        raise ConfigError(
+            f"config key 'objective': unknown objective {name!r}{where}; allowed here: {', '.join(allowed)}"
+        )
+    return OBJECTIVES.get(name)
+
+
+def names(stage: str) -> list[str]:
+    return [n for n, o in OBJECTIVES.items() if o.stage == stage]
+
+
+def describe(stage: str) -> str:
+    """The stage's objectives for its ``--help``: one ``name: help`` line each."""
+    return "\n".join(f"  {n}: {OBJECTIVES.get(n).help}" for n in names(stage))
+
+
+def worker_loop(config: dict) -> None:
+    """Every Ray Train worker's function: the run's objective (``config["objective"]``) on the one loop."""
+    objective = OBJECTIVES.get(config["objective"])
+    cfg = objective.config.model_validate(config["cfg"])
+    loop.run(objective.task(cfg, config["data"]), cfg, config)
+
+
+# ------------------------------------------------------------------------------ the built-in objectives
+
+OBJECTIVES.register(
+    "ambient",
+    Objective(
+        stage="train",
+        config=denoiser_config.TrainConfig,
+        prepare=denoiser_data.prepare,
+        task=AmbientTask,
+        help="Ambient-o's loss (Eq. 3.2-3.3): x0 prediction mapped to x_{σ_min}, each row above its σ_min buffer",
+    ),
+)
+OBJECTIVES.register(
+    "classifier",
+    Objective(
+        stage="train-classifier",
+        config=classifier_config.ClassifierTrainConfig,
+        prepare=classifier_config.prepare,
+        task=classifier.ClassifierTask,
+        help="Ambient-o's annotation classifiers (Eq. 3.1): BCE of noised images (noise) or crops (crops)",
+    ),
+)
