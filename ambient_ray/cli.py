@@ -137,6 +137,12 @@ def _populate(p: argparse.ArgumentParser, stage: Stage) -> None:
     if model is not None:
         _common(p)
         add_flags(p, model)
+        if "objective" in model.model_fields:  # a training stage: its registered objectives
+            from ambient_ray.train import objectives
+
+            name = next(n for n, s in registry.STAGES.items() if s is stage)
+            p.epilog = "objectives (key 'objective'):\n" + objectives.describe(name)
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
     stage.add_flags(p)
 
 
@@ -144,7 +150,7 @@ def run_stage(args: argparse.Namespace) -> int:
     """Run the sub-command: the stage's own command, or build its config, run it and print its report."""
     stage = registry.get(args.stage)
     model = stage.model()
-    command = stage.main()
+    command = stage.command_function()
     if command is not None:
         return command(args, flag_values(args, model) if model is not None else {})
     cfg = config(args, model)

@@ -361,7 +361,7 @@ def _another_corruption_reuses_only_clean_and_oracle(experiment, flags, out, tmp
         corruption=["blur:sigma=3"],
         arms=arms,
         reuse=[out, str(tmp_path / "exp-b1")],
-        sample={**flags["sample"], "steps": 3},
+        sample={**flags["sample"], "sampler": {"steps": 3}},
     )
     assert set(fourth["ran"]) == {f"runs/{a}/seed-0/{s}" for a in arms for s in ("samples", "eval")}
     assert {"runs/only-clean/seed-0/train", "runs/oracle/seed-0/train"} <= set(fourth["reused"])

@@ -1,6 +1,7 @@
 """Training on Ray Train + DeepSpeed (CPU, gloo), checkpoints and resume, MLflow, and sampling."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +67,9 @@ def zero2_run(digits, mlflow_server, s3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3_run(digits, mlflow_server, tmp_path_factory):
-    """zero2_run's training (seed, data, steps, checkpoints) under ZeRO-3, outputs on local disk."""
+    """zero2_run's training (seed, data, steps) under ZeRO-3, outputs on local disk. A checkpoint every 10 steps
+    (zero2_run: 15; checkpoints do not change the training), so that zero3_recovered below can die after one
+    checkpoint and fail again after a later one."""
     cfg = tcfg(
         digits,
         str(tmp_path_factory.mktemp("z3") / "out"),
@@ -74,10 +77,45 @@ def zero3_run(digits, mlflow_server, tmp_path_factory):
         num_workers=2,
         zero_stage=3,
         log_every=5,
-        checkpoint_every=15,
+        checkpoint_every=10,
         mlflow=dict(enabled=True, experiment="tests-train"),
     )
     return cfg, run(cfg)
+
+
+@pytest.fixture(scope="module")
+def zero3_recovered(zero3_run, tmp_path_factory):
+    """zero3_run's training taking both recovery paths, in two Ray Train runs: it dies at step 11 (no restarts
+    allowed), a plain re-run into its folder is refused, and it is resumed with --resume from the step-10
+    checkpoint; the resumed run has a worker failure at step 21 and is restarted by FailureConfig from the step-20
+    checkpoint it wrote itself (each rank loading its own ZeRO-3 EMA partitions both times).
+
+    This one recovered folder serves the two tests that compare a recovered run with zero3_run (the failure/resume
+    test and the ZeRO-3 restart test), which each made their own: four Ray Train runs (one uninterrupted
+    reference, one restarted, one died, one resumed-and-restarted) are two. Returns (the config of a run into the
+    recovered folder given its overrides, what happened: the first run's error, the marker after it, the refusal)."""
+    cfg, _ = zero3_run
+    out = tmp_path_factory.mktemp("z3-recovered") / "out"
+    marker = out / "_debug_failed"
+
+    def again(**kw):
+        return TrainConfig.model_validate({**cfg.model_dump(), "out": str(out), "mlflow": {"enabled": False}, **kw})
+
+    seen = {"died": None, "refused": None}
+    try:  # a job that dies at step 11 (no restarts allowed) ...
+        run(again(debug_fail_at_step=11, max_failures=0))
+    except Exception as e:
+        seen["died"] = e
+    seen["marker"] = marker.exists()
+    try:  # ... is refused without --resume ...
+        run(again())
+    except ConfigError as e:
+        seen["refused"] = e
+    # ... and resumed with --resume; its planted failure at step 21 is restarted by FailureConfig (one planted
+    # failure per output folder: the marker is removed, so the resumed run fails once more)
+    marker.unlink(missing_ok=True)
+    run(again(resume=True, debug_fail_at_step=21, max_failures=1))
+    return again, seen
 
 
 def loss_history(run_id, key="loss"):
@@ -168,13 +206,11 @@ def test_zero3_ema_of_each_ranks_partitions_matches_zero2s_full_ema(zero2_run, z
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v.ravel(), err_msg=k)
 
 
-def test_zero3_restart_restores_each_ranks_ema_partition(zero3_run, tmp_path):
-    """A worker failure at step 20 under ZeRO-3, restarted from the step-15 checkpoint (each rank loads its
+def test_zero3_restart_restores_each_ranks_ema_partition(zero3_run, zero3_recovered):
+    """A worker failure at step 21 under ZeRO-3, restarted from the step-20 checkpoint (each rank loads its
     own EMA partitions): the same final EMA and weights as zero3_run's uninterrupted run."""
     cfg, _ = zero3_run
-    out = str(tmp_path / "restarted")
-    update = dict(out=out, debug_fail_at_step=20, max_failures=1, mlflow=dict(enabled=False))
-    run(TrainConfig.model_validate({**cfg.model_dump(), **update}))
+    out = zero3_recovered[0]().out
     assert storage.exists(storage.join(out, "_debug_failed"))
     for name in ("ema.safetensors", "model.safetensors"):
         a, b = weights(cfg.out, name), weights(out, name)
@@ -215,31 +251,25 @@ def test_mlflow_run_has_params_metrics_and_artifacts(zero2_run, digits):
     assert sum(d["draws"] for d in cov["donut"]) == cfg.steps * cfg.batch_size * cfg.num_workers
 
 
-def test_failure_restart_and_resume_match_an_uninterrupted_run(digits, tmp_path):
-    """One interrupted run takes both recovery paths (three Ray Train runs, not four): it dies at step 6 and
-    is resumed with --resume from the step-4 checkpoint; the resumed run has a worker failure at step 10 and
-    is restarted by FailureConfig from the step-8 checkpoint; it ends with the uninterrupted run's weights."""
-    straight = tmp_path / "straight"
-    run(tcfg(digits, str(straight)))
-    # a job that dies at step 6 (no restarts allowed) ...
-    resumed = tmp_path / "resumed"
-    marker = resumed / "_debug_failed"
-    with pytest.raises(Exception):
-        run(tcfg(digits, str(resumed), debug_fail_at_step=6, max_failures=0))
-    assert marker.exists()
-    with pytest.raises(ConfigError, match="--resume"):
-        run(tcfg(digits, str(resumed)))
-    # ... resumed with --resume; its planted failure at step 10 is restarted by FailureConfig (one planted
-    # failure per output folder: the marker is removed, so the resumed run fails once more)
-    marker.unlink()
-    run(tcfg(digits, str(resumed), resume=True, debug_fail_at_step=10, max_failures=1))
-    assert marker.exists()  # the second failure happened, and the run still finished
-    a, b = weights(str(straight)), weights(str(resumed))
+def test_failure_restart_and_resume_match_an_uninterrupted_run(zero3_run, zero3_recovered):
+    """One interrupted run takes both recovery paths (zero3_recovered: it dies at step 11 and is resumed with
+    --resume from the step-10 checkpoint; the resumed run has a worker failure at step 21 and is restarted by
+    FailureConfig from the step-20 checkpoint); it ends with the uninterrupted run's (zero3_run's) weights."""
+    cfg, _ = zero3_run
+    again, seen = zero3_recovered
+    resumed = again().out
+    # the job that died at step 11 (no restarts allowed) raised, and left its marker ...
+    assert seen["died"] is not None and seen["marker"]
+    # ... a plain re-run into its folder was refused, naming --resume ...
+    assert isinstance(seen["refused"], ConfigError) and re.search("--resume", str(seen["refused"]))
+    # ... and the resumed run failed once more (the marker was removed before it) and still finished
+    assert storage.exists(storage.join(resumed, "_debug_failed"))
+    a, b = weights(cfg.out), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
     with pytest.raises(ConfigError, match="another model config.*model_channels"):
-        run(tcfg(digits, str(resumed), resume=True, model=dict(model_channels=8)))
+        run(again(resume=True, model=dict(cfg.model.model_dump(), model_channels=8)))
 
 
 def write_rows(path, rows):

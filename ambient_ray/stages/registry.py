@@ -69,7 +69,8 @@ class Stage:
         if self.extra is not None:
             _load(self.extra)(parser)
 
-    def main(self) -> Callable | None:
+    def command_function(self) -> Callable | None:
+        """The stage's own command (imported now), or None: the CLI builds the config, runs and reports."""
         return None if self.command is None else _load(self.command)
 
     @property
@@ -194,7 +195,7 @@ STAGES.register(
 STAGES.register(
     "sample",
     Stage(
-        "draw images from a trained model (EDM Heun sampler)",
+        "draw images from a trained model with a registered sampler (default: EDM Heun)",
         "ambient_ray.stages.sample",
         "SampleConfig",
         progress=True,

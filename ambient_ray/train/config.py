@@ -26,15 +26,19 @@ class OptimConfig(Strict):
     grad_accum: int = Field(1, ge=1)
 
 
+def data_field(required: bool):
+    """The ``data`` key (``--data``): required by a stage whose objectives read rows; optional in the engine, where
+    None is a run without a dataset (an objective that draws no rows)."""
+    what = "dataset URI (a corrupt/annotate output folder or Parquet shards)"
+    if not required:
+        return Field(None, description=what + "; None: a run without a dataset", json_schema_extra=flag("--data"))
+    return Field(..., description=what, json_schema_extra=flag("--data"))
+
+
 class EngineConfig(Strict):
     """What every model trained on the engine shares: data, outputs, Ray Train, DeepSpeed, checkpoints, MLflow."""
 
-    data: str | None = Field(
-        None,
-        description="dataset URI (a corrupt/annotate output folder or Parquet shards); None: a run without a dataset "
-        "(an objective that draws no rows); a stage whose objectives read rows makes it required",
-        json_schema_extra=flag("--data"),
-    )
+    data: str | None = data_field(required=False)
     out: str = Field(..., description="output URI for checkpoints, weights and plots", json_schema_extra=flag("--out"))
     objective: str = Field(
         "ambient",

@@ -13,18 +13,14 @@ from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
 from ambient_ray.models import classifier as clf
 from ambient_ray.models import registry
-from ambient_ray.train.config import EngineConfig, check_run
+from ambient_ray.train.config import EngineConfig, check_run, data_field
 from ambient_ray.train.prepared import Prepared
 
 
 class ClassifierTrainConfig(EngineConfig):
     """Config of ``ambient-ray train-classifier`` (the engine's keys, plus the classifier's)."""
 
-    data: str = Field(
-        ...,
-        description="dataset URI (a corrupt/annotate output folder or Parquet shards)",
-        json_schema_extra=flag("--data"),
-    )
+    data: str = data_field(required=True)
     objective: str = Field("classifier", description="the training objective: classifier (the only one here)")
 
     kind: clf.Kind = Field(

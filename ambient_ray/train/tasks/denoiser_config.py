@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ambient_ray.config import Strict, flag
 from ambient_ray.models import registry
-from ambient_ray.train.config import EngineConfig
+from ambient_ray.train.config import EngineConfig, data_field
 
 
 class AmbientConfig(Strict):
@@ -71,11 +71,7 @@ class TextConfig(Strict):
 class TrainConfig(EngineConfig):
     """Config of ``ambient-ray train`` (the engine's keys, plus the model, the objective and its sections)."""
 
-    data: str = Field(
-        ...,
-        description="dataset URI (a corrupt/annotate output folder or Parquet shards)",
-        json_schema_extra=flag("--data"),
-    )
+    data: str = data_field(required=True)
     objective: str = Field(
         "ambient",
         description="the training objective (ambient_ray.train.objectives): ambient, Ambient-o's loss (Eq. 3.2-3.3 "
