@@ -39,7 +39,7 @@ def pipeline_config(out: str, data: str, phase2: dict | None = None) -> pipeline
         "out": out,
         "data": data,
         "train": train,
-        "sample": {"num": 8, "steps": 3},
+        "sample": {"num": 8, "sampler": {"steps": 3}},
         "mlflow": {"experiment": "tests-phases"},
     }
     return pipeline.PipelineConfig.model_validate(raw)
