@@ -132,7 +132,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _populate(p: argparse.ArgumentParser, stage: Stage) -> None:
+def _populate(p: argparse.ArgumentParser, name: str, stage: Stage) -> None:
     model = stage.model()
     if model is not None:
         _common(p)
@@ -140,7 +140,6 @@ def _populate(p: argparse.ArgumentParser, stage: Stage) -> None:
         if "objective" in model.model_fields:  # a training stage: its registered objectives
             from ambient_ray.train import objectives
 
-            name = next(n for n, s in registry.STAGES.items() if s is stage)
             p.epilog = "objectives (key 'objective'):\n" + objectives.describe(name)
             p.formatter_class = argparse.RawDescriptionHelpFormatter
     stage.add_flags(p)
@@ -170,7 +169,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, stage in registry.STAGES.in_order():
         sp = sub.add_parser(name, help=stage.help, description=stage.help)
         if only is None or only == name:
-            _populate(sp, stage)
+            _populate(sp, name, stage)
     return p
 
 
