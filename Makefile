@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint docs bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,17 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) -m jobs.demo
 
-test: setup lint
+test: setup lint docs browser
 	$(PY) -m pytest tests
+
+# the documentation site (docs/, mkdocs.yml), built offline; --strict turns a broken link or a missing page into a failure
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+# Debian's Chromium, for the test that opens the MLflow UI in a real (headless) browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+		|| { echo "make browser: could not install Debian's chromium (needs root and apt-get)" >&2; exit 2; }
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

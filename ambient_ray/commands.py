@@ -1,5 +1,5 @@
 """The command-line parts of the stages whose command does more than build the config, run and report:
-``corrupt --list-corruptions``, ``tune --space/--resume`` and ``jobs``.
+``corrupt --list-corruptions``, ``tune --space/--resume``, ``jobs``, ``ls`` and ``get``.
 
 A stage registry entry (:mod:`ambient_ray.stages.registry`) may name, as ``module:function``, an ``extra``
 (adds the flags that are not config keys to its argparse sub-parser) and a ``command`` (runs instead of the
@@ -88,3 +88,25 @@ def jobs(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     if args.action == "stop":
         return ops.stop(args.address, args.job_id)
     return ops.runs(args.job_id, args.tracking_uri)
+
+
+def ls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", help="a folder or file, local or s3://bucket/prefix (e.g. a pipeline's out)")
+    p.add_argument("-r", "--recursive", action="store_true", help="every file with its size, not one line a folder")
+
+
+def ls(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    from ambient_ray.workflows import outputs
+
+    return outputs.ls(args.uri, args.recursive)
+
+
+def get_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", help="a file or folder, local or s3://bucket/prefix")
+    p.add_argument("dest", nargs="?", help="where to put it (default: the current folder)")
+
+
+def get(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    from ambient_ray.workflows import outputs
+
+    return outputs.get(args.uri, args.dest)

@@ -5,9 +5,10 @@
   - a SeaweedFS S3 server with one bucket (``ambient`` unless ``--bucket``),
   - an MLflow tracking server (SQLite store in STATE, artifacts in that S3 bucket, served through
     the server's artifact proxy),
-then prints the ``export`` lines a shell needs (``eval "$(cluster/local.sh up)"``) and writes them to
-STATE/env.sh. The Ray head runs with the same S3 and MLflow variables, so jobs submitted with
-``ray job submit`` read and write ``s3://BUCKET/...`` and log to the server with no further set-up.
+then prints the ``export`` lines a shell needs (``eval "$(cluster/local.sh up)"``; the last one puts the
+project's ``.venv/bin`` first on ``PATH``, so ``ray`` and ``ambient-ray`` are found) and writes them to
+STATE/env.sh. The Ray head runs with the same S3 and MLflow variables, so jobs submitted with ``ray job submit``
+read and write ``s3://BUCKET/...`` and log to the server with no further set-up.
 
 ``down`` stops what ``up`` started and nothing else: the three process groups recorded in
 STATE/state.json, then any straggler whose command line names this cluster's Ray session folder.
@@ -104,7 +105,11 @@ def write_private(path: str, text: str) -> None:
 
 
 def exports(env: dict) -> str:
-    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    """The ``export`` lines of ``env``, and a last one that puts this virtual environment's tools (``ray``,
+    ``ambient-ray``, ``mlflow``) first on ``PATH``: the documented commands call them by name."""
+    tools = os.path.dirname(sys.executable)
+    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items()]
+    return "".join(lines) + f'export PATH={shlex.quote(tools)}:"$PATH"\n'
 
 
 def dashboard_ready(url: str, token: str) -> bool:

@@ -3,6 +3,7 @@
 #   cluster/local.sh up [--num-cpus N] [--bucket NAME] [--state DIR]   start; prints the exports
 #   cluster/local.sh env | status | down                               exports again / what runs / stop
 # Typical use:  eval "$(cluster/local.sh up)"; ray job submit ...; cluster/local.sh down
+# (the exports end with PATH=<repo>/.venv/bin:$PATH, so ray and ambient-ray need no activated venv)
 # The logic is cluster/local.py; it runs on the project's virtual environment (make setup).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -317,7 +317,7 @@ def test_jobs_modules_call_the_cli_with_their_stage():
         stage = calls[0].args[0].elts[0].value
         assert stage == name[:-3].replace("_", "-") and stage in registry.STAGES, name
         seen.add(stage)
-    assert seen == set(registry.STAGES.names()) - {"jobs"}
+    assert seen == set(registry.STAGES.names()) - {"jobs", "ls", "get"}  # client-side commands: no job of their own
 
 
 def test_one_stage_imports_only_its_own_modules():
@@ -330,3 +330,30 @@ def test_one_stage_imports_only_its_own_modules():
     loaded = r.stdout
     assert "ambient_ray.stages.corrupt" in loaded
     assert "ambient_ray.stages.train'" not in loaded and "ambient_ray.workflows.pipeline" not in loaded
+
+
+def test_ls_and_get_show_a_runs_outputs(tmp_path, capsys):
+    run = tmp_path / "run1"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "grid.png").write_bytes(b"p" * 2500)
+    (run / "samples" / "samples.npy").write_bytes(b"n" * 10)
+    (run / "pipeline.json").write_text("{}")
+    assert cli.main(["ls", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["pipeline.json", "2", "B"]
+    assert lines[1].split() == ["samples/", "2", "files", "2.5", "kB"]
+    assert lines[-1] == f"3 files, 2.5 kB in {run}"
+    assert cli.main(["ls", "-r", str(run)]) == 0
+    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[:3]] == [
+        "pipeline.json",
+        "samples/grid.png",
+        "samples/samples.npy",
+    ]
+    dest = tmp_path / "here"
+    assert cli.main(["get", str(run / "samples" / "grid.png"), f"{dest}/"]) == 0
+    assert (dest / "grid.png").read_bytes() == b"p" * 2500
+    assert cli.main(["get", str(run / "samples"), str(dest)]) == 0
+    assert (dest / "samples" / "samples.npy").read_bytes() == b"n" * 10
+    capsys.readouterr()
+    assert cli.main(["ls", str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

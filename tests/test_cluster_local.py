@@ -1,15 +1,19 @@
-"""Cluster mode end to end: ``cluster/local.sh up``, the real ``ray job submit`` CLI running ``jobs.pipeline``,
-the outputs checked in S3 (boto3) and the runs in the MLflow server (MlflowClient), then ``down``.
+"""Cluster mode end to end, as the docs write it: the block of ``docs/`` marked ``<!-- tested: local cluster
+flow -->`` (``cluster/local.sh up``, the real ``ray job submit`` CLI running ``jobs.pipeline``, ``ambient-ray jobs``,
+``ls`` and ``get``) runs in bash from a shell with no virtual environment on ``PATH``; then the outputs are checked
+in S3 (boto3) and the runs in the MLflow server (MlflowClient); the last test runs the docs' ``down`` block.
 
-These tests start a Ray cluster of their own; conftest runs them before anything starts the session's
-in-process cluster (two Ray clusters on one machine confuse Ray Train's placement-group cleaner).
-The tests of this module share one local cluster and run in file order; the last one takes it down.
+The one change to the documented commands: the pipeline line gets the ``--set`` overrides of ``TINY`` appended,
+which cut every stage to seconds. These tests start a Ray cluster of their own; conftest runs them before anything
+starts the session's in-process cluster (two Ray clusters on one machine confuse Ray Train's placement-group
+cleaner). The tests of this module share one local cluster and run in file order; the last one takes it down.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,9 +26,8 @@ pytestmark = pytest.mark.own_ray_cluster
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(REPO, "cluster", "local.sh")
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-OUT = "s3://ambient/e2e"
+OUT = "s3://ambient/run1"  # the documented flow's out
 TINY = [  # the pipeline of jobs/configs/pipeline.yaml, cut to seconds per stage
-    f"out={OUT}",
     "corrupt.source.limit=600",
     "classifier.steps=15",
     "classifier.checkpoint_every=15",
@@ -40,12 +43,56 @@ TINY = [  # the pipeline of jobs/configs/pipeline.yaml, cut to seconds per stage
 ]
 
 
+def documented(marker: str) -> str:
+    """The bash block that follows ``<!-- tested: MARKER -->`` in a page of docs/ (exactly one such block)."""
+    found = []
+    for root, _, files in os.walk(os.path.join(REPO, "docs")):
+        for name in sorted(files):
+            if name.endswith(".md"):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    text = f.read()
+                for m in re.finditer(rf"<!-- tested: {re.escape(marker)} -->\s*```(?:bash|sh)\n(.*?)```", text, re.S):
+                    found.append(m.group(1))
+    assert len(found) == 1, f"docs/: {len(found)} blocks marked 'tested: {marker}'"
+    return found[0]
+
+
+def with_overrides(script: str, overrides: list[str]) -> str:
+    """``script`` with continuation lines joined and ``--set`` overrides appended to its ``jobs.pipeline`` line."""
+    lines = script.replace("\\\n", " ").splitlines()
+    hits = [i for i, line in enumerate(lines) if "-m jobs.pipeline" in line]
+    assert len(hits) == 1, script
+    cmd, hash_, comment = lines[hits[0]].partition("  #")
+    lines[hits[0]] = cmd.rstrip() + "".join(f" --set {o}" for o in overrides) + (f"  #{comment}" if hash_ else "")
+    return "\n".join(lines) + "\n"
+
+
+def bare_shell_env(state: str) -> dict:
+    """A user's shell: no virtual environment on PATH, none of the test session's services configured."""
+    venv_bin = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_")) and k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env["AMBIENT_CLUSTER_STATE"] = state  # the state folder, instead of .local-cluster/ in the checkout
+    return env
+
+
+def run_bash(script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def parse_exports(text: str) -> dict[str, str]:
     import shlex
 
     env = {}
     for line in text.splitlines():
-        if line.startswith("export "):
+        if line.startswith("export ") and not line.startswith("export PATH="):
             key, _, value = line[len("export ") :].partition("=")
             env[key] = shlex.split(value)[0] if value else ""
     return env
@@ -53,14 +100,18 @@ def parse_exports(text: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """The documented flow, run as written (plus TINY): up, submit the pipeline, look at the outputs."""
     state = str(tmp_path_factory.mktemp("local-cluster"))
-    up = subprocess.run([LOCAL, "up", "--state", state, "--num-cpus", "2"], capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr[-3000:]
-    env = parse_exports(up.stdout)
-    yield {"state": state, "env": env, "stderr": up.stderr}
-    subprocess.run(
-        [LOCAL, "down", "--state", state], capture_output=True, timeout=120
-    )  # a no-op once the last test ran
+    shell = bare_shell_env(state)
+    bare = run_bash("command -v ray || echo 'ray: command not found'", shell, 30)
+    assert "not found" in bare.stdout  # the shell the flow starts from has no ray on PATH
+    t0 = time.time()
+    flow = run_bash(with_overrides(documented("local cluster flow"), TINY), shell, 1200)
+    seconds = time.time() - t0
+    envtext = subprocess.run([LOCAL, "env", "--state", state], capture_output=True, text=True, timeout=60)
+    env = parse_exports(envtext.stdout)
+    yield {"state": state, "env": env, "flow": flow, "seconds": seconds, "shell": shell, "exports": envtext.stdout}
+    subprocess.run([LOCAL, "down", "--state", state], capture_output=True, timeout=120)  # a no-op once the last ran
 
 
 def client_env(cluster: dict, **extra) -> dict:
@@ -149,43 +200,49 @@ def test_up_prints_the_environment_a_user_exports(cluster):
     assert again.returncode == 0 and "already up" in again.stderr and parse_exports(again.stdout) == env
 
 
+def test_documented_flow_runs_as_written(cluster):
+    """The docs' flow ran in a shell with no venv on PATH: up printed the PATH it needs, the job ran all six
+    stages, ``ambient-ray jobs list``, ``ls`` and ``get`` worked; its log is the quiet one the docs count."""
+    flow = cluster["flow"]
+    out = flow.stdout + flow.stderr
+    print(f"documented flow: {cluster['seconds']:.0f} s")
+    assert flow.returncode == 0, out[-4000:]
+    assert "pipeline: [6/6] evaluate: done" in flow.stdout and "MLflow: pipeline run" in flow.stdout, out[-3000:]
+    assert re.search(r"raysubmit_\w+\s+SUCCEEDED", flow.stdout), out[-3000:]  # ambient-ray jobs list
+    for folder in ("corrupt/", "classifier/", "annotated/", "train/", "samples/", "eval/"):  # ambient-ray ls
+        assert re.search(rf"^{folder}\s+\d+ files?\s", flow.stdout, re.M), (folder, out[-3000:])
+    grid = os.path.join(REPO, "runs", "grid.png")  # ambient-ray get ... runs/
+    with open(grid, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    os.remove(grid)
+    assert "export PATH=" in cluster["exports"] and os.path.dirname(sys.executable) in cluster["exports"]
+
+
 def test_pipeline_job_writes_s3_and_mlflow(cluster):
-    job = f"pipeline-{uuid.uuid4().hex[:8]}"
-    t0 = time.time()
-    r = submit(
-        cluster,
-        [
-            "python",
-            "-m",
-            "jobs.pipeline",
-            "--config",
-            "jobs/configs/pipeline.yaml",
-            "--no-progress",
-            *[f"--set={s}" for s in TINY],
-        ],
-        job,
-    )
-    print(f"pipeline job: {time.time() - t0:.0f}s")
-    assert job_status(cluster, job) == "SUCCEEDED", r.stdout[-4000:] + r.stderr[-2000:]
-    assert "pipeline: [6/6] evaluate: done" in r.stdout and "MLflow: pipeline run" in r.stdout, r.stdout[-3000:]
+    job = re.search(r"raysubmit_\w+", cluster["flow"].stdout).group(0)
+    logs = cli(cluster, "jobs", "logs", job).stdout
+    lines = logs.splitlines()
+    print(f"job log: {len(lines)} lines")
+    for noise in ("View run", "View experiment", "Waiting up to", "LinAlgWarning", "\r", "0%|"):
+        assert noise not in logs, (noise, logs[-3000:])
 
     # the outputs are in the cluster's S3
     s3 = s3_client(cluster)
     keys = [
         o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ambient", Prefix="e2e/")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ambient", Prefix="run1/")
         for o in page.get("Contents", [])
     ]
     for needed in (
-        "e2e/corrupt/data/",
-        "e2e/annotated/data/",
-        "e2e/train/model/",
-        "e2e/samples/samples.npy",
-        "e2e/eval/metrics.json",
-        "e2e/pipeline.json",
+        "run1/corrupt/data/",
+        "run1/annotated/data/",
+        "run1/train/model/",
+        "run1/samples/samples.npy",
+        "run1/eval/metrics.json",
+        "run1/pipeline.json",
     ):
         assert any(k.startswith(needed) for k in keys), (needed, keys[:20])
-    report = json.loads(s3.get_object(Bucket="ambient", Key="e2e/pipeline.json")["Body"].read())
+    report = json.loads(s3.get_object(Bucket="ambient", Key="run1/pipeline.json")["Body"].read())
     assert list(report["stages"]) == ["corrupt", "classifier", "annotate", "train", "sample", "evaluate"]
     assert report["stages"]["corrupt"]["figures"]["rows_in"] == 600
     assert report["stages"]["evaluate"]["figures"]["fd"] > 0
@@ -215,8 +272,7 @@ def test_pipeline_job_writes_s3_and_mlflow(cluster):
     assert stored > 0
 
     # operations: the job's logs and its MLflow runs, by job id
-    logs = cli(cluster, "jobs", "logs", job)
-    assert logs.returncode == 0 and "pipeline: [3/6] annotate" in logs.stdout
+    assert "pipeline: [3/6] annotate" in logs
     traced = cli(cluster, "jobs", "runs", job)
     assert traced.returncode == 0 and all(run.info.run_id in traced.stdout for run in runs), (
         traced.stdout + traced.stderr
@@ -236,6 +292,7 @@ def test_pipeline_job_writes_s3_and_mlflow(cluster):
             "jobs.pipeline",
             "--config",
             "s3://ambient/configs/pipeline.yaml",
+            f"--set=out={OUT}",
             *[f"--set={s}" for s in TINY],
         ],
         again,
@@ -316,7 +373,7 @@ def test_down_leaves_no_process_behind(cluster):
 
     with open(os.path.join(cluster["state"], "state.json")) as f:
         st = json.load(f)
-    down = subprocess.run([LOCAL, "down", "--state", cluster["state"]], capture_output=True, text=True, timeout=180)
+    down = run_bash(documented("local cluster down"), cluster["shell"], 180)  # the docs' down block, as written
     assert down.returncode == 0, down.stderr
     groups = {s["pgid"] for s in st["services"].values()}
     left = []

@@ -294,3 +294,19 @@ STAGES.register(
         command="ambient_ray.commands:jobs",
     ),
 )
+STAGES.register(
+    "ls",
+    Stage(
+        "list a run's outputs, local or on S3: one line a folder (file count, size), or every file (-r)",
+        extra="ambient_ray.commands:ls_flags",
+        command="ambient_ray.commands:ls",
+    ),
+)
+STAGES.register(
+    "get",
+    Stage(
+        "copy an output file or folder from local disk or S3 here (e.g. a sample grid to look at)",
+        extra="ambient_ray.commands:get_flags",
+        command="ambient_ray.commands:get",
+    ),
+)
