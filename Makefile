@@ -31,7 +31,7 @@ test: setup lint docs browser
 
 # the documentation site (docs/, mkdocs.yml), built offline; --strict turns a broken link or a missing page into a failure
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 # Debian's Chromium, for the test that opens the MLflow UI in a real (headless) browser
 browser:

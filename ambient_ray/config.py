@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config that cannot be loaded or does not validate; the message names the key."""
 
 
+class DataError(ConfigError):
+    """An input the config names that a stage cannot read: missing, a file where a folder is needed, no Parquet
+    shards, a column missing. Raised on the driver before any Ray work; the message names the file. (A bad row is
+    no DataError: the stages quarantine it.)"""
+
+
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
@@ -157,20 +163,44 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(getattr(cls, "model_fields", {}))
 
 
+def edits(a: str, b: str) -> int:
+    """The edits that turn ``a`` into ``b``: insertions, deletions, substitutions and swaps of two neighbours."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def suggest(key: str, allowed: list[str]) -> str | None:
+    """The allowed key ``key`` is a typo of: one edit away (two for a key of 8 characters or more), else None."""
+    limit = 2 if len(key) >= 8 else 1
+    scored = sorted((edits(key, k), k) for k in allowed)
+    return scored[0][1] if scored and scored[0][0] <= limit else None
+
+
 def format_errors(model: type[BaseModel], err: ValidationError) -> str:
+    """One line naming every invalid key and what is wrong with it."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not str(p).startswith("function-"))
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
-            lines.append(f"config key '{key}': unknown key; allowed keys here: {', '.join(allowed)}")
+            near = suggest(str(loc[-1]), allowed) if loc else None
+            hint = f"did you mean '{near}'?" if near else f"allowed keys here: {', '.join(allowed)}"
+            lines.append(f"config key '{key}': unknown key; {hint}")
         elif e["type"] == "missing":
             lines.append(f"config key '{key}': required but not given")
         else:
             msg = e["msg"].replace("Value error, ", "")
             lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + "; ".join(lines)
 
 
 def build(model: type[M], path: str | None = None, sets: list[str] | None = None, flags: dict | None = None) -> M:

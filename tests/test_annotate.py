@@ -110,7 +110,7 @@ def test_sigma_min_rises_with_blur(annotated, blurred):
         pq.read_schema(storage.list_files(f"{out}/data", (".parquet",))[0]).metadata[b"ambient_ray.annotation"]
     )
     assert prov["tau"] == 0.45 and prov["mode"] == "per-sample" and prov["classifier"].endswith("/model")
-    assert prov["rule"] == "shrunk"  # the default estimator (README "Per-sample σ_min estimators")
+    assert prov["rule"] == "shrunk"  # the default estimator (docs/stages/annotate.md, "Per-sample σ_min estimators")
     # the images and the other columns came through untouched
     src = rows_of(blurred).set_index("id")
     assert (df.set_index("id").loc[src.index, "image"] == src["image"]).all()

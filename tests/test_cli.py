@@ -30,7 +30,7 @@ def key(cfg, dotted: str):
     return cfg
 
 
-# every flag of every stage, with the config key it sets (the names the README and the tests use)
+# every flag of every stage, with the config key it sets (the names the docs and the tests use)
 FLAGS = {
     "corrupt": (
         ["--dataset", "faces", "--corruption", "blur:sigma=2", "--corruption", "jpeg:quality=9"]
@@ -186,7 +186,7 @@ def test_each_flag_sets_its_config_key(stage):
     argv, expected = FLAGS[stage]
     cfg = built([stage, *argv])
     assert {k: key(cfg, k) for k in expected} == expected
-    # and no other flag is declared than those the table (the README's names) lists
+    # and no other flag is declared than those the table (the docs' names) lists
     given = {a for a in argv if a.startswith("--")}
     assert {fl.name for _, _, fl in cfgmod.declared_flags(registry.get(stage).model())} == given
 

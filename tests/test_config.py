@@ -31,8 +31,9 @@ def test_yaml_then_flags_then_set(tmp_path):
 @pytest.mark.parametrize(
     "sets, words",
     [
-        (["out=/x", "sede=1"], ["config key 'sede'", "unknown key", "seed", "clean_fraction"]),
-        (["out=/x", "source.datset=digits"], ["config key 'source.datset'", "unknown key", "dataset", "image_size"]),
+        (["out=/x", "sede=1"], ["config key 'sede'", "unknown key", "did you mean 'seed'?"]),
+        (["out=/x", "source.datset=digits"], ["config key 'source.datset'", "unknown key", "did you mean 'dataset'?"]),
+        (["out=/x", "nope=1"], ["config key 'nope'", "unknown key", "allowed keys here:", "clean_fraction", "seed"]),
         (["out=/x", "seed=abc"], ["config key 'seed'", "integer", "'abc'"]),
         (["out=/x", "clean_fraction=1.5"], ["config key 'clean_fraction'", "less than or equal to 1"]),
         (["out=/x", "source.channels=2"], ["config key 'source.channels'", "1", "3"]),

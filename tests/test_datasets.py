@@ -138,12 +138,12 @@ def test_parquet_source_and_missing_image_column(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.table({"id": ["z"], "pixels": [b"1"]}), bad / "p.parquet")
-    with pytest.raises(ValueError, match="no 'image' column"):
+    with pytest.raises(ValueError, match="missing column 'image'"):
         D.list_items(D.make_source(D.SourceConfig(dataset=str(bad))), D.SourceConfig(dataset=str(bad)))
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         D.make_source(D.SourceConfig(dataset=str(tmp_path / "nothing-here")))
 
 

@@ -163,6 +163,7 @@ def test_resumed_job_reopens_its_run_or_starts_one_in_another_store(tmp_path, ca
     MlflowClient(a).set_terminated(first, "FAILED")
     again, _ = start_run(MlflowConfig(tracking_uri=a, experiment="resume"), out, params={"x": 1})
     assert again == first and MlflowClient(a).get_run(first).info.status == "RUNNING"
+    assert MlflowClient(a).get_run(first).data.tags["ambient.root_run_id"] == first  # the top of its own tree
     other, uri = start_run(MlflowConfig(tracking_uri=b, experiment="resume"), out, params={"x": 1})
     assert other != first and uri == b
     assert MlflowClient(b).get_run(other).data.params == {"x": "1"}
@@ -171,7 +172,8 @@ def test_resumed_job_reopens_its_run_or_starts_one_in_another_store(tmp_path, ca
 
 
 def test_experiments_are_marked_as_model_training(mlflow_server, tmp_path):
-    """MLflow 3's UI opens an experiment by its ``mlflow.experimentKind`` tag: ours open on the runs table."""
+    """Our experiments carry the model-training kind (``mlflow.experimentKind``; the view a link opens is chosen by
+    its ``workflowType``: test_mlflow_ui)."""
     from mlflow.tracking import MlflowClient
 
     from ambient_ray.io import tracking

@@ -61,7 +61,7 @@ def test_an_unknown_or_foreign_objective_exits_2_naming_the_allowed_ones(argv, a
 def test_the_worker_runs_the_objective_the_loop_config_names(monkeypatch):
     """worker_loop rebuilds the config with the objective's class and gives its task the driver's rows."""
     seen = {}
-    monkeypatch.setattr(objectives.loop, "run", lambda task, cfg, config: seen.update(task=task, cfg=cfg))
+    monkeypatch.setattr("ambient_ray.train.loop.run", lambda task, cfg, config: seen.update(task=task, cfg=cfg))
     rows = objectives.OBJECTIVES.get("classifier").config  # any object: the rows travel untouched
     cfg = ClassifierTrainConfig(data="/d", out="/o")
     objectives.worker_loop({"cfg": cfg.model_dump(mode="json"), "objective": "classifier", "data": rows})

@@ -1,4 +1,4 @@
-"""Text to image at CPU scale (README "Text to image"): captioned digits ("a handwritten digit seven") ->
+"""Text to image at CPU scale (docs/text-to-image.md): captioned digits ("a handwritten digit seven") ->
 precompute (pixels, a tiny random CLIP text encoder of the real class) -> a small MoE DiT trained with caption
 dropout and patch masking on two sources, the blurred half called "synthetic" and given a fixed σ_min ->
 classifier-free guided samples for each caption, read by the in-project digit classifier."""

@@ -125,7 +125,7 @@ def check(space: dict, base: dict[str, dict], searcher: str) -> dict[str, dict]:
             try:
                 cfgmod.build(model, flags=section)
             except ConfigError as e:
-                detail = str(e).replace("invalid config:\n  ", "")
+                detail = str(e).replace("invalid config: ", "")
                 raise ConfigError(
                     f"search space key '{key}' = {value!r} is refused by the {stage} config: {detail}"
                 ) from None

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from ambient_ray.data.metadata import data_dir
+from ambient_ray.data.metadata import parquet_files
 from ambient_ray.io import storage
 
 
@@ -40,7 +40,7 @@ def read_images(uri: str, ids: set[str] | None = None):
     import torch
 
     got, imgs = [], []
-    for f in storage.list_files(data_dir(uri), (".parquet",)):
+    for f in parquet_files(uri):
         fs, path = storage.filesystem(f)
         t = pq.read_table(path, filesystem=fs, columns=["id", "image"])
         for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from ambient_ray.config import DataError
 from ambient_ray.io import storage
 
 
@@ -15,6 +16,45 @@ def data_dir(uri: str) -> str:
     uri = storage.normalize(uri)
     sub = storage.join(uri, "data")
     return sub if storage.is_dir(sub) else uri
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files of a dataset: a folder's shards (under ``data/`` for a stage output) or one ``.parquet``
+    file. A DataError says which: the path does not exist, is some other file, or holds no Parquet shards."""
+    uri = storage.normalize(uri)
+    if not storage.exists(uri):
+        raise DataError(f"no such file or folder: {uri}")
+    if not storage.is_dir(uri):
+        if uri.lower().endswith(".parquet"):
+            return [uri]
+        raise DataError(f"{uri} is a file, not a Parquet file or a folder of Parquet shards")
+    files = storage.list_files(data_dir(uri), (".parquet",))
+    if not files:
+        raise DataError(f"no Parquet shards under {uri}")
+    return files
+
+
+def read_schema_names(f: str, required: tuple[str, ...] = ()) -> list[str]:
+    """The column names of Parquet file ``f``; a DataError naming the file if it is no Parquet file or lacks one
+    of the ``required`` columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(f)
+    try:
+        names = pq.read_schema(path, filesystem=fs).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    for column in required:
+        if column not in names:
+            raise DataError(f"{f}: missing column '{column}' (columns: {', '.join(names)})")
+    return names
+
+
+def check_dataset(uri: str, columns: tuple[str, ...] = ("id", "image")) -> None:
+    """A quick look before a stage starts: ``uri`` is a folder of Parquet shards or one Parquet file, and its
+    first file has ``columns`` (every file is checked again when the stage reads the metadata); else a DataError."""
+    read_schema_names(parquet_files(uri)[0], columns)
 
 
 FILTER_FIELDS = ("quality", "source", "label", "corruption")
@@ -54,42 +94,34 @@ META_COLUMNS = (
 
 def load_metadata(data: str, extra: tuple[str, ...] = ()):
     """The dataset's non-image columns (pandas), validated, with the ``extra`` columns (each must exist);
-    raises ValueError naming files and rows."""
+    ``data`` is a folder of Parquet shards, a stage output or one Parquet file. Raises DataError naming files
+    and rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = storage.list_files(data_dir(data), (".parquet",))
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards under {data}")
     tables = []
-    for f in files:
+    for f in parquet_files(data):
         fs, path = storage.filesystem(f)
-        names = pq.read_schema(path, filesystem=fs).names
-        for required in ("id", "image"):
-            if required not in names:
-                raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
-        for required in extra:
-            if required not in names:
-                raise ValueError(f"{f}: missing column '{required}' (columns: {', '.join(names)})")
+        names = read_schema_names(f, ("id", "image", *extra))
         want = [c for c in META_COLUMNS if c in names] + [c for c in extra if c not in META_COLUMNS]
         tables.append(pq.read_table(path, filesystem=fs, columns=want))
     meta = pa.concat_tables(tables, promote_options="default").to_pandas()
     if meta["id"].duplicated().any():
-        raise ValueError(f"duplicate ids in {data}: {meta['id'][meta['id'].duplicated()].head(5).tolist()}")
+        raise DataError(f"duplicate ids in {data}: {meta['id'][meta['id'].duplicated()].head(5).tolist()}")
     return meta
 
 
 def one_shape(meta, data: str) -> tuple[int, int]:
     """The dataset's one square (resolution, channels); clear errors for mixed or non-square images."""
     if not {"height", "width", "channels"} <= set(meta.columns):
-        raise ValueError("dataset lacks height/width/channels columns; write it with the corrupt stage")
+        raise DataError(f"{data} lacks height/width/channels columns; write it with the corrupt stage")
     shapes = meta.groupby(["height", "width", "channels"]).size()
     if len(shapes) > 1:
         listing = ", ".join(f"{h}x{w}x{c}: {k} rows" for (h, w, c), k in shapes.items())
-        raise ValueError(f"images of mixed shapes in {data} ({listing}); corrupt with --image-size to resize")
+        raise DataError(f"images of mixed shapes in {data} ({listing}); corrupt with --image-size to resize")
     (h, w, c) = shapes.index[0]
     if h != w:
-        raise ValueError(f"images are {h}x{w}; training needs square images (corrupt with --image-size)")
+        raise DataError(f"images are {h}x{w} in {data}; training needs square images (corrupt with --image-size)")
     return int(h), int(c)
 
 

@@ -5,7 +5,8 @@ A source is read in two steps so that stages can shard work deterministically an
 ``load(locators)`` returns the records for some of them (run inside Ray Data tasks). A record is a
 dict with ``id``, ``image`` (encoded bytes, or a uint8 array for built-ins), ``label``, ``caption``
 and ``source``; :func:`decode` turns it into a validated uint8 (H, W, C) array or a reason to
-quarantine it. :func:`read` gives any source as a Ray Dataset of the schema in DESIGN.md.
+quarantine it. :func:`read` gives any source as a Ray Dataset of the stored schema
+(docs/design/notes.md, "The stored schema").
 
 Built-ins: ``digits`` (scikit-learn, 1,797 8x8 grey), ``faces`` (scikit-image ``lfw_subset``, 200
 25x25 grey), ``photos`` (crops of scikit-image's bundled photographs, RGB, for out-of-distribution
@@ -28,7 +29,7 @@ from pydantic import Field
 
 from ambient_ray.config import Strict, flag
 from ambient_ray.data.images import decode_png, encode_png, resize_square
-from ambient_ray.data.metadata import FILTER_FIELDS, data_dir, match
+from ambient_ray.data.metadata import FILTER_FIELDS, match, parquet_files, read_schema_names
 from ambient_ray.io import storage
 
 BUILTINS = ("digits", "faces", "photos")
@@ -289,7 +290,7 @@ class WebDatasetSource(Source):
 
 
 class ParquetSource(Source):
-    """Parquet shards with an ``image`` column of encoded bytes (the schema of DESIGN.md)."""
+    """Parquet shards with an ``image`` column of encoded bytes (the stored schema, docs/design/notes.md)."""
 
     def __init__(self, uri: str):
         self.uri = storage.normalize(uri)
@@ -300,18 +301,14 @@ class ParquetSource(Source):
         self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
 
     def _files(self) -> list[str]:
-        if self.uri.endswith(".parquet"):
-            return [self.uri]
-        return storage.list_files(self.uri, (".parquet",))
+        return parquet_files(self.uri)
 
     def _read(self, f: str, columns: list[str] | None = None):
         import pyarrow.parquet as pq
 
         fs, path = storage.filesystem(f)
-        schema = pq.read_schema(path, filesystem=fs)
-        if "image" not in schema.names:
-            raise ValueError(f"parquet source {f} has no 'image' column (columns: {', '.join(schema.names)})")
-        cols = None if columns is None else [c for c in columns if c in schema.names]
+        names = read_schema_names(f, ("image",))  # checked while listing, on the driver: a DataError there
+        cols = None if columns is None else [c for c in columns if c in names]
         return pq.read_table(path, filesystem=fs, columns=cols)
 
     def list_items(self):
@@ -354,7 +351,7 @@ def make_source(cfg: SourceConfig) -> Source:
         else:
             if not storage.exists(cfg.dataset):
                 raise FileNotFoundError(
-                    f"dataset {cfg.dataset!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing path or URI"
+                    f"no such file or folder: {cfg.dataset} (nor a built-in dataset: {', '.join(BUILTINS)})"
                 )
             names = storage.list_files(cfg.dataset)
             if any(n.endswith(".parquet") for n in names):
@@ -509,16 +506,15 @@ def read_array(uri: str, where: str | None = None) -> tuple[np.ndarray, np.ndarr
         if arr.ndim != 4 or arr.dtype != np.uint8:
             raise ValueError(f"{npy}: expected uint8 images (N, H, W, C), got {arr.dtype} {arr.shape}")
         return arr, None
-    files = storage.list_files(data_dir(uri), (".parquet",))
-    if not files:
+    if not storage.exists(uri):
         raise FileNotFoundError(
-            f"no images at {uri}: expected a built-in name ({', '.join(BUILTINS)}), a .npy file, "
-            "a sample output (samples.npy) or a stage output with Parquet shards"
+            f"no images at {uri}: no such file or folder (expected a built-in name ({', '.join(BUILTINS)}), a .npy "
+            "file, a sample output (samples.npy), a stage output with Parquet shards or a Parquet file)"
         )
     frames = []
-    for f in files:
+    for f in parquet_files(uri):
         fs, path = storage.filesystem(f)
-        names = pq.read_schema(path, filesystem=fs).names
+        names = read_schema_names(f, ("image",))
         cols = [c for c in ("id", "image", "label", *FILTER_FIELDS) if c in names]
         frames.append(pq.read_table(path, filesystem=fs, columns=list(dict.fromkeys(cols))).to_pandas())
     meta = pd.concat(frames, ignore_index=True)

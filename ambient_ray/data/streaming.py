@@ -2,7 +2,7 @@
 bounded per-stratum pools, so memory does not grow with the dataset (pure numpy/torch; the Ray Data reader
 that feeds it is :func:`ambient_ray.train.rows.stream_batches`).
 
-The exact σ-first law (DESIGN.md, "The streaming σ-first sampler"; :mod:`ambient_ray.diffusion.stratified`)
+The exact σ-first law (docs/design/notes.md, "The streaming σ-first sampler"; :mod:`ambient_ray.diffusion.stratified`)
 draws σ, then a stratum k with probability ∝ n_k·e_k(σ) from the *global* counts n_k, then a row of stratum
 k. Here that row is a uniform pick from stratum k's pool: rows arrive from the worker's stream (its share of
 the data in Ray Data's order, every row once per epoch, then again in the next epoch) and are routed by their

@@ -4,7 +4,8 @@ Every metric takes (N, D) feature arrays (from whichever feature network) and is
 analytic answer in ``tests/test_metrics.py``.
 
 - Fréchet distance (Heusel et al. 2017): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) between Gaussians
-  fitted to the two feature sets (FID with Inception features, FD_DINOv2 with DINOv2 features).
+  fitted to the two feature sets (FID with Inception features, FD_DINOv2 with DINOv2 features); the trace
+  of the square root from the eigenvalues of the symmetric Σ₁^{1/2} Σ₂ Σ₁^{1/2}, stable for singular Σ.
 - k-NN precision and recall (Kynkäänniemi et al. 2019): the share of generated samples inside the
   union of real samples' k-NN balls, and the share of real samples inside the generated ones'.
 - Vendi score (Friedman and Dieng 2023): exp of the entropy of the eigenvalues of K/n, K the cosine
@@ -34,21 +35,43 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).numpy(), torch.cov(x.T).reshape(x.shape[1], x.shape[1]).numpy()
 
 
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2·sqrtm(Σ₁Σ₂)); a tiny ridge is added when the product is singular."""
-    from scipy import linalg
+def _psd_eigenvalues(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with the solver's rounding removed: those within n·ε·max|λ| of 0
+    (numerically zero, possibly negative; their square roots would be rounding noise of ~√ε) set to 0."""
+    tol = len(w) * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), np.finfo(np.float64).tiny)
+    return np.where(w > tol, w, 0.0)
 
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh((s + s.T) / 2.0)
+    return (v * np.sqrt(_psd_eigenvalues(w))) @ v.T
+
+
+def trace_sqrt_product(sigma1, sigma2) -> float:
+    """Tr((Σ₁Σ₂)^{1/2}) of two covariance matrices, computed stably.
+
+    Σ₁Σ₂ is similar to the symmetric PSD matrix M = Σ₁^{1/2} Σ₂ Σ₁^{1/2} (M = Σ₁^{1/2} (Σ₁Σ₂) Σ₁^{-1/2}), so
+    both have the same non-negative eigenvalues λᵢ and Tr((Σ₁Σ₂)^{1/2}) = Σᵢ √λᵢ. The eigenvalues of M come from
+    a symmetric eigensolver, which stays accurate when Σ₁ or Σ₂ is singular (fewer samples than features,
+    constant features), where the general matrix square root of Σ₁Σ₂ is ill-conditioned.
+    """
+    r1 = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
+    m = r1 @ np.asarray(sigma2, dtype=np.float64) @ r1
+    return float(np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2.0))).sum())
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}): the Fréchet distance (squared 2-Wasserstein) between Gaussians
+    N(μ₁, Σ₁) and N(μ₂, Σ₂), as in FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule
+    converge to a local Nash equilibrium"). The trace of the square root is
+    :func:`trace_sqrt_product` (symmetric form, finite for singular covariances)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"mismatched statistics: means {mu1.shape} {mu2.shape}, covariances {s1.shape} {s2.shape}")
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((s1 + ridge) @ (s2 + ridge))
-    covmean = np.real(covmean)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
 
 
 def frechet_distance(features_a, features_b) -> float:

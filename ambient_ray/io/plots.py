@@ -1,9 +1,12 @@
-"""Pictures people would rather look at than read: image grids and previews (matplotlib, Agg)."""
+"""Pictures people would rather look at than read: image grids, previews and the stages' plots (matplotlib,
+Agg), with one colour per kind of data (:data:`PALETTE`, :func:`colour`) in every plot."""
 
 from __future__ import annotations
 
 import io
 import math
+import re
+import zlib
 
 import numpy as np
 
@@ -25,7 +28,9 @@ def image_rows(rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> byt
     import matplotlib.pyplot as plt
 
     ncols = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.1 * ncols + 1.5, 1.2 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(1.1 * ncols + 1.5, 1.2 * len(rows) + 0.4), squeeze=False, layout="constrained"
+    )
     for r, (label, imgs) in enumerate(rows):
         for c in range(ncols):
             ax = axes[r][c]
@@ -38,7 +43,10 @@ def image_rows(rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> byt
                 ax.imshow(
                     img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest"
                 )
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        known = kind_of(label) in PALETTE  # a corruption's (or clean) row label in its kind's colour
+        axes[r][0].set_ylabel(
+            label, rotation=0, ha="right", va="center", fontsize=8, color=colour(label) if known else "black"
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     return figure_png(fig)
@@ -65,51 +73,122 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 0, pad_value: int = 25
     return grid
 
 
-def image_grid_png(images: np.ndarray, ncols: int | None = None) -> bytes:
-    """A PNG of uint8 (N, H, W, C) images tiled in a grid (no axes), upscaled for small images."""
+# at least this many pixels along a sample grid's longer side: tiny images (8x8 digits) are scaled up by a whole
+# factor with nearest-neighbour, so each pixel stays a sharp square
+GRID_MIN_PX = 512
+
+
+def image_grid_png(images: np.ndarray, ncols: int | None = None, min_px: int = GRID_MIN_PX) -> bytes:
+    """A PNG of uint8 (N, H, W, C) images tiled in a grid (no axes): each image scaled up by the whole factor
+    (nearest-neighbour) that brings the grid's longer side to at least ``min_px`` pixels, 2-pixel white gaps."""
     from PIL import Image
 
-    grid = image_grid(images, ncols or int(np.ceil(np.sqrt(len(images)))), pad=1, pad_value=255)
-    im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    scale = max(1, 256 // max(grid.shape[:2]))
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid_png expects uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    ncols = ncols or int(np.ceil(np.sqrt(len(images))))
+    nrows = max(1, math.ceil(len(images) / ncols))
+    _, h, w, _ = images.shape
+    scale = max(1, math.ceil(min_px / max(nrows * h, ncols * w, 1)))
     if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    grid = image_grid(images, ncols, pad=2 if scale > 1 else 1, pad_value=255)
+    im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def coverage_plot(donut: list[dict], title: str = "σ coverage") -> bytes:
-    """The σ "donut" (Ambient-o Fig. 10): per σ bucket, samples eligible whole / via crops, and draws."""
-    import matplotlib
+# ------------------------------------------------------------------------------ one colour per kind
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# Every plot colours a kind of data the same way: clean rows, each corruption (by its family: all blur:sigma=...
+# share blur's colour), corrupted rows in general, and the whole samples and crops of the σ coverage.
+PALETTE = {
+    "clean": "#1f77b4",  # blue
+    "corrupted": "#d62728",  # red: corrupted rows taken together ("bad (the rest)")
+    "blur": "#ff7f0e",
+    "jpeg": "#2ca02c",
+    "noise": "#9467bd",
+    "motion_blur": "#8c564b",
+    "mask": "#e377c2",
+    "block_mask": "#bcbd22",
+    "contrast": "#17becf",
+    "color_shift": "#7f7f7f",
+    "whole": "#34495e",  # whole samples (σ coverage)
+    "crops": "#e6ab02",  # crops (σ coverage, σ_max, crop(σ))
+}
+# kinds not listed above (a corruption registered elsewhere): a colour picked by the name, the same in every plot
+EXTRA_COLOURS = ("#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#a6761d", "#666666", "#0b6e4f", "#8e6c8a")
+THRESHOLD_COLOUR = "black"  # τ
 
+
+def kind_of(name: str) -> str:
+    """The kind a series or group name shows: ``clean``, a corruption family (``blur`` for ``blur:sigma=0.6``),
+    ``corrupted``, ``whole`` or ``crops``; otherwise the name's family (the part before ``:``). The
+    classifier's ``good (FIELD=VALUE)`` / ``bad (FIELD=VALUE)`` take the kind of a single corruption or
+    quality they name, else clean (good) or corrupted (bad)."""
+    role = re.fullmatch(r"(good|bad)\s*\((.*)\)", name.strip(), re.IGNORECASE)
+    if role:
+        fld, _, values = role.group(2).partition("=")
+        one = values.split(",")[0] if values and "," not in values else ""
+        if one and (fld.strip().lower() == "corruption" or kind_of(one) in PALETTE):
+            return kind_of(one)
+        return "clean" if role.group(1).lower() == "good" else "corrupted"
+    tokens = re.findall(r"[a-z_]+", name.lower())
+    for t in tokens:
+        if t in PALETTE:
+            return t
+        if t == "crop":
+            return "crops"
+    return name.split(":", 1)[0].strip().lower()
+
+
+def colour(name: str) -> str:
+    """The colour of ``name``'s kind (:func:`kind_of`), the same in every plot."""
+    kind = kind_of(name)
+    if kind in PALETTE:
+        return PALETTE[kind]
+    return EXTRA_COLOURS[zlib.crc32(kind.encode()) % len(EXTRA_COLOURS)]
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def coverage_figure(donut: list[dict], title: str = "σ coverage"):
+    """The σ "donut" (Ambient-o Fig. 10) as a figure: per σ bucket, samples eligible whole / via crops, and
+    training draws. The crops' bars (and legend entry) only where some bucket has crops."""
+    plt = pyplot()
     labels = [f"{d['sigma_lo']:g}–{d['sigma_hi']:g}" for d in donut]
     x = np.arange(len(donut))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    a1.bar(x, [d["eligible_full"] for d in donut], label="whole samples", color="tab:blue")
-    a1.bar(
-        x,
-        [d["eligible_crops"] for d in donut],
-        bottom=[d["eligible_full"] for d in donut],
-        label="crops",
-        color="tab:orange",
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), layout="constrained")
+    panels = (
+        ("eligible_full", "eligible_crops", "samples eligible at the bucket's lower σ", "samples"),
+        ("full_draws", "crop_draws", "training draws per σ bucket", "draws"),
     )
-    a1.set_title("samples eligible at the bucket's lower σ")
-    a2.bar(x, [d["full_draws"] for d in donut], label="whole", color="tab:blue")
-    a2.bar(
-        x, [d["crop_draws"] for d in donut], bottom=[d["full_draws"] for d in donut], label="crops", color="tab:orange"
-    )
-    a2.set_title("training draws per σ bucket")
-    for a in (a1, a2):
-        a.set_xticks(x)
-        a.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
-        a.set_xlabel("σ bucket")
-        a.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return figure_png(fig)
+    for ax, (whole_key, crop_key, panel_title, ylabel) in zip(axes, panels):
+        whole = np.array([d[whole_key] for d in donut], dtype=float)
+        crops = np.array([d[crop_key] for d in donut], dtype=float)
+        ax.bar(x, whole, width=0.7, label="whole samples", color=PALETTE["whole"])
+        if crops.any():
+            ax.bar(x, crops, width=0.7, bottom=whole, label="crops", color=PALETTE["crops"])
+        top = float((whole + crops).max()) if len(x) else 0.0
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)  # headroom: no bar touches the frame
+        ax.set_xlim(-0.6, len(x) - 0.4)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel("σ bucket")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def coverage_plot(donut: list[dict], title: str = "σ coverage") -> bytes:
+    """PNG of :func:`coverage_figure`."""
+    return figure_png(coverage_figure(donut, title))
 
 
 def pyplot():
@@ -119,6 +198,43 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def prob_curves_figure(
+    x,
+    series: dict,
+    xlabel: str = "σ",
+    *,
+    tau: float | None = None,
+    title: str = "",
+    logx: bool | None = None,
+    marks: dict | None = None,
+):
+    """Classifier probability against σ (or crop size), one line per group (Ambient-o Fig. 2) in its kind's
+    colour, with the threshold τ as a dashed line. ``marks``: name -> x, or name -> (x, series name), a dotted
+    vertical line (in that series' colour) named in the legend."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    xs = np.asarray(x, dtype=float)
+    for name, curve in series.items():
+        ax.plot(xs, np.asarray(curve, dtype=float), marker=".", label=name, color=colour(name))
+    if tau is not None:
+        ax.axhline(tau, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1, label=f"τ = {tau:g}")
+    for name, at in (marks or {}).items():
+        at, of = at if isinstance(at, (tuple, list)) else (at, None)
+        ax.axvline(
+            at, color=colour(of) if of else "grey", linestyle=":", linewidth=1.5, label=f"{name} = {float(at):.3g}"
+        )
+    if logx if logx is not None else xlabel == "σ":
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean P(good)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
 
 
 def prob_curves(
@@ -131,67 +247,70 @@ def prob_curves(
     logx: bool | None = None,
     marks: dict | None = None,
 ) -> bytes:
-    """Classifier probability against σ (or crop size), one line per group (Ambient-o Fig. 2), with
-    the threshold τ as a dashed line and optional vertical ``marks`` (name -> x)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    xs = np.asarray(x, dtype=float)
-    for name, curve in series.items():
-        ax.plot(xs, np.asarray(curve, dtype=float), marker=".", label=name)
-    if tau is not None:
-        ax.axhline(tau, color="red", linestyle="--", linewidth=1, label=f"τ = {tau:g}")
-    for name, at in (marks or {}).items():
-        ax.axvline(at, color="grey", linestyle=":", linewidth=1)
-        ax.text(at, 0.02, f" {name}", fontsize=7, rotation=90, va="bottom")
-    if logx if logx is not None else xlabel == "σ":
-        ax.set_xscale("log")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean P(good)")
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return figure_png(fig)
+    """PNG of :func:`prob_curves_figure`."""
+    return figure_png(prob_curves_figure(x, series, xlabel, tau=tau, title=title, logx=logx, marks=marks))
 
 
-def sigma_histogram(groups: dict, title: str = "σ_min per sample", xlabel: str = "σ_min") -> bytes:
-    """Histogram of an annotation (σ_min or σ_max) per group of rows (e.g. per corruption), log-spaced bins."""
+def sigma_histogram_figure(groups: dict, title: str = "σ_min per sample", xlabel: str = "σ_min", kinds=None):
+    """Histogram of an annotation (σ_min or σ_max) per group of rows (e.g. per corruption), log-spaced bins, each
+    group in its kind's colour (``kinds``: group -> the name whose colour it takes, default the group's own)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
     vals = [np.asarray(v, dtype=float) for v in groups.values()]
     pos = np.concatenate([v[v > 0] for v in vals]) if vals else np.array([])
     if pos.size:
         bins = np.geomspace(max(pos.min() * 0.9, 1e-3), pos.max() * 1.1, 30)
         for name, v in zip(groups, vals):
             if (v > 0).any():
-                ax.hist(v[v > 0], bins=bins, alpha=0.6, label=f"{name} (n={len(v)}, mean {v.mean():.2f})")
+                c = colour((kinds or {}).get(name, name))
+                label = f"{name} (n={len(v)}, mean {v.mean():.2f})"
+                ax.hist(v[v > 0], bins=bins, alpha=0.55, color=c, edgecolor=c, linewidth=0.8, label=label)
         ax.set_xscale("log")
+        ax.legend(fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("rows")
-    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     ax.set_title(title, fontsize=10)
-    return figure_png(fig)
+    return fig
 
 
-def locality_plot(contexts, sigmas, losses, crop) -> bytes:
+def sigma_histogram(groups: dict, title: str = "σ_min per sample", xlabel: str = "σ_min", kinds=None) -> bytes:
+    """PNG of :func:`sigma_histogram_figure`."""
+    return figure_png(sigma_histogram_figure(groups, title, xlabel, kinds))
+
+
+def locality_figure(contexts, sigmas, losses, crop):
     """Ambient-o Figs. 11-12: centre-patch denoising loss against the context size, one line per σ
     (the chosen crop(σ) marked), and crop(σ) against σ."""
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     cmap = plt.get_cmap("viridis")
     losses = np.asarray(losses, dtype=float)
     for j, s in enumerate(sigmas):
-        color = cmap(j / max(1, len(sigmas) - 1))
-        a1.plot(contexts, losses[j] / losses[j, -1], color=color, marker=".", label=f"σ={s:.3g}")
+        c = cmap(j / max(1, len(sigmas) - 1))
+        a1.plot(contexts, losses[j] / losses[j, -1], color=c, marker=".", label=f"σ={s:.3g}")
         k = list(contexts).index(crop[j])
-        a1.plot([crop[j]], [losses[j, k] / losses[j, -1]], "o", color=color, markersize=8)
+        a1.plot([crop[j]], [losses[j, k] / losses[j, -1]], "o", color=c, markersize=8)
     a1.set_xlabel("context size (pixels)")
     a1.set_ylabel("centre-patch loss / full-context loss")
     a1.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for fmt in (a1.yaxis.set_major_formatter, a1.yaxis.set_minor_formatter):
+        fmt(FormatStrFormatter("%.3g"))  # 1.2, not 1.2 × 10⁰
+    a1.grid(alpha=0.3)
     a1.legend(fontsize=6, ncol=2)
-    a2.plot(sigmas, crop, marker="o")
+    a1.set_title("centre-patch loss by context (chosen crop(σ): large dot)", fontsize=9)
+    a2.plot(sigmas, crop, marker="o", color=PALETTE["crops"])
     a2.set_xscale("log")
     a2.set_xlabel("σ")
     a2.set_ylabel("crop(σ) (pixels)")
+    a2.grid(alpha=0.3)
     a2.set_title("context needed for the full-context loss", fontsize=9)
-    return figure_png(fig)
+    return fig
+
+
+def locality_plot(contexts, sigmas, losses, crop) -> bytes:
+    """PNG of :func:`locality_figure`."""
+    return figure_png(locality_figure(contexts, sigmas, losses, crop))

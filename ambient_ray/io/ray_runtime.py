@@ -9,10 +9,10 @@
   goes to the same file; only ambient-ray's own progress lines from the training workers
   (``step N/M  ...``) reach the console.
 * Ray Data's progress bars are off in the driver: a stage shows its own (``progress``,
-  ``run_tasks``), one bar on a terminal, else one line per interval.
+  ``run_tasks``, :class:`Progress`), one bar when stderr is a terminal, else one plain line per interval.
 
 Ray's C++ core worker writes its error lines to the process's stderr itself; those cannot be routed
-from Python and stay on the console (see the README, "Console and logs").
+from Python and stay on the console (see docs/cluster/index.md, "Console and logs").
 """
 
 from __future__ import annotations
@@ -144,18 +144,35 @@ def _route_worker_output() -> None:
 # ------------------------------------------------------------------------------ progress
 
 
+def on_terminal() -> bool:
+    """Whether progress bars may be drawn: tqdm writes to stderr, so only when stderr is a terminal (a job's
+    log gets the plain lines of :class:`Progress` instead of carriage-return bar frames)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 class Progress:
-    """A stage's progress over ``total`` items: a bar on a terminal, else a line per ``INTERVAL_S``."""
+    """A stage's progress over ``total`` items: a bar on a terminal (:func:`on_terminal`), else a line per
+    ``INTERVAL_S`` on stdout. Also a context manager (closes the bar)."""
 
     def __init__(self, label: str, total: int, unit: str, enabled: bool = True):
         self.label, self.total, self.unit, self.n = label, total, unit, 0
         self.t0 = self.last = time.perf_counter()
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        self.postfix = ""
+        if enabled and on_terminal():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, dynamic_ncols=True)
         self.enabled = enabled
+
+    def set_postfix(self, **values) -> None:
+        """Values shown after the count (the bar's postfix, or the end of the plain line)."""
+        if self.bar is not None:
+            self.bar.set_postfix(**values, refresh=False)
+        self.postfix = "  " + " ".join(f"{k} {v}" for k, v in values.items()) if values else ""
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -165,11 +182,18 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and now - self.last >= INTERVAL_S and self.n < self.total:
             self.last = now
-            print(f"  {self.label}: {self.n}/{self.total} {self.unit} ({now - self.t0:.0f}s)", flush=True)
+            print(f"  {self.label}: {self.n}/{self.total} {self.unit} ({now - self.t0:.0f}s){self.postfix}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def progress(rows: Iterable[dict], label: str, total: int, unit: str, enabled: bool = True) -> list[dict]:

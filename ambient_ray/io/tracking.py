@@ -22,6 +22,12 @@ from ambient_ray.io import storage
 
 # a local SQLite store announces its table creation and migration at INFO on the console of every new run folder
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# MLflow prints "View run NAME at: URL" and "View experiment at: URL" to stdout each time a run of an HTTP tracking
+# server ends (mlflow/tracking/_tracking_service/client.py, TrackingServiceClient._log_url, called by
+# set_terminated) unless this variable is true; its links open the GenAI view. Our summary lines print the links
+# (see run_link). Read at each call, so setting it here covers every process that imports this module; an explicit
+# value in the environment wins.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class MlflowConfig(Strict):
@@ -69,6 +75,75 @@ def _run_exists(client, run_id: str) -> bool:
         raise  # an unreachable or failing server is an error, not a reason to open a second run
 
 
+def _root_of(client, parent_run_id: str) -> str:
+    """The top of the tree a run nested under ``parent_run_id`` joins: the parent's own root, else the parent (also
+    where the parent is not in this store: MLflow nests under any id, so does this)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(parent_run_id).data.tags.get(ROOT_TAG) or parent_run_id
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return parent_run_id
+        raise
+
+
+def ui_root(uri: str | None) -> str | None:
+    """The address of the MLflow UI of a tracking URI: the server itself for http(s); None for a local store."""
+    return uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else None
+
+
+def _ui(root: str, path: str, query: dict[str, str]) -> str:
+    from urllib.parse import quote, urlencode
+
+    # the UI routes in the URL's fragment: the query of the route goes after the fragment's path
+    return f"{root}/#{path}?{urlencode({**UI_VIEW, **query}, quote_via=quote)}"
+
+
+def run_url(uri: str | None, experiment_id: str, run_id: str) -> str | None:
+    """A run's page in the model-training view (under the experiment's "Runs"; it lists the run's child runs)."""
+    root = ui_root(uri)
+    return _ui(root, f"/experiments/{experiment_id}/runs/{run_id}", {}) if root else None
+
+
+def tree_url(uri: str | None, experiment_id: str, root_run_id: str) -> str | None:
+    """The runs table of one tree: the run ``root_run_id`` (a pipeline's) and every run nested under it (its stages),
+    one row each, in the order they started.
+
+    The table folds nested runs under a collapsed parent row, and whether a row is open is kept in the browser only
+    (the UI's ``runsExpanded`` state, which a shared view's URL does not carry either); the UI nests only when the
+    table is sorted by its own creation-time key (``attributes.start_time``). Sorting by the same column named with
+    quotes (``attributes.`start_time```) keeps the order and lists every run of the tree as a row."""
+    root = ui_root(uri)
+    if not root:
+        return None
+    query = {
+        "searchFilter": f"tags.`{ROOT_TAG}` = '{root_run_id}'",
+        "orderByKey": "attributes.`start_time`",
+        "orderByAsc": "true",
+    }
+    return _ui(root, f"/experiments/{experiment_id}/runs", query)
+
+
+def run_link(run_id: str | None, uri: str | None, tree: bool = False) -> str | None:
+    """The UI link of a run for a summary line: its page, or (``tree``) the runs table of its tree (:func:`tree_url`:
+    a pipeline's run and its stages' runs); None for a local store, or where the server cannot say (a summary line
+    never fails)."""
+    if not run_id or not ui_root(uri):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except (MlflowException, OSError):
+        return None
+    exp = run.info.experiment_id
+    if tree:
+        return tree_url(uri, exp, run.data.tags.get(ROOT_TAG) or run_id)
+    return run_url(uri, exp, run_id)
+
+
 def ray_job_tags() -> dict[str, str]:
     """``{"ray.job_submission_id": ID}`` inside a job started by ``ray job submit`` (so ``ambient-ray jobs runs ID``
     finds the job's runs); empty elsewhere. The job supervisor hands the driver its metadata in this variable."""
@@ -82,11 +157,21 @@ def ray_job_tags() -> dict[str, str]:
     return {"ray.job_submission_id": job_id} if job_id else {}
 
 
-# MLflow 3's UI opens an experiment in the view of its kind, read from this tag; an experiment without it may
-# open in the GenAI view (traces, judges). "custom_model_development" (the UI's model-training kind) opens the
-# runs table.
+# The experiment's kind. MLflow 3's UI shows it (and reads it where the workflow switch below is off); the open-source
+# UI of 3.17 does not choose its view from it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+
+# What MLflow 3.x's UI (3.17) opens: the sidebar's "GenAI | Model training" switch decides, for every experiment, and
+# it is read from the page URL's `workflowType` parameter (genai or machine_learning), else from the value last chosen
+# in that browser (localStorage "mlflow.workflowType"), else GenAI: an experiment opened with no parameter
+# (MLflow's own "#/experiments/1" link) lands on the GenAI overview (traces, judges), and a run's page sits under
+# "Evaluations". Every link we print carries the parameter, so it opens the model-training view (runs table, run
+# pages under "Runs") in any browser.
+UI_VIEW = {"workflowType": "machine_learning"}
+# Every run nested under another carries the id of the run at the top of its tree (a pipeline's, an experiment's,
+# a search's; that run carries its own): the link of a tree lists them together.
+ROOT_TAG = "ambient.root_run_id"
 
 
 def mark_training(client, exp_id: str) -> None:
@@ -120,7 +205,11 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
         recorded = json.loads(storage.read_bytes(marker))
         run_id = recorded["run_id"]
         if _run_exists(client, run_id):
-            mark_training(client, client.get_run(run_id).info.experiment_id)
+            got = client.get_run(run_id)
+            mark_training(client, got.info.experiment_id)
+            if ROOT_TAG not in got.data.tags:  # a run opened before runs carried it
+                parent = got.data.tags.get("mlflow.parentRunId")
+                client.set_tag(run_id, ROOT_TAG, _root_of(client, parent) if parent else run_id)
             client.set_terminated(run_id, "RUNNING")
             return run_id, uri
         # resumed against another tracking server or store: keep the work, open a new run there
@@ -135,7 +224,10 @@ def start_run(mcfg, out: str, params: dict, tags: dict | None = None) -> tuple[s
     }  # the REST API takes strings only
     if mcfg.parent_run_id:
         tags["mlflow.parentRunId"] = mcfg.parent_run_id
+        tags[ROOT_TAG] = _root_of(client, mcfg.parent_run_id)
     run = client.create_run(exp_id, run_name=mcfg.run_name, tags=tags)
+    if not mcfg.parent_run_id:
+        client.set_tag(run.info.run_id, ROOT_TAG, run.info.run_id)
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -326,7 +418,9 @@ def register_model(run_id: str | None, uri: str | None, name: str, source: str, 
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        # await_creation_for=0: no "Waiting up to 300 seconds for model version to finish creation" line (the
+        # registry store's INFO log of its wait loop); an open-source registry creates a version READY at once
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, await_creation_for=0)
     except MlflowException as e:
         print(f"mlflow: could not register {source} as a version of {name!r}: {e.message} ({how})", file=sys.stderr)
         return None

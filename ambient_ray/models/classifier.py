@@ -22,29 +22,14 @@ Two kinds:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from ambient_ray.models.ddpmpp import Mlp, UNetConfig, build_encoder, noise_embedding
+from ambient_ray.models.ddpmpp import Mlp, build_encoder, noise_embedding
+from ambient_ray.models.ddpmpp_config import ClassifierConfig, Kind, UNetConfig  # noqa: F401 (re-exported)
 from ambient_ray.models.precond import edm_precond
-
-Kind = Literal["noise", "crops"]
-
-
-class ClassifierConfig(UNetConfig):
-    """The half U-Net's architecture: the U-Net's encoder keys (``label_dim`` must stay 0)."""
-
-    arch: Literal["classifier"] = Field("classifier", description="model architecture: the half U-Net")
-
-    @model_validator(mode="after")
-    def _no_labels(self) -> "ClassifierConfig":
-        if self.label_dim or self.label_dropout:
-            raise ValueError("a classifier is not class-conditional: leave label_dim and label_dropout at 0")
-        return self
 
 
 class HalfUNet(nn.Module):

@@ -60,16 +60,18 @@ class Extractor:
     @torch.no_grad()
     def __call__(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         """uint8 (N, H, W, C) -> float64 (N, D)."""
-        from tqdm.auto import tqdm
+        from ambient_ray.io.ray_runtime import Progress
 
         images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"features: expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}")
         out = []
         starts = range(0, len(images), self.batch_size)
-        for s in tqdm(starts, desc=f"features ({self.name})", disable=not progress, leave=False):
-            x = torch.from_numpy(np.array(images[s : s + self.batch_size])).permute(0, 3, 1, 2).float().div(255.0)
-            out.append(self.fn(x.to(self.device)).reshape(len(x), -1).double().cpu())
+        with Progress(f"features ({self.name})", len(starts), "batches", enabled=progress) as bar:
+            for s in starts:
+                x = torch.from_numpy(np.array(images[s : s + self.batch_size])).permute(0, 3, 1, 2).float().div(255.0)
+                out.append(self.fn(x.to(self.device)).reshape(len(x), -1).double().cpu())
+                bar.update()
         return torch.cat(out).numpy()
 
 
@@ -209,7 +211,7 @@ def train_feature_net(
     With labels the task is the labels; without, the rotation (0/90/180/270°) of square images.
     A random tenth of the rows is held out to report the accuracy.
     """
-    from tqdm.auto import tqdm
+    from ambient_ray.io.ray_runtime import Progress
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -238,8 +240,8 @@ def train_feature_net(
     net = FeatureNet(c, classes, width, dim)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(range(steps), desc=f"feature net ({task})", disable=not progress, leave=False)
-    for _ in bar:
+    bar = Progress(f"feature net ({task})", steps, "steps", enabled=progress)
+    for _ in range(steps):
         idx = tr[torch.randint(0, len(tr), (batch_size,), generator=g)]
         x, y = batch(idx)
         # a one-pixel random shift: features that do not hinge on exact pixel positions
@@ -251,6 +253,8 @@ def train_feature_net(
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.update()
+    bar.close()
     net.eval()
     with torch.no_grad():
         x, y = batch(val)

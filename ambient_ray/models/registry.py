@@ -10,14 +10,16 @@ from the data (:func:`with_interface`); ``model.json`` records ``arch`` (a file 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
 
-import torch
 from pydantic import BaseModel, BeforeValidator, Field
-from torch import nn
 
-from ambient_ray.models import classifier, ddpmpp, dit, edm2
+from ambient_ray.models import ddpmpp_config, dit_config, edm2_config
 from ambient_ray.registry import Registry
+
+if TYPE_CHECKING:  # the networks (torch) are imported when one is built: a config and ``--help`` need no torch
+    import torch
+    from torch import nn
 
 Role = Literal["denoiser", "classifier"]
 
@@ -25,6 +27,8 @@ Role = Literal["denoiser", "classifier"]
 def image_inputs(cfg, batch: int, generator: torch.Generator | None = None) -> tuple:
     """A forward's positional inputs for a network of images: x (B, C, R, R), σ (B,), and one-hot labels
     (B, label_dim) for a class-conditional one; zeros (meta-device friendly) or, with ``generator``, random."""
+    import torch
+
     r, c, k = cfg.img_resolution, cfg.in_channels, getattr(cfg, "label_dim", 0)
     if generator is None:
         x, sigma = torch.zeros(batch, c, r, r), torch.ones(batch)
@@ -45,44 +49,53 @@ class Arch:
     tokens: Callable[[Any, float], int] | None = None
 
 
+def _build_ddpmpp(cfg, meta: dict) -> nn.Module:
+    from ambient_ray.models import ddpmpp
+
+    return ddpmpp.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5))
+
+
+def _build_edm2(cfg, meta: dict) -> nn.Module:
+    from ambient_ray.models import edm2
+
+    return edm2.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5))
+
+
+def _build_dit(cfg, meta: dict) -> nn.Module:
+    from ambient_ray.models import dit
+
+    return dit.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5))
+
+
+def _dit_inputs(*args, **kwargs) -> tuple:
+    from ambient_ray.models import dit
+
+    return dit.example_inputs(*args, **kwargs)
+
+
+def _build_classifier(cfg, meta: dict) -> nn.Module:
+    from ambient_ray.models import classifier
+
+    return classifier.build_classifier(cfg, meta["kind"], meta.get("sigma_data", 0.5))
+
+
 ARCHS: Registry[Arch] = Registry("model.arch")
-ARCHS.register(
-    "ddpmpp",
-    Arch(
-        "denoiser",
-        ddpmpp.UNetConfig,
-        lambda cfg, meta: ddpmpp.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
-        ddpmpp.PRESETS,
-    ),
-)
-ARCHS.register(
-    "edm2",
-    Arch(
-        "denoiser",
-        edm2.EDM2Config,
-        lambda cfg, meta: edm2.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
-        edm2.PRESETS,
-    ),
-)
+ARCHS.register("ddpmpp", Arch("denoiser", ddpmpp_config.UNetConfig, _build_ddpmpp, ddpmpp_config.PRESETS))
+ARCHS.register("edm2", Arch("denoiser", edm2_config.EDM2Config, _build_edm2, edm2_config.PRESETS))
 ARCHS.register(
     "dit",
     Arch(
         "denoiser",
-        dit.DiTConfig,
-        lambda cfg, meta: dit.build_denoiser(cfg, sigma_data=meta.get("sigma_data", 0.5)),
-        dit.PRESETS,
-        dit.example_inputs,
-        lambda cfg, mask_ratio: dit.kept_tokens(cfg.tokens(), mask_ratio),
+        dit_config.DiTConfig,
+        _build_dit,
+        dit_config.PRESETS,
+        _dit_inputs,
+        lambda cfg, mask_ratio: dit_config.kept_tokens(cfg.tokens(), mask_ratio),
     ),
 )
 ARCHS.register(
     "classifier",
-    Arch(
-        "classifier",
-        classifier.ClassifierConfig,
-        lambda cfg, meta: classifier.build_classifier(cfg, meta["kind"], meta.get("sigma_data", 0.5)),
-        ddpmpp.PRESETS,
-    ),
+    Arch("classifier", ddpmpp_config.ClassifierConfig, _build_classifier, ddpmpp_config.PRESETS),
 )
 
 

@@ -35,7 +35,7 @@ def draw(
     without captions from the null caption (unconditional). A model trained on precomputed latents (``latents``
     in its model.json) has its samples decoded by its VAE (``decode``: a :func:`latent_decoder` already built,
     else one is built here)."""
-    from tqdm.auto import tqdm
+    from ambient_ray.io.ray_runtime import Progress
 
     sampler = sampler or SamplerConfig()
     entry = SAMPLERS.get(sampler.name)
@@ -48,7 +48,8 @@ def draw(
     g = torch.Generator().manual_seed(seed)
     out = []
     starts = range(0, num, batch_size)
-    for start in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
+    bar = Progress("sample", len(starts), "batches", enabled=progress and len(starts) > 1)
+    for start in starts:
         n = min(batch_size, num - start)
         latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
         labels = None
@@ -61,4 +62,6 @@ def draw(
             batch_captions = (captions[0][pick].float(), captions[1][pick].float())
         x = entry.sample(den, Batch(latents, labels, batch_captions, g), sampler)
         out.append(to_uint8(decode(x.cpu()) if decode else x))
+        bar.update()
+    bar.close()
     return np.concatenate(out)

@@ -5,7 +5,7 @@ A sampler is one function ``sample(net, batch, cfg) -> x``: from a batch of stan
 network (after its ``prepare``), the :class:`Batch` (latents, labels, captions, the draw's generator) and the
 knobs of the ``sampler:`` section (:class:`~ambient_ray.sampling.config.SamplerConfig`). Adding one: a function
 and a ``SAMPLERS.register(name, Sampler(function, about))`` in a module that ``ambient_ray/sampling/__init__.py``
-imports (README "Adding a sampler").
+imports (docs/design/extending.md, "A sampler").
 """
 
 from __future__ import annotations

@@ -114,9 +114,9 @@ class AnnotateConfig(ActorConfig):
     )
     rule: thresholds.Rule = Field(
         "shrunk",
-        description="per sample: how σ_min is read off a sample's noisy curve (README 'Per-sample σ_min "
-        "estimators'): shrunk (the default: the best FD of the rules in the controlled experiment), first "
-        "(Eq. 3.2 as written), smoothed (the authors'), last, isotonic, confident",
+        description="per sample: how σ_min is read off a sample's noisy curve (docs/stages/annotate.md, "
+        "'Per-sample σ_min estimators'): shrunk (the default: the best FD of the rules in the controlled "
+        "experiment), first (Eq. 3.2 as written), smoothed (the authors'), last, isotonic, confident",
         json_schema_extra=flag("--rule"),
     )
     span: float = Field(
@@ -607,7 +607,7 @@ class Annotate(ActorStage):
     )
 
     def plan(self) -> None:
-        from ambient_ray.data.metadata import data_dir, load_metadata
+        from ambient_ray.data.metadata import data_dir, load_metadata, parquet_files
 
         cfg = self.cfg
         self.refuse_overlap(data_dir(cfg.data), "annotation")
@@ -616,7 +616,7 @@ class Annotate(ActorStage):
                 "nothing to annotate with: give --classifier, --crops-classifier, --fixed SOURCE=SIGMA, "
                 "--scorer or fixed_sigma_min"
             )
-        self.files = storage.list_files(data_dir(cfg.data), (".parquet",))
+        self.files = parquet_files(cfg.data)  # a folder of shards or one Parquet file
         self.meta = load_metadata(cfg.data)
         _check_rules(cfg, self.meta)
         self.curves_plan = make_plan(cfg, self.out, self.files, self.meta)
@@ -771,8 +771,8 @@ def _plots(cfg, plan, out, curves, rows, group, summary) -> dict[str, bytes]:
         for g in names:
             sel = (group == g) & usable
             series[g] = np.stack(curves[key].to_numpy()[sel]).mean(axis=0)
-        marks = {
-            f"mean σ_min {g}": summary["mean_sigma_min_by_group"][g]
+        marks = {  # a dotted line in the group's colour, named in the legend
+            f"mean σ_min {g}": (summary["mean_sigma_min_by_group"][g], g)
             for g in names
             if key == "noise_curve" and g != "clean" and summary["mean_sigma_min_by_group"].get(g, 0) > 0
         }
@@ -784,7 +784,7 @@ def _plots(cfg, plan, out, curves, rows, group, summary) -> dict[str, bytes]:
         files[fname] = plots.prob_curves(plan["grid"], series, "σ", tau=cfg.tau, title=title, marks=marks)
     if cfg.crops_classifier and (rows["sigma_max"] > 0).any():
         files["sigma_max.png"] = plots.sigma_histogram(
-            {"σ_max > 0": rows["sigma_max"][rows["sigma_max"] > 0]}, "σ_max per sample", "σ_max"
+            {"σ_max > 0": rows["sigma_max"][rows["sigma_max"] > 0]}, "σ_max per sample", "σ_max", {"σ_max > 0": "crops"}
         )
     for name, data in files.items():
         if name.endswith(".png"):

@@ -33,10 +33,8 @@ from pydantic import Field
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, flag
 from ambient_ray.data.sources import read_array
-from ambient_ray.evaluation import metrics
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
-from ambient_ray.models import features as feats
 from ambient_ray.stages.results import EvaluateResult
 
 # a feature spec (see ambient_ray.models.features.load), checked when the config is built
@@ -108,6 +106,8 @@ def _check_shapes(a: np.ndarray, b: np.ndarray, what: str) -> None:
 def compute(cfg: EvaluateConfig, progress: bool = False) -> tuple[dict, dict]:
     """(metrics, details): the numbers, and what they were computed from (counts, features, nearest pairs)."""
     from ambient_ray.corruptions import apply, parse
+    from ambient_ray.evaluation import metrics
+    from ambient_ray.models import features as feats
 
     samples, _ = read_array(cfg.samples)
     if cfg.max_samples:

@@ -7,7 +7,6 @@ from pydantic import Field
 
 from ambient_ray.config import Strict, flag
 from ambient_ray.io import storage
-from ambient_ray.models.features import save_feature_net, train_feature_net
 from ambient_ray.stages.results import FeaturesResult
 
 
@@ -33,6 +32,7 @@ class FeaturesConfig(Strict):
 def run(cfg: FeaturesConfig, progress: bool = True) -> FeaturesResult:
     """Train and save the feature network; returns {"out", "spec", "accuracy", "task"}."""
     from ambient_ray.data.sources import read_array
+    from ambient_ray.models.features import save_feature_net, train_feature_net
 
     if cfg.width % 8:
         raise ValueError(f"config key 'width': {cfg.width} is not a multiple of 8 (GroupNorm groups)")

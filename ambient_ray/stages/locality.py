@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from ambient_ray.config import Strict, flag
-from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages.results import LocalityResult
@@ -55,18 +53,20 @@ class LocalityConfig(Strict):
 def run(cfg: LocalityConfig) -> LocalityResult:
     """Measure the map; write ``locality.json`` and ``locality.png``; returns the table."""
     import pandas as pd
+    import torch
 
     from ambient_ray import config as cfgmod
     from ambient_ray.data.images import read_images
     from ambient_ray.data.metadata import load_metadata
+    from ambient_ray.diffusion.locality import crop_sizes, locality_losses, valid_contexts
     from ambient_ray.io import plots, tracking
     from ambient_ray.models.weights import load
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
+    meta = load_metadata(cfg.data)  # the data checked before the checkpoint is read
     net = load(cfg.checkpoint, "denoiser", cfg.weights)
     mc = net.config
-    meta = load_metadata(cfg.data)
     clean = meta[meta["quality"] == "clean"] if "quality" in meta else pd.DataFrame()
     pool = clean if len(clean) else meta
     rng = np.random.default_rng(cfg.seed)

@@ -328,12 +328,12 @@ class Precompute(ActorStage):
     outputs = ("data", "quarantine", "_done", "latents.json", "summary.json")
 
     def plan(self) -> None:
-        from ambient_ray.data.metadata import data_dir, load_metadata
+        from ambient_ray.data.metadata import data_dir, load_metadata, parquet_files
 
         cfg = self.cfg
         inp = data_dir(cfg.data)
         self.refuse_overlap(inp, "latents")
-        self.files = storage.list_files(inp, (".parquet",))
+        self.files = parquet_files(cfg.data)  # a folder of shards or one Parquet file
         self.meta = load_metadata(cfg.data)
         self.encoders = make_plan(cfg, self.out, self.files, self.meta)
         self.fingerprint = self.encoders["fingerprint"]

@@ -43,12 +43,18 @@ class Stage:
 
     help: str  # one line: the sub-command's help in ``ambient-ray --help``
     module: str | None = None  # the module holding its config class and run function
-    config: str | None = None  # its config class in ``module``; None: a command without a config (jobs)
+    # its config class in ``module``, or ``other.module:Class`` where the stage module imports heavy libraries
+    # (its ``--help`` and config errors then need only the light module); None: a command without a config (jobs)
+    config: str | None = None
     function: str = "run"  # its run function in ``module``: function(cfg[, progress=...]) -> summary
     progress: bool = False  # the run function takes ``progress`` (show progress bars)
     folder: str | None = None  # its output folder under a workflow's OUT (``OUT/annotated``)
     resume: Resume = "restart"  # what a workflow does with an unfinished output folder
     links: frozenset[str] = frozenset()  # config keys that wire it to other stages: inputs, out, MLflow parent
+    # config keys naming a Parquet dataset (a folder of shards or one file), checked with pyarrow before the
+    # stage's module is imported or Ray starts: a missing path or column is one line naming it (a DataError).
+    # The training stages check their data on the driver themselves, after their objective (a config key)
+    reads: tuple[str, ...] = ()
     input: str = "data"  # its main input (dotted config key): what a chain feeds it, what progress lines name
     keep: tuple[str, ...] = ()  # summary keys a workflow keeps in its report besides out, MLflow run and figures
     report: Callable[[Any, Any], None] | None = None  # the CLI's lines after a run: report(cfg, summary)
@@ -58,12 +64,26 @@ class Stage:
 
     def model(self) -> Any:
         """The config class (imported now), or None."""
-        return None if self.config is None else getattr(importlib.import_module(self.module), self.config)
+        if self.config is None:
+            return None
+        return _load(self.config) if ":" in self.config else getattr(importlib.import_module(self.module), self.config)
 
     def call(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
         """Run the stage on a built config; ``kwargs`` go to its run function (e.g. train's ``callbacks``)."""
+        self.check_inputs(cfg)
         run = getattr(importlib.import_module(self.module), self.function)  # looked up now: tests patch it
         return run(cfg, progress=progress, **kwargs) if self.progress else run(cfg, **kwargs)
+
+    def check_inputs(self, cfg: Any) -> None:
+        """The quick check of the datasets the config names (``reads``)."""
+        from ambient_ray.data.metadata import check_dataset
+
+        for key in self.reads:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value:
+                check_dataset(value)
 
     def add_flags(self, parser: Any) -> None:
         if self.extra is not None:
@@ -132,6 +152,7 @@ STAGES.register(
         "ambient_ray.stages.precompute",
         "PrecomputeConfig",
         progress=True,
+        reads=("data",),
         folder="precomputed",
         resume="shards-overwrite",
         links=_keys("data", "out", "mlflow"),
@@ -144,7 +165,7 @@ STAGES.register(
     Stage(
         "train the noise (σ_min) or crops (σ_max) classifier (Ray Train + DeepSpeed)",
         "ambient_ray.stages.train_classifier",
-        "ClassifierTrainConfig",
+        "ambient_ray.train.tasks.classifier_config:ClassifierTrainConfig",
         folder="classifier",
         resume="checkpoint",
         links=_keys("data", "out", "kind", "mlflow"),
@@ -158,6 +179,7 @@ STAGES.register(
         "measure crop(σ), the context a trained denoiser needs at each σ",
         "ambient_ray.stages.locality",
         "LocalityConfig",
+        reads=("data",),
         folder="locality",
         links=_keys("checkpoint", "data", "out", "mlflow"),
         input="checkpoint",
@@ -171,6 +193,7 @@ STAGES.register(
         "ambient_ray.stages.annotate",
         "AnnotateConfig",
         progress=True,
+        reads=("data",),
         folder="annotated",
         resume="shards",
         links=_keys("data", "out", "classifier", "mlflow"),
@@ -183,7 +206,7 @@ STAGES.register(
     Stage(
         "train an ambient diffusion model (Ray Train + DeepSpeed ZeRO, MLflow)",
         "ambient_ray.stages.train",
-        "TrainConfig",
+        "ambient_ray.train.tasks.denoiser_config:TrainConfig",
         folder="train",
         resume="checkpoint",
         links=_keys("data", "out", "mlflow"),

@@ -18,9 +18,18 @@ def done(name: str, s: Any) -> None:
         mlflow_line(s)
 
 
-def mlflow_line(s: dict) -> None:
+def mlflow_where(run_id: str, uri: str | None, tree: bool = False) -> str:
+    """``: <link>`` to the run in the MLflow UI (the model-training view), or `` at <store>`` for a local store."""
+    from ambient_ray.io.tracking import run_link
+
+    link = run_link(run_id, uri, tree=tree)
+    return f": {link}" if link else f" at {uri}"
+
+
+def mlflow_line(s: dict, tree: bool = False) -> None:
+    """The run's line; ``tree``: its link lists the runs nested under it too (an experiment's arms and stages)."""
     if s.get("mlflow_run_id"):
-        print(f"  MLflow run {s['mlflow_run_id']} at {s.get('mlflow_uri')}")
+        print(f"  MLflow run {s['mlflow_run_id']}{mlflow_where(s['mlflow_run_id'], s.get('mlflow_uri'), tree)}")
 
 
 # ------------------------------------------------------------------------------ the command line's lines
@@ -113,15 +122,17 @@ def evaluate(cfg, s) -> None:
 
 def experiment(cfg, s) -> None:
     print(f"experiment: {s['minutes']:.0f} min; table: {s['out']}/results.md, results.json, results.png")
-    mlflow_line(s)
+    mlflow_line(s, tree=True)
 
 
 def pipeline(cfg, s) -> None:
     print(f"pipeline: done in {s['minutes']:.1f} min; report {s['out']}/pipeline.json")
     for name, st in s["stages"].items():
         print(f"  {name:10s} {st['out']}" + (f"   MLflow run {st['mlflow_run_id']}" if st.get("mlflow_run_id") else ""))
-    if s["mlflow_run_id"]:
-        print(f"  MLflow: pipeline run {s['mlflow_run_id']} at {s['mlflow_uri']}")
+    if s["mlflow_run_id"]:  # its link lists the pipeline's run and its stages' runs
+        print(
+            f"  MLflow: pipeline run {s['mlflow_run_id']}{mlflow_where(s['mlflow_run_id'], s['mlflow_uri'], tree=True)}"
+        )
 
 
 def plan(cfg, p) -> None:

@@ -21,10 +21,8 @@ good and bad rows against σ, or against the crop size: Ambient-o Fig. 2), ``con
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ambient_ray.io import storage
-from ambient_ray.models import classifier as clf
 from ambient_ray.stages.results import ClassifierResult
 from ambient_ray.train import driver, objectives
 from ambient_ray.train.tasks.classifier_config import ClassifierTrainConfig
@@ -52,7 +50,10 @@ def run(cfg: ClassifierTrainConfig) -> ClassifierResult:
 def evaluation_curves(cfg: ClassifierTrainConfig, out: str, ids: np.ndarray, labels: np.ndarray, per_class: int = 128):
     """The trained classifier's mean curves on up to ``per_class`` good and bad rows (``ids`` and their ``labels``):
     (x, {name: curve}, xlabel)."""
+    import torch
+
     from ambient_ray.data.images import read_images
+    from ambient_ray.models import classifier as clf
     from ambient_ray.models.weights import load
 
     net = load(out, cfg.kind)

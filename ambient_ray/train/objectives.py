@@ -4,22 +4,23 @@ An :class:`Objective` brings a stage's config class (its sections), a driver-sid
 returns a typed :class:`~ambient_ray.train.driver.Prepared`: the rows every worker gets, the columns it reads) and a
 worker-side task (:class:`~ambient_ray.train.loop.Task`). Every Ray Train worker runs :func:`worker_loop`, which
 looks the objective up again by name. The built-in entries are registered at the end of this file; a new objective
-is a task file under ``train/tasks/`` and one ``OBJECTIVES.register`` line here (README, "Adding an objective, a
-sampler or a stage").
+is a task file under ``train/tasks/`` and one ``OBJECTIVES.register`` line here (docs/design/extending.md,
+"Adding an objective, a sampler or a stage").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ambient_ray.config import ConfigError
 from ambient_ray.registry import Registry
-from ambient_ray.train import loop
 from ambient_ray.train.config import EngineConfig
-from ambient_ray.train.prepared import Prepared
-from ambient_ray.train.tasks import classifier, classifier_config, denoiser_config, denoiser_data
-from ambient_ray.train.tasks.ambient import AmbientTask
+from ambient_ray.train.tasks import classifier_config, denoiser_config, denoiser_data
+
+if TYPE_CHECKING:  # the worker side (torch) is imported on the workers: a stage's --help lists objectives without it
+    from ambient_ray.train import loop
+    from ambient_ray.train.prepared import Prepared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ def describe(stage: str) -> str:
 
 def worker_loop(config: dict) -> None:
     """Every Ray Train worker's function: the run's objective (``config["objective"]``) on the one loop."""
+    from ambient_ray.train import loop
+
     objective = OBJECTIVES.get(config["objective"])
     cfg = objective.config.model_validate(config["cfg"])
     loop.run(objective.task(cfg, config["data"]), cfg, config)
@@ -67,13 +70,26 @@ def worker_loop(config: dict) -> None:
 
 # ------------------------------------------------------------------------------ the built-in objectives
 
+
+def _ambient_task(cfg: Any, rows: Any) -> loop.Task:
+    from ambient_ray.train.tasks.ambient import AmbientTask
+
+    return AmbientTask(cfg, rows)
+
+
+def _classifier_task(cfg: Any, rows: Any) -> loop.Task:
+    from ambient_ray.train.tasks.classifier import ClassifierTask
+
+    return ClassifierTask(cfg, rows)
+
+
 OBJECTIVES.register(
     "ambient",
     Objective(
         stage="train",
         config=denoiser_config.TrainConfig,
         prepare=denoiser_data.prepare,
-        task=AmbientTask,
+        task=_ambient_task,
         help="Ambient-o's loss (Eq. 3.2-3.3): x0 prediction mapped to x_{σ_min}, each row above its σ_min buffer",
     ),
 )
@@ -83,7 +99,7 @@ OBJECTIVES.register(
         stage="train-classifier",
         config=classifier_config.ClassifierTrainConfig,
         prepare=classifier_config.prepare,
-        task=classifier.ClassifierTask,
+        task=_classifier_task,
         help="Ambient-o's annotation classifiers (Eq. 3.1): BCE of noised images (noise) or crops (crops)",
     ),
 )

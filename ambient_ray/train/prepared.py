@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ambient_ray.train import perf
+if TYPE_CHECKING:
+    from ambient_ray.train import perf
 
 
 @dataclasses.dataclass

@@ -78,6 +78,7 @@ def stop(address: str | None, job_id: str, timeout: float = 60.0) -> int:
 def runs(job_id: str, tracking_uri: str | None) -> int:
     from mlflow.tracking import MlflowClient
 
+    from ambient_ray.io.tracking import run_url
     from ambient_ray.io.tracking import tracking_uri as resolve
 
     uri = resolve(tracking_uri)
@@ -87,7 +88,7 @@ def runs(job_id: str, tracking_uri: str | None) -> int:
         list(exps), filter_string=f"tags.`ray.job_submission_id` = '{job_id}'", order_by=["attributes.start_time ASC"]
     )
     for r in found:
-        link = f"{uri}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}" if uri.startswith("http") else ""
+        link = run_url(uri, r.info.experiment_id, r.info.run_id) or ""
         print(f"{r.info.run_id}  {r.info.status:9s} {exps.get(r.info.experiment_id, '?')}/{r.info.run_name}  {link}")
     if not found:
         print(f"no MLflow runs tagged ray.job_submission_id={job_id} in {uri}")

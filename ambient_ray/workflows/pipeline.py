@@ -26,7 +26,7 @@ corrupt, classifier and annotate are not run (their sections must be empty) and 
 ``precompute`` section then runs ``ambient-ray precompute`` on it first (``OUT/precomputed/``) and train reads
 its latents. Evaluate runs there only when its section is given (it has no default reference).
 
-Multi-phase schedules (README "Multi-phase schedules"): ``train.phases`` is a list of ``{name, <train keys>}``;
+Multi-phase schedules (docs/workflows/phases.md): ``train.phases`` is a list of ``{name, <train keys>}``;
 phase i trains with the train section deep-merged with its keys (nested sections merge key by key, lists and
 values replace; dotted keys such as ``optim.lr`` are nested first), starts from phase i-1's weights
 (``init_from``, set by the pipeline; the first phase from ``train.init_from`` if given), and writes
@@ -48,7 +48,7 @@ from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
-from ambient_ray.stages import registry
+from ambient_ray.stages import registry, reports
 from ambient_ray.stages.results import StageFailed
 from ambient_ray.workflows import chain
 from ambient_ray.workflows import steps as stepsmod
@@ -346,7 +346,10 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
         cfg.mlflow, out, name=cfg.mlflow.run_name or "pipeline", params=params, tags={"stage": "pipeline"}
     ) as (parent, uri):
         stages = stage_configs(cfg, parent)
-        print(f"pipeline: {' -> '.join(stages)} -> {out}" + (f"; MLflow run {parent} at {uri}" if parent else ""))
+        print(
+            f"pipeline: {' -> '.join(stages)} -> {out}"
+            + (f"; MLflow run {parent}{reports.mlflow_where(parent, uri, tree=True)}" if parent else "")
+        )
         done: dict[str, dict] = {}
         for i, (name, scfg) in enumerate(stages.items(), 1):
             head = f"pipeline: [{i}/{len(stages)}] {name}"

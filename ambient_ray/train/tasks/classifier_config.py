@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from ambient_ray.config import ConfigError, flag
 from ambient_ray.data.metadata import load_metadata, match, parse_filter
 from ambient_ray.io import storage
-from ambient_ray.models import classifier as clf
 from ambient_ray.models import registry
+from ambient_ray.models.ddpmpp_config import ClassifierConfig, Kind
 from ambient_ray.train.config import EngineConfig, check_run, data_field
 from ambient_ray.train.prepared import Prepared
 
@@ -23,13 +23,13 @@ class ClassifierTrainConfig(EngineConfig):
     data: str = data_field(required=True)
     objective: str = Field("classifier", description="the training objective: classifier (the only one here)")
 
-    kind: clf.Kind = Field(
+    kind: Kind = Field(
         "noise",
         description="noise: c(x_σ, σ) for σ_min (Eq. 3.1); crops: target vs other crops for σ_max",
         json_schema_extra=flag("--kind"),
     )
     model: registry.config_type("classifier") = Field(
-        default_factory=clf.ClassifierConfig,
+        default_factory=ClassifierConfig,
         description="the half U-Net (model.arch classifier); resolution and channels come from the data",
     )
     good: str = Field(

@@ -38,7 +38,7 @@ class AmbientConfig(Strict):
 
 
 class StreamConfig(Strict):
-    """How the workers get their rows (README "Streaming training")."""
+    """How the workers get their rows (docs/stages/train.md, "Data: in memory or streamed")."""
 
     mode: Literal["auto", "memory", "stream"] = Field(
         "auto",
@@ -53,7 +53,7 @@ class StreamConfig(Strict):
 
 
 class TextConfig(Strict):
-    """Text-to-image training (a network that takes captions, e.g. ``model.arch: dit``; README "Text to image")."""
+    """Text-to-image training (a network that takes captions, e.g. ``model.arch: dit``; docs/text-to-image.md)."""
 
     mask_ratio: float = Field(
         0.0, ge=0, lt=1, description="share of patch tokens dropped per image (MicroDiT: 0.75 in pretraining)"
