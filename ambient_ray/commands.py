@@ -46,18 +46,23 @@ def tune_flags(p: argparse.ArgumentParser) -> None:
 
 
 def tune(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    from tuning import search
+    from tuning import config as tuneconfig  # the config and its check; the search (Ray Tune) once they pass
 
     if args.resume:
         given = [name for name, v in (("--space", args.space), ("--config", args.config), ("--set", args.sets)) if v]
-        given += [fl.name for key, _, fl in cfgmod.declared_flags(search.TuneConfig) if key in flags]
+        given += [fl.name for key, _, fl in cfgmod.declared_flags(tuneconfig.TuneConfig) if key in flags]
         if given:
             raise cfgmod.ConfigError(f"--resume takes the search's own config (URI/tune.yaml); drop {', '.join(given)}")
+        from tuning import search
+
         s = search.run(resume=args.resume)
     else:
         if args.space and args.config:
             raise cfgmod.ConfigError("give the search config once: --space or --config")
-        s = search.run(search.load(args.space or args.config, args.sets, flags))
+        cfg = tuneconfig.load(args.space or args.config, args.sets, flags)
+        from tuning import search
+
+        s = search.run(cfg)
     print(
         f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, "
         f"{s['errors']} failed, {s['unfinished']} unfinished) in {s['minutes']:.0f} min; {s['out']}/results.md"

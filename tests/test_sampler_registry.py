@@ -14,7 +14,8 @@ from ambient_ray import cli
 from ambient_ray.config import ConfigError, Strict, build
 from ambient_ray.diffusion.samplers import Guided, heun_sample, to_uint8
 from ambient_ray.models import registry, weights
-from ambient_ray.sampling import SAMPLERS, Batch, SamplerConfig, draw
+from ambient_ray.sampling import SAMPLERS, Batch, SamplerConfig
+from ambient_ray.sampling.draw import draw
 from ambient_ray.stages.sample import SampleConfig
 
 BUILTIN = ["autoguidance", "classifier-free", "heun"]

@@ -84,7 +84,8 @@ def test_large_run_logs_size_throughput_system_grids_checkpoints_and_a_model_ver
     from ambient_ray.io import plots
     from ambient_ray.io.checkpoint import latest_checkpoint
     from ambient_ray.models import weights
-    from ambient_ray.sampling import SamplerConfig, draw
+    from ambient_ray.sampling import SamplerConfig
+    from ambient_ray.sampling.draw import draw
     from ambient_ray.stages.train import TrainConfig, run
 
     tag = f"{os.getpid()}-{time.time_ns()}"

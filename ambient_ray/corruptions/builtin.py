@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from ambient_ray.corruptions import Param, register
 
@@ -16,6 +15,8 @@ from ambient_ray.corruptions import Param, register
 @register("blur", sigma=Param(float, None, lo=0.0, lo_open=True))
 def _blur(x, rngs, sigma):
     """Gaussian blur with standard deviation ``sigma`` pixels (reflecting borders)."""
+    from scipy import ndimage  # here: the corruption registry (a --help, a config error) is read without scipy
+
     return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="reflect", truncate=4.0)
 
 
@@ -42,6 +43,8 @@ def motion_kernel(length: float, angle: float) -> np.ndarray:
 @register("motion_blur", length=Param(float, None, lo=1.0), angle=Param(float, 0.0, lo=-360.0, hi=360.0))
 def _motion_blur(x, rngs, length, angle):
     """Linear motion blur along a line of ``length`` pixels at ``angle`` degrees."""
+    from scipy import ndimage
+
     k = motion_kernel(length, angle)
     return ndimage.convolve(x, k[None, :, :, None], mode="reflect")
 

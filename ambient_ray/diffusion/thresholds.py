@@ -16,12 +16,11 @@ function of σ on a grid, averaged over several noise draws. Ambient Diffusion O
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 
-Mode = Literal["per-sample", "per-dataset"]
+from ambient_ray.diffusion.threshold_rules import DRAW_RULES, RULES, Mode, Rule  # noqa: F401 (re-exported)
 
 
 def check_curves(curves: torch.Tensor, grid: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +87,7 @@ def sigma_max(
 # read σ_min off the same curves in other ways; each takes the (N, G) mean curves on an increasing grid and
 # returns (σ_min, crossed) as :func:`sigma_min` does.
 
-Rule = Literal["first", "smoothed", "last", "isotonic", "confident", "shrunk"]
-RULES: tuple[str, ...] = ("first", "smoothed", "last", "isotonic", "confident", "shrunk")
-DRAW_RULES: tuple[str, ...] = ("confident", "shrunk")  # the rules that read the spread of the noise draws
+# (their names, Rule, RULES and DRAW_RULES, are in threshold_rules: the annotate config takes them without torch)
 
 
 def lognormal_grid(n: int, p_mean: float = -1.2, p_std: float = 1.2, seed: int = 0) -> torch.Tensor:

@@ -12,14 +12,13 @@ engine, the workflows or the CLI).
   run's VAE; prompts to caption embeddings through the run's text encoder.
 """
 
-# the sampler modules register their entries when imported: a new one is imported here, before the config
-# (whose --sampler help lists the registered samplers)
-from ambient_ray.sampling import edm, guidance  # noqa: F401  (registers heun, autoguidance, classifier-free)
+# the built-in samplers register their entries when imported (without torch: their functions are imported at
+# their first call); a new one is imported here, before the config (whose --sampler help lists the samplers).
+# This package imports no torch, so a stage's --help stays light: ``draw`` (``sampling.draw``), ``guided``
+# (``sampling.guidance``) and ``latent_decoder`` (``sampling.decode``) are imported from their modules.
+from ambient_ray.sampling import builtin  # noqa: F401  (registers heun, autoguidance, classifier-free)
 from ambient_ray.sampling.config import SamplerConfig
-from ambient_ray.sampling.decode import latent_decoder
-from ambient_ray.sampling.draw import draw
-from ambient_ray.sampling.guidance import guided
 from ambient_ray.sampling.prompts import encode_prompts
 from ambient_ray.sampling.registry import SAMPLERS, Batch, Sampler
 
-__all__ = ["SAMPLERS", "Batch", "Sampler", "SamplerConfig", "draw", "encode_prompts", "guided", "latent_decoder"]
+__all__ = ["SAMPLERS", "Batch", "Sampler", "SamplerConfig", "encode_prompts"]

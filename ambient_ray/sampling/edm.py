@@ -1,5 +1,6 @@
 """The EDM Heun sampler (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
-Algorithm 1, deterministic; Algorithm 2, stochastic, with ``sampler.stochastic``), registered as ``heun``.
+Algorithm 1, deterministic; Algorithm 2, stochastic, with ``sampler.stochastic``), registered as ``heun``
+(its entry is in :mod:`~ambient_ray.sampling.builtin`, which imports this module at the first draw).
 
 :func:`solve` is the one call of :func:`~ambient_ray.diffusion.samplers.heun_sample` with the section's knobs, for
 every sampler that runs Heun on its own denoiser.
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ambient_ray.diffusion.samplers import ClassifierFree, heun_sample
-from ambient_ray.sampling.registry import SAMPLERS, Batch, Sampler
+from ambient_ray.sampling.registry import Batch
 
 if TYPE_CHECKING:
     from ambient_ray.sampling.config import SamplerConfig
@@ -46,6 +47,3 @@ def conditioned(net, batch: Batch, weight: float = 1.0):
 def heun(net, batch: Batch, cfg: SamplerConfig) -> torch.Tensor:
     """EDM Algorithm 1/2 on the network (a caption network on the batch's captions, unguided)."""
     return solve(conditioned(net, batch), batch, cfg)
-
-
-SAMPLERS.register("heun", Sampler(heun, "EDM Heun sampler (Karras et al. 2022, Alg. 1; Alg. 2 with --stochastic)"))

@@ -7,6 +7,7 @@
   ours − 1): D = D(x; σ, ∅) + w·(D(x; σ, c) − D(x; σ, ∅)) (:class:`~ambient_ray.diffusion.samplers.ClassifierFree`).
 
 w = ``sampler.guidance``; w = 1 is the (conditional) model alone.
+Their entries (and the checks of their knobs) are in :mod:`~ambient_ray.sampling.builtin`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ambient_ray.config import ConfigError
 from ambient_ray.diffusion.samplers import Guided
 from ambient_ray.models import weights
 from ambient_ray.models.registry import takes_captions
-from ambient_ray.sampling.edm import conditioned, heun, solve
-from ambient_ray.sampling.registry import SAMPLERS, Batch, Sampler
+from ambient_ray.sampling.edm import conditioned, solve
+from ambient_ray.sampling.registry import Batch
 
 if TYPE_CHECKING:
     from ambient_ray.sampling.config import SamplerConfig
@@ -53,11 +54,6 @@ def _load_guide(net, cfg: SamplerConfig):
     return guided(net, cfg.guide, cfg.guidance, cfg.guide_weights)
 
 
-def _needs_guide(cfg: SamplerConfig) -> None:
-    if not cfg.guide:
-        raise ValueError("sampler 'autoguidance' needs a guiding model ('guide')")
-
-
 def _takes_captions(net, cfg: SamplerConfig):
     if not takes_captions(net.config.arch):
         raise ConfigError(
@@ -67,31 +63,6 @@ def _takes_captions(net, cfg: SamplerConfig):
     return net
 
 
-def _no_guide(cfg: SamplerConfig) -> None:
-    if cfg.guide:
-        raise ValueError("sampler 'classifier-free' takes no guiding model ('guide' is for sampler autoguidance)")
-
-
 def classifier_free(net, batch: Batch, cfg: SamplerConfig) -> torch.Tensor:
     """Heun on lerp(D(x; σ, ∅), D(x; σ, c), w): both halves in one batch of 2B (the null caption ∅ without captions)."""
     return solve(conditioned(net, batch, cfg.guidance), batch, cfg)
-
-
-SAMPLERS.register(
-    "autoguidance",
-    Sampler(
-        heun,  # on the guided denoiser that prepare builds
-        "Heun, guided by a weaker model: D_guide + w*(D - D_guide) (EDM2's autoguidance; --guide, --guidance)",
-        prepare=_load_guide,
-        check=_needs_guide,
-    ),
-)
-SAMPLERS.register(
-    "classifier-free",
-    Sampler(
-        classifier_free,
-        "Heun, classifier-free guided: D(null) + w*(D(caption) - D(null)) (Ho & Salimans 2022; --prompt, --guidance)",
-        prepare=_takes_captions,
-        check=_no_guide,
-    ),
-)

@@ -10,13 +10,15 @@ imports (docs/design/extending.md, "A sampler").
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ambient_ray.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: the registry and the sampler config are read without torch (a --help)
+    import torch
 
 # the knobs, a :class:`~ambient_ray.sampling.config.SamplerConfig` (which reads this registry: not imported here)
 Knobs = Any
@@ -57,3 +59,16 @@ class Sampler:
 
 
 SAMPLERS: Registry[Sampler] = Registry("sampler.name")
+
+
+def lazy(ref: str) -> Callable:
+    """The function ``module:name``, imported at its first call: an entry registered without importing its module
+    (torch), so that the sampler config and its ``--help`` list the samplers without it."""
+    module, _, name = ref.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{ref} (imported at its first call)"
+    return call

@@ -31,53 +31,20 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
 
 from ambient_ray import config as cfgmod
-from ambient_ray.config import ConfigError, flag
+from ambient_ray.config import ConfigError
 from ambient_ray.data import schema
 from ambient_ray.io import shards, storage, tracking
 from ambient_ray.models.encoders import image_encoder
-from ambient_ray.stages.actor_stage import ActorConfig, ActorStage
+from ambient_ray.stages.actor_stage import ActorStage
+from ambient_ray.stages.precompute_config import PrecomputeConfig
 from ambient_ray.stages.results import PrecomputeResult, StageFailed
-
-
-class PrecomputeConfig(ActorConfig):
-    """Config of ``ambient-ray precompute`` (the actor keys: :class:`~ambient_ray.stages.actor_stage.ActorConfig`)."""
-
-    vae: str = Field(
-        ...,
-        description="a diffusers AutoencoderKL folder (local or s3://), or 'pixels' (identity, for pixel-space runs)",
-        json_schema_extra=flag("--vae"),
-    )
-    vae_subfolder: str | None = Field(
-        None,
-        description="the VAE's folder inside --vae (e.g. 'vae' of a pipeline)",
-        json_schema_extra=flag("--vae-subfolder"),
-    )
-    text_encoder: str | None = Field(
-        None,
-        description="a transformers CLIP/T5 text-encoder folder (local or s3://), or local-dir:PATH (open_clip)",
-        json_schema_extra=flag("--text-encoder"),
-    )
-    resolution: int | None = Field(
-        None,
-        ge=8,
-        description="centre-crop and resize to this size first (default: the data's)",
-        json_schema_extra=flag("--resolution"),
-    )
-    latent_std: float = Field(0.5, gt=0, description="measured normalisation: rescale each channel to this std")
-    latent_shift: list[float] | None = Field(None, description="configured normalisation: per-channel shift")
-    latent_scale: list[float] | None = Field(None, description="configured normalisation: per-channel scale")
-    emb_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored caption embeddings")
-    batch_size: int = Field(32, ge=1, description="images (and captions) per encoder call")
-
 
 # ------------------------------------------------------------------------------ the plan
 

@@ -150,7 +150,7 @@ STAGES.register(
     Stage(
         "images -> VAE latents, captions -> text embeddings, from local or S3 weights (Ray Data)",
         "ambient_ray.stages.precompute",
-        "PrecomputeConfig",
+        "ambient_ray.stages.precompute_config:PrecomputeConfig",
         progress=True,
         reads=("data",),
         folder="precomputed",
@@ -191,7 +191,7 @@ STAGES.register(
     Stage(
         "σ_min / σ_max for every row from trained classifiers or fixed rules (Ray Data)",
         "ambient_ray.stages.annotate",
-        "AnnotateConfig",
+        "ambient_ray.stages.annotate_config:AnnotateConfig",
         progress=True,
         reads=("data",),
         folder="annotated",
@@ -283,7 +283,7 @@ STAGES.register(
     Stage(
         "Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow",
         "tuning.search",
-        "TuneConfig",
+        "tuning.config:TuneConfig",
         extra="ambient_ray.commands:tune_flags",
         command="ambient_ray.commands:tune",
     ),
@@ -304,7 +304,7 @@ STAGES.register(
     Stage(
         "per-GPU memory of training a model preset under DeepSpeed ZeRO, and the stage and node count to use",
         "ambient_ray.train.planner",
-        "PlanConfig",
+        "ambient_ray.train.plan_config:PlanConfig",
         function="plan",
         report=reports.plan,
     ),

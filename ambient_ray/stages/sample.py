@@ -19,8 +19,7 @@ from ambient_ray import config as cfgmod
 from ambient_ray.config import ConfigError, Strict, flag
 from ambient_ray.io import storage
 from ambient_ray.io.tracking import MlflowConfig
-from ambient_ray.models import weights
-from ambient_ray.sampling import SamplerConfig, draw, encode_prompts
+from ambient_ray.sampling import SamplerConfig, encode_prompts
 from ambient_ray.stages.results import SampleResult
 
 
@@ -84,7 +83,9 @@ def run(cfg: SampleConfig, progress: bool = True) -> SampleResult:
 
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
+    from ambient_ray.models import weights
     from ambient_ray.models.registry import takes_captions
+    from ambient_ray.sampling.draw import draw
 
     net = weights.load(cfg.checkpoint, "denoiser", cfg.weights)
     text = takes_captions(net.config.arch)

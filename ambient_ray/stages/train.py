@@ -42,7 +42,8 @@ def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
     """The σ donut (``coverage.json``, ``coverage.png``) of the last checkpoint and a sample grid of its EMA."""
     from ambient_ray.io import plots
     from ambient_ray.models.weights import load
-    from ambient_ray.sampling import SamplerConfig, draw, encode_prompts
+    from ambient_ray.sampling import SamplerConfig, encode_prompts
+    from ambient_ray.sampling.draw import draw
 
     cov = json.loads(storage.read_bytes(storage.join(ckpt, "coverage.json")))
     storage.write_bytes(storage.join(out, "coverage.json"), json.dumps(cov, indent=1).encode())

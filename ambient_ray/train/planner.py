@@ -41,17 +41,16 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from ambient_ray.config import ConfigError, Strict, flag
+from ambient_ray.config import ConfigError
+from ambient_ray.train.plan_config import PlanConfig, Precision
 
 GIB = 2**30
 STAGES = (0, 1, 2, 3)
-Precision = Literal["bf16", "fp32"]
 # DeepSpeed's ZeRO config defaults (deepspeed.runtime.zero.config.DeepSpeedZeroConfig), which the engine keeps
 REDUCE_BUCKET = int(5e8)  # reduce_bucket_size
 PREFETCH_BUCKET = int(5e7)  # stage3_prefetch_bucket_size
@@ -378,69 +377,6 @@ def recommend(
                 if total <= budget:
                     return Choice(stage, n, ck, int(total))
     return None
-
-
-class PlanConfig(Strict):
-    """``ambient-ray plan``: the per-GPU memory of training a preset, and the ZeRO stage and node count to use."""
-
-    model: str = Field(
-        ...,
-        description="a model preset of any arch, e.g. edm2-xxl",
-        json_schema_extra=flag("--model", metavar="PRESET"),
-    )
-    gpus: int = Field(8, ge=1, description="GPUs per node", json_schema_extra=flag("--gpus"))
-    nodes: int | None = Field(
-        None, ge=1, description="nodes (None: the fewest that fit)", json_schema_extra=flag("--nodes")
-    )
-    max_nodes: int = Field(64, ge=1, description="the most nodes the recommendation considers")
-    gpu_mem: float = Field(80.0, gt=0, description="memory per GPU in GiB", json_schema_extra=flag("--gpu-mem"))
-    headroom: float = Field(
-        0.1, ge=0, lt=1, description="fraction of gpu_mem kept free (CUDA context, allocator fragmentation)"
-    )
-    batch: int = Field(32, ge=1, description="micro-batch per GPU", json_schema_extra=flag("--batch"))
-    global_batch: int | None = Field(
-        None,
-        ge=1,
-        description="global batch, for the accumulation steps (None: 2048 for edm2, the paper's; else none)",
-        json_schema_extra=flag("--global-batch"),
-    )
-    resolution: int | None = Field(
-        None,
-        ge=1,
-        description="image or latent side (None: the preset's paper setting)",
-        json_schema_extra=flag("--resolution"),
-    )
-    channels: int | None = Field(
-        None,
-        ge=1,
-        description="image or latent channels (None: the paper setting)",
-        json_schema_extra=flag("--channels"),
-    )
-    label_dim: int | None = Field(
-        None, ge=0, description="classes (None: the paper setting)", json_schema_extra=flag("--label-dim")
-    )
-    precision: Precision = Field(
-        "bf16", description="bf16 mixed precision (GPU) or fp32", json_schema_extra=flag("--precision")
-    )
-    offload: bool = Field(
-        False,
-        description="ZeRO-Offload of the optimizer states to CPU (stages 1-3)",
-        json_schema_extra=flag("--offload"),
-    )
-    ema: Literal["auto", "warmup", "power"] = Field(
-        "auto",
-        description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup",
-        json_schema_extra=flag("--ema"),
-    )
-    mask_ratio: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        description="a transformer's share of patches dropped before its backbone (the train stage's "
-        "text.mask_ratio); fewer tokens in the activations and FLOPs. None: 0.75 for dit (MicroDiT's "
-        "pretraining), else 0",
-        json_schema_extra=flag("--mask-ratio"),
-    )
 
 
 PAPER_GLOBAL_BATCH = {"edm2": 2048, "dit": 2048}  # EDM2 Table 1; MicroDiT, every phase

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, csv, flag
-from ambient_ray.diffusion.thresholds import RULES
+from ambient_ray.diffusion.threshold_rules import RULES
 from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages import registry

@@ -353,7 +353,9 @@ class DenoiserTask:
         of ``grid_images`` samples of the EMA weights, the same seed and class labels (0, 1, 2, ... cycled) at
         every step, so grids compare across steps; decoded by the run's VAE when it trains on latents."""
         from ambient_ray.io import plots
-        from ambient_ray.sampling import SamplerConfig, draw, latent_decoder
+        from ambient_ray.sampling import SamplerConfig
+        from ambient_ray.sampling.decode import latent_decoder
+        from ambient_ray.sampling.draw import draw
 
         state = w.ema_weights()
         if state is None:

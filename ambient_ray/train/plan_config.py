@@ -1,0 +1,75 @@
+"""The ``plan`` stage's config (:class:`PlanConfig`, its flags) without torch: what its ``--help`` and a config
+error need (the planner is :mod:`ambient_ray.train.planner`, which re-exports these)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ambient_ray.config import Strict, flag
+
+Precision = Literal["bf16", "fp32"]
+
+
+class PlanConfig(Strict):
+    """``ambient-ray plan``: the per-GPU memory of training a preset, and the ZeRO stage and node count to use."""
+
+    model: str = Field(
+        ...,
+        description="a model preset of any arch, e.g. edm2-xxl",
+        json_schema_extra=flag("--model", metavar="PRESET"),
+    )
+    gpus: int = Field(8, ge=1, description="GPUs per node", json_schema_extra=flag("--gpus"))
+    nodes: int | None = Field(
+        None, ge=1, description="nodes (None: the fewest that fit)", json_schema_extra=flag("--nodes")
+    )
+    max_nodes: int = Field(64, ge=1, description="the most nodes the recommendation considers")
+    gpu_mem: float = Field(80.0, gt=0, description="memory per GPU in GiB", json_schema_extra=flag("--gpu-mem"))
+    headroom: float = Field(
+        0.1, ge=0, lt=1, description="fraction of gpu_mem kept free (CUDA context, allocator fragmentation)"
+    )
+    batch: int = Field(32, ge=1, description="micro-batch per GPU", json_schema_extra=flag("--batch"))
+    global_batch: int | None = Field(
+        None,
+        ge=1,
+        description="global batch, for the accumulation steps (None: 2048 for edm2, the paper's; else none)",
+        json_schema_extra=flag("--global-batch"),
+    )
+    resolution: int | None = Field(
+        None,
+        ge=1,
+        description="image or latent side (None: the preset's paper setting)",
+        json_schema_extra=flag("--resolution"),
+    )
+    channels: int | None = Field(
+        None,
+        ge=1,
+        description="image or latent channels (None: the paper setting)",
+        json_schema_extra=flag("--channels"),
+    )
+    label_dim: int | None = Field(
+        None, ge=0, description="classes (None: the paper setting)", json_schema_extra=flag("--label-dim")
+    )
+    precision: Precision = Field(
+        "bf16", description="bf16 mixed precision (GPU) or fp32", json_schema_extra=flag("--precision")
+    )
+    offload: bool = Field(
+        False,
+        description="ZeRO-Offload of the optimizer states to CPU (stages 1-3)",
+        json_schema_extra=flag("--offload"),
+    )
+    ema: Literal["auto", "warmup", "power"] = Field(
+        "auto",
+        description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup",
+        json_schema_extra=flag("--ema"),
+    )
+    mask_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="a transformer's share of patches dropped before its backbone (the train stage's "
+        "text.mask_ratio); fewer tokens in the activations and FLOPs. None: 0.75 for dit (MicroDiT's "
+        "pretraining), else 0",
+        json_schema_extra=flag("--mask-ratio"),
+    )
