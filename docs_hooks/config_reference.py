@@ -239,22 +239,46 @@ def _objectives(stage: str, model: Any) -> str:
     return "\n".join(lines)
 
 
-def missing_descriptions() -> dict[str, tuple[int, int]]:
-    """Per stage: (keys without a description, keys), counted over the generated rows (union variants too)."""
+def documented(stage: str) -> list[tuple[str, Any]]:
+    """``(dotted key, field)`` of every row the stage's page shows, as :func:`stage_reference` renders them: its
+    config's table, the tables of a union section's choices, and those of its objectives' own config classes."""
     _ensure_path()
     from ambient_ray.stages import registry
 
-    def count(model: Any) -> tuple[int, int]:
-        missing = total = 0
-        for _, field, variants in rows(model):
-            total += 1
-            missing += not field.description
-            for _, sub in variants:
-                m, t = count(sub)
-                missing, total = missing + m, total + t
-        return missing, total
+    model = registry.get(stage).model()
+    if model is None:
+        return []
+    models = [model]
+    if "objective" in model.model_fields:
+        from ambient_ray.train import objectives
 
-    return {name: count(st.model()) for name, st in registry.STAGES.in_order() if st.model() is not None}
+        models += [objectives.OBJECTIVES.get(n).config for n in objectives.names(stage)]
+        models = [m for i, m in enumerate(models) if m not in models[:i]]
+    out: list[tuple[str, Any]] = []
+
+    def walk(m: Any, prefix: str) -> None:
+        for key, field, variants in rows(m):
+            out.append((prefix + key, field))
+            for _, sub in variants:
+                walk(sub, f"{prefix}{key}.")
+
+    for m in models:
+        walk(m, "")
+    return out
+
+
+def missing_descriptions() -> dict[str, tuple[int, int]]:
+    """Per stage: (keys without a description, keys), counted over the generated rows (union variants and
+    objectives' own config classes too)."""
+    _ensure_path()
+    from ambient_ray.stages import registry
+
+    out = {}
+    for name, st in registry.STAGES.in_order():
+        if st.model() is not None:
+            shown = documented(name)
+            out[name] = (sum(not (field.description or "").strip() for _, field in shown), len(shown))
+    return out
 
 
 # ------------------------------------------------------------------------------ the MkDocs event

@@ -82,6 +82,21 @@ def test_the_generated_tables_list_every_key_of_every_config():
         assert "| key | type | default | description |" in text
 
 
+def test_every_key_in_the_generated_tables_has_a_description():
+    """A key without ``Field(description=...)`` would show an empty cell in its stage's table."""
+    hook = _hook()
+    missing = [
+        f"{name}: {key}"
+        for name, _stage in registry.STAGES.in_order()
+        for key, field in hook.documented(name)
+        if not (field.description or "").strip()
+    ]
+    assert not missing, "config keys without a description (give them Field(..., description=...)): " + ", ".join(
+        missing
+    )
+    assert all(n == 0 for n, _ in hook.missing_descriptions().values())  # the hook's own count agrees
+
+
 def test_a_marker_of_an_unknown_stage_fails_the_build():
     hook = _hook()
     from mkdocs.exceptions import PluginError

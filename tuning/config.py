@@ -29,9 +29,16 @@ class TuneConfig(Strict):
         json_schema_extra=flag("--num-samples"),
     )
     searcher: Literal["random", "grid", "optuna", "hyperopt"] = Field(
-        "random", json_schema_extra=flag("--searcher", "how trials are drawn")
+        "random",
+        description="how trials are drawn: random, grid (every space key a grid), optuna (TPE) or hyperopt "
+        "(neither takes grid keys)",
+        json_schema_extra=flag("--searcher", "how trials are drawn"),
     )
-    scheduler: Literal["none", "asha"] = Field("asha", json_schema_extra=flag("--scheduler", "early stopping"))
+    scheduler: Literal["none", "asha"] = Field(
+        "asha",
+        description="early stopping: asha (stops trials whose val_loss trails at each rung) or none",
+        json_schema_extra=flag("--scheduler", "early stopping"),
+    )
     metric: Literal["val_loss", "fd"] = Field(
         "val_loss", description="what picks the best trial (ASHA and the searcher use val_loss)"
     )

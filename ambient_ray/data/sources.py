@@ -67,7 +67,11 @@ class SourceConfig(Strict):
             "--dataset", "built-in (digits, faces, photos) or URI of an image folder, tar shards or Parquet"
         ),
     )
-    format: Literal["auto", "builtin", "folder", "webdataset", "parquet"] = "auto"
+    format: Literal["auto", "builtin", "folder", "webdataset", "parquet"] = Field(
+        "auto",
+        description="how 'dataset' is read; auto: a built-in name is builtin, a .tar (or a folder of them) "
+        "webdataset, a .parquet (or a folder of them) parquet, any other folder an image folder",
+    )
     image_size: int | None = Field(
         None,
         ge=1,

@@ -32,15 +32,19 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 class MlflowConfig(Strict):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else a local store")
-    experiment: str = "ambient-ray"
+    experiment: str = Field("ambient-ray", description="MLflow experiment the run goes to (created if missing)")
     artifact_location: str | None = Field(
         None, description="artifact root of a new experiment (default: the server's or store's own)"
     )
-    run_name: str | None = None
+    run_name: str | None = Field(
+        None,
+        description="name of the job's MLflow run (default: MLflow's generated name; pipeline, experiment "
+        "and tune: their stage's name)",
+    )
     parent_run_id: str | None = Field(
         None, description="nest this job's run under another run (e.g. an experiment arm)"
     )
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no MLflow run (nothing logged, no model registered)")
     system_metrics: bool = Field(
         True,
         description="training: MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) in "

@@ -39,10 +39,14 @@ class EDM2Config(Strict):
     img_resolution: int = Field(64, ge=4, description="square image (or latent) side")
     in_channels: int = Field(4, ge=1, description="image (or latent) channels")
     model_channels: int = Field(128, ge=4, description="channels at the first level")
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1)
+    channel_mult: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4], min_length=1, description="channel multiplier per level"
+    )
     num_blocks: int = Field(3, ge=1, description="encoder blocks per level (the decoder has one more)")
     attn_resolutions: list[int] = Field(default_factory=lambda: [16, 8], description="resolutions with attention")
-    channels_per_head: int = Field(64, ge=1)
+    channels_per_head: int = Field(
+        64, ge=1, description="attention head width (heads = a level's channels / this; must divide them)"
+    )
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="dropout in the residual branches")
     label_dim: int = Field(0, ge=0, description="number of classes; 0 = unconditional")
     label_dropout: float = Field(0.0, ge=0.0, le=1.0, description="training label dropout (CFG); EDM2 uses 0")

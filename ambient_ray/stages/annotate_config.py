@@ -67,9 +67,11 @@ class AnnotateConfig(ActorConfig):
         "it with grid_points for the same smoothing in σ, e.g. 8 of 512)",
     )
     z: float = Field(1.0, ge=0, description="rule confident: the bound is mean − z·std/√draws")
-    crops_mode: Mode = "per-sample"
+    crops_mode: Mode = Field("per-sample", description="σ_max per sample or one per corrupted set (as mode)")
     grid_lo: float | None = Field(None, gt=0, description="σ grid's low end (default: the classifier's training range)")
-    grid_hi: float | None = Field(None, gt=0)
+    grid_hi: float | None = Field(
+        None, gt=0, description="σ grid's high end (default: the classifier's training range)"
+    )
     grid_points: int = Field(24, ge=2, description="σ grid points")
     grid: Literal["log", "lognormal"] = Field(
         "log",
@@ -79,7 +81,9 @@ class AnnotateConfig(ActorConfig):
     grid_p_mean: float = Field(-1.2, description="grid lognormal: the log-normal's mean of ln σ")
     grid_p_std: float = Field(1.2, gt=0, description="grid lognormal: its standard deviation of ln σ")
     draws: int = Field(4, ge=1, description="noise draws (or crops) per grid σ and row")
-    weights: Literal["ema", "raw"] = "ema"
+    weights: Literal["ema", "raw"] = Field(
+        "ema", description="classifier weights: ema (ema.safetensors) or raw (model.safetensors, the last step's)"
+    )
     fixed: dict[str, float] = Field(
         default_factory=dict,
         description="σ_min per source, e.g. {synthetic: 2.0}",
@@ -108,8 +112,14 @@ class AnnotateConfig(ActorConfig):
     max_forward: int | None = Field(
         None, ge=1, description="noised images per forward pass (default 4096 on CPU, 32768 on GPU)"
     )
-    seed: int = Field(0, ge=0)
-    overwrite: bool = Field(False, json_schema_extra=flag("--overwrite", "recompute curves of another run in --out"))
+    seed: int = Field(
+        0, ge=0, description="seed of the noise draws and crops (per row: a row's curve is the same in any shard)"
+    )
+    overwrite: bool = Field(
+        False,
+        description="recompute the curves in 'out' that other classifiers, grid, draws, seed or data computed",
+        json_schema_extra=flag("--overwrite", "recompute curves of another run in --out"),
+    )
 
     @model_validator(mode="after")
     def _draws_for_the_rule(self) -> "AnnotateConfig":

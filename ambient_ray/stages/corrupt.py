@@ -49,24 +49,42 @@ class CorruptConfig(ShardedConfig):
     corruptions: list[str] = Field(
         default_factory=lambda: ["blur:sigma=1.0"],
         min_length=1,
+        description="corruption specs NAME:KEY=V,...; the non-clean rows are split evenly among them",
         json_schema_extra=flag(
             "--corruption", "corruption spec, e.g. blur:sigma=0.6 (repeat to split the corrupted part)"
         ),
     )
     clean_fraction: float = Field(
-        0.1, ge=0.0, le=1.0, json_schema_extra=flag("--clean-fraction", "fraction of rows kept clean")
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="fraction of rows kept clean (the ids with the smallest seeded hash)",
+        json_schema_extra=flag("--clean-fraction", "fraction of rows kept clean"),
     )
-    seed: int = Field(0, ge=0, json_schema_extra=flag("--seed", "seed for the clean subset and the corruptions"))
-    shard_size: int = Field(1024, ge=1, le=1_000_000, json_schema_extra=flag("--shard-size", "rows per output shard"))
+    seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the clean subset and of each row's corruption",
+        json_schema_extra=flag("--seed", "seed for the clean subset and the corruptions"),
+    )
+    shard_size: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="rows per output shard (and per Ray task)",
+        json_schema_extra=flag("--shard-size", "rows per output shard"),
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="modules that register extra corruptions",
         json_schema_extra=flag("--plugin", "module registering extra corruptions (repeatable)"),
     )
     overwrite: bool = Field(
-        False, json_schema_extra=flag("--overwrite", "replace an existing run with a different plan")
+        False,
+        description="replace a corrupt run in 'out' whose plan (config or source) differs",
+        json_schema_extra=flag("--overwrite", "replace an existing run with a different plan"),
     )
-    num_cpus_per_task: float = Field(1.0, gt=0)
+    num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs each shard's Ray task reserves")
     task_retries: int = Field(
         3, ge=0, description="retries of a shard whose worker died (Ray's own default retries forever)"
     )

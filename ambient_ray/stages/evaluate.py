@@ -62,7 +62,7 @@ class EvaluateConfig(Strict):
     holdout: str | None = Field(
         None, description="a held-out reference split: adds fd_holdout", json_schema_extra=flag("--holdout")
     )
-    holdout_where: str | None = None
+    holdout_where: str | None = Field(None, description="row filter on the held-out reference, e.g. quality=clean")
     features: str = Field(
         "pixels",
         pattern=FEATURE_SPEC,
@@ -72,11 +72,17 @@ class EvaluateConfig(Strict):
     train: str | None = Field(
         None, description="the training data: adds the memorization share", json_schema_extra=flag("--train")
     )
-    train_where: str | None = None
+    train_where: str | None = Field(None, description="row filter on the training data, e.g. quality=clean")
     memorization_features: str = Field(
         "pixels", pattern=FEATURE_SPEC, description="feature spec for the memorization distances"
     )
-    memorization_threshold: float = Field(1.0 / 3.0, gt=0, le=1)
+    memorization_threshold: float = Field(
+        1.0 / 3.0,
+        gt=0,
+        le=1,
+        description="a sample counts as memorized when d₁/d₂ < this (distances to its nearest and second "
+        "nearest training images)",
+    )
     proximal: str | None = Field(
         None, description="corruption spec of the training data: adds proximal_fd", json_schema_extra=flag("--proximal")
     )

@@ -20,12 +20,17 @@ class FeaturesConfig(Strict):
         None, description="row filter on a stage output, e.g. quality=clean", json_schema_extra=flag("--where")
     )
     out: str = Field(..., description="output URI (use it as --features net@OUT)", json_schema_extra=flag("--out"))
-    steps: int = Field(400, ge=1, json_schema_extra=flag("--steps", "training steps"))
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-3, gt=0)
+    steps: int = Field(
+        400,
+        ge=1,
+        description="training steps (AdamW, one-cycle schedule)",
+        json_schema_extra=flag("--steps", "training steps"),
+    )
+    batch_size: int = Field(128, ge=2, description="images per training step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of the one-cycle schedule")
     width: int = Field(16, ge=8, description="channels of the first conv stage (a multiple of 8)")
     dim: int = Field(64, ge=2, description="feature dimension")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the initial weights, the held-out tenth and the batches")
     use_labels: bool = Field(True, description="train on the labels when the data has them (else: rotation)")
 
 

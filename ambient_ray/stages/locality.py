@@ -31,9 +31,9 @@ class LocalityConfig(Strict):
         ..., description="dataset URI; the map is measured on its clean rows", json_schema_extra=flag("--data")
     )
     out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
-    sigma_lo: float = Field(0.02, gt=0)
-    sigma_hi: float = Field(10.0, gt=0)
-    sigma_points: int = Field(12, ge=2)
+    sigma_lo: float = Field(0.02, gt=0, description="σ grid's low end")
+    sigma_hi: float = Field(10.0, gt=0, description="σ grid's high end (above sigma_lo)")
+    sigma_points: int = Field(12, ge=2, description="σ grid points, log-spaced on [sigma_lo, sigma_hi]")
     contexts: list[int] = Field(
         default_factory=list, description="context sizes (default: every valid size up to the image)"
     )
@@ -45,8 +45,12 @@ class LocalityConfig(Strict):
         json_schema_extra=flag("--eps"),
     )
     rows: int = Field(256, ge=1, description="clean rows measured")
-    weights: str = Field("ema", pattern="^(ema|raw)$")
-    seed: int = Field(0, ge=0)
+    weights: str = Field(
+        "ema",
+        pattern="^(ema|raw)$",
+        description="denoiser weights: ema (ema.safetensors) or raw (model.safetensors, the last step's)",
+    )
+    seed: int = Field(0, ge=0, description="seed of the rows measured and of the noise")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

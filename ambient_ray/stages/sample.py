@@ -33,14 +33,21 @@ class SampleConfig(Strict):
     )
     out: str = Field(..., description="output URI", json_schema_extra=flag("--out"))
     num: int = Field(64, ge=1, description="number of images", json_schema_extra=flag("--num"))
-    weights: Literal["ema", "raw"] = "ema"
+    weights: Literal["ema", "raw"] = Field(
+        "ema", description="denoiser weights: ema (ema.safetensors) or raw (model.safetensors, the last step's)"
+    )
     sampler: SamplerConfig = Field(
         default_factory=SamplerConfig,
         description="the sampler (sampler.name) and its knobs; without a name, --guide picks autoguidance and "
         "--prompt with --guidance != 1 classifier-free guidance",
     )
-    seed: int = Field(0, ge=0, json_schema_extra=flag("--seed"))
-    batch_size: int = Field(256, ge=1)
+    seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the noise (drawn on the CPU: the same images on any device)",
+        json_schema_extra=flag("--seed"),
+    )
+    batch_size: int = Field(256, ge=1, description="images per sampler batch")
     class_label: int | None = Field(
         None, ge=0, description="class for a class-conditional model (default: cycle through classes)"
     )

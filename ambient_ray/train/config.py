@@ -13,17 +13,24 @@ from ambient_ray.io.tracking import MlflowConfig
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (reached after warm-up; 'decay' scales it)")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="Adam's (β₁, β₂)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled with adamw, an L2 term with adam)")
+    warmup_steps: int = Field(
+        50, ge=0, description="optimizer steps of linear learning-rate warm-up from lr/warmup_steps to lr (0: none)"
+    )
     name: Literal["adamw", "adam"] = Field("adamw", description="optimizer (DeepSpeed's CPU Adam under offload)")
     decay: Literal["none", "cosine", "linear", "inv_sqrt"] = Field(
         "cosine", description="learning-rate schedule after warm-up (ambient_ray.train.schedules)"
     )
     ref_steps: int = Field(10_000, ge=1, description="inv_sqrt: t_ref, the step where the decay starts")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-batches accumulated per optimizer step (global batch: batch_size × grad_accum × "
+        "num_workers)",
+    )
 
 
 def data_field(required: bool):
@@ -48,17 +55,27 @@ class EngineConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     batch_size: int = Field(32, ge=1, description="micro-batch per worker")
     steps: int = Field(200, ge=1, description="optimizer steps", json_schema_extra=flag("--steps"))
-    num_workers: int = Field(1, ge=1, json_schema_extra=flag("--num-workers", "Ray Train workers"))
+    num_workers: int = Field(
+        1,
+        ge=1,
+        description="Ray Train workers (data-parallel ranks, batch_size rows each per micro-batch)",
+        json_schema_extra=flag("--num-workers", "Ray Train workers"),
+    )
     min_workers: int | None = Field(
         None,
         ge=1,
         description="elastic (zero_stage 0 only): a run that loses workers restarts from its last checkpoint on as "
         "many as fit, at least this many (Ray Train's ScalingConfig(num_workers=(min, max))); None: num_workers always",
     )
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL collectives); false: CPU workers (gloo)")
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: int = Field(
-        2, ge=0, le=3, json_schema_extra=flag("--zero-stage", "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+        2,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 0 plain data parallel; 1 shards the optimizer states, 2 also the "
+        "gradients, 3 also the parameters",
+        json_schema_extra=flag("--zero-stage", "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)),
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
@@ -80,16 +97,20 @@ class EngineConfig(Strict):
         description="power: write every profile to OUT/phema/ each time this many training images (steps × global "
         "batch) have passed, and at the last step; None: no snapshots",
     )
-    seed: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    seed: int = Field(
+        0, ge=0, description="seed of the initial weights (the same on every rank) and of each worker's draws"
+    )
+    log_every: int = Field(10, ge=1, description="print and log metrics (to MLflow) every this many steps")
+    checkpoint_every: int = Field(
+        100, ge=1, description="checkpoint (and report to Ray Train) every this many steps, and at the last step"
+    )
     report_every: int | None = Field(
         None,
         ge=1,
         description="also report metrics (no checkpoint) to Ray Train every this many steps, with a validation loss "
         "(Ray Tune's early stopping reads them)",
     )
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps (the oldest are deleted)")
     max_failures: int = Field(0, ge=-1, description="worker restarts from the last checkpoint (-1: unlimited)")
     resume: bool = Field(
         False,

@@ -99,12 +99,21 @@ class ExperimentConfig(Strict):
     corruption: list[str] = Field(
         default_factory=lambda: ["blur:sigma=1"],
         min_length=1,
+        description="corruption specs of the mixed data (corrupt's corruptions: its corrupted rows split among them)",
         json_schema_extra=flag("--corruption", "corruption spec (repeatable)"),
     )
-    clean_fraction: float = Field(0.1, gt=0.0, lt=1.0, json_schema_extra=flag("--clean-fraction"))
+    clean_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of the training images each seed's mixed data keeps clean",
+        json_schema_extra=flag("--clean-fraction"),
+    )
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
+        description="every arm runs once per seed (its own mixed data, classifier and model); the table "
+        "reports mean ± standard error over them",
         json_schema_extra=flag("--seeds", "comma-separated seeds, e.g. 0,1,2", parse=csv(int)),
     )
     arms: list[str] = Field(

@@ -44,14 +44,16 @@ class ClassifierTrainConfig(EngineConfig):
     )
     balanced: bool = Field(True, description="half good, half bad in every batch (the paper's default)")
     sigma_lo: float = Field(0.01, gt=0, description="noise kind: σ log-uniform on [sigma_lo, sigma_hi]")
-    sigma_hi: float = Field(20.0, gt=0)
-    sigma_data: float = Field(0.5, gt=0)
+    sigma_hi: float = Field(20.0, gt=0, description="noise kind: the top of the σ range (above sigma_lo)")
+    sigma_data: float = Field(
+        0.5, gt=0, description="the data's standard deviation in the noise classifier's input scaling (EDM's c_in)"
+    )
     crop_sizes: list[int] = Field(
         default_factory=list, description="crops kind: crop sizes (default: every even size up to the image)"
     )
-    checkpoint_every: int = Field(200, ge=1)
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=2)
+    checkpoint_every: int = Field(200, ge=1, description="checkpoint every this many steps, and at the last step")
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=2, description="micro-batch per worker (balanced: half good, half bad)")
 
     @field_validator("good", "bad")
     @classmethod

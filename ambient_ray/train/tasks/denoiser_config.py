@@ -15,9 +15,13 @@ from ambient_ray.train.config import EngineConfig, data_field
 
 class AmbientConfig(Strict):
     lambda_max: float = Field(4.0, gt=1.0, description="buffer: σ > sqrt(1 + 1/(λ_max − 1))·σ_min (Eq. D.2)")
-    p_mean: float = -1.2
-    p_std: float = Field(1.2, gt=0)
-    sigma_data: float = Field(0.5, gt=0)
+    p_mean: float = Field(-1.2, description="training σ: the log-normal's mean of ln σ (EDM's P_mean)")
+    p_std: float = Field(1.2, gt=0, description="training σ: the standard deviation of ln σ (EDM's P_std)")
+    sigma_data: float = Field(
+        0.5,
+        gt=0,
+        description="the data's standard deviation (pixels in [-1, 1]) in the EDM preconditioning and loss weight",
+    )
     corrupted_sigma_min: float | None = Field(
         None, ge=0, description="σ_min for rows with quality=corrupted when the data has no sigma_min column"
     )
