@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/train_memory.py
 	$(PY) benchmarks/feed.py
 	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/threads_under_load.py
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db

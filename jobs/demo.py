@@ -23,6 +23,12 @@ from ambient_ray.io import ray_runtime, storage
 from ambient_ray.stages import annotate, corrupt, sample, train, train_classifier
 
 
+def machine_cpus(value: float | str) -> float | str:
+    """A worker's CPUs no more than the machine has (a number above them could never be scheduled); auto as it
+    is (the driver resolves it to what fits, one CPU to spare)."""
+    return value if value == "auto" else min(float(value), os.cpu_count() or 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="output folder or s3:// URI (default: demo_out)")
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== ambient-ray demo: 2/5 train-classifier (noise classifier, Ray Train + DeepSpeed, CPU) ==")
     kspec = dict(spec["classifier"], data=result.out, out=f"{out}/classifier", mlflow=mlflow)
-    kspec["cpus_per_worker"] = min(float(kspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
+    kspec["cpus_per_worker"] = machine_cpus(kspec.get("cpus_per_worker", "auto"))
     k = train_classifier.run(cfgmod.build(train_classifier.ClassifierTrainConfig, flags=kspec))
     print(
         f"  done in {k['seconds']:.0f}s, accuracy {k['metrics'].get('accuracy', float('nan')):.3f}; "
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== ambient-ray demo: 4/5 train (Ray Train + DeepSpeed ZeRO-2, CPU) ==")
     tspec = dict(spec["train"], data=a["out"], out=f"{out}/train", mlflow=mlflow)
-    tspec["cpus_per_worker"] = min(float(tspec.get("cpus_per_worker", 1)), os.cpu_count() or 1)
+    tspec["cpus_per_worker"] = machine_cpus(tspec.get("cpus_per_worker", "auto"))
     tcfg = cfgmod.build(train.TrainConfig, flags=tspec)
     s = train.run(tcfg)
     print(f"  done in {s['seconds']:.0f}s, final loss {s['metrics'].get('loss', float('nan')):.4f}")

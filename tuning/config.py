@@ -92,6 +92,10 @@ def check(cfg: TuneConfig) -> TuneConfig:
         fill = {"samples": "x", "reference": "x", "out": "x"} if section == "evaluate" else {"data": "x", "out": "x"}
         model = registry.get(stage).model()
         cfgmod.build_section(model, section, getattr(cfg, section), owned=owned, owner="the search itself", fill=fill)
+    # a trial's training asks for num_workers x cpus_per_worker inside the trial's resources: `auto` (every CPU of a
+    # node but one) would let one trial hold a whole node, so a search's trials take 1 CPU a worker unless given
+    if cfg.train.get("cpus_per_worker", "auto") == "auto":
+        cfg.train["cpus_per_worker"] = 1
     return cfg
 
 

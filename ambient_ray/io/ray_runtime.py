@@ -59,6 +59,10 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
         _open(path)
     _route_loggers()  # before ray.init, which logs (kept until the file opens when there is no OUT)
     options = {"logging_level": "INFO", "log_to_driver": True, **kwargs}
+    # a local Ray started here: its workers inherit the driver's environment; a running cluster's workers get the
+    # driver's OpenMP settings from the job's runtime_env (which costs ~1 s of start-up, so only then)
+    if worker_env() and _joins_cluster(options.get("address")):
+        options["runtime_env"] = with_worker_env(options.get("runtime_env"))
     ray.init(**options)
     if not path:  # now Ray's session folder exists
         from ray._private.worker import global_worker
@@ -69,6 +73,34 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
         _route_worker_output()
     print(f"ray: Ray's own logs (and its workers' output) go to {_state['path']}", flush=True)
     return _state["path"]
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's OpenMP wait settings (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), those it sets, for every Ray
+    worker of the job; libgomp reads them when torch is imported, so they must be in a worker's environment
+    from its start. None is set by default: benchmarks/threads_under_load.py found PASSIVE no cure for shared
+    cores (on the demo's network at 2 threads beside CPU-bound neighbours it was 0.3-14x the default) and a
+    cost on quiet ones (0.5-0.9x); what keeps a worker's throughput is a CPU to spare (cpus_per_worker auto)."""
+    return {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+
+
+def with_worker_env(runtime_env: dict | None) -> dict:
+    """``runtime_env`` (a ``ray.init`` option) with :func:`worker_env` added to its ``env_vars``; variables it
+    already sets win."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**worker_env(), **(env.get("env_vars") or {})}
+    return env
+
+
+def _joins_cluster(address: str | None) -> bool:
+    """Whether ``ray.init(address=address)`` would join a running cluster rather than start one (Ray's own
+    lookup: ``RAY_ADDRESS``, then a cluster started on this machine); True when that cannot be told."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) is not None
+    except Exception:
+        return True
 
 
 def _open(path: str) -> None:

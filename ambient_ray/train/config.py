@@ -3,7 +3,7 @@ checkpoints, EMA, MLflow), and the driver-side check that a run's data and DeepS
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -68,7 +68,13 @@ class EngineConfig(Strict):
         "many as fit, at least this many (Ray Train's ScalingConfig(num_workers=(min, max))); None: num_workers always",
     )
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL collectives); false: CPU workers (gloo)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs Ray reserves per worker; a CPU worker runs this many torch threads (the integer part, at "
+        "least 1). auto: the most whole CPUs per worker with which every worker fits and each node keeps one CPU "
+        "free (for the driver, Ray's daemons, the worker's own data and gloo threads, other jobs): 1 on a 2-core "
+        "machine; resolved by the driver (resolve_cpus_per_worker)",
+    )
     zero_stage: int = Field(
         2,
         ge=0,
@@ -166,3 +172,22 @@ def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> 
         # DeepSpeed refuses a ZeRO >= 1 checkpoint saved on another number of ranks
         raise ConfigError("config key 'min_workers': fewer workers than num_workers needs zero_stage 0")
     return h, c
+
+
+def resolve_cpus_per_worker(value: float | str, num_workers: int, node_cpus: list[float]) -> float:
+    """The CPUs each of ``num_workers`` workers asks Ray for: ``value`` itself when it is a number; for ``auto``
+    the most whole CPUs ``c`` with which every worker fits on the nodes (``node_cpus``: each live node's CPUs)
+    while each node keeps one CPU out of the workers' hands, at least 1 (1 on a 2-core machine, 15 on a
+    16-core one, 7 per worker for 2 workers on it).
+
+    The spare CPU is what keeps a worker's throughput when the cores are shared: a worker whose torch threads
+    span every core waits, at each parallel op, on a thread that the driver, Ray's daemons, a Ray Data read
+    task or another job has preempted (benchmarks/threads_under_load.py measured the demo's network 2-20x
+    slower at 2 threads than at 1 on a 2-core machine beside CPU-bound neighbours)."""
+    if value != "auto":
+        return float(value)
+    spare = [int(n) - 1 for n in node_cpus if n >= 2]
+    for c in range(max(spare, default=1), 0, -1):
+        if sum(s // c for s in spare) >= num_workers:
+            return float(c)
+    return 1.0

@@ -14,7 +14,7 @@ from ambient_ray.config import ConfigError
 from ambient_ray.data.metadata import data_dir
 from ambient_ray.io import storage, tracking
 from ambient_ray.io.checkpoint import export_weights, latest_checkpoint
-from ambient_ray.train.config import EngineConfig
+from ambient_ray.train.config import EngineConfig, resolve_cpus_per_worker
 from ambient_ray.train.prepared import Prepared
 
 
@@ -130,6 +130,11 @@ def fit(
     ray_runtime.ray_init(out)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
     fs, path = storage.filesystem(storage.join(out, "ray"))
+    # cpus_per_worker auto: whole CPUs per worker that fit with one CPU per node to spare; the worker runs as many
+    # torch threads as Ray gives it (Worker: setup_threads)
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    cpus = resolve_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers, nodes)
+    loop_config = {**loop_config, "cpus_per_worker": cpus}
     datasets = {}
     if columns:  # a run with no dataset (e.g. a distillation, which draws noise, not rows) reads nothing
         data_fs, data_path = storage.filesystem(data_dir(cfg.data))
@@ -146,7 +151,7 @@ def fit(
         scaling_config=ray.train.ScalingConfig(
             num_workers=elastic_workers(cfg),
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            resources_per_worker={"CPU": cpus},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,

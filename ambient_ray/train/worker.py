@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from typing import Literal
 
@@ -33,6 +34,29 @@ from ambient_ray.io.snapshots import write_snapshot
 from ambient_ray.train import perf
 from ambient_ray.train.config import EngineConfig
 from ambient_ray.train.parts import FrozenPart, Part, TrainedPart
+
+
+def worker_cpus(cfg: EngineConfig, config: dict) -> float:
+    """The CPUs Ray gave this worker: its assigned resources inside Ray, else the driver's resolved
+    ``cpus_per_worker`` (the loop config's), else the config's number (1 for ``auto`` outside a driver)."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray else None
+    except Exception:  # not in a Ray worker
+        assigned = None
+    if assigned:
+        return float(assigned)
+    resolved = config.get("cpus_per_worker", cfg.cpus_per_worker)
+    return 1.0 if resolved == "auto" else float(resolved)
+
+
+def setup_threads(cpus: float) -> int:
+    """The worker's thread setup, in one place: one torch intra-op thread per whole CPU it holds (at least 1);
+    returns that count. The OpenMP wait policy cannot be set here (libgomp reads ``OMP_WAIT_POLICY`` when torch
+    is imported): the driver's reaches every Ray worker (:func:`ambient_ray.io.ray_runtime.worker_env`)."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
 
 
 class Worker:
@@ -59,7 +83,7 @@ class Worker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         if self.device.type == "cpu":  # one intra-op thread per CPU the worker holds
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            setup_threads(worker_cpus(cfg, config))
             # DeepSpeed's CPU shared-memory all-reduce op serves only its inference_all_reduce; training's
             # collectives go through gloo. Left on, it is JIT-compiled at the first run (about a minute per
             # virtual environment) and loaded by every worker.
