@@ -146,6 +146,9 @@ class Cluster:
         )
         # the GCS marks a node dead after 3 missed health checks 1 s apart (default 5 x 3 s)
         env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        # a node's start waits for its raylet to register (default 10 s); on a loaded 2-core machine a replacement
+        # node once took longer and `ray start` gave up ("The current node timed out during startup")
+        env["RAY_raylet_start_wait_time_s"] = "60"
         self.nodes[name] = subprocess.Popen(
             cmd,
             stdout=open(log, "ab"),
