@@ -178,7 +178,10 @@ def edits(a: str, b: str) -> int:
 
 
 def suggest(key: str, allowed: list[str]) -> str | None:
-    """The allowed key ``key`` is a typo of: one edit away (two for a key of 8 characters or more), else None."""
+    """The allowed key ``key`` is a typo of: one edit away (two for a key of 8 characters or more), else None;
+    none for a key of 1 or 2 characters (one edit away from too many keys to mean one)."""
+    if len(key) < 3:
+        return None
     limit = 2 if len(key) >= 8 else 1
     scored = sorted((edits(key, k), k) for k in allowed)
     return scored[0][1] if scored and scored[0][0] <= limit else None

@@ -8,8 +8,8 @@ several models (``model``: one per ``model.arch``) gets one table per choice. A 
 followed by its registered objectives (``ambient_ray.train.objectives``) and, for an objective whose config class
 is not the stage's, that class's table. An unknown stage fails the build.
 
-Importing the config classes imports their modules (torch, and the ray package for tune), but starts nothing:
-no Ray, no MLflow, no network.
+Importing the config classes imports their light config modules (no torch: the same imports as a stage's
+``--help``) and starts nothing: no Ray, no MLflow, no network.
 """
 
 from __future__ import annotations
@@ -138,9 +138,14 @@ def _yamlish(value: Any) -> str:
 
 
 def _constraints(field: Any) -> str:
-    """Bounds from the field's metadata: ``≥ 1``, ``> 0``, ``≤ 3``."""
+    """Bounds from the field's metadata and from the ``Annotated`` members of a union annotation (``cpus_per_worker:
+    Annotated[float, Field(gt=0)] | Literal["auto"]``): ``≥ 1``, ``> 0``, ``≤ 3``."""
+    metadata = list(field.metadata)
+    for arg in _union_args(field.annotation):
+        if typing.get_origin(arg) is typing.Annotated:  # a Field(...) there keeps its bounds in its own metadata
+            metadata += [b for m in arg.__metadata__ for b in (m, *getattr(m, "metadata", ()))]
     out = []
-    for m in field.metadata:
+    for m in metadata:
         for attr, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "length ≥")):
             v = getattr(m, attr, None)
             if v is not None:
@@ -216,9 +221,9 @@ def stage_reference(stage: str) -> str:
         text = f"`ambient-ray {stage}` has no config keys: its arguments are listed by `ambient-ray {stage} --help`."
     else:
         text = (
-            f"Keys of `ambient-ray {stage}` ({_code(model.__name__)} in `{entry.module}`), generated from the config "
-            f"class when this site was built. Set them in the `--config` YAML, with `--set key=value`, or with the "
-            f"flag named beside them.\n\n" + table(model)
+            f"Keys of `ambient-ray {stage}` ({_code(model.__name__)} in `{model.__module__}`), generated from the "
+            f"config class when this site was built. Set them in the `--config` YAML, with `--set key=value`, or "
+            f"with the flag named beside them.\n\n" + table(model)
         )
         if "objective" in model.model_fields:
             text += "\n\n" + _objectives(stage, model)

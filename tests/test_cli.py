@@ -338,6 +338,10 @@ def test_ls_and_get_show_a_runs_outputs(tmp_path, capsys):
     (run / "samples" / "grid.png").write_bytes(b"p" * 2500)
     (run / "samples" / "samples.npy").write_bytes(b"n" * 10)
     (run / "pipeline.json").write_text("{}")
+    (run / "samples" / ".grid.png.swp").write_bytes(b"h")  # hidden and temporary names are not outputs
+    (run / "_scratch").mkdir()
+    (run / "_scratch" / "x.bin").write_bytes(b"s")
+    (run / "samples" / "grid.png.tmp-1a2b3c4d").write_bytes(b"t")
     assert cli.main(["ls", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["pipeline.json", "2", "B"]
@@ -354,6 +358,20 @@ def test_ls_and_get_show_a_runs_outputs(tmp_path, capsys):
     assert (dest / "grid.png").read_bytes() == b"p" * 2500
     assert cli.main(["get", str(run / "samples"), str(dest)]) == 0
     assert (dest / "samples" / "samples.npy").read_bytes() == b"n" * 10
+    assert sorted(p.name for p in (dest / "samples").iterdir()) == ["grid.png", "samples.npy"]
     capsys.readouterr()
     assert cli.main(["ls", str(tmp_path / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_get_of_a_bucket_root_copies_it_into_a_folder_named_after_the_bucket(s3, tmp_path, capsys):
+    from ambient_ray.io import storage
+
+    bucket = f"root-{os.urandom(4).hex()}"
+    storage.ensure_bucket(bucket)
+    storage.write_bytes(f"s3://{bucket}/run1/pipeline.json", b"{}")
+    storage.write_bytes(f"s3://{bucket}/run1/.hidden", b"h")
+    assert cli.main(["get", f"s3://{bucket}/", str(tmp_path)]) == 0
+    assert (tmp_path / bucket / "run1" / "pipeline.json").read_bytes() == b"{}"
+    assert not (tmp_path / bucket / "run1" / ".hidden").exists()
+    assert capsys.readouterr().out.split() == [str(tmp_path / bucket / "run1" / "pipeline.json")]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from ambient_ray.io import ray_runtime
+from ambient_ray.io import progress as progress_mod
 from ambient_ray.models.features import Extractor
 
 BAR_MARKS = ("\r", "%|", "█", "it/s", "s/it")
@@ -27,7 +27,7 @@ class _Tty(io.StringIO):
 
 
 def test_no_bar_when_stderr_is_not_a_terminal(capsys, monkeypatch):
-    monkeypatch.setattr(ray_runtime, "INTERVAL_S", 0.0)  # a plain line on every update
+    monkeypatch.setattr(progress_mod, "INTERVAL_S", 0.0)  # a plain line on every update
     stderr = io.StringIO()  # not a terminal, even under `pytest -s` in one
     monkeypatch.setattr(sys, "stderr", stderr)
     _extract()
@@ -50,7 +50,7 @@ def test_a_bar_on_a_terminal(monkeypatch):
 def test_a_job_log_gets_no_bar_frames(tmp_path, label):
     """A real process whose stdout and stderr go to a file, as in a job's log: lines only."""
     code = (
-        "from ambient_ray.io import ray_runtime as r\n"
+        "from ambient_ray.io import progress as r\n"
         "r.INTERVAL_S = 0.0\n"
         f"with r.Progress({label!r}, 3, 'steps') as bar:\n"
         "    for _ in range(3):\n"

@@ -1,4 +1,4 @@
-"""Worker threads under shared cores: cpus_per_worker auto, the worker's thread setup, the workers' wait policy."""
+"""Worker threads under shared cores: cpus_per_worker auto and the worker's thread setup."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ambient_ray.io import ray_runtime
-from ambient_ray.train.config import EngineConfig, resolve_cpus_per_worker
+from ambient_ray.train.config import EngineConfig, resolve_cpus_per_worker, workers_that_fit
 from ambient_ray.train.worker import setup_threads, worker_cpus
 
 
@@ -21,20 +20,27 @@ def test_auto_is_the_default_and_numbers_still_validate():
 
 
 @pytest.mark.parametrize(
-    "workers, nodes, want",
+    "workers, nodes, gpu, want",
     [
-        (1, [2], 1),  # the demo's 2-core machine: one CPU to spare
-        (1, [16], 15),
-        (2, [16], 7),
-        (3, [16, 16], 7),  # 8 would fit only one worker per node
-        (2, [2], 1),  # no CPU to spare: at least 1 each
-        (1, [1], 1),
-        (2, [0, 8], 3),  # a node without CPUs holds none
+        (1, [(2, 0)], False, 1),  # the demo's 2-core machine: one CPU to spare
+        (1, [(16, 0)], False, 15),
+        (2, [(16, 0)], False, 7),
+        (3, [(16, 0), (16, 0)], False, 7),  # 8 would fit only one worker per node
+        (2, [(2, 0)], False, 1),  # no CPU to spare: at least 1 each
+        (1, [(1, 0)], False, 1),
+        (2, [(0, 0), (8, 0)], False, 3),  # a node without CPUs holds none
+        (1, [(32, 1)], True, 31),  # one GPU box: its worker may take every CPU but one
+        (4, [(64, 0), (44, 4)], True, 10),  # GPU workers only on the GPU node, one a GPU: 4 x 10 of its 43
+        (4, [(44, 4), (44, 4)], True, 21),  # two GPU nodes: two workers each
+        (2, [(64, 0)], True, 1),  # no GPU node yet (autoscaling): 1, and the driver says they do not fit
     ],
 )
-def test_auto_resolves_to_whole_cpus_that_fit_with_one_to_spare(workers, nodes, want):
-    assert resolve_cpus_per_worker("auto", workers, nodes) == want
-    assert resolve_cpus_per_worker(2.5, workers, nodes) == 2.5  # a number is kept
+def test_auto_resolves_to_whole_cpus_that_fit_with_one_to_spare(workers, nodes, gpu, want):
+    assert resolve_cpus_per_worker("auto", workers, nodes, gpu) == want
+    assert resolve_cpus_per_worker(2.5, workers, nodes, gpu) == 2.5  # a number is kept
+    if want > 1:  # the most whole CPUs with which every worker fits
+        assert workers_that_fit(want, nodes, gpu) >= workers > workers_that_fit(want + 1, nodes, gpu)
+    assert workers_that_fit(1, [(64, 0)], use_gpu=True) == 0  # GPU workers never counted on a CPU-only node
 
 
 def test_worker_threads_follow_its_cpus():
@@ -50,16 +56,3 @@ def test_worker_threads_follow_its_cpus():
         assert worker_cpus(auto, {}) == 1.0
     finally:
         torch.set_num_threads(before)
-
-
-def test_workers_get_the_drivers_wait_policy_and_none_by_default(monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert ray_runtime.worker_env() == {}  # no policy forced: PASSIVE measured no cure (threads_under_load.py)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert ray_runtime.worker_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = ray_runtime.with_worker_env({"env_vars": {"A": "1"}, "pip": ["x"]})
-    assert env == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "A": "1"}, "pip": ["x"]}
-    assert ray_runtime.with_worker_env({"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}})["env_vars"] == {
-        "OMP_WAIT_POLICY": "ACTIVE"
-    }

@@ -43,8 +43,13 @@ def read_schema_names(f: str, required: tuple[str, ...] = ()) -> list[str]:
     fs, path = storage.filesystem(f)
     try:
         names = pq.read_schema(path, filesystem=fs).names
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    except (pa.ArrowInvalid, OSError) as e:  # pyarrow: ArrowInvalid for no Parquet magic, OSError for a bad footer
+        first = str(e).splitlines()[0]
+        if storage.is_s3(f) and not isinstance(e, pa.ArrowInvalid):  # or S3 trouble: denied, unreachable
+            raise storage.StorageError(
+                f"S3 error for {f} (endpoint {storage.endpoint() or 'AWS default'}): {first}"
+            ) from None
+        raise DataError(f"{f}: not a readable Parquet file ({first})") from None
     for column in required:
         if column not in names:
             raise DataError(f"{f}: missing column '{column}' (columns: {', '.join(names)})")

@@ -21,8 +21,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-import pyarrow.fs as pafs
-
 from ambient_ray.io import storage
 
 CACHE_ENV = "AMBIENT_RAY_CACHE"
@@ -78,19 +76,11 @@ def _locked(path: str):
 
 
 def _copy_file(src_uri: str, dst_path: str) -> None:
-    """One object to a local file, streamed (weights may be larger than memory)."""
-    fs, path = storage.filesystem(src_uri)
-    os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+    """One object to a local file, streamed (weights may be larger than memory): :func:`storage.download`."""
     try:
-        with fs.open_input_stream(path) as src, open(dst_path, "wb") as dst:
-            while chunk := src.read(16 << 20):
-                dst.write(chunk)
+        storage.download(src_uri, dst_path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {src_uri} (removed while it was being copied?)") from None
-    except OSError as e:
-        if isinstance(fs, pafs.S3FileSystem):
-            raise storage.StorageError(f"S3 error copying {src_uri} to {dst_path}: {e}") from None
-        raise
 
 
 def local_folder(uri: str, what: str | None = None, entries: list[tuple[str, int, str]] | None = None) -> str:

@@ -21,18 +21,16 @@ import importlib
 import logging
 import os
 import re
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 
 from ambient_ray.io import shards, storage
+from ambient_ray.io.progress import INTERVAL_S, Progress, on_terminal  # noqa: F401 (re-exported)
 
 LOG_NAME = "ray.log"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 # what a training worker prints that is ours: the loop's progress line (train/loop.py)
 OURS = re.compile(r"^step \d+/\d+\s")
-INTERVAL_S = 10.0  # one progress line per interval off a terminal
 
 _lock = threading.Lock()
 _state: dict = {"path": None, "file": None, "pending": []}
@@ -59,10 +57,6 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
         _open(path)
     _route_loggers()  # before ray.init, which logs (kept until the file opens when there is no OUT)
     options = {"logging_level": "INFO", "log_to_driver": True, **kwargs}
-    # a local Ray started here: its workers inherit the driver's environment; a running cluster's workers get the
-    # driver's OpenMP settings from the job's runtime_env (which costs ~1 s of start-up, so only then)
-    if worker_env() and _joins_cluster(options.get("address")):
-        options["runtime_env"] = with_worker_env(options.get("runtime_env"))
     ray.init(**options)
     if not path:  # now Ray's session folder exists
         from ray._private.worker import global_worker
@@ -73,34 +67,6 @@ def ray_init(out: str | None = None, **kwargs) -> str | None:
         _route_worker_output()
     print(f"ray: Ray's own logs (and its workers' output) go to {_state['path']}", flush=True)
     return _state["path"]
-
-
-def worker_env() -> dict[str, str]:
-    """The driver's OpenMP wait settings (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), those it sets, for every Ray
-    worker of the job; libgomp reads them when torch is imported, so they must be in a worker's environment
-    from its start. None is set by default: benchmarks/threads_under_load.py found PASSIVE no cure for shared
-    cores (on the demo's network at 2 threads beside CPU-bound neighbours it was 0.3-14x the default) and a
-    cost on quiet ones (0.5-0.9x); what keeps a worker's throughput is a CPU to spare (cpus_per_worker auto)."""
-    return {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
-
-
-def with_worker_env(runtime_env: dict | None) -> dict:
-    """``runtime_env`` (a ``ray.init`` option) with :func:`worker_env` added to its ``env_vars``; variables it
-    already sets win."""
-    env = dict(runtime_env or {})
-    env["env_vars"] = {**worker_env(), **(env.get("env_vars") or {})}
-    return env
-
-
-def _joins_cluster(address: str | None) -> bool:
-    """Whether ``ray.init(address=address)`` would join a running cluster rather than start one (Ray's own
-    lookup: ``RAY_ADDRESS``, then a cluster started on this machine); True when that cannot be told."""
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
-
-        return canonicalize_bootstrap_address(address) is not None
-    except Exception:
-        return True
 
 
 def _open(path: str) -> None:
@@ -174,58 +140,6 @@ def _route_worker_output() -> None:
 
 
 # ------------------------------------------------------------------------------ progress
-
-
-def on_terminal() -> bool:
-    """Whether progress bars may be drawn: tqdm writes to stderr, so only when stderr is a terminal (a job's
-    log gets the plain lines of :class:`Progress` instead of carriage-return bar frames)."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stream
-        return False
-
-
-class Progress:
-    """A stage's progress over ``total`` items: a bar on a terminal (:func:`on_terminal`), else a line per
-    ``INTERVAL_S`` on stdout. Also a context manager (closes the bar)."""
-
-    def __init__(self, label: str, total: int, unit: str, enabled: bool = True):
-        self.label, self.total, self.unit, self.n = label, total, unit, 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        self.postfix = ""
-        if enabled and on_terminal():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, dynamic_ncols=True)
-        self.enabled = enabled
-
-    def set_postfix(self, **values) -> None:
-        """Values shown after the count (the bar's postfix, or the end of the plain line)."""
-        if self.bar is not None:
-            self.bar.set_postfix(**values, refresh=False)
-        self.postfix = "  " + " ".join(f"{k} {v}" for k, v in values.items()) if values else ""
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-            return
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= INTERVAL_S and self.n < self.total:
-            self.last = now
-            print(f"  {self.label}: {self.n}/{self.total} {self.unit} ({now - self.t0:.0f}s){self.postfix}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def progress(rows: Iterable[dict], label: str, total: int, unit: str, enabled: bool = True) -> list[dict]:

@@ -12,6 +12,7 @@ only appears when its upload completes. Stages rely on this to resume without du
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -143,17 +144,38 @@ def _wrap(uri: str, e: Exception) -> Exception:
     return e
 
 
+def _read_error(uri: str, e: OSError) -> Exception:
+    """What to raise when reading ``uri`` failed with ``e``: a missing object is a ``FileNotFoundError``."""
+    if isinstance(e, FileNotFoundError) or any(s in str(e) for s in ("not exist", "NoSuchKey")):
+        return FileNotFoundError(f"no such file: {uri}")
+    return _wrap(uri, e)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {uri}") from None
     except OSError as e:
-        if "not exist" in str(e) or "NoSuchKey" in str(e) or "Path does not exist" in str(e):
-            raise FileNotFoundError(f"no such file: {uri}") from None
-        raise _wrap(uri, e) from None
+        raise _read_error(uri, e) from None
+
+
+def download(uri: str, path: str) -> None:
+    """Copy the file ``uri`` to the local file ``path``, streamed (it may be larger than memory) and atomically:
+    it is written to ``path + ".tmp"`` and renamed into place, so ``path`` is either absent or whole."""
+    fs, src = filesystem(uri)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with fs.open_input_stream(src) as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out, 16 << 20)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise _read_error(uri, e) from None
+        raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -199,14 +221,14 @@ def is_dir(uri: str) -> bool:
         raise _wrap(uri, e) from None
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] = (), recursive: bool = True) -> list[str]:
-    """Sorted URIs of the files under ``uri`` (hidden names and temporary files skipped)."""
+def walk(uri: str, recursive: bool = True) -> list[tuple[str, int]]:
+    """``(path relative to uri, size)`` of every file under the folder ``uri``, sorted; hidden names (a part
+    that starts with ``.`` or ``_``) and temporary files (``.tmp-``) are skipped, a missing folder has none."""
     fs, path = filesystem(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
         raise _wrap(uri, e) from None
-    base = normalize(uri)
     out = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -214,10 +236,24 @@ def list_files(uri: str, suffixes: tuple[str, ...] = (), recursive: bool = True)
         rel = info.path[len(path) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")) or ".tmp-" in rel:
             continue
-        if suffixes and not rel.lower().endswith(suffixes):
-            continue
-        out.append(join(base, rel))
+        out.append((rel, info.size or 0))
     return sorted(out)
+
+
+def file_size(uri: str) -> int | None:
+    """The size of the file ``uri``; None when ``uri`` is a folder or nothing."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise _wrap(uri, e) from None
+    return (info.size or 0) if info.type == pafs.FileType.File else None
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = (), recursive: bool = True) -> list[str]:
+    """Sorted URIs of the files under ``uri`` (hidden names and temporary files skipped: :func:`walk`)."""
+    base = normalize(uri)
+    return [join(base, rel) for rel, _ in walk(uri, recursive) if not suffixes or rel.lower().endswith(suffixes)]
 
 
 def delete(uri: str) -> None:

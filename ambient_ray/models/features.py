@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ambient_ray.io import storage
+from ambient_ray.io.progress import Progress
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -60,8 +61,6 @@ class Extractor:
     @torch.no_grad()
     def __call__(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         """uint8 (N, H, W, C) -> float64 (N, D)."""
-        from ambient_ray.io.ray_runtime import Progress
-
         images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"features: expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}")
@@ -211,8 +210,6 @@ def train_feature_net(
     With labels the task is the labels; without, the rotation (0/90/180/270°) of square images.
     A random tenth of the rows is held out to report the accuracy.
     """
-    from ambient_ray.io.ray_runtime import Progress
-
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x_all = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255.0)
@@ -240,21 +237,20 @@ def train_feature_net(
     net = FeatureNet(c, classes, width, dim)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = Progress(f"feature net ({task})", steps, "steps", enabled=progress)
-    for _ in range(steps):
-        idx = tr[torch.randint(0, len(tr), (batch_size,), generator=g)]
-        x, y = batch(idx)
-        # a one-pixel random shift: features that do not hinge on exact pixel positions
-        dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        bar.update()
-    bar.close()
+    with Progress(f"feature net ({task})", steps, "steps", enabled=progress) as bar:
+        for _ in range(steps):
+            idx = tr[torch.randint(0, len(tr), (batch_size,), generator=g)]
+            x, y = batch(idx)
+            # a one-pixel random shift: features that do not hinge on exact pixel positions
+            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.update()
     net.eval()
     with torch.no_grad():
         x, y = batch(val)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ambient_ray.diffusion.samplers import to_uint8
+from ambient_ray.io.progress import Progress
 from ambient_ray.models.registry import takes_captions
 from ambient_ray.sampling.config import SamplerConfig
 from ambient_ray.sampling.decode import latent_decoder
@@ -35,8 +36,6 @@ def draw(
     without captions from the null caption (unconditional). A model trained on precomputed latents (``latents``
     in its model.json) has its samples decoded by its VAE (``decode``: a :func:`latent_decoder` already built,
     else one is built here)."""
-    from ambient_ray.io.ray_runtime import Progress
-
     sampler = sampler or SamplerConfig()
     entry = SAMPLERS.get(sampler.name)
     cfg = net.config
@@ -48,20 +47,19 @@ def draw(
     g = torch.Generator().manual_seed(seed)
     out = []
     starts = range(0, num, batch_size)
-    bar = Progress("sample", len(starts), "batches", enabled=progress and len(starts) > 1)
-    for start in starts:
-        n = min(batch_size, num - start)
-        latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
-        labels = None
-        if getattr(cfg, "label_dim", 0):
-            base = torch.arange(start, start + n) % cfg.label_dim
-            labels = (torch.full((n,), class_label) if class_label is not None else base).to(device)
-        batch_captions = None
-        if text:
-            pick = torch.arange(start, start + n) % len(captions[0])
-            batch_captions = (captions[0][pick].float(), captions[1][pick].float())
-        x = entry.sample(den, Batch(latents, labels, batch_captions, g), sampler)
-        out.append(to_uint8(decode(x.cpu()) if decode else x))
-        bar.update()
-    bar.close()
+    with Progress("sample", len(starts), "batches", enabled=progress and len(starts) > 1) as bar:
+        for start in starts:
+            n = min(batch_size, num - start)
+            latents = torch.randn(n, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
+            labels = None
+            if getattr(cfg, "label_dim", 0):
+                base = torch.arange(start, start + n) % cfg.label_dim
+                labels = (torch.full((n,), class_label) if class_label is not None else base).to(device)
+            batch_captions = None
+            if text:
+                pick = torch.arange(start, start + n) % len(captions[0])
+                batch_captions = (captions[0][pick].float(), captions[1][pick].float())
+            x = entry.sample(den, Batch(latents, labels, batch_captions, g), sampler)
+            out.append(to_uint8(decode(x.cpu()) if decode else x))
+            bar.update()
     return np.concatenate(out)

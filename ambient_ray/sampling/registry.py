@@ -4,8 +4,9 @@ A sampler is one function ``sample(net, batch, cfg) -> x``: from a batch of stan
 (B, C, R, R) in the network's space (pixels in [-1, 1], or normalised latents the caller decodes). It gets the
 network (after its ``prepare``), the :class:`Batch` (latents, labels, captions, the draw's generator) and the
 knobs of the ``sampler:`` section (:class:`~ambient_ray.sampling.config.SamplerConfig`). Adding one: a function
-and a ``SAMPLERS.register(name, Sampler(function, about))`` in a module that ``ambient_ray/sampling/__init__.py``
-imports (docs/design/extending.md, "A sampler").
+in a module of ``ambient_ray/sampling/`` and a ``SAMPLERS.register(name, Sampler(lazy("module:function"), about))``
+in :mod:`ambient_ray.sampling.builtin`: :func:`lazy` imports the module (torch) at the first call, so that a
+stage's ``--help``, which lists the samplers, stays free of torch (docs/design/extending.md, "A sampler").
 """
 
 from __future__ import annotations

@@ -174,11 +174,26 @@ def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> 
     return h, c
 
 
-def resolve_cpus_per_worker(value: float | str, num_workers: int, node_cpus: list[float]) -> float:
+def workers_that_fit(cpus: float, nodes: list[tuple[float, float]], use_gpu: bool = False) -> int:
+    """How many workers of ``cpus`` CPUs each fit on ``nodes`` (each live node's (CPUs, GPUs)) while each node
+    keeps one CPU out of the workers' hands; with ``use_gpu`` only nodes with GPUs count, one worker a GPU."""
+    c = max(1, int(cpus))
+    return sum(
+        (int(n) - 1) // c if not use_gpu else min((int(n) - 1) // c, int(g))
+        for n, g in nodes
+        if n >= 2 and (g >= 1 or not use_gpu)
+    )
+
+
+def resolve_cpus_per_worker(
+    value: float | str, num_workers: int, nodes: list[tuple[float, float]], use_gpu: bool = False
+) -> float:
     """The CPUs each of ``num_workers`` workers asks Ray for: ``value`` itself when it is a number; for ``auto``
-    the most whole CPUs ``c`` with which every worker fits on the nodes (``node_cpus``: each live node's CPUs)
-    while each node keeps one CPU out of the workers' hands, at least 1 (1 on a 2-core machine, 15 on a
-    16-core one, 7 per worker for 2 workers on it).
+    the most whole CPUs with which every worker fits on the nodes (``nodes``: each live node's (CPUs, GPUs); a GPU
+    worker only on a node with a free GPU) while each node keeps one CPU out of the workers' hands
+    (:func:`workers_that_fit`), at least 1: 1 on a 2-core machine, 15 on a 16-core one, 7 per worker for 2 workers
+    on it, 10 for each of 4 GPU workers on a 44-CPU node with 4 GPUs. Where even 1 does not fit yet (an
+    autoscaling cluster before its nodes start), 1.
 
     The spare CPU is what keeps a worker's throughput when the cores are shared: a worker whose torch threads
     span every core waits, at each parallel op, on a thread that the driver, Ray's daemons, a Ray Data read
@@ -186,8 +201,8 @@ def resolve_cpus_per_worker(value: float | str, num_workers: int, node_cpus: lis
     slower at 2 threads than at 1 on a 2-core machine beside CPU-bound neighbours)."""
     if value != "auto":
         return float(value)
-    spare = [int(n) - 1 for n in node_cpus if n >= 2]
-    for c in range(max(spare, default=1), 0, -1):
-        if sum(s // c for s in spare) >= num_workers:
+    most = max((int(n) - 1 for n, g in nodes if g >= 1 or not use_gpu), default=1)
+    for c in range(max(most, 1), 0, -1):
+        if workers_that_fit(c, nodes, use_gpu) >= num_workers:
             return float(c)
     return 1.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, TypedDict
 
@@ -14,7 +15,7 @@ from ambient_ray.config import ConfigError
 from ambient_ray.data.metadata import data_dir
 from ambient_ray.io import storage, tracking
 from ambient_ray.io.checkpoint import export_weights, latest_checkpoint
-from ambient_ray.train.config import EngineConfig, resolve_cpus_per_worker
+from ambient_ray.train.config import EngineConfig, resolve_cpus_per_worker, workers_that_fit
 from ambient_ray.train.prepared import Prepared
 
 
@@ -132,8 +133,16 @@ def fit(
     fs, path = storage.filesystem(storage.join(out, "ray"))
     # cpus_per_worker auto: whole CPUs per worker that fit with one CPU per node to spare; the worker runs as many
     # torch threads as Ray gives it (Worker: setup_threads)
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    cpus = resolve_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers, nodes)
+    nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    cpus = resolve_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers, nodes, cfg.use_gpu)
+    if cfg.cpus_per_worker == "auto" and workers_that_fit(cpus, nodes, cfg.use_gpu) < cfg.num_workers:
+        print(
+            f"train: {cfg.num_workers} workers of {cpus:g} CPU{'' if cpus == 1 else 's'}"
+            + (" and a GPU" if cfg.use_gpu else "")
+            + f" do not fit the cluster's nodes yet ({len(nodes)} alive, one CPU each kept free); Ray Train waits "
+            "for nodes",
+            file=sys.stderr,
+        )
     loop_config = {**loop_config, "cpus_per_worker": cpus}
     datasets = {}
     if columns:  # a run with no dataset (e.g. a distillation, which draws noise, not rows) reads nothing

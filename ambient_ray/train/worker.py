@@ -52,8 +52,8 @@ def worker_cpus(cfg: EngineConfig, config: dict) -> float:
 
 def setup_threads(cpus: float) -> int:
     """The worker's thread setup, in one place: one torch intra-op thread per whole CPU it holds (at least 1);
-    returns that count. The OpenMP wait policy cannot be set here (libgomp reads ``OMP_WAIT_POLICY`` when torch
-    is imported): the driver's reaches every Ray worker (:func:`ambient_ray.io.ray_runtime.worker_env`)."""
+    returns that count. (No OpenMP wait policy is set: benchmarks/threads_under_load.py found PASSIVE slower, quiet
+    and loaded; what keeps a worker's throughput on shared cores is the CPU ``cpus_per_worker: auto`` leaves free.)"""
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     return n

@@ -26,22 +26,14 @@ def human(n: int) -> str:
 
 
 def _entries(uri: str) -> tuple[list[tuple[str, int]], bool]:
-    """(path relative to ``uri``, size) of every file under it, sorted, and whether ``uri`` is itself a file;
-    a ConfigError if nothing is there."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(uri)
-    try:
-        top = fs.get_file_info(path)
-        if top.type == pafs.FileType.NotFound:
-            raise ConfigError(f"{uri}: no such file or folder")
-        if top.type == pafs.FileType.File:
-            return [(os.path.basename(path), top.size or 0)], True
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as e:
-        raise storage._wrap(uri, e) from None
-    files = [(i.path[len(path) :].lstrip("/"), i.size or 0) for i in infos if i.type == pafs.FileType.File]
-    return sorted(files), False
+    """(path relative to ``uri``, size) of every file under it, sorted (hidden and temporary names skipped, as
+    :func:`storage.walk` does), and whether ``uri`` is itself a file; a ConfigError if nothing is there."""
+    size = storage.file_size(uri)
+    if size is not None:
+        return [(os.path.basename(storage.normalize(uri)), size)], True
+    if not storage.is_dir(uri):
+        raise ConfigError(f"{uri}: no such file or folder")
+    return storage.walk(uri), False
 
 
 def ls(uri: str, recursive: bool = False) -> int:
@@ -70,13 +62,13 @@ def get(uri: str, dest: str | None = None) -> int:
     """Copy the file ``uri`` (or every file under the folder ``uri``) to ``dest`` (default: the current folder)."""
     files, single = _entries(uri)
     dest = dest or "."
+    # a folder is copied under its own name; a bucket root (s3://bucket/) under the bucket's
+    folder = os.path.basename(storage.normalize(uri).rstrip("/"))
     for rel, _ in files:
         source = storage.normalize(uri) if single else storage.join(uri, rel)
-        name = os.path.basename(rel) if single else os.path.join(os.path.basename(storage.normalize(uri)), rel)
+        name = os.path.basename(rel) if single else os.path.join(folder, rel)
         into = os.path.isdir(dest) or dest.endswith(("/", os.sep))  # a folder: the file goes in it, by its name
         target = os.path.join(dest, name) if into or not single else dest
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(storage.read_bytes(source))
+        storage.download(source, target)
         print(target)
     return 0
