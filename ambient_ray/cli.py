@@ -34,11 +34,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean bad input (exit 2, message only): a config error, an unusable input dataset
     (:class:`ambient_ray.config.DataError`: missing, no Parquet shards, a column missing), a bad corruption spec,
     an unreachable or refused storage URI, a missing input file. Any other exception is a failure (exit 1)."""
+    from ambient_ray.corruptions import CorruptionError
     from ambient_ray.io.storage import StorageError
 
-    errors: tuple[type[BaseException], ...] = (cfgmod.ConfigError, StorageError, FileNotFoundError)
-    corruptions = sys.modules.get("ambient_ray.corruptions")  # not imported (scipy) for a config error: none raised
-    return errors + (corruptions.CorruptionError,) if corruptions is not None else errors
+    return (cfgmod.ConfigError, CorruptionError, StorageError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------ flags from the config models

@@ -263,6 +263,14 @@ def save_resolved(cfg: BaseModel, out_uri: str, name: str = "config.yaml") -> st
     return uri
 
 
+def get_key(cfg: BaseModel, dotted: str) -> Any:
+    """The value of the dotted key ``dotted`` (``source.dataset``) of a built config."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
     """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (for MLflow params)."""
     data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from ambient_ray.io import shards, storage
-from ambient_ray.io.progress import INTERVAL_S, Progress, on_terminal  # noqa: F401 (re-exported)
+from ambient_ray.io.progress import Progress
 
 LOG_NAME = "ray.log"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
@@ -144,14 +144,11 @@ def _route_worker_output() -> None:
 
 def progress(rows: Iterable[dict], label: str, total: int, unit: str, enabled: bool = True) -> list[dict]:
     """All rows of a Ray Data dataset's iterator (``ds.iter_rows()``), counting them in a progress bar."""
-    bar = Progress(label, total, unit, enabled)
     out: list[dict] = []
-    try:
+    with Progress(label, total, unit, enabled) as bar:
         for row in rows:
             out.append(row)
             bar.update()
-    finally:
-        bar.close()
     return out
 
 

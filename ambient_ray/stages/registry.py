@@ -76,13 +76,11 @@ class Stage:
 
     def check_inputs(self, cfg: Any) -> None:
         """The quick check of the datasets the config names (``reads``)."""
+        from ambient_ray.config import get_key
         from ambient_ray.data.metadata import check_dataset
 
         for key in self.reads:
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            if value:
+            if value := get_key(cfg, key):
                 check_dataset(value)
 
     def add_flags(self, parser: Any) -> None:

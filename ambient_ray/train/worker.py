@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from typing import Literal
 
@@ -37,15 +36,8 @@ from ambient_ray.train.parts import FrozenPart, Part, TrainedPart
 
 
 def worker_cpus(cfg: EngineConfig, config: dict) -> float:
-    """The CPUs Ray gave this worker: its assigned resources inside Ray, else the driver's resolved
-    ``cpus_per_worker`` (the loop config's), else the config's number (1 for ``auto`` outside a driver)."""
-    ray = sys.modules.get("ray")  # a Ray worker has imported it
-    try:
-        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray else None
-    except Exception:  # not in a Ray worker
-        assigned = None
-    if assigned:
-        return float(assigned)
+    """The CPUs Ray gave this worker: the driver's resolved ``cpus_per_worker`` (the loop config's; the driver asks
+    Ray for exactly that many per worker), else the config's number (1 for ``auto`` outside a driver)."""
     resolved = config.get("cpus_per_worker", cfg.cpus_per_worker)
     return 1.0 if resolved == "auto" else float(resolved)
 

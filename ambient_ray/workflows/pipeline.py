@@ -307,10 +307,7 @@ def _run_stage(name: str, scfg, progress: bool) -> dict:
 def _input_of(name: str, scfg) -> str:
     if name == "train" and scfg.init_from:
         return f"{scfg.data} (from the weights of {scfg.init_from})"
-    value: Any = scfg
-    for part in registry.get(SECTIONS[name]).input.split("."):
-        value = getattr(value, part)
-    return str(value)
+    return str(cfgmod.get_key(scfg, registry.get(SECTIONS[name]).input))
 
 
 def _step(head: str, name: str, scfg, fingerprint: str, progress: bool) -> dict:
