@@ -199,6 +199,27 @@ def dit_loss(engine, g):
     return ((d.float() - x0).square() * pm).sum() / pm.sum()
 
 
+def masked_loss_fn(meta: dict):
+    """Ambient Diffusion's loss (seed 003 Eq. 3.2) on a network with a mask channel (``model.mask_input``): random
+    images behind random masks A (p = 0.4), Ã = B⊙A (δ = 0.2) seen, graded on A; captions for the DiT."""
+    from ambient_ray.diffusion import masked
+
+    def step_loss(engine, g):
+        x0, s = torch.randn(16, 1, 8, 8, generator=g), torch.exp(torch.randn(16, generator=g) * 1.2 - 1.2)
+        a = (torch.rand(16, 1, 8, 8, generator=g) >= 0.4).float()
+        seen = masked.further_mask(a, 0.2, g)
+        cond = (torch.randn(16, 8, 32, generator=g), torch.ones(16, 8)) if meta["arch"] == "dit" else ()
+        d = engine(x0 + s[:, None, None, None] * torch.randn(16, 1, 8, 8, generator=g), s, *cond, mask=seen)
+        lam = (s**2 + 0.25) / (0.5 * s) ** 2
+        return (masked.masked_loss(d.float(), x0, a, lam) / 64).mean()
+
+    return step_loss
+
+
+def with_mask_input(meta: dict) -> dict:
+    return {**meta, "model": {**meta["model"], "mask_input": True}}
+
+
 # ------------------------------------------------------------------------------ a task of several parts
 
 
@@ -345,6 +366,10 @@ def stages_loop(config: dict) -> None:
     dit_optim = dict(lr=3e-3, warmup_steps=0, decay="none")
     result.update({f"dit{zero}": engine_steps(DIT_META, zero, dit_optim, 200, dit_loss) for zero in (2, 3)})
     result.update({f"parts{zero}": parts_run(zero, config["parts"]) for zero in (2, 3)})
+    for name, meta in (("edm2", TINY_META), ("dit", DIT_META)):  # issue 32: the networks with a mask channel
+        masked_meta = with_mask_input(meta)
+        optim = edm2_optim if name == "edm2" else dit_optim
+        result[f"{name}_masked3"] = engine_steps(masked_meta, 3, optim, 300, masked_loss_fn(masked_meta))
     if result[0]["rank"] == 0:
         torch.save(result, config["path"])
     ray.train.report({"done": 1})
@@ -589,3 +614,19 @@ def test_a_quality_score_splits_the_data_into_a_fixed_sigma_min_part_and_a_clean
     assert smin[3] == np.float32(0.2) and (smax == 0).all() and "iqa" in origin
     with pytest.raises(ConfigError, match="corrupted_sigma_min"):
         resolve_sigmas(meta, TrainConfig(data="x", out="y", ambient=dict(quality_score="iqa")))
+
+
+@pytest.mark.parametrize("name", ["edm2", "dit"])
+def test_masked_networks_train_under_zero3(stages, name):
+    """The EDM2 U-Net and the DiT with a mask channel (``model.mask_input``) train Ambient Diffusion's loss under
+    ZeRO-3 on 2 workers in the shared run: finite losses, the weights moved, the first layer takes C + 1 channels."""
+    r = stages[f"{name}_masked3"]
+    losses = np.array(r["losses"])
+    print(f"{name} masked ZeRO-3 losses", losses.round(4))
+    assert len(losses) == STEPS and np.isfinite(losses).all()
+    first = r["weights"]["unet.enc.8x8_conv.weight" if name == "edm2" else "net.patchify.weight"]
+    assert first.shape[1] == 1 + 1 + (1 if name == "edm2" else 0)  # image + mask (+ EDM2's channel of ones)
+    torch.manual_seed(0)
+    init = dict(registry.build(with_mask_input(TINY_META if name == "edm2" else DIT_META)).named_parameters())
+    moved = max(float(np.abs(r["weights"][k] - init[k].detach().numpy()).max()) for k in r["weights"])
+    assert moved > 1e-3

@@ -18,6 +18,20 @@ Users add their own corruption with :func:`register`::
         return np.round(x * (levels - 1)) / (levels - 1)
 
 and name its module in the ``plugins`` config list (or ``--plugin``) so workers import it too.
+
+A corruption that hides pixels registers with ``masks=True`` and returns ``(x', mask)``: ``mask`` is
+(N, H, W) (or (N, 1, H, W) or (N, H, W, 1)), nonzero = observed, one value per pixel shared by every
+channel. The caller zeroes the hidden pixels of ``x'`` and the corrupt stage stores the mask as the
+row's ``mask`` column (Ambient Diffusion: the mask is data)::
+
+    @register("left_half", masks=True)
+    def left_half(x, rngs):
+        keep = np.ones(x.shape[:3], bool)
+        keep[:, :, : x.shape[2] // 2] = False
+        return x, keep
+
+Calling a :class:`Corruption` gives the image alone; :meth:`Corruption.run` and :func:`apply_with_masks`
+give the masks too (all ones for a corruption that hides nothing).
 """
 
 from __future__ import annotations
@@ -77,20 +91,22 @@ class CorruptionType:
     name: str
     fn: Callable[..., np.ndarray]
     params: dict[str, Param] = field(default_factory=dict)
+    masks: bool = False  # fn returns (image, mask): the corruption hides pixels and says which
 
 
 _REGISTRY: dict[str, CorruptionType] = {}
 
 
-def register(name: str, **params: Param) -> Callable:
+def register(name: str, masks: bool = False, **params: Param) -> Callable:
     """Decorator: register ``fn(x, rngs, **params) -> x'`` under ``name``.
 
     ``x`` is float32 (N, H, W, C) in [0, 1]; ``rngs`` holds one ``numpy.random.Generator`` per image.
-    The result is clipped to [0, 1] by the caller.
+    The result is clipped to [0, 1] by the caller. With ``masks=True`` the function returns ``(x', mask)``,
+    ``mask`` (N, H, W) with nonzero = observed; the caller sets the hidden pixels of ``x'`` to 0.
     """
 
     def deco(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-        _REGISTRY[name] = CorruptionType(name, fn, dict(params))
+        _REGISTRY[name] = CorruptionType(name, fn, dict(params), bool(masks))
         return fn
 
     return deco
@@ -108,6 +124,7 @@ class Corruption:
     params: tuple[tuple[str, Any], ...]
     # the function travels with the spec, so workers need not have imported the plugin that registered it
     fn: Callable[..., np.ndarray] = field(compare=False, repr=False, default=None)
+    masks: bool = field(compare=False, default=False)
 
     @property
     def spec(self) -> str:
@@ -117,10 +134,33 @@ class Corruption:
         return self.name + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
 
     def __call__(self, x: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+        return self.run(x, rngs)[0]
+
+    def run(self, x: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(corrupted float32 (N, H, W, C) in [0, 1], bool (N, H, W) mask of the observed pixels, or None
+        for a corruption that hides nothing); the hidden pixels of the image are 0."""
         if x.ndim != 4:
             raise ValueError(f"corruption {self.spec}: expected a (N, H, W, C) batch, got shape {x.shape}")
         out = self.fn(x.astype(np.float32, copy=False), rngs, **dict(self.params))
-        return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+        if not self.masks:
+            return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False), None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"corruption {self.spec}: registered with masks=True, must return (image, mask)")
+        out, mask = out
+        mask = _mask_batch(np.asarray(mask), x.shape, self.spec)
+        return (np.clip(out, 0.0, 1.0) * mask[..., None]).astype(np.float32, copy=False), mask
+
+
+def _mask_batch(mask: np.ndarray, shape: tuple[int, ...], spec: str) -> np.ndarray:
+    """A corruption's mask as bool (N, H, W), from (N, H, W), (N, 1, H, W) or (N, H, W, 1)."""
+    n, h, w = shape[:3]
+    if mask.shape == (n, 1, h, w):
+        mask = mask[:, 0]
+    elif mask.shape == (n, h, w, 1):
+        mask = mask[..., 0]
+    if mask.shape != (n, h, w):
+        raise ValueError(f"corruption {spec}: mask of shape {mask.shape} for images of shape {tuple(shape)}")
+    return mask != 0
 
 
 def parse(spec: str) -> Corruption:
@@ -154,7 +194,7 @@ def parse(spec: str) -> Corruption:
             )
         else:
             values[key] = p.default
-    return Corruption(name, tuple(sorted(values.items())), ctype.fn)
+    return Corruption(name, tuple(sorted(values.items())), ctype.fn, ctype.masks)
 
 
 def apply(corruption: Corruption, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
@@ -162,20 +202,31 @@ def apply(corruption: Corruption, images: list[np.ndarray], seeds: list[int]) ->
 
     Returns uint8 images of the same shapes, in order.
     """
+    return apply_with_masks(corruption, images, seeds)[0]
+
+
+def apply_with_masks(
+    corruption: Corruption, images: list[np.ndarray], seeds: list[int]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`apply`, and per image its uint8 (H, W) mask, 1 = observed (all ones for a corruption that
+    hides nothing); a hidden pixel is 0 in every channel of its image."""
     if len(images) != len(seeds):
         raise ValueError("apply: one seed per image is required")
     out: list[np.ndarray | None] = [None] * len(images)
+    masks: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(img.shape, []).append(i)
-    for idx in groups.values():
+    for shape, idx in groups.items():
         batch = np.stack([images[i] for i in idx]).astype(np.float32) / 255.0
         rngs = [np.random.default_rng(seeds[i]) for i in idx]
-        result = corruption(batch, rngs)
+        result, mask = corruption.run(batch, rngs)
         result = np.round(result * 255.0).astype(np.uint8)
+        mask = np.ones((len(idx), *shape[:2]), np.uint8) if mask is None else mask.astype(np.uint8)
         for j, i in enumerate(idx):
             out[i] = result[j]
-    return out  # type: ignore[return-value]
+            masks[i] = mask[j]
+    return out, masks  # type: ignore[return-value]
 
 
 importlib.import_module(f"{__name__}.builtin")  # registers the built-in corruptions

@@ -1,5 +1,9 @@
-"""The built-in corruptions (``ambient-ray corrupt --list-corruptions``): blur, motion blur, JPEG, pixel and
-block masks, additive noise, contrast and colour shifts, each a pure function of (image, spec, row seed)."""
+"""The built-in corruptions (``ambient-ray corrupt --list-corruptions``): blur, motion blur, JPEG, pixel,
+block and box masks, additive noise, contrast and colour shifts, each a pure function of (image, spec, row seed).
+
+The masks (``mask``, ``block_mask``, ``box_mask``) are registered with ``masks=True``: besides the image with
+its hidden pixels set to 0 they return which pixels are observed, which the corrupt stage stores as the row's
+``mask`` column (Ambient Diffusion trains on it)."""
 
 from __future__ import annotations
 
@@ -62,25 +66,45 @@ def _jpeg(x, rngs, quality):
     return out
 
 
-@register("mask", p=Param(float, None, lo=0.0, hi=1.0))
+@register("mask", masks=True, p=Param(float, None, lo=0.0, hi=1.0))
 def _mask(x, rngs, p):
-    """Hide each pixel (all channels) independently with probability ``p`` (set to 0)."""
+    """Hide each pixel (all channels) independently with probability ``p`` (set to 0; one draw per pixel)."""
     keep = np.stack([rng.random(x.shape[1:3]) >= p for rng in rngs])
-    return x * keep[..., None]
+    return x * keep[..., None], keep
 
 
-@register("block_mask", size=Param(int, None, lo=1), count=Param(int, 1, lo=1))
+@register("block_mask", masks=True, size=Param(int, None, lo=1), count=Param(int, 1, lo=1))
 def _block_mask(x, rngs, size, count):
     """Hide ``count`` square blocks of ``size`` pixels at uniformly random positions (set to 0)."""
-    out = x.copy()
+    keep = np.ones(x.shape[:3], bool)
     h, w = x.shape[1:3]
     bh, bw = min(size, h), min(size, w)
     for i, rng in enumerate(rngs):
         for _ in range(count):
             top = int(rng.integers(0, h - bh + 1))
             left = int(rng.integers(0, w - bw + 1))
-            out[i, top : top + bh, left : left + bw, :] = 0.0
-    return out
+            keep[i, top : top + bh, left : left + bw] = False
+    return x * keep[..., None], keep
+
+
+def box_side(size: float, side: int) -> int:
+    """The side in pixels of a box that covers the fraction ``size`` of an image side of ``side`` pixels."""
+    return min(side, max(1, int(round(size * side))))
+
+
+@register("box_mask", masks=True, size=Param(float, 0.5, lo=0.0, lo_open=True, hi=1.0))
+def _box_mask(x, rngs, size):
+    """Hide one box whose sides are the fraction ``size`` of the image's (rounded, at least one pixel), at a
+    uniformly random position: ``size=0.5`` hides a quarter of the image, as the box of Ambient Diffusion's
+    MRI experiments."""
+    keep = np.ones(x.shape[:3], bool)
+    h, w = x.shape[1:3]
+    bh, bw = box_side(size, h), box_side(size, w)
+    for i, rng in enumerate(rngs):
+        top = int(rng.integers(0, h - bh + 1))
+        left = int(rng.integers(0, w - bw + 1))
+        keep[i, top : top + bh, left : left + bw] = False
+    return x * keep[..., None], keep
 
 
 @register("noise", sigma=Param(float, None, lo=0.0))

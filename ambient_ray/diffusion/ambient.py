@@ -403,10 +403,23 @@ def noise_batch(
     return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), index, crop_size)
 
 
-def batch_loss(x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels)."""
+def batch_loss(
+    x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5, observed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels).
+
+    ``observed`` (B, 1, H, W), a row's observed pixels A (Ambient Diffusion, seed 003 Eq. 3.2): only they are
+    graded, and the sum is still divided by the crop's (or image's) C·H·W, not by A's size, as the reference sums
+    over pixels (see :mod:`ambient_ray.diffusion.masked`). A fully observed row's loss is unchanged by it."""
     dev = x0_pred.device
-    per = ambient_loss(x0_pred, b.x_sigma.to(dev), b.x_sigma_n.to(dev), b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
+    x_s, x_n = b.x_sigma.to(dev), b.x_sigma_n.to(dev)
+    if observed is not None:  # where, not a product: an inf or NaN at a hidden pixel reaches neither loss nor grad
+        seen = observed.to(dev).bool()
+        x_s, x_n = torch.where(seen, x_s, torch.zeros_like(x_s)), torch.where(seen, x_n, torch.zeros_like(x_n))
+    per = ambient_loss(x0_pred, x_s, x_n, b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
     m = b.mask.to(dev)
-    per_sample = (per * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)).clamp(min=1) * per.shape[1])
+    graded = per * m
+    if observed is not None:
+        graded = torch.where(seen, graded, torch.zeros_like(graded))
+    per_sample = graded.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)).clamp(min=1) * per.shape[1])
     return per_sample.mean(), per_sample

@@ -109,7 +109,7 @@ def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleLi
     and the bottleneck (ResBlock, attention, ResBlock). Returns (conv_in, enc, mid, skip channels,
     bottleneck channels); the U-Net adds the decoder, the classifier a pooled linear head."""
     mc, g, p = cfg.model_channels, cfg.groups, cfg.dropout
-    conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+    conv_in = nn.Conv2d(cfg.in_channels + int(getattr(cfg, "mask_input", False)), mc, 3, padding=1)
     enc = nn.ModuleList()
     skips = [mc]
     c = mc
@@ -206,9 +206,13 @@ class EDMDenoiser(EDMPrecond):
         self.unet = UNet(cfg)
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.precondition(x, sigma, class_labels)[0]
+        return self.precondition(x, sigma, class_labels, mask=mask)[0]
 
     def network(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         return self.unet(x, c_noise, class_labels)

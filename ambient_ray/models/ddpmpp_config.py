@@ -38,6 +38,11 @@ class UNetConfig(Strict):
     )
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="dropout in the residual blocks")
     label_dim: int = Field(0, ge=0, description="number of classes; 0 = unconditional")
+    mask_input: bool = Field(
+        False,
+        description="Ambient Diffusion on masked data: the network also takes the mask Ã as one more input channel "
+        "(the pixels outside it set to 0), D = net(x, σ, ..., mask=Ã); for train.objective masked, on pixel data",
+    )
     label_dropout: float = Field(
         0.0, ge=0.0, le=1.0, description="probability of dropping a training label (classifier-free guidance)"
     )
@@ -88,4 +93,6 @@ class ClassifierConfig(UNetConfig):
     def _no_labels(self) -> "ClassifierConfig":
         if self.label_dim or self.label_dropout:
             raise ValueError("a classifier is not class-conditional: leave label_dim and label_dropout at 0")
+        if self.mask_input:
+            raise ValueError("a classifier takes no mask channel: leave mask_input false")
         return self

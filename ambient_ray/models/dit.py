@@ -205,7 +205,7 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         w, mw, eps = cfg.width, cfg.mixer_width, cfg.norm_eps
-        self.patchify = nn.Conv2d(cfg.in_channels, w, cfg.patch, stride=cfg.patch)
+        self.patchify = nn.Conv2d(cfg.in_channels + int(cfg.mask_input), w, cfg.patch, stride=cfg.patch)
         side = cfg.img_resolution // cfg.patch
         self.register_buffer("pos", sincos_2d(w, side)[None], persistent=False)
         self.t_embed = mlp(512, w, w, eps, norm=False)
@@ -327,8 +327,8 @@ class DiTDenoiser(EDMPrecond):
         super().__init__(cfg, sigma_data)
         self.net = DiT(cfg)
 
-    def forward(self, x, sigma, captions, caption_mask=None, keep=None):
-        return self.precondition(x, sigma, captions, caption_mask, keep)[0]
+    def forward(self, x, sigma, captions, caption_mask=None, keep=None, mask=None):
+        return self.precondition(x, sigma, captions, caption_mask, keep, mask=mask)[0]
 
     def network(self, x, c_noise, captions, caption_mask, keep):
         return self.net(x, c_noise, captions, caption_mask, keep)

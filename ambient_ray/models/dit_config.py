@@ -25,6 +25,11 @@ class DiTConfig(Strict):
     preset: str | None = Field(None, description=f"a size of the family: {', '.join(PRESETS)}; explicit keys win")
     img_resolution: int = Field(32, ge=2, description="latent side")
     in_channels: int = Field(4, ge=1, description="latent channels")
+    mask_input: bool = Field(
+        False,
+        description="Ambient Diffusion on masked data: the network also takes the mask Ã as one more input channel "
+        "(the pixels outside it set to 0), D = net(x, σ, ..., mask=Ã); for train.objective masked, on pixel data",
+    )
     caption_dim: int = Field(1024, ge=1, description="width of the caption token embeddings")
     caption_tokens: int = Field(77, ge=1, description="caption tokens per row (the text encoder's max length)")
     patch: int = Field(2, ge=1, description="patch side")

@@ -197,7 +197,7 @@ class EDM2UNet(nn.Module):
         self.emb_noise = MPConv(cfg.model_channels, cemb, ())
         self.emb_label = MPConv(cfg.label_dim, cemb, ()) if cfg.label_dim else None
         self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
-        cout = cfg.in_channels + 1  # the input and a channel of ones
+        cout = cfg.in_channels + int(cfg.mask_input) + 1  # the input (and its mask) and a channel of ones
         for level, width in enumerate(widths):
             res = cfg.img_resolution >> level
             if level == 0:
@@ -280,8 +280,9 @@ class EDM2Denoiser(EDMPrecond):
         sigma: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
         return_logvar: bool = False,
+        mask: torch.Tensor | None = None,
     ):
-        d, c_noise = self.precondition(x, sigma, class_labels)
+        d, c_noise = self.precondition(x, sigma, class_labels, mask=mask)
         if not return_logvar:
             return d
         u = self.logvar_linear(self.logvar_fourier(c_noise.float())).float().reshape((-1,) + (1,) * (x.ndim - 1))

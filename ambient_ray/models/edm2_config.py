@@ -49,6 +49,11 @@ class EDM2Config(Strict):
     )
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="dropout in the residual branches")
     label_dim: int = Field(0, ge=0, description="number of classes; 0 = unconditional")
+    mask_input: bool = Field(
+        False,
+        description="Ambient Diffusion on masked data: the network also takes the mask Ã as one more input channel "
+        "(the pixels outside it set to 0), D = net(x, σ, ..., mask=Ã); for train.objective masked, on pixel data",
+    )
     label_dropout: float = Field(0.0, ge=0.0, le=1.0, description="training label dropout (CFG); EDM2 uses 0")
     logvar_channels: int = Field(128, ge=1, description="Fourier features of the learned log-variance head")
     res_balance: float = Field(0.3, ge=0.0, le=1.0, description="mp_sum weight of a residual branch")

@@ -41,8 +41,17 @@ class EDMPrecond(nn.Module):
         """F(c_in·x, c_noise, *extra): ``x`` already scaled and cast to the network's dtype."""
         raise NotImplementedError
 
-    def precondition(self, x: torch.Tensor, sigma: torch.Tensor | float, *extra) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D(x; σ), c_noise), ``extra`` passed on to :meth:`network`."""
+    def precondition(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, *extra, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x; σ), c_noise), ``extra`` passed on to :meth:`network`.
+
+        A network of masked data (``config.mask_input``; Ambient Diffusion, seed 003 Sec. 3.1) takes ``mask``
+        Ã (N, 1, H, W) or (N, H, W), 1 = seen: every pixel of x outside Ã is set to exactly 0 (``where``, so a
+        NaN there cannot leak), F sees (c_in·(Ã⊙x), Ã) and the skip term is c_skip·(Ã⊙x). The mask channel is
+        *not* scaled by c_in, unlike the reference code (which preconditions all 2C channels alike): 0/1 says
+        "seen" the same way at every σ, and σ reaches F through c_noise already. ``mask`` None on such a
+        network means every pixel seen (Ã = 1)."""
         dtype = torch.promote_types(x.dtype, torch.float32) if self.wide else torch.float32
         sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1)
         if sigma.numel() == 1:
@@ -50,6 +59,24 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
         view = (-1,) + (1,) * (x.ndim - 1)
         x_wide = x.to(dtype)
-        f = self.network((c_in.view(view) * x_wide).to(self.get_parameter(self.dtype_param).dtype), c_noise, *extra)
+        net_dtype = self.get_parameter(self.dtype_param).dtype
+        if getattr(self.config, "mask_input", False):
+            m = torch.ones_like(x_wide[:, :1]) if mask is None else seen_channel(mask, x_wide)
+            x_wide = torch.where(m.bool(), x_wide, torch.zeros_like(x_wide))
+            x_in = torch.cat([c_in.view(view) * x_wide, m], dim=1).to(net_dtype)
+        elif mask is not None:
+            raise ValueError("this network takes no mask (build it with model.mask_input: true)")
+        else:
+            x_in = (c_in.view(view) * x_wide).to(net_dtype)
+        f = self.network(x_in, c_noise, *extra)
         d = c_skip.view(view) * x_wide + c_out.view(view) * f.to(dtype)
         return d.to(dtype if self.wide else x.dtype), c_noise
+
+
+def seen_channel(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A mask (N, H, W), (N, 1, H, W) or (1, H, W) broadcastable, as an (N, 1, H, W) 0/1 channel in ``like``'s
+    dtype and device; a ValueError where it does not fit ``like`` (N, C, H, W)."""
+    m = mask if mask.dim() == like.dim() else mask.unsqueeze(1)
+    if m.dim() != like.dim() or m.shape[1] != 1 or m.shape[-2:] != like.shape[-2:] or m.shape[0] not in (1, len(like)):
+        raise ValueError(f"a mask of shape {tuple(mask.shape)} does not fit images of shape {tuple(like.shape)}")
+    return (m != 0).to(device=like.device, dtype=like.dtype).expand(len(like), -1, -1, -1)

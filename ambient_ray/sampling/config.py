@@ -1,7 +1,8 @@
 """The ``sampler:`` config section: which registered sampler (``name``) and its knobs.
 
 Its flags (``--sampler``, ``--steps``, ``--stochastic``, ``--guidance``, ``--guide``) are those of the sample
-stage, whose config holds this section; the training grids build one from their own keys.
+stage, whose config holds this section; the training grids build one from their own keys. The knobs of one
+sampler only (``guide``, ``mask_density``, ...) say so in their descriptions.
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ class SamplerConfig(Strict):
         json_schema_extra=flag("--guide"),
     )
     guide_weights: Literal["ema", "raw"] = Field("ema", description="autoguidance: the guide's weights")
+    mask_density: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fixed-mask, reconstruction-guidance: the fraction of pixels a mask keeps (default: the "
+        "model's, meta.masked.density in its model.json: (1 - p)(1 - δ), the density of the training masks Ã)",
+    )
+    guidance_masks: int = Field(
+        4,
+        ge=2,
+        description="reconstruction-guidance: masks per image, the fixed one included (the paper: 4; each extra "
+        "mask is one more prediction per step, with its backward)",
+    )
+    guidance_weight: float = Field(
+        5e-4,
+        ge=0,
+        description="reconstruction-guidance: the weight w of the consistency gradient "
+        "w·∇½Σ_k‖D(x; Ã_1) − D(x; Ã_k)‖², constant in σ (the paper: 5e-4)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -50,9 +50,10 @@ def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
     png = plots.coverage_plot(cov["donut"], title=f"σ coverage (λ_max={cfg.ambient.lambda_max})")
     storage.write_bytes(storage.join(out, "coverage.png"), png)
     files = {"coverage.png": png, "coverage.json": json.dumps(cov).encode()}
-    for name, part in cov.get("sources", {}).items():  # each source's donut
+    for name, part in cov.get("sources", {}).items():  # each source's (or row kind's) donut
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-        files[f"coverage_{safe}.png"] = p = plots.coverage_plot(part["donut"], title=f"σ coverage of source {name}")
+        group = cov.get("group", "source")
+        files[f"coverage_{safe}.png"] = p = plots.coverage_plot(part["donut"], title=f"σ coverage of {group} {name}")
         storage.write_bytes(storage.join(out, f"coverage_{safe}.png"), p)
     if cfg.sample_grid:
         net, kw, sampler = load(storage.join(out, "model"), "denoiser"), {}, SamplerConfig()  # EDM's Heun sampler

@@ -210,6 +210,7 @@ def train(
     cfgmod.save_resolved(cfg, out)
     size = {"world_size": cfg.num_workers, "global_batch": cfg.batch_size * cfg.optim.grad_accum * cfg.num_workers}
     params = {**cfgmod.flatten(cfg), **size, **(costs.params(size["global_batch"]) if costs else {})}
+    params.update(prepared.params)
     run_id, uri = tracking.start_run(cfg.mlflow, out, params=params, tags={"stage": stage, **prepared.tags})
     print(prepared.headline + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"))
     loop_config = {"cfg": cfg.model_dump(mode="json"), "objective": cfg.objective, "data": prepared.rows}

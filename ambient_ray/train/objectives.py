@@ -77,6 +77,12 @@ def _ambient_task(cfg: Any, rows: Any) -> loop.Task:
     return AmbientTask(cfg, rows)
 
 
+def _masked_task(cfg: Any, rows: Any) -> loop.Task:
+    from ambient_ray.train.tasks.masked import MaskedTask
+
+    return MaskedTask(cfg, rows)
+
+
 def _classifier_task(cfg: Any, rows: Any) -> loop.Task:
     from ambient_ray.train.tasks.classifier import ClassifierTask
 
@@ -91,6 +97,17 @@ OBJECTIVES.register(
         prepare=denoiser_data.prepare,
         task=_ambient_task,
         help="Ambient-o's loss (Eq. 3.2-3.3): x0 prediction mapped to x_{σ_min}, each row above its σ_min buffer",
+    ),
+)
+OBJECTIVES.register(
+    "masked",
+    Objective(
+        stage="train",
+        config=denoiser_config.TrainConfig,
+        prepare=denoiser_data.prepare,
+        task=_masked_task,
+        help="Ambient Diffusion on masked rows (seed 003 Eq. 3.2): Ã = B⊙A seen, graded on all of A; clean and "
+        "σ_min-annotated rows in the same run with their own loss",
     ),
 )
 OBJECTIVES.register(

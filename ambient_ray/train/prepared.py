@@ -15,7 +15,8 @@ class Prepared:
     the typed ``rows`` every worker's task gets (the loop config's ``data``), the dataset columns the workers read
     (none: a run without a dataset), the MLflow tags, the headline printed at the start, the summary's extra keys,
     the lazy steps of a streamed dataset, the model's costs (parameters, FLOPs per image) for MLflow, and the
-    ``model.json`` of every other trained part by name (a resume is checked against each)."""
+    ``model.json`` of every other trained part by name (a resume is checked against each), and MLflow params
+    measured on the data."""
 
     meta: dict
     rows: Any
@@ -26,3 +27,4 @@ class Prepared:
     stream: Callable | None = None
     costs: perf.Costs | None = None
     parts: dict[str, dict] = dataclasses.field(default_factory=dict)
+    params: dict = dataclasses.field(default_factory=dict)  # more MLflow params (the run's config is logged anyway)

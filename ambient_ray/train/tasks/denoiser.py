@@ -57,9 +57,11 @@ class DenoiserTask:
             per_row["source"] = rows.source
         lat, cap = rows.latents, rows.captions
         tensor = ("latent", lat["latent_shape"]) if lat else None
-        columns = {"caption_emb": cap["emb_shape"], "caption_mask": cap["emb_shape"][:1]} if cap else None
+        columns = {"caption_emb": cap["emb_shape"], "caption_mask": cap["emb_shape"][:1]} if cap else {}
+        columns.update(self.extra_columns())
         label_dim = getattr(cfg.model, "label_dim", 0)
-        _, held, cols, self.labels = load_rank_rows(w.rank, w.world, per_row, label_dim, tensor, columns)
+        self.ids, held, cols, self.labels = load_rank_rows(w.rank, w.world, per_row, label_dim, tensor, columns)
+        self.columns = cols
         self.captions = (cols["caption_emb"], cols["caption_mask"]) if cap else None
         self.source = cols.get("source")
         # uint8 images, or latents (mean, std) drawn afresh at every use
@@ -167,8 +169,13 @@ class DenoiserTask:
                 self.val = picks[0]
                 self.val_rows = torch.arange(cfg.val_rows)
 
+    def extra_columns(self) -> dict[str, list[int]]:
+        """More tensor columns an objective reads per row, ``{name: shape}`` (in memory: ``self.columns[name]``)."""
+        return {}
+
     def setup_sources(self) -> None:
-        """Per-source counters (data of several ``source`` values): loss, draws and σ coverage per source."""
+        """Per-source counters (data of several ``source`` values, or of several row kinds: ``rows.group``): loss,
+        draws and σ coverage per source."""
         names = self.rows.sources
         edges = self.sampler.coverage.edges
         self.source_cov = [ambient.Coverage(edges) for _ in names]
@@ -294,9 +301,10 @@ class DenoiserTask:
             s_loss, s_n, per = tot[: len(names)], tot[len(names) : 2 * len(names)], tot[2 * len(names) :]
             for k, name in enumerate(names):
                 d, full, crop = per[k * 3 * nb : (k + 1) * 3 * nb].long().split(nb)
+                group = self.rows.group
                 if s_n[k] > 0:
-                    extra[f"loss_source_{name}"] = float(s_loss[k] / s_n[k])
-                extra[f"draws_source_{name}"] = float(s_n[k])
+                    extra[f"loss_{group}_{name}"] = float(s_loss[k] / s_n[k])
+                extra[f"draws_{group}_{name}"] = float(s_n[k])
                 if k < len(self.source_views) and self.source_views[k] is not None:
                     vc = self.source_views[k].coverage
                     vc.draws, vc.full_draws, vc.crop_draws = d, full, crop
@@ -413,6 +421,7 @@ class DenoiserTask:
         v = self.view
         cov = {"donut": v.donut(), "redraws": v.coverage.redraws, "rows": v.n}
         if self.source_views:  # each source's donut: its own eligible rows, and the draws paired with them
+            cov["group"] = self.rows.group
             cov["sources"] = {
                 name: {"donut": sv.donut(), "rows": sv.n}
                 for name, sv in zip(self.rows.sources, self.source_views)

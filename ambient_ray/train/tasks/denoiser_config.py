@@ -72,6 +72,24 @@ class TextConfig(Strict):
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance weight of the periodic grids")
 
 
+class MaskedConfig(Strict):
+    """Ambient Diffusion on masked data (``objective: masked``; seed paper 003, Sec. 3.1 and Eq. 3.2;
+    docs/stages/train.md, "Masked data")."""
+
+    delta: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="δ: each observed pixel of a masked row is hidden again with probability δ (Ã = B⊙A, "
+        "B ~ Bernoulli(1 − δ)) and graded all the same; 0 = the naive objective (the paper: 0.1, 0.3 at p = 0.9)",
+    )
+    fixed_per_row: bool = Field(
+        False,
+        description="draw Ã once per row (from the run's seed and the row's id: the reference code's way) "
+        "instead of afresh at every use (the theory's way, the default)",
+    )
+
+
 class TrainConfig(EngineConfig):
     """Config of ``ambient-ray train`` (the engine's keys, plus the model, the objective and its sections)."""
 
@@ -79,7 +97,8 @@ class TrainConfig(EngineConfig):
     objective: str = Field(
         "ambient",
         description="the training objective (ambient_ray.train.objectives): ambient, Ambient-o's loss (Eq. 3.2-3.3 "
-        "with the buffer of Eq. D.2); 'ambient-ray train --help' lists every registered one",
+        "with the buffer of Eq. D.2); masked, Ambient Diffusion on masked rows (seed 003 Eq. 3.2), every other row "
+        "with its own loss; 'ambient-ray train --help' lists every registered one",
         json_schema_extra=flag("--objective", "the training objective (ambient: Ambient-o's loss)"),
     )
 
@@ -95,3 +114,4 @@ class TrainConfig(EngineConfig):
     val_rows: int = Field(64, ge=1, description="with report_every: clean rows per worker for the validation loss")
     stream: StreamConfig = Field(default_factory=StreamConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    masked: MaskedConfig = Field(default_factory=MaskedConfig)

@@ -175,6 +175,46 @@ class DenoiserRows:
     sigma_max: dict[str, float] | None = None  # in memory: σ_max per id (0: no crops annotation)
     source: dict[str, int] | None = None  # in memory, with sources: each id's index in ``sources``
     stream: dict | None = None  # streamed: the strata's edges and dataset-wide counts (:func:`strata_counts`)
+    group: str = "source"  # what ``sources`` name: values of the 'source' column, or row kinds (objective masked)
+    masks: dict | None = None  # objective masked: {"shape": [1, H, W] or None (no mask column), "meta": ...}
+
+
+KINDS = ("clean", "annotated", "masked")  # the row kinds of one masked run, each trained by its own loss
+
+
+def mask_kinds(cfg: TrainConfig, meta, smin: np.ndarray, latents: dict | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Objective masked: each row's observed fraction (the mean of its mask A; 1 without a mask) and kind (an index
+    of :data:`KINDS`: masked where A hides a pixel, else annotated where σ_min > 0, else clean), and whether the
+    data has a ``mask`` column. Masks are pixel masks: latent data is refused."""
+    import pyarrow.parquet as pq
+
+    from ambient_ray.data import schema
+    from ambient_ray.data.metadata import parquet_files, read_schema_names
+
+    if latents:
+        raise ConfigError(
+            f"config key 'objective': masked trains on pixel data, and {cfg.data} holds VAE latents; a pixel mask has "
+            "no exact latent counterpart (a latent mixes every pixel of its patch), so train the masked objective on "
+            "the corrupt stage's pixel output"
+        )
+    frac = {}
+    has_column = False
+    for f in parquet_files(cfg.data):
+        if "mask" not in read_schema_names(f):
+            continue
+        has_column = True
+        fs, path = storage.filesystem(f)
+        table = pq.read_table(path, filesystem=fs, columns=["id", "mask"])
+        spec = schema.specs_of(table.schema).get("mask")
+        if spec is None:
+            raise ConfigError(
+                f"{f}: column 'mask' is not a tensor column (uint8 0/1, (1, H, W)): run it through corrupt"
+            )
+        a = schema.to_numpy(table.column("mask"), spec).reshape(table.num_rows, -1)
+        frac.update(zip(table.column("id").to_pylist(), (a != 0).mean(axis=1).tolist()))
+    observed = meta["id"].map(frac).fillna(1.0).to_numpy(dtype=np.float64)
+    kind = np.where(observed < 1.0, 2, np.where(smin > 0, 1, 0))
+    return observed, kind, has_column
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -209,20 +249,65 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if len(sources) > 1:  # per-source loss, draws and donut
             code = {name: i for i, name in enumerate(sources)}
             rows.source = dict(zip(ids, meta["source"].map(code).fillna(-1).astype(int).tolist()))
-    how = "streamed" if streaming else "in memory"
+    params, tags = {}, {"sigma_min": origin, "space": space, "data_path": how_of(streaming)}
+    if cfg.objective == "masked":
+        observed, kind, has_column = mask_kinds(cfg, meta, smin, latents)
+        if streaming:
+            raise ConfigError(
+                "config key 'stream.mode': the masked objective reads its rows in memory (every worker holds its "
+                "share and its masks); set --data-path memory"
+            )
+        given = cfg.model.model_fields_set
+        if "mask_input" in given and not cfg.model.mask_input:
+            raise ConfigError("config key 'model.mask_input': the masked objective's network takes the mask; drop it")
+        cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "mask_input": True})
+        n_kind = {name: int((kind == k).sum()) for k, name in enumerate(KINDS)}
+        masked = kind == 2
+        frac = float(observed[masked].mean()) if masked.any() else 1.0
+        delta = cfg.masked.delta
+        rows.masks = {
+            "shape": [1, *shape_of(cfg.model)] if has_column else None,
+            "meta": {"delta": delta, "observed_fraction": frac, "density": frac * (1 - delta) if masked.any() else 1.0},
+        }
+        present = [name for name, n in n_kind.items() if n]
+        if len(present) > 1:  # per-kind loss, draws and donut (in place of per-source ones)
+            rows.group, rows.sources = "kind", present
+            code = {KINDS.index(name): i for i, name in enumerate(present)}
+            rows.source = dict(zip(ids, [code[int(k)] for k in kind]))
+        if has_column:
+            columns.append("mask")
+        params = {"mask_observed_fraction": round(frac, 6), **{f"rows_{k}": v for k, v in n_kind.items()}}
+        tags["row_kinds"] = ", ".join(f"{v} {k}" for k, v in n_kind.items() if v)
+        origin += (
+            f"; masked objective, δ={delta:g}: "
+            + tags["row_kinds"]
+            + (f" (masked rows observe {frac:.1%} of their pixels)" if masked.any() else "; no masked row")
+        )
+    how = how_of(streaming)
     model = model_meta(cfg, latents)
+    if rows.masks:
+        model["masked"] = rows.masks["meta"]
     return Prepared(
         meta=model,
         rows=rows,
         columns=columns,
-        tags={"sigma_min": origin, "space": space, "data_path": how},
+        tags={**tags, "sigma_min": origin},
         headline=f"train: {len(meta)} rows"
         + (f" with {cfg.rows}" if cfg.rows else "")
         + f" ({origin}; {space}; {how})",
         extra={"rows": len(meta), "sigma_min": origin},
         stream=(lambda ds: with_sigmas(ds, cfg)) if streaming else None,
         costs=denoiser_costs(model, cfg.text.mask_ratio) if cfg.mlflow.enabled else None,
+        params=params,
     )
+
+
+def how_of(streaming: bool) -> str:
+    return "streamed" if streaming else "in memory"
+
+
+def shape_of(model) -> list[int]:
+    return [model.img_resolution, model.img_resolution]
 
 
 def model_meta(cfg: TrainConfig, latents: dict | None = None) -> dict:
