@@ -221,6 +221,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """The driver side of a denoiser objective, before any worker starts: the rows (the ``rows`` filter), the
     crop table, the σ annotations (:func:`resolve_sigmas`), the network's interface from the data, in memory or
     streamed; the run's description for the MLflow run and the progress line."""
+    no_mask = "mask_input" in cfg.model.model_fields_set and not cfg.model.mask_input  # set false by the user
     meta = load_metadata(cfg.data, (cfg.ambient.quality_score,) if cfg.ambient.quality_score else ())
     if cfg.rows:
         meta = meta[match(meta, cfg.rows)].reset_index(drop=True)
@@ -257,8 +258,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                 "config key 'stream.mode': the masked objective reads its rows in memory (every worker holds its "
                 "share and its masks); set --data-path memory"
             )
-        given = cfg.model.model_fields_set
-        if "mask_input" in given and not cfg.model.mask_input:
+        if no_mask:
             raise ConfigError("config key 'model.mask_input': the masked objective's network takes the mask; drop it")
         cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "mask_input": True})
         n_kind = {name: int((kind == k).sum()) for k, name in enumerate(KINDS)}
