@@ -57,6 +57,8 @@ def artifacts(cfg: TrainConfig, out: str, ckpt: str) -> dict[str, bytes]:
         storage.write_bytes(storage.join(out, f"coverage_{safe}.png"), p)
     if cfg.sample_grid:
         net, kw, sampler = load(storage.join(out, "model"), "denoiser"), {}, SamplerConfig()  # EDM's Heun sampler
+        if net.meta.get("masked"):  # a network of masked data: the fixed-mask sampler (seed 003 Eq. 3.3)
+            sampler = SamplerConfig(name="fixed-mask")
         if registry.takes_captions(cfg.model.arch) and cfg.text.prompts:  # else the null caption, unguided
             kw = {"captions": encode_prompts(net.meta, cfg.text.prompts)}
             sampler = SamplerConfig(name="classifier-free", guidance=cfg.text.guidance)

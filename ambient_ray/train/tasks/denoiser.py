@@ -385,6 +385,8 @@ class DenoiserTask:
             self.decode = latent_decoder(meta)
         c = self.cfg
         kw, sampler = {}, SamplerConfig(steps=c.grid_sampler_steps)  # EDM's Heun sampler
+        if meta.get("masked"):  # a network of masked data samples behind masks at Ã's density (seed 003 Eq. 3.3)
+            sampler = SamplerConfig(name="fixed-mask", steps=c.grid_sampler_steps)
         if self.rows.captions:  # the fixed prompts (or the first rows' captions), with CFG
             kw = {"captions": self.grid_captions(meta)}
             sampler = SamplerConfig(name="classifier-free", steps=c.grid_sampler_steps, guidance=c.text.guidance)
