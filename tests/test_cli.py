@@ -100,6 +100,12 @@ FLAGS = {
         | {"sampler.name": "autoguidance", "sampler.guide": "/g", "sampler.guidance": 1.5}
         | {"prompts": ["a digit one", "a digit two"]},
     ),
+    "inpaint": (
+        ["--data", "/d", "--model", "/m", "--out", "/o", "--mode", "mean", "--sigma", "0.05", "--steps", "9"]
+        + ["--seed", "4", "--batch-size", "8", "--class-label", "2", "--pngs"],
+        {"data": "/d", "model": "/m", "out": "/o", "mode": "mean", "sigma": 0.05, "steps": 9, "seed": 4}
+        | {"batch_size": 8, "class_label": 2, "pngs": True},
+    ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],
         {"run": "/r", "std": 0.075, "at": 120, "out": "/o", "profiles": [0.05, 0.1]},

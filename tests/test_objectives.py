@@ -15,7 +15,7 @@ STAGE_OF = {"train": TrainConfig, "train-classifier": ClassifierTrainConfig}
 
 
 def test_every_objective_belongs_to_a_training_stage_and_its_config():
-    assert objectives.names("train") == ["ambient"] and objectives.names("train-classifier") == ["classifier"]
+    assert objectives.names("train") == ["ambient", "masked"] and objectives.names("train-classifier") == ["classifier"]
     for name, o in objectives.OBJECTIVES.items():
         assert o.config is STAGE_OF[o.stage], name
         assert o.config.model_fields["objective"].default in objectives.names(o.stage)

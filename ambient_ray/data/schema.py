@@ -33,6 +33,10 @@ Casts: a float spec takes any float, integer or bool values (float64 to float32 
 the target's range, e.g. 1e5 for float16, is refused); an integer or bool spec takes only integer or
 bool values, in range (and 0/1 for bool): floats are never rounded into integers. Rows in = rows out +
 rows quarantined, always. Pure pyarrow and numpy: no Ray here.
+
+The ``mask`` column's own helpers (the masking corruptions write it for every row of a dataset with masks;
+users bring their own; :func:`ambient_ray.data.masks.masks_of` reads it as (N, 1, H, W), all ones where a row
+or the dataset has none) are in :mod:`ambient_ray.data.masks`.
 """
 
 from __future__ import annotations
@@ -321,7 +325,7 @@ def _decode(col: Any, spec: TensorSpec) -> tuple[np.ndarray | None, list[str | N
     if not (pa.types.is_integer(leaf.type) or pa.types.is_floating(leaf.type) or pa.types.is_boolean(leaf.type)):
         return None, [r or f"values of type {leaf.type} are not numeric" for r in reasons]
     if leaf.null_count:
-        nulls = leaf.is_null().to_numpy(zero_copy_only=False).reshape(n, -1).sum(1)
+        nulls = leaf.is_null().to_numpy(zero_copy_only=False).reshape(n, spec.size).sum(1)
         reasons = [r or (_plural(int(k), "missing value") if k else None) for r, k in zip(reasons, nulls)]
         leaf = leaf.fill_null(0)
     return leaf.to_numpy(zero_copy_only=False).reshape((n, *spec.shape)), reasons
@@ -335,7 +339,7 @@ def _check(x: np.ndarray | None, spec: TensorSpec) -> tuple[np.ndarray | None, l
     problem = _dtype_problem(x.dtype, spec)
     if problem:
         return np.zeros((n, *spec.shape), spec.dtype), [problem] * n
-    flat = x.reshape(n, -1)
+    flat = x.reshape(n, spec.size)
     target = np.dtype(spec.dtype)
     found: list[list[str]] = [[] for _ in range(n)]
 

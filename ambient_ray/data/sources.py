@@ -8,6 +8,13 @@ and ``source``; :func:`decode` turns it into a validated uint8 (H, W, C) array o
 quarantine it. :func:`read` gives any source as a Ray Dataset of the stored schema
 (docs/design/notes.md, "The stored schema").
 
+Users' own masks (Ambient Diffusion's observed pixels, :mod:`ambient_ray.data.masks`): an image folder's
+``NAME.mask.png`` beside ``NAME.png`` (or ``NAME.jpg``), a WebDataset member ``KEY.mask.png``, or a Parquet
+``mask`` column (a tensor or list column of 0/1, or PNG bytes). A record then carries ``mask`` (the raw value)
+and ``mask_where`` (which file, column and row, for the quarantine's reason); :func:`decode_masked` checks it
+against the image and resizes it with the image. A source's ``has_masks`` says, after ``list_items()``,
+whether any of its rows may carry one.
+
 Built-ins: ``digits`` (scikit-learn, 1,797 8x8 grey), ``faces`` (scikit-image ``lfw_subset``, 200
 25x25 grey), ``photos`` (crops of scikit-image's bundled photographs, RGB, for out-of-distribution
 use).
@@ -29,6 +36,7 @@ from pydantic import Field
 
 from ambient_ray.config import Strict, flag
 from ambient_ray.data.images import decode_png, encode_png, resize_square
+from ambient_ray.data.masks import MASK, MASK_SUFFIX, check_mask, mask_cells, resize_mask
 from ambient_ray.data.metadata import FILTER_FIELDS, match, parquet_files, read_schema_names
 from ambient_ray.io import storage
 
@@ -154,6 +162,7 @@ class Source:
     """Base class: ``list_items`` and ``load``; subclasses are picklable (sent to Ray tasks)."""
 
     name: str
+    has_masks: bool = False  # set by list_items(): some rows may carry a user's mask
 
     def list_items(self) -> list[tuple[str, Any]]:
         raise NotImplementedError
@@ -204,17 +213,30 @@ def builtin_caption(name: str, label: int | None) -> str:
     return {"faces": "a photo of a face", "photos": "a crop of a photograph"}[name]
 
 
+def mask_name(rel: str) -> str:
+    """The mask file of image ``rel`` in an image folder: ``a/NAME.png`` (or ``.jpg``, ``.jpeg``) ->
+    ``a/NAME.mask.png``."""
+    return rel[: rel.rfind(".")] + MASK_SUFFIX
+
+
 class FolderSource(Source):
-    """PNG/JPEG files under a folder; a first-level sub-folder name is the class (label = its index)."""
+    """PNG/JPEG files under a folder; a first-level sub-folder name is the class (label = its index).
+
+    A file ``NAME.mask.png`` is not an image but the mask of ``NAME.png`` / ``NAME.jpg`` beside it."""
 
     def __init__(self, uri: str):
         self.uri = storage.normalize(uri)
         self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
         self.classes: list[str] = []
+        self.masks: dict[str, str] = {}  # image -> its mask file
 
     def list_items(self):
         files = storage.list_files(self.uri, IMAGE_SUFFIXES)
         rels = [f[len(self.uri) :].lstrip("/") for f in files]
+        masks = {r.lower(): r for r in rels if r.lower().endswith(MASK_SUFFIX)}
+        rels = [r for r in rels if not r.lower().endswith(MASK_SUFFIX)]
+        self.masks = {r: masks[mask_name(r).lower()] for r in rels if mask_name(r).lower() in masks}
+        self.has_masks = bool(self.masks)
         if rels and all("/" in r for r in rels):
             self.classes = sorted({r.split("/", 1)[0] for r in rels})
         return [(r, r) for r in rels]
@@ -225,14 +247,19 @@ class FolderSource(Source):
             label = self.classes.index(rel.split("/", 1)[0]) if self.classes else None
             try:
                 data = storage.read_bytes(storage.join(self.uri, rel))
-                out.append({"image": data, "label": label, "caption": None, "source": self.name})
+                rec = {"image": data, "label": label, "caption": None, "source": self.name}
+                if rel in self.masks:
+                    rec["mask"] = storage.read_bytes(storage.join(self.uri, self.masks[rel]))
+                    rec["mask_where"] = f"file {self.masks[rel]}"
+                out.append(rec)
             except OSError as e:
                 out.append({"error": f"cannot read {rel}: {e}", "image": b"", "source": self.name})
         return out
 
 
 class WebDatasetSource(Source):
-    """WebDataset-style tar shards: members ``KEY.png|jpg|jpeg`` with optional ``KEY.cls`` and ``KEY.txt``."""
+    """WebDataset-style tar shards: members ``KEY.png|jpg|jpeg`` with optional ``KEY.cls``, ``KEY.txt`` and
+    ``KEY.mask.png`` (the image's mask)."""
 
     def __init__(self, uri: str):
         self.uri = storage.normalize(uri)
@@ -261,8 +288,9 @@ class WebDatasetSource(Source):
         items = []
         for t in self._tars():
             rel = t[len(self.uri) :].lstrip("/") or t.rsplit("/", 1)[-1]
-            for key in self._members(t):
+            for key, g in self._members(t).items():
                 items.append((f"{rel}:{key}", (t, key)))
+                self.has_masks = self.has_masks or MASK_SUFFIX[1:] in g
         return items
 
     def load(self, locators):
@@ -289,12 +317,17 @@ class WebDatasetSource(Source):
                 for e in ("txt", "caption"):
                     if e in g:
                         rec["caption"] = g[e].decode(errors="replace")
+                if MASK_SUFFIX[1:] in g:
+                    rec["mask"] = g[MASK_SUFFIX[1:]]
+                    rec["mask_where"] = f"tar {t} member {key}{MASK_SUFFIX}"
                 out[i] = rec
         return out
 
 
 class ParquetSource(Source):
-    """Parquet shards with an ``image`` column of encoded bytes (the stored schema, docs/design/notes.md)."""
+    """Parquet shards with an ``image`` column of encoded bytes (the stored schema, docs/design/notes.md) and
+    an optional ``mask`` column: a tensor or list column of 0/1 ((1, H, W), (H, W) or (H, W, 1)), or PNG bytes;
+    a null mask hides nothing."""
 
     def __init__(self, uri: str):
         self.uri = storage.normalize(uri)
@@ -319,6 +352,7 @@ class ParquetSource(Source):
         items = []
         for f in self._files():
             rel = f[len(self.uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
+            self.has_masks = self.has_masks or MASK in read_schema_names(f, ("image",))
             t = self._read(f, ["id"])
             ids = t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows
             for row, rid in enumerate(ids):
@@ -331,15 +365,21 @@ class ParquetSource(Source):
             by_file[f].append(i)
         out: list[dict] = [{}] * len(locators)
         for f, idx in by_file.items():
-            t = self._read(f, ["image", "label", "caption", "source"])
-            rows = t.take([locators[i][1] for i in idx]).to_pylist()
-            for i, r in zip(idx, rows):
+            t = self._read(f, ["image", "label", "caption", "source", MASK])
+            t = t.take([locators[i][1] for i in idx])
+            masks = mask_cells(t.column(MASK)) if MASK in t.column_names else None
+            rows = t.drop_columns([MASK] if masks is not None else []).to_pylist()
+            rel = f[len(self.uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
+            for k, (i, r) in enumerate(zip(idx, rows)):
                 out[i] = {
                     "image": r.get("image") or b"",
                     "label": r.get("label"),
                     "caption": r.get("caption"),
                     "source": r.get("source") or self.name,
                 }
+                if masks is not None and masks[k] is not None:
+                    out[i]["mask"] = masks[k]
+                    out[i]["mask_where"] = f"column {MASK!r}, row {locators[i][1]} of {rel}"
         return out
 
 
@@ -391,6 +431,41 @@ def list_items(source: Source, cfg: SourceConfig) -> list[tuple[str, Any]]:
 
 def decode(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, str | None]:
     """A record's image as validated uint8 (H, W, C), or ``(None, reason)`` to quarantine it."""
+    arr, err = _decode_image(record)
+    if err:
+        return None, err
+    return _normalise(arr, cfg), None
+
+
+def decode_masked(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """:func:`decode`, and the record's own mask as uint8 (H, W), 1 = observed (None if it has none or hides
+    nothing): ``(image, mask, None)`` or ``(None, None, reason)``.
+
+    The mask is checked against the image as read (its H x W; values 0/1, or 0/255 for a PNG), then goes
+    through the same centre crop and resize (a pixel stays observed only where every source pixel under it
+    is); the image's hidden pixels are set to 0."""
+    arr, err = _decode_image(record)
+    if err:
+        return None, None, err
+    raw = record.get("mask")
+    mask = None
+    if raw is not None and not (isinstance(raw, (bytes, bytearray)) and not raw):
+        mask, problem = check_mask(raw, arr.shape[:2])
+        if problem:
+            return None, None, f"mask ({record.get('mask_where') or f'column {MASK!r}'}): {problem}"
+        if mask.all():
+            mask = None
+    if mask is not None:
+        arr = arr * mask[..., None]
+    arr = _normalise(arr, cfg)
+    if mask is not None and arr.shape[:2] != mask.shape:
+        mask = resize_mask(mask, arr.shape[0])
+        arr = arr * mask[..., None]
+    return arr, mask, None
+
+
+def _decode_image(record: dict) -> tuple[np.ndarray | None, str | None]:
+    """A record's image as uint8 (H, W, C) with 1 or 3 channels, as stored (no conversion, no resize)."""
     if record.get("error"):
         return None, record["error"]
     img = record.get("image")
@@ -424,11 +499,17 @@ def decode(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, str | No
         return None, f"zero-size image {h}x{w}"
     if c not in (1, 3):
         return None, f"image has {c} channels; expected 1 or 3"
+    return arr, None
+
+
+def _normalise(arr: np.ndarray, cfg: SourceConfig) -> np.ndarray:
+    """The source config's channel conversion and square resize."""
+    h, w, c = arr.shape
     if cfg.channels is not None and c != cfg.channels:
         arr = np.repeat(arr, 3, axis=2) if c == 1 else np.asarray(Image.fromarray(arr).convert("L"))[..., None]
     if cfg.image_size is not None and (h, w) != (cfg.image_size, cfg.image_size):
         arr = resize_square(arr, cfg.image_size)
-    return np.ascontiguousarray(arr), None
+    return np.ascontiguousarray(arr)
 
 
 # ------------------------------------------------------------------------------ stage outputs

@@ -12,6 +12,15 @@ shard's rows, corrupt them (batched numpy/PIL), and write
     OUT/_done/shard-NNNNN.json          the shard's counts, written last: the shard's commit marker
                                         (a done-marker of :mod:`ambient_ray.io.shards`, with the plan's fingerprint)
 
+Masks (Ambient Diffusion: the mask is data): when a corruption hides pixels (``mask``, ``block_mask``,
+``box_mask``, any registered with ``masks=True``) or the source brings its own masks
+(:mod:`ambient_ray.data.sources`), every row of every shard carries a ``mask`` tensor column (uint8
+(1, H, W), 1 = observed; :mod:`ambient_ray.data.masks`): the corruption's mask (and the user's), all
+ones for clean rows and rows of other corruptions. One mask shape per dataset: the driver takes it
+from ``source.image_size`` or the first row that decodes, and rows of another shape are quarantined.
+A row whose user mask hides pixels is ``quality=corrupted``; its ``corruption`` is ``user_mask`` (kept
+clean by the plan) or ``SPEC+user_mask``.
+
 Each file is written atomically, and a shard counts as done only once its marker exists, so a
 re-run after a kill redoes exactly the unfinished shards and never duplicates a row. The plan is
 fingerprinted in ``OUT/_manifest.json``: re-running with a different plan into the same ``out`` is
@@ -34,9 +43,10 @@ from pydantic import Field, field_validator
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
 from ambient_ray.config import flag
+from ambient_ray.data import schema
 from ambient_ray.data.images import encode_png
 from ambient_ray.data.schema import DATA_SCHEMA, QUARANTINE_SCHEMA
-from ambient_ray.data.sources import SourceConfig, decode, list_items, make_source, unjson
+from ambient_ray.data.sources import SourceConfig, decode, decode_masked, list_items, make_source, unjson
 from ambient_ray.io import ray_runtime, shards, storage
 from ambient_ray.stages.actor_stage import ActorStage, ShardedConfig
 from ambient_ray.stages.results import StageFailed
@@ -157,10 +167,21 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
+USER_MASK = "user_mask"  # the corruption column of a row whose own mask hides pixels
+
+
 def process_shard(
-    batch: dict, *, source, source_cfg: SourceConfig, specs: list, out: str, fingerprint: str = ""
+    batch: dict,
+    *,
+    source,
+    source_cfg: SourceConfig,
+    specs: list,
+    out: str,
+    fingerprint: str = "",
+    mask_hw: list[int] | tuple[int, int] | None = None,
 ) -> dict:
-    """One shard in (its plan as a one-row batch), its summary row out; runs as a Ray task."""
+    """One shard in (its plan as a one-row batch), its summary row out; runs as a Ray task. With ``mask_hw``
+    (H, W) every row gets a ``mask`` column of that shape."""
     t0 = time.perf_counter()
     k = int(batch["shard"][0])
     payload = json.loads(batch["payload"][0])
@@ -188,34 +209,47 @@ def process_shard(
         )
 
     arrays: dict[int, np.ndarray] = {}
+    user_masks: dict[int, np.ndarray] = {}  # the rows whose own mask hides pixels
+    hw = tuple(mask_hw) if mask_hw is not None else None
     for i, rec in enumerate(records):
         if roles[i] == "dup":
             quarantine(i, f"duplicate id {ids[i]!r} (an earlier row has the same id)")
             continue
-        arr, err = decode(rec, source_cfg)
+        if hw is None:
+            arr, err = decode(rec, source_cfg)
+        else:
+            arr, umask, err = decode_masked(rec, source_cfg)
+            if not err and arr.shape[:2] != hw:
+                err = (
+                    f"image is {arr.shape[0]}x{arr.shape[1]}, the dataset's masks are {hw[0]}x{hw[1]} "
+                    "(a dataset with masks has one image shape: set source.image_size)"
+                )
+            if not err and umask is not None:
+                user_masks[i] = umask
         if err:
             quarantine(i, err)
         else:
             arrays[i] = arr
 
-    def emit(i: int, arr: np.ndarray, quality: str, spec: str) -> None:
+    def emit(i: int, arr: np.ndarray, quality: str, spec: str, mask: np.ndarray | None = None) -> None:
         rec = records[i]
         h, w, c = arr.shape
-        good.append(
-            {
-                "id": ids[i],
-                "image": encode_png(arr),
-                "height": h,
-                "width": w,
-                "channels": c,
-                "label": rec.get("label"),
-                "caption": rec.get("caption"),
-                "source": rec.get("source") or source.name,
-                "quality": quality,
-                "corruption": spec,
-                "seed": seeds[i],
-            }
-        )
+        row = {
+            "id": ids[i],
+            "image": encode_png(arr),
+            "height": h,
+            "width": w,
+            "channels": c,
+            "label": rec.get("label"),
+            "caption": rec.get("caption"),
+            "source": rec.get("source") or source.name,
+            "quality": quality,
+            "corruption": spec,
+            "seed": seeds[i],
+        }
+        if hw is not None:
+            row["mask"] = (np.ones((h, w), np.uint8) if mask is None else mask)[None]
+        good.append(row)
 
     by_role: dict[str, list[int]] = {}
     for i in arrays:
@@ -223,33 +257,48 @@ def process_shard(
     for role, idx in by_role.items():
         if role == "clean":
             for i in idx:
-                emit(i, arrays[i], "clean", "")
+                if i in user_masks:
+                    emit(i, arrays[i], "corrupted", USER_MASK, user_masks[i])
+                else:
+                    emit(i, arrays[i], "clean", "")
             continue
         spec = specs[int(role[1:])]
         try:
-            outs = corruptions.apply(spec, [arrays[i] for i in idx], [seeds[i] for i in idx])
-            pairs = list(zip(idx, outs))
+            outs, masks = corruptions.apply_with_masks(spec, [arrays[i] for i in idx], [seeds[i] for i in idx])
+            triples = list(zip(idx, outs, masks))
         except Exception:  # isolate the rows that fail
-            pairs = []
+            triples = []
             for i in idx:
                 try:
-                    pairs.append((i, corruptions.apply(spec, [arrays[i]], [seeds[i]])[0]))
+                    one, m = corruptions.apply_with_masks(spec, [arrays[i]], [seeds[i]])
+                    triples.append((i, one[0], m[0]))
                 except Exception as e:
                     quarantine(i, f"corruption {spec.spec} failed: {type(e).__name__}: {e}")
-        for i, arr in pairs:
-            emit(i, arr, "corrupted", spec.spec)
+        for i, arr, mask in triples:
+            if i in user_masks:  # hidden by the user or by the corruption
+                mask = mask & user_masks[i]
+                emit(i, arr * mask[..., None], "corrupted", f"{spec.spec}+{USER_MASK}", mask)
+            else:
+                emit(i, arr, "corrupted", spec.spec, mask if spec.masks else None)
 
     order = {rid: n for n, rid in enumerate(ids)}
     good.sort(key=lambda r: order[r["id"]])
     name = _shard_name(k)
-    if bad:
-        _write_table(storage.join(out, "quarantine", f"{name}.parquet"), bad, QUARANTINE_SCHEMA)
-    _write_table(storage.join(out, "data", f"{name}.parquet"), good, DATA_SCHEMA)
+    data_uri = storage.join(out, "data", f"{name}.parquet")
+    if hw is None:
+        table = pa.Table.from_pylist(good, schema=DATA_SCHEMA)
+        refused = pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)
+    else:  # the mask column through the schema's validation: a row it refuses goes to quarantine
+        table, refused = schema.validate(good, [schema.mask_spec(*hw)], schema=DATA_SCHEMA, where=data_uri)
+    if bad or refused.num_rows:
+        quarantined = pa.concat_tables([pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA), refused])
+        storage.write_parquet(storage.join(out, "quarantine", f"{name}.parquet"), quarantined)
+    storage.write_parquet(data_uri, table)
     summary = {
         "shard": k,
         "rows_in": len(ids),
-        "rows_out": len(good),
-        "rows_quarantined": len(bad),
+        "rows_out": table.num_rows,
+        "rows_quarantined": len(bad) + refused.num_rows,
         "seconds": time.perf_counter() - t0,
     }
     if summary["rows_out"] + summary["rows_quarantined"] != summary["rows_in"]:
@@ -258,13 +307,29 @@ def process_shard(
     return {key: np.array([v]) for key, v in summary.items()}
 
 
-def _write_table(uri: str, rows: list[dict], schema: pa.Schema) -> None:
-    storage.write_parquet(uri, pa.Table.from_pylist(rows, schema=schema))
-
-
-def _fingerprint(cfg: CorruptConfig, ids: list[str]) -> str:
+def _fingerprint(cfg: CorruptConfig, ids: list[str], source_masks: bool = False) -> str:
     keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "task_retries", "preview"})
+    if source_masks:  # the source's own masks change the output (a plan without them keeps its old fingerprint)
+        keep["source_masks"] = True
     return shards.fingerprint(keep, ids)
+
+
+def mask_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -> tuple[int, int] | None:
+    """The (H, W) of a dataset's masks: ``source.image_size``'s square, or the shape of the first row (in
+    listing order) that decodes; None if none does (then every row is quarantined anyway)."""
+    if source_cfg.image_size is not None:
+        return source_cfg.image_size, source_cfg.image_size
+    for s in range(0, len(items), chunk):
+        locs = [loc for _, loc in items[s : s + chunk]]
+        try:
+            records = source.load(locs)
+        except Exception:  # the shard's own task quarantines these rows with the reason
+            continue
+        for rec in records:
+            arr, _, err = decode_masked(rec, source_cfg)
+            if not err:
+                return arr.shape[0], arr.shape[1]
+    return None
 
 
 def done_shards(out: str, fingerprint: str) -> dict[int, dict]:
@@ -293,9 +358,14 @@ class Corrupt(ActorStage):
         self.ids = [i for i, _ in self.items]
         self.roles, self.seeds = plan_rows(self.ids, len(self.specs), cfg.clean_fraction, cfg.seed)
         n_shards = (len(self.items) + cfg.shard_size - 1) // cfg.shard_size
-        self.fingerprint = _fingerprint(cfg, self.ids)
+        source_masks = bool(getattr(self.source, "has_masks", False))
+        self.fingerprint = _fingerprint(cfg, self.ids, source_masks)
         self.shards = [_shard_name(k) for k in range(n_shards)]
         self.manifest = {"rows": len(self.items), "shards": n_shards, "shard_size": cfg.shard_size}
+        self.mask_hw = None
+        if source_masks or any(s.masks for s in self.specs):
+            self.mask_hw = mask_shape(self.source, cfg.source, self.items) or (1, 1)
+            self.manifest["mask"] = list(self.mask_hw)
 
     def work(self, todo: list[str]) -> list[dict]:
         cfg, size = self.cfg, self.cfg.shard_size
@@ -327,6 +397,7 @@ class Corrupt(ActorStage):
                     "specs": self.specs,
                     "out": self.out,
                     "fingerprint": self.fingerprint,
+                    "mask_hw": self.mask_hw,
                 },
                 enabled=self.progress,
             )

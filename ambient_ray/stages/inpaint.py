@@ -2,11 +2,11 @@
 Daras et al. 2023; seed paper 003).
 
 ``ambient-ray inpaint --data URI --model URI --out URI [--mode mean|sample|both]`` reads images and their masks
-(an image folder with ``NAME.mask.png`` beside ``NAME.png``, or Parquet with the standard ``mask`` tensor column,
-:mod:`ambient_ray.data.schema`; nonzero = observed), loads the network (``model.json`` + safetensors, built with
-``model.mask_input: true``) and writes, per row, the one-step posterior mean E[x0 | A x_σ, A] (Eq. 4.1: what the
-network was trained to predict) and/or a sampled restoration that keeps the observed pixels, both from
-:mod:`ambient_ray.sampling.masked`.
+through the shared readers (:mod:`ambient_ray.data.sources`: an image folder with ``NAME.mask.png`` beside
+``NAME.png``, or Parquet with the standard ``mask`` tensor column of :mod:`ambient_ray.data.schema`; 1 = observed),
+loads the network (``model.json`` + safetensors, built with ``model.mask_input: true``) and writes, per row, the
+one-step posterior mean E[x0 | A x_σ, A] (Eq. 4.1: what the network was trained to predict) and/or a sampled
+restoration that keeps the observed pixels, both from :mod:`ambient_ray.sampling.masked`.
 
 Outputs under OUT: ``data/part-NNNNN.parquet`` (``id``, ``label``, ``observed``: the input PNG, ``mask``: uint8
 (1, H, W) 0/1, ``mean`` and/or ``sample``: the restorations as PNG, ``height``, ``width``, ``channels``,
@@ -46,16 +46,12 @@ GREY = 128  # the preview's colour of a hidden pixel
 
 @dataclass
 class Record:
-    """One input row: its id, encoded image, mask (uint8 (1, H, W) or (H, W), or PNG bytes; None: all observed),
-    label, source and where it came from; ``error`` set: quarantined as is."""
+    """One input row: its id, the reader's record (``image``, ``mask``, ``label``, ``source``, or ``error``) and
+    where it came from (the quarantine's locator)."""
 
     id: str
-    image: Any
-    mask: Any = None
-    label: int | None = None
-    source: str = ""
-    locator: str = ""
-    error: str | None = None
+    record: dict
+    locator: str
 
 
 @dataclass
@@ -72,9 +68,9 @@ class Model:
 # ------------------------------------------------------------------------------ the model
 
 
-def load_model(cfg: InpaintConfig) -> Model:
-    """The network of ``cfg.model``, refused with one line where it cannot inpaint: not a diffusion model, no mask
-    input, a latent or text-to-image model, a class the model does not have."""
+def check_model(cfg: InpaintConfig) -> Model:
+    """What ``cfg.model``'s ``model.json`` says (the network not loaded yet), refused with one line where it cannot
+    inpaint: not a diffusion model, no mask input, a latent or text-to-image model, a class the model does not have."""
     import torch
 
     from ambient_ray.models import weights
@@ -99,6 +95,10 @@ def load_model(cfg: InpaintConfig) -> Model:
         )
     if takes_captions(arch_of(meta)):
         raise ConfigError(f"config key 'model': the model in {cfg.model} is text-to-image; inpaint takes pixel models")
+    if m.get("in_channels") not in (1, 3):
+        raise ConfigError(
+            f"config key 'model': the model takes {m.get('in_channels')}-channel images; inpaint reads 1 or 3"
+        )
     label_dim = int(m.get("label_dim", 0) or 0)
     if cfg.class_label is not None and not label_dim:
         raise ConfigError("config key 'class_label': the model is not class-conditional")
@@ -106,210 +106,106 @@ def load_model(cfg: InpaintConfig) -> Model:
         raise ConfigError(f"config key 'class_label': {cfg.class_label}, the model has {label_dim} classes")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'device': cuda, but torch sees no GPU here")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    net = weights.load(cfg.model, "denoiser", cfg.weights).to(device)
-    return Model(net, int(m["img_resolution"]), int(m["in_channels"]), label_dim, device)
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    return Model(None, int(m["img_resolution"]), int(m["in_channels"]), label_dim, device)
+
+
+def load_net(cfg: InpaintConfig, model: Model) -> None:
+    """The network's weights, on the model's device."""
+    from ambient_ray.models import weights
+
+    model.net = weights.load(cfg.model, "denoiser", cfg.weights).to(model.device)
 
 
 # ------------------------------------------------------------------------------ the data
 
 
-def _is_parquet(uri: str) -> bool:
-    if uri.lower().endswith(".parquet"):
-        return True
-    if not storage.exists(uri):
-        raise DataError(f"no such file or folder: {uri}")
-    if not storage.is_dir(uri):
-        raise DataError(f"{uri} is a file, not an image folder, a Parquet file or a folder of Parquet shards")
-    return any(f.endswith(".parquet") for f in storage.list_files(uri))
+class Rows:
+    """The data's rows through the shared readers (:mod:`ambient_ray.data.sources`: an image folder with
+    ``NAME.mask.png`` files, WebDataset tars with ``KEY.mask.png`` members, Parquet with a ``mask`` column), a chunk
+    at a time; refused with one line where nothing is hidden or a class-conditional model finds no labels."""
 
+    def __init__(self, cfg: InpaintConfig, need_labels: bool):
+        from ambient_ray.data import sources
 
-class ParquetRows:
-    """Rows of Parquet shards with ``image`` and the ``mask`` tensor column (a file without it: all observed)."""
-
-    def __init__(self, uri: str, need_labels: bool):
-        self.files = parquet_files(uri)
-        self.names = {f: read_schema_names(f, ("image",)) for f in self.files}
-        self.specs: dict[str, schema.TensorSpec | None] = {}
-        self.rows: dict[str, int] = {}
-        import pyarrow.parquet as pq
-
-        for f in self.files:
-            fs, path = storage.filesystem(f)
-            pf = pq.ParquetFile(path, filesystem=fs)
-            self.rows[f] = pf.metadata.num_rows
-            spec = None
-            if "mask" in self.names[f]:
-                spec = schema.specs_of(pf.schema_arrow).get("mask")
-                if spec is None:
-                    typ = pf.schema_arrow.field("mask").type
-                    raise DataError(
-                        f"{f}: column 'mask' is {typ}, not a tensor column (uint8 or bool (1, H, W): "
-                        "schema.mask_spec, docs/design/notes.md)"
-                    )
-            self.specs[f] = spec
-        if not any(self.specs.values()):
+        uri = cfg.data if cfg.data in sources.BUILTINS else storage.normalize(cfg.data)
+        src_cfg = sources.SourceConfig(dataset=uri, limit=cfg.limit)
+        try:
+            self.source = sources.make_source(src_cfg)
+            self.items = sources.list_items(self.source, src_cfg)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+        except ValueError as e:  # no images, an unknown built-in
+            raise DataError(f"{cfg.data}: {e}") from None
+        if not self.source.has_masks:
             raise DataError(
-                f"{uri}: no 'mask' column in any of its {len(self.files)} Parquet files: nothing is hidden, so there "
-                "is nothing to inpaint (the observed pixels are a uint8 (1, H, W) 'mask' tensor column, nonzero = "
-                "observed)"
+                f"{cfg.data}: no masks: nothing is hidden, so there is nothing to inpaint (the observed pixels are an "
+                "image folder's NAME.mask.png beside NAME.png, or a Parquet 'mask' column: uint8 (1, H, W), "
+                "1 = observed; docs/stages/inpaint.md)"
             )
-        if need_labels and not any("label" in n for n in self.names.values()):
+        if need_labels and not self._has_labels():
             raise DataError(
-                f"{uri}: no 'label' column, and the model is class-conditional: set class_label (--class-label K)"
+                f"{cfg.data}: no class labels (a 'label' column, or class sub-folders), and the model is "
+                "class-conditional: set class_label (--class-label K)"
             )
 
-    @property
-    def total(self) -> int:
-        return sum(self.rows.values())
+    def _has_labels(self) -> bool:
+        from ambient_ray.data import sources
 
-    def chunks(self, limit: int | None) -> Iterator[list[Record]]:
-        import pyarrow.parquet as pq
-
-        left = limit if limit is not None else self.total
-        for f in self.files:
-            if left <= 0:
-                return
-            fs, path = storage.filesystem(f)
-            want = [c for c in ("id", "image", "label", "source", "mask") if c in self.names[f]]
-            table = pq.read_table(path, filesystem=fs, columns=want)
-            table = table.slice(0, min(table.num_rows, left))
-            left -= table.num_rows
-            for start in range(0, table.num_rows, CHUNK_ROWS):
-                yield self._records(f, start, table.slice(start, CHUNK_ROWS))
-
-    def _records(self, f: str, start: int, t) -> list[Record]:
-        n = t.num_rows
-        col = {c: t.column(c).to_pylist() for c in ("id", "image", "label", "source") if c in t.column_names}
-        masks: list[Any] = [None] * n
-        errors: list[str | None] = [None] * n
-        spec = self.specs[f]
-        if spec is not None:  # the schema's own check: shape, dtype, missing values (a bad row is quarantined)
-            values, reasons = schema._decode(t.column("mask"), spec)
-            values, checked = schema._check(values, spec)
-            for i in range(n):
-                why = reasons[i] if reasons else None
-                why = why or (checked[i] if checked else None)
-                if why:
-                    errors[i] = f"column 'mask': {why}"
-                else:
-                    masks[i] = values[i]
-        out = []
-        for i in range(n):
-            rid = col.get("id", [None] * n)[i]
-            rel = f.rsplit("/", 1)[-1]
-            out.append(
-                Record(
-                    id=str(rid) if rid is not None else f"{rel}#{start + i}",
-                    image=col["image"][i],
-                    mask=masks[i],
-                    label=col.get("label", [None] * n)[i],
-                    source=col.get("source", [None] * n)[i] or rel,
-                    locator=f"{f}#row={start + i}",
-                    error=errors[i],
-                )
-            )
-        return out
-
-
-class FolderRows:
-    """An image folder: ``NAME.png`` (or .jpg) with ``NAME.mask.png`` beside it (none: all observed); a first-level
-    sub-folder names the class, as for every image folder (:class:`~ambient_ray.data.sources.FolderSource`)."""
-
-    def __init__(self, uri: str, need_labels: bool):
-        from ambient_ray.data.sources import FolderSource
-
-        self.source = FolderSource(uri)
-        self.items = self.source.list_items()
-        if not self.items:
-            raise DataError(f"{uri}: no images (.png, .jpg, .jpeg) in the folder")
-        self.uri = self.source.uri
-        if not self._any_mask():
-            raise DataError(
-                f"{uri}: no mask files: nothing is hidden, so there is nothing to inpaint (the observed pixels of "
-                "NAME.png are NAME.mask.png beside it, nonzero = observed)"
-            )
-        if need_labels and not self.source.classes:
-            raise DataError(
-                f"{uri}: no class sub-folders, and the model is class-conditional: set class_label (--class-label K)"
-            )
-
-    def _any_mask(self) -> bool:
-        masks = getattr(self.source, "masks", None)
-        if masks is not None:  # the reader lists them
-            return bool(masks)
-        return any(f.endswith(".mask.png") for f in storage.list_files(self.uri, (".png",)))
+        if isinstance(self.source, sources.FolderSource):
+            return bool(self.source.classes)
+        if isinstance(self.source, sources.ParquetSource):
+            return any("label" in read_schema_names(f) for f in parquet_files(self.source.uri))
+        return True  # tar shards: a row without KEY.cls is quarantined
 
     @property
     def total(self) -> int:
         return len(self.items)
 
-    def chunks(self, limit: int | None) -> Iterator[list[Record]]:
-        items = self.items[:limit] if limit is not None else self.items
-        for start in range(0, len(items), CHUNK_ROWS):
-            part = items[start : start + CHUNK_ROWS]
+    def chunks(self) -> Iterator[list[Record]]:
+        """Records a chunk at a time: CHUNK_ROWS items, a Parquet file's rows not split (its reader reads the
+        whole file per call)."""
+        from ambient_ray.data import sources
+
+        by_file = isinstance(self.source, sources.ParquetSource)
+        start = 0
+        while start < len(self.items):
+            end = min(start + CHUNK_ROWS, len(self.items))
+            if by_file:
+                f = self.items[start][1][0]
+                end = start
+                while end < len(self.items) and self.items[end][1][0] == f:
+                    end += 1
+            part = self.items[start:end]
             recs = self.source.load([loc for _, loc in part])
-            yield [
-                Record(
-                    id=rid,
-                    image=rec.get("image"),
-                    mask=rec.get("mask"),
-                    label=rec.get("label"),
-                    source=rec.get("source") or self.source.name,
-                    locator=storage.join(self.uri, str(loc)),
-                    error=rec.get("error") or rec.get("mask_error"),
-                )
-                for (rid, loc), rec in zip(part, recs)
-            ]
+            yield [Record(rid, rec, self._where(loc)) for (rid, loc), rec in zip(part, recs)]
+            start = end
+
+    def _where(self, loc: Any) -> str:
+        if isinstance(loc, tuple):  # (file, row) of Parquet, (tar, key) of tar shards
+            return f"{loc[0]}#row={loc[1]}" if isinstance(loc[1], int) else f"{loc[0]}:{loc[1]}"
+        return storage.join(self.source.uri, str(loc)) if hasattr(self.source, "uri") else str(loc)
 
 
-def open_rows(cfg: InpaintConfig, need_labels: bool) -> ParquetRows | FolderRows:
-    uri = storage.normalize(cfg.data)
-    return ParquetRows(uri, need_labels) if _is_parquet(uri) else FolderRows(uri, need_labels)
+def prepare(rec: Record, model: Model, class_label: int | None) -> tuple[tuple | None, str | None]:
+    """((image uint8 (H, W, C), mask bool (H, W), label), None), or (None, reason) to quarantine the row. The
+    image and its mask come from :func:`ambient_ray.data.sources.decode_masked` (the mask checked against the
+    image; a row without a mask is all observed)."""
+    from ambient_ray.data.sources import SourceConfig, decode_masked
 
-
-def _mask_array(mask: Any) -> np.ndarray:
-    """A row's mask as bool (H, W) from what a reader gives: an array (H, W), (1, H, W) or (H, W, 1), or PNG bytes;
-    nonzero = observed. A ValueError says what it is otherwise."""
-    if isinstance(mask, (bytes, bytearray)):
-        from ambient_ray.data.images import decode_png
-
-        mask = decode_png(bytes(mask))
-    a = np.asarray(mask)
-    if a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]):
-        a = a.reshape(a.shape[1:] if a.shape[0] == 1 else a.shape[:-1])
-    if a.ndim != 2:
-        raise ValueError(f"mask of shape {a.shape}, expected one channel (1, H, W)")
-    return a != 0
-
-
-def prepare(rec: Record, model: Model, class_label: int | None) -> tuple[tuple[np.ndarray, np.ndarray, int | None], str | None]:
-    """((image uint8 (H, W, C), mask bool (H, W), label), None), or (None, reason) to quarantine the row."""
-    from ambient_ray.data.sources import SourceConfig, decode
-
-    if rec.error:
-        return None, rec.error
-    img, why = decode({"image": rec.image}, SourceConfig(channels=1 if model.channels == 1 else 3))
+    img, mask, why = decode_masked(rec.record, SourceConfig(channels=1 if model.channels == 1 else 3))
     if img is None:
         return None, why
     h, w, c = img.shape
-    if c != model.channels:
-        return None, f"image has {c} channels; the model takes {model.channels}"
     if (h, w) != (model.resolution, model.resolution):
         r = model.resolution
         return None, f"image is {h}x{w}; the model takes {r}x{r} images"
-    if rec.mask is None:
-        mask = np.ones((h, w), bool)
-    else:
-        try:
-            mask = _mask_array(rec.mask)
-        except (ValueError, OSError) as e:
-            return None, f"mask: {e}"
-        if mask.shape != (h, w):
-            return None, f"mask is {mask.shape[0]}x{mask.shape[1]}, the image {h}x{w}: it does not fit"
+    mask = np.ones((h, w), bool) if mask is None else mask.astype(bool)
     label = None
     if model.label_dim:
-        label = class_label if class_label is not None else rec.label
+        label = class_label if class_label is not None else rec.record.get("label")
         if label is None:
             return None, f"no label: the model is class-conditional ({model.label_dim} classes); set class_label"
         if not 0 <= int(label) < model.label_dim:
@@ -344,7 +240,7 @@ def restore_batch(
     out = {}
     with torch.no_grad():
         for mode in modes:
-            g = torch.Generator(device=dev).manual_seed(seed)
+            g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same noise on any device
             if mode == "mean":
                 x = masked.posterior_mean(denoise, y, m, cfg.sigma, generator=g)
             else:
@@ -388,15 +284,18 @@ def run(cfg: InpaintConfig, progress: bool = True) -> dict:
     import pyarrow as pa
 
     from ambient_ray.data.images import encode_png
-    from ambient_ray.io import plots, tracking
+    from ambient_ray.io import tracking
     from ambient_ray.io.progress import Progress
 
     t0 = time.perf_counter()
     out = storage.normalize(cfg.out)
     storage.check_reachable(out)
-    model = load_model(cfg)
-    rows = open_rows(cfg, need_labels=bool(model.label_dim) and cfg.class_label is None)
-    total = min(rows.total, cfg.limit) if cfg.limit is not None else rows.total
+    data = storage.normalize(cfg.data).rstrip("/")
+    if data == out.rstrip("/") or data.startswith(out.rstrip("/") + "/"):
+        raise ConfigError(f"config key 'out': {out} holds the data ({cfg.data}); write the restorations elsewhere")
+    model = check_model(cfg)
+    rows = Rows(cfg, need_labels=bool(model.label_dim) and cfg.class_label is None)
+    load_net(cfg, model)
     for stale in ("data", "quarantine", "images"):  # the folders of an earlier run into the same OUT
         if storage.exists(storage.join(out, stale)):
             storage.delete(storage.join(out, stale))
@@ -408,16 +307,23 @@ def run(cfg: InpaintConfig, progress: bool = True) -> dict:
     rows_in = rows_out = batches = shards = 0
     observed: list[float] = []
     preview: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
-    with Progress("inpaint", total, "images", enabled=progress) as bar:
-        for chunk in rows.chunks(cfg.limit):
+    with Progress("inpaint", rows.total, "images", enabled=progress) as bar:
+        for chunk in rows.chunks():
             rows_in += len(chunk)
             good: list[tuple[Record, tuple]] = []
             for rec in chunk:
                 got, why = prepare(rec, model, cfg.class_label)
                 if got is None:
-                    raw = rec.image if isinstance(rec.image, bytes) else None
+                    raw = rec.record.get("image")
                     bad.append(
-                        {"id": rec.id, "source": rec.source, "locator": rec.locator, "stage": STAGE, "reason": why, "image": raw}
+                        {
+                            "id": rec.id,
+                            "source": rec.record.get("source") or "",
+                            "locator": rec.locator,
+                            "stage": STAGE,
+                            "reason": why,
+                            "image": raw if isinstance(raw, bytes) else None,
+                        }
                     )
                     bar.update()
                 else:
@@ -433,13 +339,13 @@ def run(cfg: InpaintConfig, progress: bool = True) -> dict:
                 for k, (rec, (img, mask, label)) in enumerate(part):
                     row = {
                         "id": rec.id,
-                        "label": label if label is not None else rec.label,
+                        "label": label if label is not None else rec.record.get("label"),
                         "observed": encode_png(img),
                         "mask": mask[None].astype(np.uint8),
                         "height": img.shape[0],
                         "width": img.shape[1],
                         "channels": img.shape[2],
-                        "source": rec.source,
+                        "source": rec.record.get("source"),
                     }
                     for mode in modes:
                         row[mode] = encode_png(restored[mode][k])
@@ -451,8 +357,8 @@ def run(cfg: InpaintConfig, progress: bool = True) -> dict:
                         preview.append((img, mask, {mode: restored[mode][k] for mode in modes}))
                 bar.update(len(part))
             if out_rows:
-                table = pa.Table.from_pylist(out_rows, schema=_out_schema(modes, mask_spec))
-                schema.write_table(storage.join(out, "data", f"part-{shards:05d}.parquet"), table, [mask_spec])
+                uri = storage.join(out, "data", f"part-{shards:05d}.parquet")
+                schema.write_table(uri, out_rows, [mask_spec], schema=_out_schema(modes, mask_spec))
                 shards += 1
                 rows_out += len(out_rows)
     if bad:

@@ -18,9 +18,10 @@ class InpaintConfig(Strict):
 
     data: str = Field(
         ...,
-        description="the masked images: an image folder (NAME.mask.png beside NAME.png, nonzero = observed) or "
-        "Parquet (a folder of shards, a stage output or one file) with a 'mask' tensor column (uint8 (1, H, W), "
-        "nonzero = observed); local or s3://. A row without a mask is taken as fully observed",
+        description="the masked images: an image folder (NAME.mask.png beside NAME.png: 0/255 or 0/1, nonzero = "
+        "observed), Parquet (a folder of shards, a stage output or one file) with a 'mask' column (the uint8 "
+        "(1, H, W) tensor column, 1 = observed) or tar shards (KEY.mask.png); local or s3://. A row without a "
+        "mask is fully observed; data without any mask is refused",
         json_schema_extra=flag("--data"),
     )
     model: str = Field(
@@ -29,11 +30,14 @@ class InpaintConfig(Strict):
         "of a network built with model.mask_input: true (the masked objective)",
         json_schema_extra=flag("--model"),
     )
-    out: str = Field(..., description="output URI (local folder or s3://bucket/prefix)", json_schema_extra=flag("--out"))
+    out: str = Field(
+        ..., description="output URI (local folder or s3://bucket/prefix)", json_schema_extra=flag("--out")
+    )
     mode: Mode = Field(
         "both",
         description="mean: the one-step posterior mean E[x0 | A x_σ, A] (Ambient Diffusion, Eq. 4.1: one network "
-        "evaluation); sample: a sampled restoration that keeps the observed pixels (steps Heun steps); both",
+        "evaluation); sample: a sampled restoration that keeps the observed pixels ('steps' steps from "
+        "sigma_max); both",
         json_schema_extra=flag("--mode"),
     )
     sigma: float = Field(
@@ -45,7 +49,10 @@ class InpaintConfig(Strict):
         json_schema_extra=flag("--sigma"),
     )
     steps: int = Field(
-        18, ge=1, description="mode sample: sampler steps from sigma_max to sigma_min", json_schema_extra=flag("--steps")
+        18,
+        ge=1,
+        description="mode sample: sampler steps from sigma_max to sigma_min",
+        json_schema_extra=flag("--steps"),
     )
     sigma_min: float = Field(0.002, gt=0, description="mode sample: the σ the sampler ends at")
     sigma_max: float = Field(80.0, gt=0, description="mode sample: the σ the sampler starts from")
@@ -53,7 +60,8 @@ class InpaintConfig(Strict):
     seed: int = Field(
         0,
         ge=0,
-        description="seed of the noise, drawn per batch (the same rows and batch_size give the same images)",
+        description="seed of the noise, drawn per batch on the CPU (the same rows and batch_size give the same "
+        "noise on any device)",
         json_schema_extra=flag("--seed"),
     )
     batch_size: int = Field(64, ge=1, description="images per network batch", json_schema_extra=flag("--batch-size"))
@@ -84,12 +92,25 @@ class InpaintConfig(Strict):
     @model_validator(mode="after")
     def _sigmas(self) -> InpaintConfig:
         if self.sigma_min >= self.sigma_max:
-            raise ValueError(
-                f"config key 'sigma_min': {self.sigma_min} must be below 'sigma_max' ({self.sigma_max})"
-            )
+            raise ValueError(f"config key 'sigma_min': {self.sigma_min} must be below 'sigma_max' ({self.sigma_max})")
         return self
 
     @property
     def modes(self) -> tuple[str, ...]:
         """The restorations made, in column order: ``mean``, ``sample`` or both."""
         return ("mean", "sample") if self.mode == "both" else (self.mode,)
+
+
+def report(cfg: InpaintConfig, s: dict) -> None:
+    """The lines ``ambient-ray inpaint`` prints after a run."""
+    from ambient_ray.stages.reports import mlflow_line
+
+    print(
+        f"inpaint: {s['rows_in']} rows in, {s['rows_out']} restored ({' and '.join(s['modes'])}), "
+        f"{s['rows_quarantined']} quarantined; {s['observed_fraction']:.0%} of the pixels observed; "
+        f"{s['images_per_s']:.1f} images/s on {s['device']}"
+    )
+    if s["rows_quarantined"]:
+        print(f"  quarantined rows (with reasons): {s['out']}/quarantine/")
+    print(f"  data: {s['data']}/   preview: {s['preview'] or 'none'}   config: {s['out']}/config.yaml")
+    mlflow_line(s)

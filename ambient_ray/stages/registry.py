@@ -228,6 +228,19 @@ STAGES.register(
     ),
 )
 STAGES.register(
+    "inpaint",
+    Stage(
+        "restore masked images with a model of the masked objective: posterior mean and/or a sample",
+        "ambient_ray.stages.inpaint",
+        "ambient_ray.stages.inpaint_config:InpaintConfig",
+        progress=True,
+        folder="inpainted",
+        links=_keys("data", "model", "out", "mlflow"),
+        # its lines are beside its config (the light module), imported when they are printed
+        report=lambda cfg, s: _load("ambient_ray.stages.inpaint_config:report")(cfg, s),
+    ),
+)
+STAGES.register(
     "phema",
     Stage(
         "post-hoc EMA: any σ_rel from the power-EMA snapshots of a run (EDM2 Sec. 3.2)",
