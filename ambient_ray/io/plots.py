@@ -314,3 +314,39 @@ def locality_figure(contexts, sigmas, losses, crop):
 def locality_plot(contexts, sigmas, losses, crop) -> bytes:
     """PNG of :func:`locality_figure`."""
     return figure_png(locality_figure(contexts, sigmas, losses, crop))
+
+
+def similarity_histogram_figure(
+    groups: dict, threshold: float, title: str = "top-1 similarity to the training set", kinds=None
+):
+    """Histogram of each sample's top-1 cosine similarity to the training set, one series per group (the generated
+    samples; held-out real images as the no-copy baseline), each in its kind's colour (``kinds``: group -> the name
+    whose colour it takes), with the copy threshold as a dashed line; the legend gives each group's share above it."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+    vals = [np.asarray(v, dtype=float).reshape(-1) for v in groups.values()]
+    everything = np.concatenate(vals) if vals else np.array([])
+    lo = min(float(everything.min()) if everything.size else threshold, threshold)
+    lo = max(-1.0, lo - 0.02 * max(1.0 - lo, 1e-3))
+    bins = np.linspace(lo, 1.0, 41)
+    for name, v in zip(groups, vals):
+        if v.size:
+            c = colour((kinds or {}).get(name, name))
+            label = f"{name} (n={v.size}, median {np.median(v):.3f}, {np.mean(v > threshold):.1%} > {threshold:g})"
+            ax.hist(v, bins=bins, alpha=0.55, color=c, edgecolor=c, linewidth=0.8, label=label)
+    ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xlim(lo, 1.0 + 0.01 * (1.0 - lo))
+    ax.set_xlabel("top-1 cosine similarity to the training set")
+    ax.set_ylabel("samples")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def similarity_histogram(
+    groups: dict, threshold: float, title: str = "top-1 similarity to the training set", kinds=None
+) -> bytes:
+    """PNG of :func:`similarity_histogram_figure`."""
+    return figure_png(similarity_histogram_figure(groups, threshold, title, kinds))
