@@ -180,7 +180,9 @@ def test_masked_run_is_prepared_with_row_kinds_and_refuses_what_it_cannot_train(
     with pytest.raises(ConfigError, match="data-path memory"):
         denoiser_data.prepare(mcfg(mixed_data, str(tmp_path / "o"), stream=dict(mode="stream")))
     with pytest.raises(ConfigError, match="mask_input"):
-        denoiser_data.prepare(mcfg(mixed_data, str(tmp_path / "o"), model={**cfg.model.model_dump(), "mask_input": False}))
+        denoiser_data.prepare(
+            mcfg(mixed_data, str(tmp_path / "o"), model={**cfg.model.model_dump(), "mask_input": False})
+        )
 
 
 def test_latent_data_is_refused_by_the_masked_objective(mixed_data, tmp_path):
@@ -203,3 +205,67 @@ def test_mixed_rows_train_in_one_run_with_per_kind_statistics(ray_cluster, mlflo
     assert cov["group"] == "kind" and set(cov["sources"]) == {"clean", "annotated", "masked"}
     meta = json.loads(storage.read_bytes(storage.join(out, "model", "model.json")))
     assert meta["model"]["mask_input"] is True and meta["masked"]["delta"] == 0.2
+
+
+# ------------------------------------------------------------------------------ the documented flow
+
+
+def documented(marker: str) -> list[str]:
+    """The commands of the docs block marked ``<!-- tested: MARKER -->`` in docs/stages/train.md."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "stages" / "train.md").read_text()
+    block = text.split(f"<!-- tested: {marker} -->", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines() if line.startswith("ambient-ray ")]
+
+
+FAST = {  # appended to each documented command: the same flow, cut to seconds
+    "corrupt": ["--set", "source.limit=240", "--set", "preview=0"],
+    "train": ["--steps", "8", "--set", "batch_size=16", "--set", "log_every=4", "--set", "checkpoint_every=8"]
+    + ["--set", "model.model_channels=16", "--set", "model.channel_mult=[1,2]", "--set", "sample_grid=4"]
+    + ["--set", "mlflow.enabled=false"],
+    "sample": ["--num", "8", "--steps", "4", "--set", "mlflow.enabled=false"],
+    "inpaint": ["--steps", "4", "--set", "limit=24", "--set", "mlflow.enabled=false"],
+}
+
+
+def test_the_documented_masked_flow_round_trips_the_mask(ray_cluster, tmp_path, monkeypatch):
+    """docs/stages/train.md's masked flow, as written (plus FAST's overrides): corrupt writes each row's mask, train
+    reads it (model.json: the masked rows' observed fraction ≈ 1 − p), sample draws behind masks, and inpaint gives
+    back each row's own mask and keeps its observed pixels exactly."""
+    import shlex
+
+    import pyarrow.parquet as pq
+
+    from ambient_ray import cli
+    from ambient_ray.data.images import decode_png
+    from ambient_ray.data.masks import masks_of
+
+    monkeypatch.chdir(tmp_path)
+    lines = documented("masked flow")
+    assert [shlex.split(line)[1] for line in lines] == ["corrupt", "train", "sample", "inpaint"]
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        assert cli.main(argv + FAST[argv[0]]) == 0, line
+    corrupted = pq.read_table(tmp_path / "runs" / "digits-masked" / "data")
+    data = corrupted.to_pandas()
+    masked = data[data["corruption"] == "mask:p=0.6"]
+    assert len(masked) > 100 and (data["quality"] == "clean").any()
+    meta = json.loads((tmp_path / "runs" / "masked" / "model" / "model.json").read_text())
+    assert meta["masked"]["observed_fraction"] == pytest.approx(0.4, abs=0.03) and meta["masked"]["delta"] == 0.1
+    assert (tmp_path / "runs" / "masked" / "samples.png").exists()
+    assert (tmp_path / "runs" / "masked-samples").exists()
+    out = pq.read_table(tmp_path / "runs" / "restored" / "data").to_pandas().set_index("id")
+    stored = dict(zip(data["id"], masks_of(corrupted)))
+    restored_table = pq.read_table(tmp_path / "runs" / "restored" / "data")
+    restored = masks_of(restored_table)
+    out = out.loc[restored_table.column("id").to_pylist()]
+    hidden_somewhere = 0
+    for (row_id, row), mask in zip(out.iterrows(), restored):
+        assert np.array_equal(mask, stored[row_id]), row_id
+        seen = mask[0] != 0
+        observed = decode_png(data.set_index("id")["image"][row_id])[..., 0]
+        sample = decode_png(row["sample"])[..., 0]
+        assert np.array_equal(sample[seen], observed[seen]), row_id
+        hidden_somewhere += int((~seen).sum())
+    assert len(out) == 24 and hidden_somewhere > 0
