@@ -269,3 +269,21 @@ def test_the_documented_masked_flow_round_trips_the_mask(ray_cluster, tmp_path, 
         assert np.array_equal(sample[seen], observed[seen]), row_id
         hidden_somewhere += int((~seen).sum())
     assert len(out) == 24 and hidden_somewhere > 0
+
+
+def test_the_pipeline_runs_inpaint_after_sample_when_its_section_is_given(tmp_path):
+    """An ``inpaint`` section adds the step after sample, restoring the training data with the trained model; without
+    it the pipeline is as before."""
+    from ambient_ray.workflows.pipeline import PipelineConfig, stage_configs, steps
+
+    data = str(tmp_path / "masked-data")
+    plain = PipelineConfig(out=str(tmp_path / "p"), data=data, train={"objective": "masked"})
+    assert steps(plain) == ["train", "sample"]
+    cfg = PipelineConfig(out=str(tmp_path / "p"), data=data, train={"objective": "masked"}, inpaint={"steps": 4})
+    assert steps(cfg) == ["train", "sample", "inpaint"]
+    built = stage_configs(cfg)
+    inp = built["inpaint"]
+    assert inp.data == built["train"].data and inp.model == built["train"].out and inp.steps == 4
+    assert inp.out.endswith("inpainted")
+    with pytest.raises(ConfigError, match="inpaint.model"):
+        stage_configs(PipelineConfig(out=str(tmp_path / "p"), data=data, inpaint={"model": "/elsewhere"}))

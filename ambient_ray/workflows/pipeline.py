@@ -1,4 +1,6 @@
-"""The pipeline stage: corrupt -> train-classifier -> annotate -> train -> sample -> evaluate, from one config.
+"""The pipeline stage: corrupt -> train-classifier -> annotate -> train -> sample [-> inpaint] -> evaluate, from one
+config (``inpaint`` only when its section is given: a model of ``train.objective: masked`` restores the training
+data's masked rows).
 
 ``ambient-ray pipeline --config jobs/configs/pipeline.yaml --set out=s3://bucket/run`` (or, on a
 cluster, ``ray job submit ... -- python -m jobs.pipeline --config ...``).
@@ -61,6 +63,7 @@ SECTIONS = {  # each section of the config: the registered stage it configures (
     "annotate": "annotate",
     "train": "train",
     "sample": "sample",
+    "inpaint": "inpaint",
     "evaluate": "evaluate",
 }
 MARKER = "pipeline_stage.json"  # a done-marker of ambient_ray.io.shards
@@ -95,6 +98,11 @@ class PipelineConfig(Strict):
         "the other, each from the previous one's weights",
     )
     sample: dict[str, Any] = Field(default_factory=dict, description="keys of 'ambient-ray sample'")
+    inpaint: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keys of 'ambient-ray inpaint', run after sample on the training data's masked rows with the "
+        "trained model (a model of train.objective masked); empty: not run",
+    )
     evaluate: dict[str, Any] = Field(
         default_factory=dict,
         description="keys of 'ambient-ray evaluate' (default reference: the clean rows of the corrupt output)",
@@ -145,7 +153,9 @@ def steps(cfg: PipelineConfig) -> list[str]:
     else:
         head = ["precompute"] if cfg.precompute else []
     trains = [f"train/{ph['name']}" for ph in phases(cfg)] or ["train"]
-    tail = ["sample"] + (["evaluate"] if cfg.data is None or cfg.evaluate else [])
+    tail = (
+        ["sample"] + (["inpaint"] if cfg.inpaint else []) + (["evaluate"] if cfg.data is None or cfg.evaluate else [])
+    )
     return head + trains + tail
 
 
@@ -215,6 +225,9 @@ def stage_configs(cfg: PipelineConfig, parent_run: str | None = None) -> dict[st
     outs.update(train=dirs[trains[-1]], sample=dirs["sample"])
     if "evaluate" in dirs:
         outs["evaluate"] = dirs["evaluate"]
+    if "inpaint" in dirs:  # the trained model restores the rows it was trained on
+        fill = {"data": dirs["annotate"] if cfg.data is None else train_data, "model": outs["train"]}
+        wiring["inpaint"] = {**fill, "out": dirs["inpaint"], "mlflow": mlflow("inpaint")}
     source = dirs["corrupt"] if cfg.data is None else train_data
     wiring.update(chain.wire(source, outs, classifier=dirs.get("classifier"), mlflow=mlflow))
     if cfg.data is None:
