@@ -290,6 +290,16 @@ STAGES.register(
     ),
 )
 STAGES.register(
+    "experiment-masked",
+    Stage(
+        "the masked experiment (Ambient Diffusion): ambient, naive and oracle at each missing probability p",
+        "ambient_ray.workflows.experiment_masked",
+        "MaskedExperimentConfig",
+        progress=True,
+        report=lambda cfg, s: _load("ambient_ray.workflows.experiment_masked:report")(cfg, s),
+    ),
+)
+STAGES.register(
     "tune",
     Stage(
         "Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow",

@@ -239,7 +239,7 @@ class Runner:
         self.uri: str | None = None
         self.prints: dict[str, str] = {}  # output URI (or feature spec) -> the fingerprint of what made it
         self.ran: list[str] = []  # the steps this run did (not skipped as finished), in order
-        self.reuse = [storage.normalize(u) for u in cfg.reuse]
+        self.reuse = [storage.normalize(u) for u in getattr(cfg, "reuse", ())]  # a config without reuse: none
         self.reused: list[str] = []  # the steps taken from a folder in ``reuse``
         self.at: dict[str, str] = {}  # a step's folder here -> where its finished output is (there, if reused)
 
@@ -293,7 +293,18 @@ class Runner:
     def call(self, stage: str, cfg):
         return registry.get(stage).call(cfg, progress=self.progress)
 
-    def corrupt(self, name: str, *, part: str, clean_fraction: float, seed: int) -> str:
+    def corrupt(
+        self,
+        name: str,
+        *,
+        part: str,
+        clean_fraction: float,
+        seed: int,
+        corruptions: list[str] | None = None,
+        limit: int | None = None,
+    ) -> str:
+        """A split of the dataset corrupted by ``corruptions`` (default: the config's ``corruption``) into
+        OUT/``name``; ``limit``: only the first rows of the part (source.limit)."""
         out = storage.join(self.out, name)
         source = {
             "dataset": self.cfg.dataset,
@@ -301,9 +312,11 @@ class Runner:
             "part": part,
             "image_size": self.cfg.image_size,
         }
+        if limit is not None:
+            source["limit"] = limit
         flags = {
             "source": source,
-            "corruptions": self.cfg.corruption,
+            "corruptions": corruptions or self.cfg.corruption,
             "clean_fraction": clean_fraction,
             "seed": seed,
             "out": out,
@@ -509,12 +522,13 @@ def summarize(results: list[dict], arms: list[str]) -> dict:
             vals = [r["metrics"][m] for r in rows if m in r["metrics"]]
             if not vals:
                 continue
-            entry[m] = _mean_se(vals)
+            entry[m] = mean_se(vals)
         table[arm] = entry
     return table
 
 
-def _mean_se(vals: list[float]) -> dict:
+def mean_se(vals: list[float]) -> dict:
+    """{mean, se (sample std / sqrt(n); 0 for one value), n, values} of ``vals``."""
     n = len(vals)
     se = float(np.std(vals, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     return {"mean": float(np.mean(vals)), "se": se, "n": n, "values": vals}
@@ -537,7 +551,7 @@ def paired(results: list[dict], arms: list[str], base: str = BASELINE) -> dict:
         seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
         if not seeds:
             continue
-        out[arm] = {m: _mean_se([by[(arm, s)][m] - by[(base, s)][m] for s in seeds]) for m in PAIRED_METRICS}
+        out[arm] = {m: mean_se([by[(arm, s)][m] - by[(base, s)][m] for s in seeds]) for m in PAIRED_METRICS}
     return out
 
 
