@@ -46,8 +46,8 @@ def planted_task(delta=0.3):
 
 
 def test_each_kind_of_row_gets_the_loss_its_kind_asks_for():
-    """On a planted batch: a masked row is graded by λ(σ)·Σ_A (D(Ã⊙x_σ, Ã) − x0)² / (C·H·W) (seed 003 Eq. 3.2, with
-    Ã = B⊙A), a blurred row by Ambient-o's loss (its x0 prediction mapped to x_{σ_min}, weight σ⁴/(σ²−σ_min²)²) seen
+    """On a planted batch: a masked row is graded by Σ_A w·(D(Ã⊙x_σ, Ã) − x0)² / (C·H·W) (seed 003 Eq. 3.2, with
+    Ã = B⊙A; w = λ(σ) on the pixels seen, 1/σ_data² on those not, predicted as σ_data·F), a blurred row by Ambient-o's loss (its x0 prediction mapped to x_{σ_min}, weight σ⁴/(σ²−σ_min²)²) seen
     whole, a clean row by EDM's λ(σ)·mean (D − x0)², seen whole."""
     task = planted_task()
     torch.manual_seed(0)
@@ -65,9 +65,10 @@ def test_each_kind_of_row_gets_the_loss_its_kind_asks_for():
     with torch.no_grad():
         d = net(b.x_sigma, sigma, None, mask=seen)
         want = torch.zeros(4)
-        for i in (0, 1):  # masked: graded on A only, divided by C·H·W = 64
+        for i in (0, 1):  # masked: graded on A only (weight λ(σ) where seen, 1/σ_data² where not), over C·H·W = 64
             a = task.observed[i].float()
-            want[i] = lam(sigma[i]) * ((d[i] - y[i]) ** 2 * a).sum() / 64
+            weight = torch.where(seen[i].bool(), lam(sigma[i]), torch.tensor(4.0))
+            want[i] = (weight * (d[i] - y[i]) ** 2 * a).sum() / 64
         s, sn = sigma[2], smin[2]
         alpha = (s**2 - sn**2) / s**2
         pred_n = alpha * d[2] + (1 - alpha) * b.x_sigma[2]
@@ -287,3 +288,19 @@ def test_the_pipeline_runs_inpaint_after_sample_when_its_section_is_given(tmp_pa
     assert inp.out.endswith("inpainted")
     with pytest.raises(ConfigError, match="inpaint.model"):
         stage_configs(PipelineConfig(out=str(tmp_path / "p"), data=data, inpaint={"model": "/elsewhere"}))
+
+
+def test_an_unseen_pixel_is_predicted_as_a_pixel_of_infinite_noise():
+    """D = σ_data·F outside Ã at every σ (c_skip = 0, c_out = σ_data), so an unseen pixel's prediction does not
+    vanish as σ → 0; inside Ã, D = c_skip·x + c_out·F as always."""
+    torch.manual_seed(0)
+    net = registry.build(META)
+    x = torch.randn(2, 1, 8, 8)
+    seen = (torch.rand(2, 1, 8, 8) >= 0.5).float()
+    captured = {}
+    net.network = lambda x_in, c_noise, *extra: captured.setdefault(float(c_noise[0]), torch.ones_like(x_in[:, :1]))
+    for sigma in (0.002, 1.0, 80.0):
+        d = net(x, torch.full((2,), sigma), mask=seen)
+        assert torch.allclose(d[seen == 0], torch.full_like(d[seen == 0], 0.5))
+        c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25) ** 0.5
+        assert torch.allclose(d[seen == 1], c_skip * x[seen == 1] + c_out, atol=1e-6)

@@ -404,22 +404,34 @@ def noise_batch(
 
 
 def batch_loss(
-    x0_pred: torch.Tensor, b: Batch, sigma_data: float = 0.5, observed: torch.Tensor | None = None
+    x0_pred: torch.Tensor,
+    b: Batch,
+    sigma_data: float = 0.5,
+    observed: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels).
 
     ``observed`` (B, 1, H, W), a row's observed pixels A (Ambient Diffusion, seed 003 Eq. 3.2): only they are
     graded, and the sum is still divided by the crop's (or image's) C·H·W, not by A's size, as the reference sums
-    over pixels (see :mod:`ambient_ray.diffusion.masked`). A fully observed row's loss is unchanged by it."""
+    over pixels (see :mod:`ambient_ray.diffusion.masked`). A fully observed row's loss is unchanged by it.
+    ``seen`` (B, 1, H, W), the pixels the network saw (Ã): a graded pixel it did not see was predicted as σ_data·F
+    (:meth:`ambient_ray.models.precond.EDMPrecond.precondition`), so its EDM weight is 1/c_out² = 1/σ_data² in
+    place of λ(σ) (times the ambient weight on an annotated row). A weight that depends on (σ, Ã) alone leaves the
+    minimiser, E[x0 | Ã x_σ, Ã] per pixel, where it was."""
     dev = x0_pred.device
     x_s, x_n = b.x_sigma.to(dev), b.x_sigma_n.to(dev)
     if observed is not None:  # where, not a product: an inf or NaN at a hidden pixel reaches neither loss nor grad
-        seen = observed.to(dev).bool()
-        x_s, x_n = torch.where(seen, x_s, torch.zeros_like(x_s)), torch.where(seen, x_n, torch.zeros_like(x_n))
+        graded_px = observed.to(dev).bool()
+        x_s = torch.where(graded_px, x_s, torch.zeros_like(x_s))
+        x_n = torch.where(graded_px, x_n, torch.zeros_like(x_n))
     per = ambient_loss(x0_pred, x_s, x_n, b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
+    if seen is not None:  # unseen pixels: 1/σ_data² in place of EDM's λ(σ)
+        rescale = bcast(1.0 / (sigma_data**2 * edm_weight(b.sigma.to(dev), sigma_data)), per)
+        per = torch.where(seen.to(dev).bool(), per, per * rescale)
     m = b.mask.to(dev)
     graded = per * m
     if observed is not None:
-        graded = torch.where(seen, graded, torch.zeros_like(graded))
+        graded = torch.where(graded_px, graded, torch.zeros_like(graded))
     per_sample = graded.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)).clamp(min=1) * per.shape[1])
     return per_sample.mean(), per_sample

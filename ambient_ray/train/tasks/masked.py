@@ -13,8 +13,9 @@ annotated (σ_min > 0) gets both: the ambient loss on A's pixels.
 Normalisation: a row's loss is the sum over A's C·H·W entries divided by C·H·W (the crop's, for a crop), the
 same divisor for every row, so it is the reference code's sum over pixels up to a constant, and a fully observed
 row's loss is exactly the ambient objective's mean. Dividing by |A| instead would make a heavily masked row count
-as much as a whole one. The mask channel is not scaled by c_in (:meth:`ambient_ray.models.precond.EDMPrecond.
-precondition` says why).
+as much as a whole one. The mask channel is not scaled by c_in, and a pixel the network did not see is
+predicted as σ_data·F (a pixel of infinite noise) and weighted 1/σ_data² in place of λ(σ)
+(:meth:`ambient_ray.models.precond.EDMPrecond.precondition` says why).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class MaskedTask(AmbientTask):
             **({"return_logvar": True} if self.logvar else {}),
         )
         d_out, u = out if self.logvar else (out, None)
-        loss, per_sample = ambient.batch_loss(d_out.float(), b, self.cfg.ambient.sigma_data, observed=a)
+        loss, per_sample = ambient.batch_loss(d_out.float(), b, self.cfg.ambient.sigma_data, observed=a, seen=seen)
         if u is not None:  # EDM2 Sec. 2.5, as the ambient objective
             loss = (per_sample / u.reshape(-1).exp() + u.reshape(-1)).mean()
         return loss, per_sample
