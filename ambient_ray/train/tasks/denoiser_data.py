@@ -262,6 +262,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
             raise ConfigError("config key 'model.mask_input': the masked objective's network takes the mask; drop it")
         cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "mask_input": True})
         n_kind = {name: int((kind == k).sum()) for k, name in enumerate(KINDS)}
+        if "; warning:" in origin:  # masked rows are corrupted rows that train as such: count only the others
+            origin = origin.split("; warning:")[0]
+            n_bad = int(((meta["quality"] == "corrupted").to_numpy() & (kind == 0)).sum())
+            if n_bad:
+                origin += (
+                    f"; warning: {n_bad} rows marked corrupted train as clean "
+                    "(annotate them, or set ambient.corrupted_sigma_min)"
+                )
         masked = kind == 2
         frac = float(observed[masked].mean()) if masked.any() else 1.0
         delta = cfg.masked.delta
