@@ -262,6 +262,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
             raise ConfigError("config key 'model.mask_input': the masked objective's network takes the mask; drop it")
         cfg.model = type(cfg.model).model_validate({**cfg.model.model_dump(), "mask_input": True})
         n_kind = {name: int((kind == k).sum()) for k, name in enumerate(KINDS)}
+        origin = origin.replace(": every row treated as clean (plain EDM)", "")  # masked rows are not clean
         if "; warning:" in origin:  # masked rows are corrupted rows that train as such: count only the others
             origin = origin.split("; warning:")[0]
             n_bad = int(((meta["quality"] == "corrupted").to_numpy() & (kind == 0)).sum())
