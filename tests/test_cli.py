@@ -106,6 +106,12 @@ FLAGS = {
         {"data": "/d", "model": "/m", "out": "/o", "mode": "mean", "sigma": 0.05, "steps": 9, "seed": 4}
         | {"batch_size": 8, "class_label": 2, "pngs": True},
     ),
+    "experiment-masked": (
+        ["--dataset", "faces", "--p", "0.4,0.8", "--delta", "0.2", "--seeds", "0,1", "--arms", "ambient,naive"]
+        + ["--samplers", "fixed-mask", "--out", "/o"],
+        {"dataset": "faces", "p": [0.4, 0.8], "delta": 0.2, "seeds": [0, 1], "arms": ["ambient", "naive"]}
+        | {"samplers": ["fixed-mask"], "out": "/o"},
+    ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],
         {"run": "/r", "std": 0.075, "at": 120, "out": "/o", "profiles": [0.05, 0.1]},
