@@ -47,8 +47,9 @@ def planted_task(delta=0.3):
 
 def test_each_kind_of_row_gets_the_loss_its_kind_asks_for():
     """On a planted batch: a masked row is graded by Σ_A w·(D(Ã⊙x_σ, Ã) − x0)² / (C·H·W) (seed 003 Eq. 3.2, with
-    Ã = B⊙A; w = λ(σ) on the pixels seen, 1/σ_data² on those not, predicted as σ_data·F), a blurred row by Ambient-o's loss (its x0 prediction mapped to x_{σ_min}, weight σ⁴/(σ²−σ_min²)²) seen
-    whole, a clean row by EDM's λ(σ)·mean (D − x0)², seen whole."""
+    Ã = B⊙A; w = λ(σ) on the pixels seen, 1/σ_data² on those not, predicted as σ_data·F), a blurred row by
+    Ambient-o's loss (its x0 prediction mapped to x_{σ_min}, weight σ⁴/(σ²−σ_min²)²) seen whole, a clean row by
+    EDM's λ(σ)·mean (D − x0)², seen whole."""
     task = planted_task()
     torch.manual_seed(0)
     net = registry.build(META)
