@@ -102,25 +102,17 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def _fixed_rows(col: pa.Array) -> list | None:
     """Rows of a fixed-shape tensor or nested fixed-size-list column as arrays (None for null rows), or None
-    for any other layout."""
-    shape = None
-    arr = col
-    if isinstance(arr.type, pa.FixedShapeTensorType):
-        perm = arr.type.permutation
-        if perm is not None and list(perm) != sorted(perm):
-            return None
-        shape = tuple(arr.type.shape)
-        arr = arr.storage
-    if not pa.types.is_fixed_size_list(arr.type):
+    for any other layout (:func:`ambient_ray.data.schema._fixed_layout` reads the layout)."""
+    from ambient_ray.data.schema import _fixed_layout
+
+    layout = _fixed_layout(col)
+    if layout is None:
         return None
-    dims = []
-    while pa.types.is_fixed_size_list(arr.type):
-        dims.append(arr.type.list_size)
-        arr = arr.values.slice(arr.offset * arr.type.list_size, len(arr) * arr.type.list_size)
-    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+    shape, _, leaf = layout
+    if not (pa.types.is_integer(leaf.type) or pa.types.is_floating(leaf.type) or pa.types.is_boolean(leaf.type)):
         return None
     n = len(col)
-    values = arr.to_numpy(zero_copy_only=False).reshape((n, *(shape or dims)))
+    values = leaf.to_numpy(zero_copy_only=False).reshape((n, *shape))
     nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(n, bool)
     return [None if nulls[i] else values[i] for i in range(n)]
 
