@@ -250,7 +250,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if len(sources) > 1:  # per-source loss, draws and donut
             code = {name: i for i, name in enumerate(sources)}
             rows.source = dict(zip(ids, meta["source"].map(code).fillna(-1).astype(int).tolist()))
-    params, tags = {}, {"sigma_min": origin, "space": space, "data_path": how_of(streaming)}
+    how = "streamed" if streaming else "in memory"
+    params, tags = {}, {"sigma_min": origin, "space": space, "data_path": how}
     if cfg.objective == "masked":
         observed, kind, has_column = mask_kinds(cfg, meta, smin, latents)
         if streaming:
@@ -292,7 +293,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
             + tags["row_kinds"]
             + (f" (masked rows observe {frac:.1%} of their pixels)" if masked.any() else "; no masked row")
         )
-    how = how_of(streaming)
     model = model_meta(cfg, latents)
     if rows.masks:
         model["masked"] = rows.masks["meta"]
@@ -309,10 +309,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
         costs=denoiser_costs(model, cfg.text.mask_ratio) if cfg.mlflow.enabled else None,
         params=params,
     )
-
-
-def how_of(streaming: bool) -> str:
-    return "streamed" if streaming else "in memory"
 
 
 def shape_of(model) -> list[int]:
