@@ -296,7 +296,7 @@ def part_weights(w) -> dict:
         for n, t in p.net.named_parameters():
             with w.gathered([t]):
                 out[f"{name}/{n}"] = t.detach().float().cpu().clone()
-        if p.trained:
+        if p.trained and p.ema is not None:
             ema = w.ema_weights(name)
             out.update({f"{name}/ema/{n}": t.clone() for n, t in (ema or {}).items()})
     return out
@@ -354,6 +354,76 @@ def parts_run(zero: int, root: str) -> dict:
     return runs if rank == 0 else {}
 
 
+class FailingDistill:
+    """The distill task (``ambient_ray.train.tasks.distill``) with a kill in step 5 (on every rank at once)."""
+
+    @staticmethod
+    def make(cfg, rows, fail_at):
+        from ambient_ray.train.tasks.distill import DistillTask
+
+        class Task(DistillTask):
+            def loss(self, w, part):
+                nonlocal fail_at
+                if w.step == fail_at:
+                    fail_at = None
+                    raise RuntimeError(f"planted failure at step {w.step}")
+                return super().loss(w, part)
+
+        return Task(cfg, rows)
+
+
+def distill_run(zero: int, teacher: str, root: str) -> dict:
+    """``distill`` of the tiny EDM2 teacher on the engine's own loop under ZeRO ``zero``, 6 steps (adjusted way,
+    σ_n 0.2): once left alone, once killed in step 5 and restarted from its step-4 checkpoint on a fresh worker;
+    rank 0 keeps every part's weights (and EMAs) before and after, and the generator's model.json."""
+    import ray.train
+    import torch.distributed as dist
+
+    from ambient_ray.train import loop
+    from ambient_ray.train.tasks.distill_config import DistillConfig, prepare
+    from ambient_ray.train.worker import Worker
+
+    rank = ray.train.get_context().get_world_rank()
+    runs = {}
+    for kind in ("alone", "killed"):
+        out = os.path.join(root, f"distill{zero}-{kind}")
+        cfg = DistillConfig(
+            teacher=teacher,
+            out=out,
+            steps=6,
+            batch_size=8,
+            zero_stage=zero,
+            log_every=2,
+            checkpoint_every=2,
+            optim=dict(lr=0.01),
+            ema_decay=0.5,
+            distill=dict(way="adjusted", sigma_n=0.2, fake_lr=0.02),
+            mlflow=dict(enabled=False),
+        )
+        rows = prepare(cfg).rows
+        task = FailingDistill.make(cfg, rows, 5 if kind == "killed" else None)
+        w = Worker(cfg, task.parts(), task.meta(), {})
+        before = part_weights(w)
+        saved = {}
+
+        def save_here(metrics, state=None, files=None, _w=w, _out=out, _saved=saved):
+            d = os.path.join(_out, f"ckpt-{_w.step}")
+            _w.save(d, state, files)
+            dist.barrier()
+            _saved[_w.step] = d
+
+        w.save_and_report = save_here
+        try:
+            loop.steps(task, cfg, w)
+        except RuntimeError as e:
+            assert kind == "killed" and "planted failure" in str(e), e
+            w = Worker(cfg, task.parts(), task.meta(), {})  # a restart: fresh workers, the last checkpoint
+            w.save_and_report = lambda *a, **k: None
+            loop.steps(task, cfg, w, ckpt=ray.train.Checkpoint.from_directory(saved[4]))
+        runs[kind] = {"before": before, "after": part_weights(w), "step": w.step, "meta": task.meta()}
+    return runs if rank == 0 else {}
+
+
 def stages_loop(config: dict) -> None:
     """One Ray Train run, every ZeRO stage in turn on the engine's own Worker (the DeepSpeed glue and its
     forced-normalisation hook): the same network (seed 0) and the same per-rank batches, STEPS steps of the
@@ -370,6 +440,7 @@ def stages_loop(config: dict) -> None:
         masked_meta = with_mask_input(meta)
         optim = edm2_optim if name == "edm2" else dit_optim
         result[f"{name}_masked3"] = engine_steps(masked_meta, 3, optim, 300, masked_loss_fn(masked_meta))
+    result.update({f"distill{zero}": distill_run(zero, config["teacher"], config["parts"]) for zero in (2, 3)})
     if result[0]["rank"] == 0:
         torch.save(result, config["path"])
     ray.train.report({"done": 1})
@@ -382,14 +453,31 @@ def stages(ray_cluster, tmp_path_factory):
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     path = str(tmp_path_factory.mktemp("edm2-stages") / "result.pt")
+    teacher = save_teacher(tmp_path_factory.mktemp("edm2-teacher"))
     TorchTrainer(
         stages_loop,
-        train_loop_config={"path": path, "parts": str(tmp_path_factory.mktemp("edm2-parts"))},
+        train_loop_config={"path": path, "parts": str(tmp_path_factory.mktemp("edm2-parts")), "teacher": teacher},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path_factory.mktemp("edm2-stages-ray"))),
     ).fit()
     return torch.load(path, weights_only=False)
+
+
+def save_teacher(d) -> str:
+    """The tiny EDM2 network (seed 0, forced-normalised) as a trained model folder: the distillation's teacher."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = registry.build(TINY_META)
+    edm2.force_normalize_(net)
+    state = {n: p.detach().contiguous() for n, p in net.named_parameters()}
+    for name in ("ema", "model"):
+        save_file(state, str(d / f"{name}.safetensors"))
+    (d / "model.json").write_text(json.dumps({**TINY_META, "sigma_data": 0.5, "noisy": {"sigma_n": 0.2}}))
+    return str(d)
 
 
 def initial_weights():
@@ -630,3 +718,65 @@ def test_masked_networks_train_under_zero3(stages, name):
     init = dict(registry.build(with_mask_input(TINY_META if name == "edm2" else DIT_META)).named_parameters())
     moved = max(float(np.abs(r["weights"][k] - init[k].detach().numpy()).max()) for k in r["weights"])
     assert moved > 1e-3
+
+
+# ------------------------------------------------------------------------------ distill (issue 33)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_distill_trains_generator_and_fake_score_against_a_frozen_teacher_and_resumes_exactly(stages, zero):
+    """Two CPU workers, ``distill`` of the tiny EDM2 teacher (adjusted way, σ_n 0.2), 6 steps, under ZeRO-2 and
+    ZeRO-3: the generator, its EMA and the fake score move from the teacher's weights, the teacher does not move at
+    all; every MPConv row of both trained parts keeps unit magnitude (forced weight normalisation on both); a run
+    killed in step 5 and restarted from its step-4 checkpoint ends with the same generator, fake score and EMA, bit
+    for bit, as the run left alone."""
+    runs = stages[f"distill{zero}"]
+    alone, killed = runs["alone"], runs["killed"]
+    assert alone["step"] == killed["step"] == 6
+    before, after = alone["before"], alone["after"]
+    teacher0 = {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith("teacher/")}
+    for part in ("generator", "fake_score"):  # both start from the teacher's weights, forced-normalised once more
+        # (EDM2's normalisation divides by ε + ‖w‖/√n with ε = 1e-4: applied twice, a row shrinks by ≈ 1e-4)
+        assert max(float((before[f"{part}/{n}"] - t).abs().max()) for n, t in teacher0.items()) < 1e-3
+    moved = {}
+    for k in after:
+        key = k.split("/")[0] + ("/ema" if "/ema/" in k else "")
+        ref = before.get(k, before.get(k.replace("/ema/", "/")))
+        moved[key] = max(moved.get(key, 0.0), float((after[k] - ref).abs().max()))
+    print(f"distill ZeRO-{zero}: largest change per part:", {k: f"{v:.2e}" for k, v in moved.items()})
+    assert moved["teacher"] == 0.0
+    assert min(moved[k] for k in ("generator", "fake_score", "generator/ema")) > 1e-4
+    assert "fake_score/ema" not in moved  # the fake score keeps no EMA
+    for part in ("generator", "fake_score"):
+        mags = row_magnitudes({k.split("/", 1)[1]: v.numpy() for k, v in after.items() if k.startswith(part + "/")})
+        assert np.abs(mags - 1).max() < 1e-3, part
+    assert set(after) == set(killed["after"])
+    diff = max(float((after[k] - killed["after"][k]).abs().max()) for k in after)
+    assert diff == 0.0, f"the restarted distillation differs from the one left alone by up to {diff:.2e}"
+
+
+def test_the_distilled_generator_samples_in_one_network_evaluation(stages):
+    """The generator of the ZeRO-3 distillation, built from its model.json (the teacher's network marked one_step)
+    with its EMA weights: ``sample``'s one-step sampler calls it once per batch, at σ_init = 2.5, and its output is
+    D(2.5·z; 2.5) of the same latents."""
+    from ambient_ray.sampling import SamplerConfig
+    from ambient_ray.sampling.draw import draw
+
+    run = stages["distill3"]["alone"]
+    meta = run["meta"]
+    assert meta["one_step"]["sigma_init"] == 2.5 and "noisy" not in meta
+    net = registry.build(meta)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(run["after"][f"generator/ema/{n}"])
+    net.meta = meta
+    calls = []
+    hook = net.register_forward_hook(lambda m, args, out: calls.append(float(args[1].flatten()[0])))
+    imgs = draw(net.eval(), 10, SamplerConfig(name="one-step"), seed=3, batch_size=5)
+    hook.remove()
+    assert imgs.shape == (10, 8, 8, 1) and calls == [2.5, 2.5]
+    z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net(2.5 * z, torch.full((5,), 2.5)).clamp(-1, 1)
+    expect = ((ref + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(imgs[:5].astype(int) - expect.astype(int)).max() <= 1

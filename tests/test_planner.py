@@ -49,10 +49,13 @@ def test_edm2_sizes_and_flops_are_the_papers():
         assert planner.flops_per_image(meta) / 2e9 == pytest.approx(gmacs, rel=0.03)
 
 
-def _real_saved_bytes(meta: dict, batch: int, **model) -> int:
-    """Bytes of the distinct storages a real CPU forward saves for backward, parameters excluded."""
+def _real_saved_bytes(meta: dict, batch: int, frozen: bool = False, **model) -> int:
+    """Bytes of the distinct storages a real CPU forward saves for backward, parameters excluded; ``frozen``: as a
+    distillation's generator step runs the fake score and the teacher (eval mode, parameters out of the graph, the
+    input requiring a gradient)."""
     torch.manual_seed(0)
-    net = registry.build({**meta, "model": {**meta["model"], **model}}).train()
+    net = registry.build({**meta, "model": {**meta["model"], **model}})
+    net = net.eval().requires_grad_(False) if frozen else net.train()
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen: dict[int, int] = {}
 
@@ -63,7 +66,7 @@ def _real_saved_bytes(meta: dict, batch: int, **model) -> int:
         return t
 
     cfg = registry.config_of(meta)
-    x = torch.randn(batch, cfg.in_channels, cfg.img_resolution, cfg.img_resolution)
+    x = torch.randn(batch, cfg.in_channels, cfg.img_resolution, cfg.img_resolution, requires_grad=frozen)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x, torch.full((batch,), 0.7), torch.arange(batch) % cfg.label_dim)
     del out
@@ -86,6 +89,21 @@ def test_activation_bytes_on_the_meta_device_are_a_real_forwards(meta):
         assert a.option is None and a.checkpointed is None
 
 
+@pytest.mark.parametrize("meta", [TINY_DDPMPP, TINY_EDM2], ids=["ddpmpp-small", "edm2-tiny"])
+def test_a_frozen_copys_forward_saves_for_its_inputs_gradient_only_and_is_never_checkpointed(meta):
+    """The fake score's and the teacher's forwards in a distillation's generator step: what the meta device measures
+    is a real forward's, less than a training forward's, and the same with checkpoint_blocks (eval mode)."""
+    a = planner.activations(meta, 3, "fp32", frozen=True)
+    kw = {"checkpoint_blocks": False} if planner._has_checkpoint(meta) else {}
+    assert a.frozen == pytest.approx(_real_saved_bytes(meta, 3, frozen=True, **kw), rel=0.05)
+    assert 0 < a.frozen < a.saved  # no weight gradients: neither their inputs nor the weights derived in forward
+    if kw:
+        assert _real_saved_bytes(meta, 3, frozen=True, checkpoint_blocks=True) == _real_saved_bytes(
+            meta, 3, frozen=True, **kw
+        )
+    assert planner.activations(meta, 3, "fp32").frozen is None  # measured only when asked
+
+
 def test_model_state_formulas_against_deepspeeds_estimators():
     c = planner.Counts(params=10**9, largest_layer=10**7, persistent=0)
     gib = planner.GIB
@@ -106,22 +124,77 @@ def test_model_state_formulas_against_deepspeeds_estimators():
 
 
 def test_a_task_of_several_parts_sums_each_trained_parts_states_and_each_frozen_parts_weights():
-    """A distillation's shape: two trained parts (each its own DeepSpeed engine: states, buffers, EMA) and a frozen
-    teacher (bf16 weights only; under ZeRO-3 its partition plus its persistent and largest layer)."""
+    """A distillation's shape: two trained parts (each its own DeepSpeed engine: its states, under ZeRO-3 its own
+    reduce bucket; the generator's EMA only) and a frozen teacher (bf16 weights only; under ZeRO-3 its partition plus
+    its persistent parameters); one network's layers gathered at a time."""
     big = planner.Counts(params=10**9, largest_layer=10**7, persistent=10**5)
     small = planner.Counts(params=10**8, largest_layer=10**6, persistent=0)
-    parts = {"generator": (big, True), "fake_score": (small, True), "teacher": (big, False)}
-    for stage in (2, 3):
+    parts = {"generator": (big, True), "fake_score": (small, True, False), "teacher": (big, False)}
+    bucket, gathered = 2 * planner.REDUCE_BUCKET, 4 * 10**7 + 2 * planner.PREFETCH_BUCKET  # bf16; big's layers
+    for stage in (0, 1, 2, 3):
         got = planner.parts_bytes(parts, stage, 8, "bf16")
         for name, c in (("generator", big), ("fake_score", small)):
-            s = planner.model_states(c, stage, 8, "bf16")
-            assert got[name] == s.gpu + s.buffers + planner.ema_bytes(c, stage, 8, 1)
-        assert got["total"] == got["generator"] + got["fake_score"] + got["teacher"]
-    assert planner.parts_bytes(parts, 2, 8)["teacher"] == 2 * 10**9  # whole, in bf16, no state
-    assert planner.parts_bytes(parts, 3, 8)["teacher"] == 2 * (10**9 // 8 + 10**5 + 10**7)
-    assert planner.parts_bytes(parts, 3, 8, "fp32")["teacher"] == 4 * (10**9 // 8 + 10**5 + 10**7)
-    one = planner.parts_bytes({"net": (big, True)}, 2, 8, ema="power")  # a one-part task: as today's plan
-    assert one["total"] == one["net"] == planner.model_states(big, 2, 8).gpu + 10**9 + planner.ema_bytes(big, 2, 8, 2)
+            assert got.states[name] == planner.model_states(c, stage, 8, "bf16").gpu
+        assert got.ema == planner.ema_bytes(big, stage, 8, 1)  # the fake score keeps none
+        assert got.buffers == {0: 0, 1: bucket, 2: bucket, 3: 2 * bucket + gathered}[stage]
+        assert got.total == sum(got.states.values()) + got.ema + got.buffers
+    assert planner.parts_bytes(parts, 2, 8).states["teacher"] == 2 * 10**9  # whole, in bf16, no state
+    assert planner.parts_bytes(parts, 3, 8).states["teacher"] == 2 * (10**9 // 8 + 10**5)
+    assert planner.parts_bytes(parts, 3, 8, "fp32").states["teacher"] == 4 * (10**9 // 8 + 10**5)
+    assert planner.parts_bytes(parts, 1, 8, "fp32").states["teacher"] == 4 * 10**9
+    for stage in (0, 1, 2, 3):  # a one-part task: as the training plan
+        one, s = planner.parts_bytes({"net": (big, True)}, stage, 8, ema="power"), planner.model_states(big, stage, 8)
+        assert (one.states, one.buffers) == ({"net": s.gpu}, s.buffers)
+        assert one.total == s.gpu + s.buffers + planner.ema_bytes(big, stage, 8, 2)
+
+
+def test_a_distillation_plan_holds_two_trained_copies_one_ema_a_frozen_teacher_and_three_forwards():
+    """``plan --distill`` of edm2-tiny on 8 ranks, bf16 (meta device only): model states by hand from the parameter
+    count, the generator step's activations (a training forward and two frozen ones: under 3x a training forward's,
+    and unchanged by checkpointing but for the generator's), and more memory than training the preset."""
+    kw = dict(model="edm2-tiny", gpus=8, nodes=1, batch=4, precision="bf16")
+    d, t = planner.plan(planner.PlanConfig(**kw, distill=True)), planner.plan(planner.PlanConfig(**kw))
+    p, pers = d.counts.params, d.counts.persistent
+    assert (d.ema, t.ema) == ("warmup", "power")  # the distill stage's default; edm2's training plan's
+    # ZeRO-2: each trained part 2 + 16/8 bytes per parameter, the EMA 4 (whole), the bf16 teacher 2 (whole)
+    # ZeRO-3: each trained part 20/8 (or 16/8 and the persistent whole in bf16), the EMA and teacher partitioned
+    hand = {
+        2: 2 * (2 * p + 2 * p) + 4 * p + 2 * p,
+        3: 2 * int(2 * p + max(2 * pers, 4 * p / 8)) + 4 * -(-p // 8) + int(2 * p / 8 + 2 * pers),
+    }
+    for stage, want in hand.items():
+        r = d.rows[stage]
+        assert r["generator: model states"] == r["fake score: model states"] == t.rows[stage]["model states"]
+        parts = ("generator: model states", "fake score: model states", "EMA (generator)", "teacher: frozen weights")
+        assert sum(r[k] for k in parts) == want
+        bucket = 2 * planner.REDUCE_BUCKET
+        assert r["DeepSpeed buffers"] - t.rows[stage]["DeepSpeed buffers"] == (bucket if stage == 3 else 0)
+    a = d.activations
+    assert (a.saved, a.checkpointed) == (t.activations.saved, t.activations.checkpointed)
+    for stage in planner.STAGES:
+        r = d.rows[stage]
+        assert r["activations"] == a.saved + 2 * a.frozen and a.saved < r["activations"] < 3 * a.saved
+        assert r["  with checkpointing"] == a.checkpointed + 2 * a.frozen
+        for ck in (False, True):
+            assert d.per_gpu(stage, 1, ck) > t.per_gpu(stage, 1, ck)
+        assert (
+            r["total"]
+            == d.per_gpu(stage, 1, False)
+            == sum(v for k, v in r.items() if v is not None and not k.startswith(" ") and k != "total")
+        )
+
+
+def test_the_cli_plans_a_distillation(capsys):
+    assert cli.main(["plan", "--model", "edm2-tiny", "--distill", "--gpus", "2", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "distillation (--distill): three networks of this preset" in out
+    assert "teacher: frozen weights" in out and "EMA (generator)" in out and "generator EMA warmup" in out
+    assert "the fake score's and the teacher's forwards on its output" in out
+    assert "recommended: ZeRO-" in out and "global batch" not in out  # none unless --global-batch
+    assert cli.main(["plan", "--model", "dit-tiny", "--distill", "--batch", "2", "--mask-ratio", "0.5"]) == 2
+    assert "mask_ratio" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "dit-tiny", "--distill", "--gpus", "2", "--batch", "2"]) == 0
+    assert "the backbone runs on 256 of 256 tokens" in capsys.readouterr().out  # no masking by default
 
 
 def test_the_recommendation_is_the_fewest_nodes_then_no_checkpointing_then_the_lowest_stage():

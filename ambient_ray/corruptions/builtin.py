@@ -3,7 +3,9 @@ block and box masks, additive noise, contrast and colour shifts, each a pure fun
 
 The masks (``mask``, ``block_mask``, ``box_mask``) are registered with ``masks=True``: besides the image with
 its hidden pixels set to 0 they return which pixels are observed, which the corrupt stage stores as the row's
-``mask`` column (Ambient Diffusion trains on it)."""
+``mask`` column (Ambient Diffusion trains on it). ``noise`` is registered with ``noisy=True``: besides the clipped
+image it returns the unclipped noisy data and its σ_n, which the corrupt stage stores as the row's ``noisy`` and
+``sigma_n`` columns (Denoising Score Distillation trains on them)."""
 
 from __future__ import annotations
 
@@ -107,11 +109,12 @@ def _box_mask(x, rngs, size):
     return x * keep[..., None], keep
 
 
-@register("noise", sigma=Param(float, None, lo=0.0))
+@register("noise", noisy=True, sigma=Param(float, None, lo=0.0))
 def _noise(x, rngs, sigma):
-    """Additive Gaussian noise of standard deviation ``sigma`` in the [-1, 1] data scale."""
+    """Additive Gaussian noise of standard deviation ``sigma`` in the [-1, 1] data scale: y = (2x − 1) + σ·z, kept
+    unclipped as the row's ``noisy`` column with ``sigma_n`` = σ (DSD's σ_n); the PNG image is y clipped."""
     z = np.stack([rng.standard_normal(x.shape[1:], dtype=np.float32) for rng in rngs])
-    return x + (sigma / 2.0) * z
+    return x + (sigma / 2.0) * z, sigma
 
 
 @register("contrast", factor=Param(float, None, lo=0.0))

@@ -15,6 +15,14 @@ and ``mask_where`` (which file, column and row, for the quarantine's reason); :f
 against the image and resizes it with the image. A source's ``has_masks`` says, after ``list_items()``,
 whether any of its rows may carry one.
 
+Users' noisy data (Denoising Score Distillation: rows observed only as y = x + σ_n·z, :mod:`ambient_ray.data.noisy`):
+a Parquet ``noisy`` column (a float tensor or list column, (C, H, W) in the [-1, 1] data scale) with a ``sigma_n``
+column or ``source.sigma_n`` for every row, or a folder of ``.npy`` arrays (:class:`NpySource`). A record then
+carries ``noisy`` (the raw array), ``sigma_n`` (the raw value, or None: ``source.sigma_n`` applies) and
+``noisy_where`` / ``sigma_where`` (for the quarantine's reasons); :func:`decode_row` checks them. A source's
+``has_noisy`` says, after ``list_items()``, whether its rows may carry noisy data. Noisy data is never resized or
+converted (that would change its noise): ``image`` of such a row is a preview of it (clipped, quantised).
+
 Built-ins: ``digits`` (scikit-learn, 1,797 8x8 grey), ``faces`` (scikit-image ``lfw_subset``, 200
 25x25 grey), ``photos`` (crops of scikit-image's bundled photographs, RGB, for out-of-distribution
 use).
@@ -34,10 +42,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-from ambient_ray.config import Strict, flag
+from ambient_ray.config import DataError, Strict, flag
+from ambient_ray.data import noisy as noisy_data
 from ambient_ray.data.images import decode_png, encode_png, resize_square
 from ambient_ray.data.masks import MASK, MASK_SUFFIX, check_mask, mask_cells, resize_mask
 from ambient_ray.data.metadata import FILTER_FIELDS, match, parquet_files, read_schema_names
+from ambient_ray.data.noisy import NOISY, SIGMA_N
 from ambient_ray.io import storage
 
 BUILTINS = ("digits", "faces", "photos")
@@ -75,10 +85,11 @@ class SourceConfig(Strict):
             "--dataset", "built-in (digits, faces, photos) or URI of an image folder, tar shards or Parquet"
         ),
     )
-    format: Literal["auto", "builtin", "folder", "webdataset", "parquet"] = Field(
+    format: Literal["auto", "builtin", "folder", "webdataset", "parquet", "npy"] = Field(
         "auto",
         description="how 'dataset' is read; auto: a built-in name is builtin, a .tar (or a folder of them) "
-        "webdataset, a .parquet (or a folder of them) parquet, any other folder an image folder",
+        "webdataset, a .parquet (or a folder of them) parquet, a folder of .npy arrays (noisy data) and no "
+        "images npy, any other folder an image folder",
     )
     image_size: int | None = Field(
         None,
@@ -104,6 +115,13 @@ class SourceConfig(Strict):
     )
     part: Literal["train", "holdout"] = Field(
         "train", description="with holdout > 0: read the training part or the held-out part"
+    )
+    sigma_n: float | None = Field(
+        None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="noisy data (a .npy folder, a Parquet 'noisy' column): the σ_n of its noise in the [-1, 1] "
+        "data scale, for every row without its own (Parquet 'sigma_n' column, the folder's sigma_n.json)",
     )
 
 
@@ -163,6 +181,7 @@ class Source:
 
     name: str
     has_masks: bool = False  # set by list_items(): some rows may carry a user's mask
+    has_noisy: bool = False  # set by list_items(): some rows may carry a user's noisy data
 
     def list_items(self) -> list[tuple[str, Any]]:
         raise NotImplementedError
@@ -327,7 +346,9 @@ class WebDatasetSource(Source):
 class ParquetSource(Source):
     """Parquet shards with an ``image`` column of encoded bytes (the stored schema, docs/design/notes.md) and
     an optional ``mask`` column: a tensor or list column of 0/1 ((1, H, W), (H, W) or (H, W, 1)), or PNG bytes;
-    a null mask hides nothing."""
+    a null mask hides nothing. Noisy data: a ``noisy`` column (a float tensor or list column, (C, H, W) in the
+    [-1, 1] data scale; the ``image`` column may then be absent) and an optional ``sigma_n`` column; a row whose
+    ``noisy`` is null is read from its ``image``."""
 
     def __init__(self, uri: str):
         self.uri = storage.normalize(uri)
@@ -344,7 +365,7 @@ class ParquetSource(Source):
         import pyarrow.parquet as pq
 
         fs, path = storage.filesystem(f)
-        names = read_schema_names(f, ("image",))  # checked while listing, on the driver: a DataError there
+        names = _parquet_names(f)  # checked while listing, on the driver: a DataError there
         cols = None if columns is None else [c for c in columns if c in names]
         return pq.read_table(path, filesystem=fs, columns=cols)
 
@@ -352,7 +373,9 @@ class ParquetSource(Source):
         items = []
         for f in self._files():
             rel = f[len(self.uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
-            self.has_masks = self.has_masks or MASK in read_schema_names(f, ("image",))
+            names = _parquet_names(f)
+            self.has_masks = self.has_masks or MASK in names
+            self.has_noisy = self.has_noisy or NOISY in names
             t = self._read(f, ["id"])
             ids = t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows
             for row, rid in enumerate(ids):
@@ -365,12 +388,15 @@ class ParquetSource(Source):
             by_file[f].append(i)
         out: list[dict] = [{}] * len(locators)
         for f, idx in by_file.items():
-            t = self._read(f, ["image", "label", "caption", "source", MASK])
+            t = self._read(f, ["image", "label", "caption", "source", MASK, NOISY, SIGMA_N])
             t = t.take([locators[i][1] for i in idx])
             masks = mask_cells(t.column(MASK)) if MASK in t.column_names else None
-            rows = t.drop_columns([MASK] if masks is not None else []).to_pylist()
+            noisy = mask_cells(t.column(NOISY)) if NOISY in t.column_names else None  # any numeric tensor's cells
+            sigmas = t.column(SIGMA_N).to_pylist() if noisy is not None and SIGMA_N in t.column_names else None
+            rows = t.select([c for c in t.column_names if c in ("image", "label", "caption", "source")]).to_pylist()
             rel = f[len(self.uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
             for k, (i, r) in enumerate(zip(idx, rows)):
+                row = locators[i][1]
                 out[i] = {
                     "image": r.get("image") or b"",
                     "label": r.get("label"),
@@ -379,7 +405,78 @@ class ParquetSource(Source):
                 }
                 if masks is not None and masks[k] is not None:
                     out[i]["mask"] = masks[k]
-                    out[i]["mask_where"] = f"column {MASK!r}, row {locators[i][1]} of {rel}"
+                    out[i]["mask_where"] = f"column {MASK!r}, row {row} of {rel}"
+                if noisy is not None:
+                    out[i][NOISY] = noisy[k]
+                    out[i]["noisy_where"] = f"column {NOISY!r}, row {row} of {rel}"
+                    if sigmas is not None:
+                        out[i][SIGMA_N] = sigmas[k]
+                        out[i]["sigma_where"] = f"column {SIGMA_N!r}, row {row} of {rel}"
+        return out
+
+
+def _parquet_names(f: str) -> list[str]:
+    """The columns of a Parquet source file; a DataError naming it when it has neither ``image`` nor ``noisy``."""
+    names = read_schema_names(f)
+    if "image" not in names and NOISY not in names:
+        raise DataError(f"{f}: missing column 'image' (or '{NOISY}' for noisy data) (columns: {', '.join(names)})")
+    return names
+
+
+SIGMA_FILE = "sigma_n.json"  # a .npy folder's σ_n per file: {"a.npy": 0.1, "sub/b.npy": 0.2}
+
+
+class NpySource(Source):
+    """A folder of ``.npy`` arrays, each one noisy image: float (C, H, W) with C = 1 or 3 (or (H, W)) in the
+    [-1, 1] data scale, y = x + σ_n·z. σ_n: the folder's ``sigma_n.json`` (``{"RELATIVE/PATH.npy": σ_n}``) for the
+    files it names, else ``source.sigma_n``. A first-level sub-folder name is the class, as for an image folder."""
+
+    has_noisy = True
+
+    def __init__(self, uri: str):
+        self.uri = storage.normalize(uri)
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+        self.classes: list[str] = []
+        self.sigmas: dict[str, Any] = {}
+
+    def list_items(self):
+        files = storage.list_files(self.uri, (".npy",))
+        rels = [f[len(self.uri) :].lstrip("/") for f in files]
+        sigma_file = storage.join(self.uri, SIGMA_FILE)
+        if storage.exists(sigma_file):
+            try:
+                sigmas = json.loads(storage.read_bytes(sigma_file))
+            except ValueError as e:
+                raise DataError(f"{sigma_file}: not JSON ({e})") from None
+            if not isinstance(sigmas, dict):
+                raise DataError(f'{sigma_file}: expected an object {{"FILE.npy": sigma_n, ...}}')
+            unknown = sorted(set(sigmas) - set(rels))
+            if unknown:
+                raise DataError(f"{sigma_file}: names files that are not in {self.uri}: {unknown[:5]}")
+            self.sigmas = sigmas
+        if rels and all("/" in r for r in rels):
+            self.classes = sorted({r.split("/", 1)[0] for r in rels})
+        return [(r, r) for r in rels]
+
+    def load(self, locators):
+        out = []
+        for rel in locators:
+            label = self.classes.index(rel.split("/", 1)[0]) if self.classes else None
+            rec = {"image": b"", "label": label, "caption": None, "source": self.name}
+            try:
+                data = storage.read_bytes(storage.join(self.uri, rel))
+            except OSError as e:
+                out.append({**rec, "error": f"cannot read {rel}: {e}"})
+                continue
+            try:
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                out.append({**rec, "error": f"noisy (file {rel}): not a .npy array ({type(e).__name__}: {e})"})
+                continue
+            rec.update({NOISY: arr, "noisy_where": f"file {rel}"})
+            if rel in self.sigmas:
+                rec.update({SIGMA_N: self.sigmas[rel], "sigma_where": f"{SIGMA_FILE}, file {rel}"})
+            out.append(rec)
         return out
 
 
@@ -402,11 +499,18 @@ def make_source(cfg: SourceConfig) -> Source:
                 fmt = "parquet"
             elif any(n.endswith(".tar") for n in names):
                 fmt = "webdataset"
+            elif any(n.endswith(".npy") for n in names) and not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
+                fmt = "npy"
             else:
                 fmt = "folder"
-    return {"builtin": BuiltinSource, "folder": FolderSource, "webdataset": WebDatasetSource, "parquet": ParquetSource}[
-        fmt
-    ](cfg if fmt == "builtin" else cfg.dataset)
+    kinds = {
+        "builtin": BuiltinSource,
+        "folder": FolderSource,
+        "webdataset": WebDatasetSource,
+        "parquet": ParquetSource,
+        "npy": NpySource,
+    }
+    return kinds[fmt](cfg if fmt == "builtin" else cfg.dataset)
 
 
 def list_items(source: Source, cfg: SourceConfig) -> list[tuple[str, Any]]:
@@ -464,11 +568,97 @@ def decode_masked(record: dict, cfg: SourceConfig) -> tuple[np.ndarray | None, n
     return arr, mask, None
 
 
+def decode_row(
+    record: dict, cfg: SourceConfig
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, float | None, str | None]:
+    """:func:`decode_masked`, and the record's own noisy data: ``(image, mask, noisy, sigma_n, None)`` or
+    ``(None, None, None, None, reason)``; ``noisy`` float32 (C, H, W) and ``sigma_n`` are None for a row without
+    noisy data.
+
+    A row with noisy data (:func:`ambient_ray.data.noisy.check_noisy`; σ_n its own, else ``source.sigma_n``) is
+    not resized or converted: one of another size than ``source.image_size`` or other channels than
+    ``source.channels`` is refused. Its image is the preview of the data (clipped, quantised); its own mask, if
+    any, is checked against its H x W and its hidden pixels are set to −1 in the data (0 in the image). A row whose
+    ``noisy`` is null is read from its image, and must have no σ_n but 0."""
+    if record.get("error"):
+        return None, None, None, None, record["error"]
+    raw = record.get(NOISY)
+    sigma_raw = record.get(SIGMA_N)
+    if raw is None:
+        if sigma_raw is not None and not (isinstance(sigma_raw, (int, float)) and sigma_raw == 0):
+            where = record.get("sigma_where") or f"column {SIGMA_N!r}"
+            return None, None, None, None, f"sigma_n ({where}) is {sigma_raw!r}, but the row has no noisy data"
+        arr, mask, err = decode_masked(record, cfg)
+        return arr, mask, None, None, err
+    where = record.get("noisy_where") or f"column {NOISY!r}"
+    y, problem = noisy_data.check_noisy(raw)
+    if problem:
+        return None, None, None, None, f"noisy ({where}): {problem}"
+    if sigma_raw is None and cfg.sigma_n is not None:
+        sigma_raw, sigma_where = cfg.sigma_n, "source.sigma_n"
+    else:
+        sigma_where = record.get("sigma_where") or f"column {SIGMA_N!r}"
+    sigma, problem = noisy_data.check_sigma_n(sigma_raw)
+    if problem == "missing":
+        return (
+            None,
+            None,
+            None,
+            None,
+            (
+                f"sigma_n of the noisy data ({where}): missing (set source.sigma_n, or give each row's: a Parquet "
+                f"{SIGMA_N!r} column, a .npy folder's {SIGMA_FILE})"
+            ),
+        )
+    if problem:
+        return None, None, None, None, f"sigma_n ({sigma_where}): {problem}"
+    problem = noisy_data.check_range(y, sigma)
+    if problem:
+        return None, None, None, None, f"noisy ({where}): {problem}"
+    c, h, w = y.shape
+    if cfg.image_size is not None and (h, w) != (cfg.image_size, cfg.image_size):
+        return (
+            None,
+            None,
+            None,
+            None,
+            (
+                f"noisy ({where}): {h}x{w}, source.image_size is {cfg.image_size} (noisy data is never resized: "
+                "that would change its noise)"
+            ),
+        )
+    if cfg.channels is not None and c != cfg.channels:
+        return (
+            None,
+            None,
+            None,
+            None,
+            (f"noisy ({where}): {c} channels, source.channels is {cfg.channels} (noisy data is never converted)"),
+        )
+    mask = None
+    mask_raw = record.get("mask")
+    if mask_raw is not None and not (isinstance(mask_raw, (bytes, bytearray)) and not mask_raw):
+        mask, problem = check_mask(mask_raw, (h, w))
+        if problem:
+            return None, None, None, None, f"mask ({record.get('mask_where') or f'column {MASK!r}'}): {problem}"
+        if mask.all():
+            mask = None
+        else:
+            y[:, mask == 0] = -1.0
+    return noisy_data.preview(y), mask, y, sigma, None
+
+
 def _decode_image(record: dict) -> tuple[np.ndarray | None, str | None]:
-    """A record's image as uint8 (H, W, C) with 1 or 3 channels, as stored (no conversion, no resize)."""
+    """A record's image as uint8 (H, W, C) with 1 or 3 channels, as stored (no conversion, no resize); for a
+    record of noisy data without image bytes, the data's preview."""
     if record.get("error"):
         return None, record["error"]
     img = record.get("image")
+    if (img is None or (isinstance(img, (bytes, bytearray)) and not img)) and record.get(NOISY) is not None:
+        y, problem = noisy_data.check_noisy(record[NOISY])
+        if problem:
+            return None, f"noisy ({record.get('noisy_where') or f'column {NOISY!r}'}): {problem}"
+        return noisy_data.preview(y), None
     if isinstance(img, np.ndarray):
         arr = img if img.ndim == 3 else img[..., None]
     else:

@@ -63,16 +63,18 @@ def ambient_loss(
     sigma: torch.Tensor,
     sigma_n: torch.Tensor,
     sigma_data: float = 0.5,
+    extra_weight: bool = True,
 ) -> torch.Tensor:
     """Per-element ambient loss: λ(σ)·λ_amb(σ, σ_n)·‖α·D + (1 − α)·x_σ − x_{σ_n}‖².
 
     ``sigma`` and ``sigma_n`` are (B,) and must satisfy σ > σ_n (use :func:`buffer_sigma`). With
-    σ_n = 0 this is exactly :func:`edm_loss` with x_{σ_n} = x_0.
+    σ_n = 0 this is exactly :func:`edm_loss` with x_{σ_n} = x_0. ``extra_weight`` False drops λ_amb: DSD's
+    Phase-I loss λ(σ)·‖α·D + (1 − α)·x_σ − y‖² (seed 004, Sec. 3.1), which has the same minimiser.
     """
     sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device)
     sigma_n = torch.as_tensor(sigma_n, dtype=x_sigma.dtype, device=x_sigma.device)
     pred_n = ambient_x0_to_xn(x0_pred, x_sigma, sigma, sigma_n)
-    w = edm_weight(sigma, sigma_data) * ambient_weight(sigma, sigma_n)
+    w = edm_weight(sigma, sigma_data) * (ambient_weight(sigma, sigma_n) if extra_weight else 1.0)
     return bcast(w, x_sigma) * (pred_n - x_sigma_n) ** 2
 
 
@@ -362,10 +364,11 @@ class Latents:
 
 
 def clean_rows(rows: torch.Tensor | Latents, idx: torch.Tensor, generator: torch.Generator | None = None):
-    """x_0 of the rows ``idx``: uint8 images (N, C, H, W) mapped to [-1, 1], or a fresh draw of :class:`Latents`."""
+    """The rows ``idx`` in the data scale: uint8 images (N, C, H, W) mapped to [-1, 1], float rows (the ``noisy``
+    column: already in that scale) as they are, or a fresh draw of :class:`Latents`."""
     if isinstance(rows, Latents):
         return rows.clean(idx, generator)
-    return rows[idx].float() / 127.5 - 1.0
+    return rows[idx].float() if rows.dtype.is_floating_point else rows[idx].float() / 127.5 - 1.0
 
 
 def ambient_batch(
@@ -374,17 +377,19 @@ def ambient_batch(
     sigma_min: torch.Tensor,
     batch: int,
     generator: torch.Generator | None = None,
+    observed_noisy: bool = False,
 ) -> Batch:
     """Draw σ first and pair it with eligible rows (:meth:`SigmaSampler.sample`), then noise them.
 
     ``images`` are uint8 (N, C, H, W), mapped to [-1, 1], or :class:`Latents` (a fresh latent per use).
     A row annotated σ_n is first noised to x_{σ_n} = y + σ_n·z (all the model may see of it), then to
     x_σ = x_{σ_n} + sqrt(σ² − σ_n²)·z' (Ambient-o Sec. 3.1). Rows drawn through a crop (σ ≤ σ_max) count
-    as clean inside the crop.
+    as clean inside the crop. ``observed_noisy``: the rows are observed with their σ_n noise already in them
+    (DSD's y = x + σ_n·z, seed 004): y is x_{σ_n} itself.
     """
     sigma, idx, crop_size = sampler.sample(batch, generator)
     y = clean_rows(images, idx, generator)
-    return noise_batch(sigma, y, sigma_min[idx], crop_size, idx, generator)
+    return noise_batch(sigma, y, sigma_min[idx], crop_size, idx, generator, observed_noisy)
 
 
 def noise_batch(
@@ -394,11 +399,18 @@ def noise_batch(
     crop_size: torch.Tensor,
     index: torch.Tensor,
     generator: torch.Generator | None = None,
+    observed_noisy: bool = False,
 ) -> Batch:
     """The ambient batch of rows ``y`` (x_0 in [-1, 1] or normalised latents) paired with ``sigma``: each row
-    noised to its own σ_n (0 inside a crop), then to σ (Ambient-o Sec. 3.1), and its crop mask."""
-    sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min)
-    x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
+    noised to its own σ_n (0 inside a crop), then to σ (Ambient-o Sec. 3.1), and its crop mask. With
+    ``observed_noisy`` the rows already hold their σ_n noise (y = x_{σ_n}; no crops then)."""
+    if observed_noisy:
+        if bool((crop_size > 0).any()):
+            raise ValueError("rows observed with their noise train whole (no crops annotation)")
+        sn, x_n = sigma_min, y
+    else:
+        sn = torch.where(crop_size > 0, torch.zeros_like(sigma), sigma_min)
+        x_n = y + bcast(sn, y) * torch.randn(y.shape, generator=generator)
     x_s = x_n + bcast((sigma**2 - sn**2).clamp(min=0).sqrt(), y) * torch.randn(y.shape, generator=generator)
     return Batch(x_s, x_n, sigma, sn, random_crop_mask(tuple(y.shape), crop_size, generator), index, crop_size)
 
@@ -409,6 +421,7 @@ def batch_loss(
     sigma_data: float = 0.5,
     observed: torch.Tensor | None = None,
     seen: torch.Tensor | None = None,
+    extra_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's ambient loss: its mean, and the per-sample losses (mean over each mask's pixels).
 
@@ -418,14 +431,15 @@ def batch_loss(
     ``seen`` (B, 1, H, W), the pixels the network saw (Ã): a graded pixel it did not see was predicted as σ_data·F
     (:meth:`ambient_ray.models.precond.EDMPrecond.precondition`), so its EDM weight is 1/c_out² = 1/σ_data² in
     place of λ(σ) (times the ambient weight on an annotated row). A weight that depends on (σ, Ã) alone leaves the
-    minimiser, E[x0 | Ã x_σ, Ã] per pixel, where it was."""
+    minimiser, E[x0 | Ã x_σ, Ã] per pixel, where it was. ``extra_weight`` False: without the ambient weight
+    λ_amb (DSD's Phase-I loss, :func:`ambient_loss`)."""
     dev = x0_pred.device
     x_s, x_n = b.x_sigma.to(dev), b.x_sigma_n.to(dev)
     if observed is not None:  # where, not a product: an inf or NaN at a hidden pixel reaches neither loss nor grad
         graded_px = observed.to(dev).bool()
         x_s = torch.where(graded_px, x_s, torch.zeros_like(x_s))
         x_n = torch.where(graded_px, x_n, torch.zeros_like(x_n))
-    per = ambient_loss(x0_pred, x_s, x_n, b.sigma.to(dev), b.sigma_n.to(dev), sigma_data)
+    per = ambient_loss(x0_pred, x_s, x_n, b.sigma.to(dev), b.sigma_n.to(dev), sigma_data, extra_weight)
     if seen is not None:  # unseen pixels: 1/σ_data² in place of EDM's λ(σ)
         rescale = bcast(1.0 / (sigma_data**2 * edm_weight(b.sigma.to(dev), sigma_data)), per)
         per = torch.where(seen.to(dev).bool(), per, per * rescale)

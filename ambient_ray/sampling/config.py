@@ -30,7 +30,11 @@ class SamplerConfig(Strict):
         json_schema_extra=flag("--sampler", metavar="NAME"),
     )
     steps: int = Field(
-        18, ge=1, description="Heun steps (2*steps-1 network evaluations)", json_schema_extra=flag("--steps")
+        18,
+        ge=1,
+        description="Heun steps (2*steps-1 network evaluations; ambient-truncated: levels from σ_max to σ_n, "
+        "2*steps-1 evaluations too; one-step: unused)",
+        json_schema_extra=flag("--steps"),
     )
     stochastic: bool = Field(
         False,
@@ -73,6 +77,20 @@ class SamplerConfig(Strict):
         ge=0,
         description="reconstruction-guidance: the weight w of the consistency gradient "
         "w·∇½Σ_k‖D(x; Ã_1) − D(x; Ã_k)‖², constant in σ (the paper: 5e-4)",
+    )
+
+    sigma_n: float | None = Field(
+        None,
+        gt=0,
+        description="ambient-truncated: the noise level σ_n of the model's training data (std of the added "
+        "Gaussian noise, in the [-1, 1] pixel scale), where sampling stops and returns D(x; σ_n) (default: the "
+        "model's, meta.noisy.sigma_n in its model.json)",
+    )
+    sigma_init: float | None = Field(
+        None,
+        gt=0,
+        description="one-step: the generator's input noise level, x = D(σ_init·z; σ_init) (default: the model's, "
+        "meta.one_step.sigma_init in its model.json; 2.5 in SiD and DSD); set, it runs any model as a generator",
     )
 
     @field_validator("name")

@@ -46,17 +46,26 @@ def no_guidance(cfg: Knobs) -> None:
         )
 
 
+def heun_evaluations(cfg: Knobs) -> int:
+    """The default :attr:`Sampler.nfe`: EDM's Heun solver, 2·steps − 1 network evaluations per image (two per step,
+    one for the last, the Euler step to σ = 0)."""
+    return 2 * cfg.steps - 1
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: ``sample`` draws one batch; ``about`` is its line in the CLI's help (with the paper);
     ``prepare`` runs once per draw, network -> the denoiser the batches use (a guide loaded, a network of the
     wrong kind refused: :class:`~ambient_ray.config.ConfigError`); ``check`` refuses knobs that do not fit the
-    sampler when the config is built (a ``ValueError`` naming them)."""
+    sampler when the config is built (a ``ValueError`` naming them); ``nfe`` counts the network evaluations per
+    image its knobs cost (an image through a network once; a guided sampler's two halves count two; a backward is
+    not counted), torch-free like ``check``."""
 
     sample: Callable[[Any, Batch, Knobs], torch.Tensor]
     about: str
     prepare: Callable[[Any, Knobs], Any] | None = None
     check: Callable[[Knobs], None] = no_guidance
+    nfe: Callable[[Knobs], int] = heun_evaluations
 
 
 SAMPLERS: Registry[Sampler] = Registry("sampler.name")
@@ -73,3 +82,9 @@ def lazy(ref: str) -> Callable:
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"{ref} (imported at its first call)"
     return call
+
+
+def nfe(cfg: Knobs) -> int:
+    """Network evaluations per image of the sampler ``cfg.name`` with the knobs ``cfg`` (its :attr:`Sampler.nfe`):
+    what reports show beside the time per image (``heun``: 2·steps − 1; ``one-step``: 1)."""
+    return SAMPLERS.get(cfg.name).nfe(cfg)

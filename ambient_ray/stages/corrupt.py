@@ -21,6 +21,17 @@ from ``source.image_size`` or the first row that decodes, and rows of another sh
 A row whose user mask hides pixels is ``quality=corrupted``; its ``corruption`` is ``user_mask`` (kept
 clean by the plan) or ``SPEC+user_mask``.
 
+Noisy data (Denoising Score Distillation: the noisy observation is data): when a corruption adds noise of a known
+level (``noise:sigma=``, any registered with ``noisy=True``) or the source brings its own noisy data, every row
+of every shard carries a ``noisy`` tensor column (float32 (C, H, W), the [-1, 1] data scale, never clipped or
+quantised; :mod:`ambient_ray.data.noisy`) and a float64 ``sigma_n`` column: y = (2x − 1) + σ_n·z and σ_n for a
+noisy row, the row's own image as floats (2·image/255 − 1) and 0 for every other row. The PNG ``image`` is y
+clipped and quantised, a preview. One shape per dataset, as for masks (from ``source.image_size`` and
+``source.channels`` or the first row that decodes). A source with noisy data is only ingested (``clean_fraction``
+1): another corruption would change its σ_n. A user's noisy row with σ_n > 0 is ``quality=corrupted``,
+``corruption`` ``user_noise``. Noise on a row whose own mask hides pixels: the hidden pixels are −1 in ``noisy``
+(0 in the image), with no noise.
+
 Each file is written atomically, and a shard counts as done only once its marker exists, so a
 re-run after a kill redoes exactly the unfinished shards and never duplicates a row. The plan is
 fingerprinted in ``OUT/_manifest.json``: re-running with a different plan into the same ``out`` is
@@ -43,10 +54,11 @@ from pydantic import Field, field_validator
 from ambient_ray import config as cfgmod
 from ambient_ray import corruptions
 from ambient_ray.config import flag
+from ambient_ray.data import noisy as noisy_data
 from ambient_ray.data import schema
 from ambient_ray.data.images import encode_png
 from ambient_ray.data.schema import DATA_SCHEMA, QUARANTINE_SCHEMA
-from ambient_ray.data.sources import SourceConfig, decode, decode_masked, list_items, make_source, unjson
+from ambient_ray.data.sources import SourceConfig, decode, decode_row, list_items, make_source, unjson
 from ambient_ray.io import ray_runtime, shards, storage
 from ambient_ray.stages.actor_stage import ActorStage, ShardedConfig
 from ambient_ray.stages.results import StageFailed
@@ -168,6 +180,8 @@ def _shard_name(k: int) -> str:
 
 
 USER_MASK = "user_mask"  # the corruption column of a row whose own mask hides pixels
+USER_NOISE = "user_noise"  # the corruption column of a row of the user's noisy data with σ_n > 0
+NOISY_SCHEMA = DATA_SCHEMA.append(pa.field(noisy_data.SIGMA_N, pa.float64()))  # + the noisy tensor column
 
 
 def process_shard(
@@ -179,9 +193,11 @@ def process_shard(
     out: str,
     fingerprint: str = "",
     mask_hw: list[int] | tuple[int, int] | None = None,
+    noisy_chw: list[int] | tuple[int, int, int] | None = None,
 ) -> dict:
     """One shard in (its plan as a one-row batch), its summary row out; runs as a Ray task. With ``mask_hw``
-    (H, W) every row gets a ``mask`` column of that shape."""
+    (H, W) every row gets a ``mask`` column of that shape; with ``noisy_chw`` (C, H, W) a ``noisy`` column of that
+    shape and ``sigma_n``."""
     t0 = time.perf_counter()
     k = int(batch["shard"][0])
     payload = json.loads(batch["payload"][0])
@@ -210,28 +226,47 @@ def process_shard(
 
     arrays: dict[int, np.ndarray] = {}
     user_masks: dict[int, np.ndarray] = {}  # the rows whose own mask hides pixels
+    user_noisy: dict[int, tuple[np.ndarray, float]] = {}  # the rows of the user's noisy data: (y, σ_n)
     hw = tuple(mask_hw) if mask_hw is not None else None
+    chw = tuple(noisy_chw) if noisy_chw is not None else None
     for i, rec in enumerate(records):
         if roles[i] == "dup":
             quarantine(i, f"duplicate id {ids[i]!r} (an earlier row has the same id)")
             continue
-        if hw is None:
+        if hw is None and chw is None:
             arr, err = decode(rec, source_cfg)
         else:
-            arr, umask, err = decode_masked(rec, source_cfg)
-            if not err and arr.shape[:2] != hw:
+            arr, umask, uy, usigma, err = decode_row(rec, source_cfg)
+            if not err and hw is not None and arr.shape[:2] != hw:
                 err = (
                     f"image is {arr.shape[0]}x{arr.shape[1]}, the dataset's masks are {hw[0]}x{hw[1]} "
                     "(a dataset with masks has one image shape: set source.image_size)"
                 )
+            if not err and chw is not None and arr.shape != (chw[1], chw[2], chw[0]):
+                h, w, c = arr.shape
+                err = (
+                    f"{'noisy data' if uy is not None else 'image'} is {c}x{h}x{w} (CxHxW), the dataset's noisy "
+                    f"data is {chw[0]}x{chw[1]}x{chw[2]} (a dataset with noisy data has one shape: set "
+                    "source.image_size and source.channels)"
+                )
             if not err and umask is not None:
                 user_masks[i] = umask
+            if not err and uy is not None:
+                user_noisy[i] = (uy, usigma)
         if err:
             quarantine(i, err)
         else:
             arrays[i] = arr
 
-    def emit(i: int, arr: np.ndarray, quality: str, spec: str, mask: np.ndarray | None = None) -> None:
+    def emit(
+        i: int,
+        arr: np.ndarray,
+        quality: str,
+        spec: str,
+        mask: np.ndarray | None = None,
+        noisy: np.ndarray | None = None,
+        sigma_n: float = 0.0,
+    ) -> None:
         rec = records[i]
         h, w, c = arr.shape
         row = {
@@ -249,6 +284,9 @@ def process_shard(
         }
         if hw is not None:
             row["mask"] = (np.ones((h, w), np.uint8) if mask is None else mask)[None]
+        if chw is not None:  # a row without noise holds its image, as floats in the [-1, 1] data scale
+            row[noisy_data.NOISY] = noisy_data.from_image(arr) if noisy is None else noisy
+            row[noisy_data.SIGMA_N] = float(sigma_n)
         good.append(row)
 
     by_role: dict[str, list[int]] = {}
@@ -257,39 +295,46 @@ def process_shard(
     for role, idx in by_role.items():
         if role == "clean":
             for i in idx:
-                if i in user_masks:
-                    emit(i, arrays[i], "corrupted", USER_MASK, user_masks[i])
-                else:
-                    emit(i, arrays[i], "clean", "")
+                y, sigma = user_noisy.get(i, (None, 0.0))
+                kinds = ([USER_NOISE] if sigma > 0 else []) + ([USER_MASK] if i in user_masks else [])
+                quality = "corrupted" if kinds else "clean"
+                emit(i, arrays[i], quality, "+".join(kinds), user_masks.get(i), y, sigma)
             continue
         spec = specs[int(role[1:])]
         try:
-            outs, masks = corruptions.apply_with_masks(spec, [arrays[i] for i in idx], [seeds[i] for i in idx])
-            triples = list(zip(idx, outs, masks))
+            a = corruptions.apply_all(spec, [arrays[i] for i in idx], [seeds[i] for i in idx])
+            results = list(zip(idx, a.images, a.masks, a.noisy, a.sigma_n))
         except Exception:  # isolate the rows that fail
-            triples = []
+            results = []
             for i in idx:
                 try:
-                    one, m = corruptions.apply_with_masks(spec, [arrays[i]], [seeds[i]])
-                    triples.append((i, one[0], m[0]))
+                    a = corruptions.apply_all(spec, [arrays[i]], [seeds[i]])
+                    results.append((i, a.images[0], a.masks[0], a.noisy[0], a.sigma_n[0]))
                 except Exception as e:
                     quarantine(i, f"corruption {spec.spec} failed: {type(e).__name__}: {e}")
-        for i, arr, mask in triples:
+        for i, arr, mask, y, sigma in results:
             if i in user_masks:  # hidden by the user or by the corruption
                 mask = mask & user_masks[i]
-                emit(i, arr * mask[..., None], "corrupted", f"{spec.spec}+{USER_MASK}", mask)
+                if y is not None:  # a hidden pixel is the image's 0 (−1 in the data scale), without noise
+                    y = np.where(mask[None] != 0, y, np.float32(-1.0))
+                emit(i, arr * mask[..., None], "corrupted", f"{spec.spec}+{USER_MASK}", mask, y, sigma)
             else:
-                emit(i, arr, "corrupted", spec.spec, mask if spec.masks else None)
+                emit(i, arr, "corrupted", spec.spec, mask if spec.masks else None, y, sigma)
 
     order = {rid: n for n, rid in enumerate(ids)}
     good.sort(key=lambda r: order[r["id"]])
     name = _shard_name(k)
     data_uri = storage.join(out, "data", f"{name}.parquet")
-    if hw is None:
+    if hw is None and chw is None:
         table = pa.Table.from_pylist(good, schema=DATA_SCHEMA)
         refused = pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)
-    else:  # the mask column through the schema's validation: a row it refuses goes to quarantine
-        table, refused = schema.validate(good, [schema.mask_spec(*hw)], schema=DATA_SCHEMA, where=data_uri)
+    else:  # the tensor columns through the schema's validation: a row it refuses goes to quarantine
+        specs = ([schema.mask_spec(*hw)] if hw is not None else []) + (
+            [schema.noisy_spec(*chw)] if chw is not None else []
+        )
+        table, refused = schema.validate(
+            good, specs, schema=NOISY_SCHEMA if chw is not None else DATA_SCHEMA, where=data_uri
+        )
     if bad or refused.num_rows:
         quarantined = pa.concat_tables([pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA), refused])
         storage.write_parquet(storage.join(out, "quarantine", f"{name}.parquet"), quarantined)
@@ -307,18 +352,20 @@ def process_shard(
     return {key: np.array([v]) for key, v in summary.items()}
 
 
-def _fingerprint(cfg: CorruptConfig, ids: list[str], source_masks: bool = False) -> str:
+def _fingerprint(cfg: CorruptConfig, ids: list[str], source_masks: bool = False, source_noisy: bool = False) -> str:
     keep = cfg.model_dump(mode="json", exclude={"out", "overwrite", "num_cpus_per_task", "task_retries", "preview"})
+    if keep["source"].get("sigma_n") is None:  # a plan without noisy data keeps its old fingerprint
+        keep["source"].pop("sigma_n", None)
     if source_masks:  # the source's own masks change the output (a plan without them keeps its old fingerprint)
         keep["source_masks"] = True
+    if source_noisy:
+        keep["source_noisy"] = True
     return shards.fingerprint(keep, ids)
 
 
-def mask_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -> tuple[int, int] | None:
-    """The (H, W) of a dataset's masks: ``source.image_size``'s square, or the shape of the first row (in
-    listing order) that decodes; None if none does (then every row is quarantined anyway)."""
-    if source_cfg.image_size is not None:
-        return source_cfg.image_size, source_cfg.image_size
+def first_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -> tuple[int, int, int] | None:
+    """The (H, W, C) of the first row (in listing order) that decodes (its noisy data's, for a row of noisy data);
+    None if none does (then every row is quarantined anyway)."""
     for s in range(0, len(items), chunk):
         locs = [loc for _, loc in items[s : s + chunk]]
         try:
@@ -326,10 +373,32 @@ def mask_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -
         except Exception:  # the shard's own task quarantines these rows with the reason
             continue
         for rec in records:
-            arr, _, err = decode_masked(rec, source_cfg)
+            arr, _, _, _, err = decode_row(rec, source_cfg)
             if not err:
-                return arr.shape[0], arr.shape[1]
+                return arr.shape
     return None
+
+
+def mask_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -> tuple[int, int] | None:
+    """The (H, W) of a dataset's masks: ``source.image_size``'s square, or the shape of the first row (in
+    listing order) that decodes; None if none does (then every row is quarantined anyway)."""
+    if source_cfg.image_size is not None:
+        return source_cfg.image_size, source_cfg.image_size
+    shape = first_shape(source, source_cfg, items, chunk)
+    return None if shape is None else shape[:2]
+
+
+def noisy_shape(source, source_cfg: SourceConfig, items: list, chunk: int = 16) -> tuple[int, int, int] | None:
+    """The (C, H, W) of a dataset's noisy data: ``source.channels`` and ``source.image_size``'s square where set,
+    the rest from the first row that decodes; None if none does."""
+    size, channels = source_cfg.image_size, source_cfg.channels
+    if size is not None and channels is not None:
+        return channels, size, size
+    shape = first_shape(source, source_cfg, items, chunk)
+    if shape is None:
+        return None
+    h, w, c = shape
+    return (channels or c, *((size, size) if size is not None else (h, w)))
 
 
 def done_shards(out: str, fingerprint: str) -> dict[int, dict]:
@@ -359,13 +428,29 @@ class Corrupt(ActorStage):
         self.roles, self.seeds = plan_rows(self.ids, len(self.specs), cfg.clean_fraction, cfg.seed)
         n_shards = (len(self.items) + cfg.shard_size - 1) // cfg.shard_size
         source_masks = bool(getattr(self.source, "has_masks", False))
-        self.fingerprint = _fingerprint(cfg, self.ids, source_masks)
+        source_noisy = bool(getattr(self.source, "has_noisy", False))
+        if source_noisy and cfg.clean_fraction < 1:
+            raise cfgmod.ConfigError(
+                f"config key 'clean_fraction': {cfg.source.dataset} brings noisy data (a '{noisy_data.NOISY}' "
+                "column or .npy arrays), which is ingested as it is: set --clean-fraction 1 (another corruption on "
+                "top would change its σ_n)"
+            )
+        if cfg.source.sigma_n is not None and not source_noisy:
+            raise cfgmod.ConfigError(
+                f"config key 'source.sigma_n': {cfg.source.dataset} has no noisy data (a Parquet "
+                f"'{noisy_data.NOISY}' column, or a folder of .npy arrays) for it to describe; drop it (the noise "
+                "corruption is --corruption noise:sigma=S)"
+            )
+        self.fingerprint = _fingerprint(cfg, self.ids, source_masks, source_noisy)
         self.shards = [_shard_name(k) for k in range(n_shards)]
         self.manifest = {"rows": len(self.items), "shards": n_shards, "shard_size": cfg.shard_size}
-        self.mask_hw = None
+        self.mask_hw = self.noisy_chw = None
         if source_masks or any(s.masks for s in self.specs):
             self.mask_hw = mask_shape(self.source, cfg.source, self.items) or (1, 1)
             self.manifest["mask"] = list(self.mask_hw)
+        if source_noisy or any(s.noisy for s in self.specs):
+            self.noisy_chw = noisy_shape(self.source, cfg.source, self.items) or (1, 1, 1)
+            self.manifest["noisy"] = list(self.noisy_chw)
 
     def work(self, todo: list[str]) -> list[dict]:
         cfg, size = self.cfg, self.cfg.shard_size
@@ -398,6 +483,7 @@ class Corrupt(ActorStage):
                     "out": self.out,
                     "fingerprint": self.fingerprint,
                     "mask_hw": self.mask_hw,
+                    "noisy_chw": self.noisy_chw,
                 },
                 enabled=self.progress,
             )

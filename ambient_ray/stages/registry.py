@@ -214,6 +214,21 @@ STAGES.register(
     ),
 )
 STAGES.register(
+    "distill",
+    Stage(
+        "distil a trained denoiser into a one-step generator (Denoising Score Distillation; Ray Train + DeepSpeed)",
+        "ambient_ray.stages.distill",
+        "ambient_ray.train.tasks.distill_config:DistillConfig",
+        folder="distill",
+        resume="checkpoint",
+        links=_keys("teacher", "data", "out", "mlflow"),
+        input="teacher",
+        keep=("checkpoint", "picked"),
+        report=reports.distill,
+        figures=reports.distill_figures,
+    ),
+)
+STAGES.register(
     "sample",
     Stage(
         "draw images from a trained model with a registered sampler (default: EDM Heun)",

@@ -90,8 +90,31 @@ def train(cfg, s) -> None:
     mlflow_line(s)
 
 
+def distill(cfg, s) -> None:
+    m = s["metrics"]
+    print(
+        f"distill: done in {s['seconds']:.0f}s; fake-score loss {m.get('loss', float('nan')):.4f}, "
+        f"generator loss {m.get('loss_generator', float('nan')):+.4f}"
+    )
+    print(f"  one-step generator (safetensors): {s['out']}/model/   samples: {s['out']}/samples.png")
+    if s.get("picked"):
+        p = s["picked"]
+        print(f"  picked by proximal FD: step {p['step']} (proximal FD {p['proximal_fd']:.4g}) in {s['out']}/picked/")
+    print(f"  draw from it: ambient-ray sample --checkpoint {s['out']} --one-step --out SAMPLES")
+    mlflow_line(s)
+
+
+def distill_figures(cfg, r) -> dict:
+    return _pick(r["metrics"], ("loss", "loss_generator", "proximal_fd", "proximal_fd_best", "proximal_fd_best_step"))
+
+
 def sample(cfg, s) -> None:
     print(f"sample: {cfg.num} images -> {s['samples']}  grid: {s['grid']}")
+    if "nfe" in s:
+        print(
+            f"  sampler {s['sampler']}: {s['nfe']} network evaluations per image, "
+            f"{s['seconds_per_1000_images']:.2f} s per 1,000 images"
+        )
 
 
 def phema(cfg, s) -> None:
@@ -169,7 +192,7 @@ def train_figures(cfg, r) -> dict:
 
 
 def sample_figures(cfg, r) -> dict:
-    return {"num": cfg.num}
+    return {"num": cfg.num, **{k: r[k] for k in ("nfe", "seconds_per_1000_images") if k in r}}
 
 
 def evaluate_figures(cfg, r) -> dict:

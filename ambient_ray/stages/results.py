@@ -76,6 +76,9 @@ class PrecomputeResult(StageResult):
 class SampleResult(StageResult):
     samples: str
     grid: str
+    sampler: str  # the sampler that drew them (one-step for a generator's folder without one named)
+    nfe: int  # network evaluations per image (sampling.nfe)
+    seconds_per_1000_images: float  # the draw's wall time (sampling, decoding, uint8) per 1,000 images
 
 
 class EvaluateResult(StageResult):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ambient_ray.config import ConfigError
 from ambient_ray.registry import Registry
 from ambient_ray.train.config import EngineConfig
-from ambient_ray.train.tasks import classifier_config, denoiser_config, denoiser_data
+from ambient_ray.train.tasks import classifier_config, denoiser_config, denoiser_data, distill_config
 
 if TYPE_CHECKING:  # the worker side (torch) is imported on the workers: a stage's --help lists objectives without it
     from ambient_ray.train import loop
@@ -83,6 +83,18 @@ def _masked_task(cfg: Any, rows: Any) -> loop.Task:
     return MaskedTask(cfg, rows)
 
 
+def _noisy_task(cfg: Any, rows: Any) -> loop.Task:
+    from ambient_ray.train.tasks.noisy import NoisyTask
+
+    return NoisyTask(cfg, rows)
+
+
+def _distill_task(cfg: Any, rows: Any) -> loop.Task:
+    from ambient_ray.train.tasks.distill import DistillTask
+
+    return DistillTask(cfg, rows)
+
+
 def _classifier_task(cfg: Any, rows: Any) -> loop.Task:
     from ambient_ray.train.tasks.classifier import ClassifierTask
 
@@ -111,6 +123,17 @@ OBJECTIVES.register(
     ),
 )
 OBJECTIVES.register(
+    "noisy",
+    Objective(
+        stage="train",
+        config=denoiser_config.TrainConfig,
+        prepare=denoiser_data.prepare,
+        task=_noisy_task,
+        help="DSD's Phase I (seed 004): rows observed as y = x + σ_n·z (the 'noisy' column) teach E[x | x_σ] at "
+        "σ > σ_n through the ambient loss with y as x_{σ_n}",
+    ),
+)
+OBJECTIVES.register(
     "classifier",
     Objective(
         stage="train-classifier",
@@ -118,5 +141,16 @@ OBJECTIVES.register(
         prepare=classifier_config.prepare,
         task=_classifier_task,
         help="Ambient-o's annotation classifiers (Eq. 3.1): BCE of noised images (noise) or crops (crops)",
+    ),
+)
+OBJECTIVES.register(
+    "distill",
+    Objective(
+        stage="distill",
+        config=distill_config.DistillConfig,
+        prepare=distill_config.prepare,
+        task=_distill_task,
+        help="Denoising Score Distillation (seed 004, SiD's loss): a one-step generator and a fake score, both from "
+        "the teacher's weights, against the frozen teacher",
     ),
 )

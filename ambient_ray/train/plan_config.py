@@ -13,7 +13,8 @@ Precision = Literal["bf16", "fp32"]
 
 
 class PlanConfig(Strict):
-    """``ambient-ray plan``: the per-GPU memory of training a preset, and the ZeRO stage and node count to use."""
+    """``ambient-ray plan``: the per-GPU memory of training a preset (or distilling it, ``--distill``), and the ZeRO
+    stage and node count to use."""
 
     model: str = Field(
         ...,
@@ -33,7 +34,8 @@ class PlanConfig(Strict):
     global_batch: int | None = Field(
         None,
         ge=1,
-        description="global batch, for the accumulation steps (None: 2048 for edm2, the paper's; else none)",
+        description="global batch, for the accumulation steps (None: 2048 for edm2 and dit, the papers'; else and "
+        "with --distill none)",
         json_schema_extra=flag("--global-batch"),
     )
     resolution: int | None = Field(
@@ -61,7 +63,8 @@ class PlanConfig(Strict):
     )
     ema: Literal["auto", "warmup", "power"] = Field(
         "auto",
-        description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup",
+        description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup (with --distill "
+        "warmup, the distill stage's: the generator's EMA)",
         json_schema_extra=flag("--ema"),
     )
     mask_ratio: float | None = Field(
@@ -70,6 +73,13 @@ class PlanConfig(Strict):
         lt=1,
         description="a transformer's share of patches dropped before its backbone (the train stage's "
         "text.mask_ratio); fewer tokens in the activations and FLOPs. None: 0.75 for dit (MicroDiT's "
-        "pretraining), else 0",
+        "pretraining), else 0; with --distill 0 (the distill stage runs the whole network)",
         json_schema_extra=flag("--mask-ratio"),
+    )
+    distill: bool = Field(
+        False,
+        description="plan a Denoising Score Distillation of this preset as teacher (ambient-ray distill): three "
+        "networks, a generator and a fake score trained (each its own DeepSpeed engine and Adam; the generator's "
+        "EMA) and the frozen teacher",
+        json_schema_extra=flag("--distill"),
     )

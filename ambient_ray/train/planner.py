@@ -33,6 +33,18 @@ gradient reduce bucket of ``reduce_bucket_size`` elements in the gradient dtype 
 fp32; ZeRO-3 allocates it once, ZeRO-1/2 at every backward), and under ZeRO-3 the gathered parameters
 (DeepSpeed's 4·largest layer plus the prefetch bucket). The EMA (:mod:`ambient_ray.train.ema`, in fp32 on the
 device): one copy per profile, whole on every rank under ZeRO 0-2, this rank's partition under ZeRO-3.
+
+A distillation (``--distill``: :mod:`ambient_ray.train.tasks.distill`, three copies of the preset) is a task of
+several parts (:func:`parts_bytes`): the generator and the fake score trained, each its own engine with its own
+model states as above (the generator with the EMA, the fake score without), and the frozen teacher, its weights
+only: w·P whole under ZeRO 0-2, w·P/N and its persistent parameters whole under ZeRO-3. Buffers
+(:func:`task_buffers`): ZeRO-1/2 allocate a trained engine's reduce bucket at its backward and free it at the
+end, and the two backwards never overlap: one bucket; ZeRO-3 allocates one per trained engine with its optimizer
+and keeps it: two (the teacher's engine has no optimizer); the gathered layers are one network's at a time.
+Activations (:func:`generator_step`): the generator step's, G's training forward and the fake score's and the
+teacher's forwards on its output, alive together; those two run in eval mode with frozen parameters, so they save
+only what their input's gradient needs (measured: about 0.65x a training forward for EDM2-XXL and MicroDiT-XL/2 in
+bf16), and are not checkpointed (the networks checkpoint in training mode only).
 """
 
 from __future__ import annotations
@@ -197,11 +209,19 @@ class _Saved:
         return total
 
 
-def _saved(meta: dict, batch: int, precision: Precision, mask_ratio: float = 0.0, **model) -> _Saved:
-    net = meta_model(meta, **model).train().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+def _saved(
+    meta: dict, batch: int, precision: Precision, mask_ratio: float = 0.0, frozen: bool = False, **model
+) -> _Saved:
+    """What a training forward saves; ``frozen``: a frozen network's in eval mode, its parameters out of the graph
+    and its input (the image) requiring a gradient, as the score networks of a distillation's generator step."""
+    net = meta_model(meta, **model).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    net = net.eval().requires_grad_(False) if frozen else net.train()
     s = _Saved(net)
+    inputs = list(_inputs(meta, batch, mask_ratio))
+    if frozen:
+        inputs[0] = inputs[0].detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(s.pack, lambda t: t):
-        net(*_inputs(meta, batch, mask_ratio))
+        net(*inputs)
     for h in s.handles:
         h.remove()
     return s
@@ -213,29 +233,46 @@ class Activations:
     checkpointed: int | None  # with checkpointing: saved outside the blocks + their inputs + one block's recompute
     option: str | None  # the model config key that turns checkpointing on; None: the arch has none
     recompute: int = 0  # the largest block's own saved bytes (recomputed in backward, one block at a time)
+    frozen: int | None = None  # a frozen copy's forward for its input's gradient (eval mode); measured for --distill
+
+
+def generator_step(act: Activations, checkpoint: bool) -> int | None:
+    """A distillation's peak activations, its generator step's: G's training forward (checkpointed or not) and the
+    fake score's and the teacher's forwards on G's noised output, all saved at once for one backward. Those two run
+    in eval mode with their parameters out of the graph, so they save only what their input's gradient needs
+    (``act.frozen``), and the networks checkpoint only in training mode: checkpointing leaves them whole. The
+    fake-score step (G under no_grad, the fake score's training forward: ``act.saved`` or ``act.checkpointed``)
+    is always less."""
+    a = act.checkpointed if checkpoint else act.saved
+    return None if a is None or act.frozen is None else a + 2 * act.frozen
 
 
 CHECKPOINT_KEY = "checkpoint_blocks"
 
 
-def activations(meta: dict, batch: int, precision: Precision = "bf16", mask_ratio: float = 0.0) -> Activations:
+def activations(
+    meta: dict, batch: int, precision: Precision = "bf16", mask_ratio: float = 0.0, frozen: bool = False
+) -> Activations:
     """Activation bytes of one micro-batch of ``batch`` per GPU, measured on the meta device (a transformer's
-    backbone on the tokens patch masking keeps at ``mask_ratio``).
+    backbone on the tokens patch masking keeps at ``mask_ratio``); ``frozen``: also a frozen copy's forward for
+    its input's gradient (:func:`generator_step`).
 
     With checkpointing (the arch's ``checkpoint_blocks``) the blocks run inside ``torch.utils.checkpoint``
     and save nothing through this hook: they are the outermost modules that saved bytes without it and none
     with it. Their inputs stay alive for the recomputation, and backward recomputes one block at a time, so
     the peak adds the largest block's own saved bytes (measured without checkpointing)."""
-    plain = _saved(meta, batch, precision, mask_ratio, **({CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}))
+    off = {CHECKPOINT_KEY: False} if _has_checkpoint(meta) else {}
+    plain = _saved(meta, batch, precision, mask_ratio, **off)
+    still = _saved(meta, batch, precision, mask_ratio, frozen=True, **off).total if frozen else None
     if not _has_checkpoint(meta):
-        return Activations(plain.total, None, None)
+        return Activations(plain.total, None, None, frozen=still)
     ck = _saved(meta, batch, precision, mask_ratio, **{CHECKPOINT_KEY: True})
     silent = {n for n, used in plain.per_call.items() if used > 0 and ck.per_call.get(n, 0) == 0}
     blocks = [n for n in silent if _parent(n) not in silent]
     if not blocks:  # the option changed nothing this hook can see
-        return Activations(plain.total, plain.total, CHECKPOINT_KEY)
+        return Activations(plain.total, plain.total, CHECKPOINT_KEY, frozen=still)
     recompute = max(plain.per_call[n] for n in blocks)
-    return Activations(plain.total, ck.total + ck.input_bytes(blocks) + recompute, CHECKPOINT_KEY, recompute)
+    return Activations(plain.total, ck.total + ck.input_bytes(blocks) + recompute, CHECKPOINT_KEY, recompute, still)
 
 
 def _parent(name: str) -> str | None:
@@ -319,34 +356,75 @@ def ema_bytes(c: Counts, stage: int, world: int, copies: int = 1) -> int:
 
 def frozen_bytes(c: Counts, stage: int, world: int, precision: Precision = "bf16") -> int:
     """Per-rank bytes of a frozen part (:class:`ambient_ray.train.parts.Part` with ``trained=False``): its weights in
-    the run's precision, whole under ZeRO 0-2; under ZeRO-3 this rank's partition, the persistent parameters whole,
-    and the largest layer gathered for its forward. No gradients, master copy, optimizer state or EMA."""
+    the run's precision (w·P), whole under ZeRO 0-2; under ZeRO-3 this rank's partition and the persistent
+    parameters whole (w·P/N + w·persistent; its layers gathered for the forward are a buffer,
+    :func:`task_buffers`). No gradients, master copy, optimizer state or EMA."""
     w = dtype_bytes(precision)
     if stage < 3:
         return w * c.params
-    return int(w * c.params / world + w * c.persistent + w * c.largest_layer)
+    return int(w * c.params / world + w * c.persistent)
+
+
+PartSpec = tuple  # a task's part as the planner sees it: (Counts, trained) or (Counts, trained, keeps an EMA)
+
+
+def task_buffers(parts: dict[str, PartSpec], stage: int, precision: Precision = "bf16") -> int:
+    """DeepSpeed's working buffers of a task's engines on one rank, at their peak (one part: as
+    :func:`model_states`). ZeRO-0: none. ZeRO-1/2: one reduce bucket: each trained engine allocates its own at its
+    backward's first gradient and frees it when the backward ends (``setup_buckets``, ``_release_ipg_buffers``
+    in DeepSpeed's ``stage_1_and_2``), and no two trained engines run a backward at once (a distillation's
+    generator step passes through the fake score's inputs, its parameters out of the graph). ZeRO-3: a reduce
+    bucket per trained engine, allocated with its optimizer and kept (``stage3``; a frozen part's engine has no
+    optimizer, so none), and the gathered parameters (4·largest layer and the prefetch bucket) of one network at
+    a time, the largest: the networks run one after another, each releasing its layers after use."""
+    trained = [p[0] for p in parts.values() if p[1]]
+    if stage == 0 or not trained:
+        return 0
+    w = dtype_bytes(precision)
+    if stage < 3:
+        return w * REDUCE_BUCKET
+    gathered = max(4 * p[0].largest_layer + w * min(PREFETCH_BUCKET, p[0].params) for p in parts.values())
+    return len(trained) * w * REDUCE_BUCKET + gathered
+
+
+@dataclass(frozen=True)
+class PartsBytes:
+    """Per-rank bytes of a task's parts (:func:`parts_bytes`)."""
+
+    states: dict[str, int]  # per part: a trained one's model states, a frozen one's weights
+    ema: int  # the fp32 EMAs of the trained parts that keep one
+    buffers: int  # DeepSpeed's working buffers (:func:`task_buffers`)
+    cpu: int = 0  # host memory per rank: the offloaded optimizer states
+    deepspeed: dict[str, int | None] | None = None  # DeepSpeed's estimate of each trained part's states
+
+    @property
+    def total(self) -> int:
+        """GPU bytes without activations."""
+        return sum(self.states.values()) + self.ema + self.buffers
 
 
 def parts_bytes(
-    parts: dict[str, tuple[Counts, bool]],
+    parts: dict[str, PartSpec],
     stage: int,
     world: int,
     precision: Precision = "bf16",
     ema: str = "warmup",
     offload: bool = False,
-) -> dict[str, int]:
-    """Per-rank GPU bytes of a task's parts (``{name: (counts, trained)}``), each and ``total``: a trained part has
-    its own DeepSpeed engine, so its own model states, working buffers and EMA (:func:`model_states`,
-    :func:`ema_bytes`); a frozen part its weights (:func:`frozen_bytes`). Activations are not included."""
-    out = {}
-    for name, (c, trained) in parts.items():
+) -> PartsBytes:
+    """Per-rank bytes of a task's parts (``{name: (counts, trained[, keeps an EMA])}``, as its
+    :class:`ambient_ray.train.parts.Part`): a trained part has its own DeepSpeed engine, so its own model states
+    (:func:`model_states`) and, unless it keeps none, its own EMA (:func:`ema_bytes`, ``ema``'s copies); a frozen
+    part its weights (:func:`frozen_bytes`); the engines' buffers :func:`task_buffers`. Activations are not
+    included. A distillation: ``{"generator": (c, True), "fake_score": (c, True, False), "teacher": (c, False)}``."""
+    states, emas, cpu, ds = {}, 0, 0, {}
+    for name, (c, trained, *keeps) in parts.items():
         if trained:
             s = model_states(c, stage, world, precision, offload)
-            out[name] = s.gpu + s.buffers + ema_bytes(c, stage, world, EMA_COPIES[ema])
+            states[name], cpu, ds[name] = s.gpu, cpu + s.cpu, s.deepspeed
+            emas += ema_bytes(c, stage, world, EMA_COPIES[ema]) if (keeps[0] if keeps else True) else 0
         else:
-            out[name] = frozen_bytes(c, stage, world, precision)
-    out["total"] = sum(out.values())
-    return out
+            states[name] = frozen_bytes(c, stage, world, precision)
+    return PartsBytes(states, emas, task_buffers(parts, stage, precision), cpu, ds)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -404,17 +482,31 @@ class Plan:
         return per_gpu_bytes(self.cfg, self.counts, self.activations, self.ema, stage, nodes, checkpoint)
 
 
+def task_parts(c: Counts, distill: bool = False) -> dict[str, PartSpec]:
+    """The parts of training a preset (one network), or of distilling it (:mod:`ambient_ray.train.tasks.distill`:
+    the generator with the EMA, the fake score without, both trained; the frozen teacher)."""
+    if distill:
+        return {"generator": (c, True, True), "fake_score": (c, True, False), "teacher": (c, False)}
+    return {"net": (c, True)}
+
+
+def step_activations(act: Activations, checkpoint: bool, distill: bool = False) -> int | None:
+    """The activations at a step's peak: one training forward's, or a distillation's :func:`generator_step`."""
+    if distill:
+        return generator_step(act, checkpoint)
+    return act.checkpointed if checkpoint else act.saved
+
+
 def per_gpu_bytes(
     cfg: PlanConfig, c: Counts, act: Activations, ema: str, stage: int, nodes: int, checkpoint: bool
 ) -> int:
     world = cfg.gpus * nodes
     if cfg.offload and stage == 0:
         return 1 << 62  # offload needs stage >= 1: never chosen
-    s = model_states(c, stage, world, cfg.precision, cfg.offload)
-    a = act.checkpointed if checkpoint else act.saved
+    a = step_activations(act, checkpoint, cfg.distill)
     if a is None:
         return 1 << 62
-    return s.gpu + s.buffers + ema_bytes(c, stage, world, EMA_COPIES[ema]) + a
+    return parts_bytes(task_parts(c, cfg.distill), stage, world, cfg.precision, ema, cfg.offload).total + a
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -427,13 +519,17 @@ def plan(cfg: PlanConfig) -> Plan:
     c = counts(net)
     from ambient_ray.models.registry import config_of, tokens_per_image
 
+    if cfg.distill and cfg.mask_ratio:
+        raise ConfigError("config key 'mask_ratio' (--mask-ratio): a distillation runs the whole network (no masking)")
     mask = PAPER_MASK_RATIO.get(meta["arch"], 0.0) if cfg.mask_ratio is None else cfg.mask_ratio
+    mask = 0.0 if cfg.distill else mask
     try:
         tokens, tokens_all = tokens_per_image(config_of(meta), mask), tokens_per_image(config_of(meta))
     except ConfigError as e:
         raise ConfigError(f"config key 'mask_ratio' (--mask-ratio): preset {cfg.model!r}: {e}") from None
-    act = activations(meta, cfg.batch, cfg.precision, mask)
-    ema = PAPER_EMA.get(meta["arch"], "warmup") if cfg.ema == "auto" else cfg.ema
+    act = activations(meta, cfg.batch, cfg.precision, mask, frozen=cfg.distill)
+    auto = "warmup" if cfg.distill else PAPER_EMA.get(meta["arch"], "warmup")  # distill: the engine's default
+    ema = auto if cfg.ema == "auto" else cfg.ema
     options = (False, True) if act.checkpointed is not None else (False,)
 
     def fits(stage: int, nodes: int, checkpoint: bool) -> int:
@@ -447,17 +543,25 @@ def plan(cfg: PlanConfig) -> Plan:
         world = cfg.gpus * nodes
         if cfg.offload and stage == 0:
             continue
-        s = model_states(c, stage, world, cfg.precision, cfg.offload)
+        pb = parts_bytes(task_parts(c, cfg.distill), stage, world, cfg.precision, ema, cfg.offload)
+        if cfg.distill:
+            states = {
+                "generator: model states": pb.states["generator"],
+                "fake score: model states": pb.states["fake_score"],
+                "  DeepSpeed's estimate, each": pb.deepspeed["generator"],
+                "teacher: frozen weights": pb.states["teacher"],
+            }
+        else:
+            states = {"model states": pb.states["net"], "  DeepSpeed's estimate": pb.deepspeed["net"]}
         rows[stage] = {
-            "model states": s.gpu,
-            "  DeepSpeed's estimate": s.deepspeed,
-            "DeepSpeed buffers": s.buffers,
-            "EMA": ema_bytes(c, stage, world, EMA_COPIES[ema]),
-            "activations": act.saved,
-            "  with checkpointing": act.checkpointed,
+            **states,
+            "DeepSpeed buffers": pb.buffers,
+            "EMA (generator)" if cfg.distill else "EMA": pb.ema,
+            "activations": step_activations(act, False, cfg.distill),
+            "  with checkpointing": step_activations(act, True, cfg.distill),
             "total": fits(stage, nodes, False),
             "  with checkpointing ": fits(stage, nodes, True) if act.checkpointed is not None else None,
-            "host memory per node (offload)": s.cpu * cfg.gpus if cfg.offload else None,
+            "host memory per node (offload)": pb.cpu * cfg.gpus if cfg.offload else None,
         }
     per_token = net.active_parameters(per_token=True) if c.active is not None else None
     flops = flops_per_image(meta, mask)
@@ -480,6 +584,11 @@ def format_plan(p: Plan) -> str:
     else:
         cond = f", {labels} classes" if labels else ", unconditional"
     lines = [f"{cfg.model} (arch {p.meta['arch']}): {c.params:,} parameters (exact)"]
+    if cfg.distill:
+        lines.append(
+            "  distillation (--distill): three networks of this preset, a generator and a fake score trained (each "
+            f"its own DeepSpeed engine and Adam; the generator's EMA) and the teacher frozen ({cfg.precision} weights)"
+        )
     if c.active is not None:
         per_token = p.active_per_token
         lines.append(
@@ -505,7 +614,8 @@ def format_plan(p: Plan) -> str:
     lines.append(
         f"per GPU in GiB: {cfg.precision}{', optimizer offloaded to CPU' if cfg.offload else ''}, "
         f"{cfg.gpus} GPUs x {p.nodes} node{'s' if p.nodes > 1 else ''} = {world} ranks, micro-batch {cfg.batch}, "
-        f"EMA {p.ema} ({EMA_COPIES[p.ema]} fp32 cop{'ies' if EMA_COPIES[p.ema] > 1 else 'y'})"
+        f"{'generator ' if cfg.distill else ''}EMA {p.ema} ({EMA_COPIES[p.ema]} fp32 "
+        f"cop{'ies' if EMA_COPIES[p.ema] > 1 else 'y'})"
     )
     stages = list(p.rows)
     names = [k for k in next(iter(p.rows.values())) if any(p.rows[s][k] is not None for s in stages)]
@@ -514,6 +624,14 @@ def format_plan(p: Plan) -> str:
     for name in names:
         lines.append(f"{name.rstrip():<{width}s}" + "".join(f"{_gib(p.rows[s][name]):>10s}" for s in stages))
     budget = cfg.gpu_mem * (1 - cfg.headroom)
+    a = p.activations
+    if cfg.distill:
+        ck = f", {_gib(a.checkpointed)} checkpointed" if a.checkpointed is not None else ""
+        lines.append(
+            f"(activations: the generator step's, G's training forward ({_gib(a.saved)} GiB{ck}) and the fake "
+            f"score's and the teacher's forwards on its output, {_gib(a.frozen)} GiB each: in eval mode, saved for "
+            "their input's gradient only and never checkpointed; the fake-score step holds one training forward's)"
+        )
     if p.activations.option is None:
         lines.append(f"(arch {p.meta['arch']} has no activation checkpointing option)")
     else:
@@ -535,7 +653,7 @@ def format_plan(p: Plan) -> str:
         f"per GPU ({cfg.gpu_mem:g} GiB less {cfg.headroom:.0%} headroom)"
         + (f"; set model.{p.activations.option}=true" if ch.checkpoint else "")
     )
-    glob = cfg.global_batch or PAPER_GLOBAL_BATCH.get(p.meta["arch"])
+    glob = cfg.global_batch or (None if cfg.distill else PAPER_GLOBAL_BATCH.get(p.meta["arch"]))
     if glob:
         per_step = cfg.batch * cfg.gpus * ch.nodes
         accum = max(1, math.ceil(glob / per_step))

@@ -13,6 +13,8 @@ from ambient_ray.train.worker import Worker
 
 
 class AmbientTask(DenoiserTask):
+    extra_weight = True  # Ambient-o's σ⁴/(σ² − σ_min²)² (Eq. D.1)
+
     def setup(self, w: Worker) -> None:
         # a network with a learned log-variance u(σ) (EDM2) trains with its uncertainty weighting
         self.logvar = bool(getattr(w.net, "has_logvar", False))
@@ -29,7 +31,9 @@ class AmbientTask(DenoiserTask):
             **({"return_logvar": True} if self.logvar else {}),
         )
         d_out, u = out if self.logvar else (out, None)
-        loss, per_sample = ambient.batch_loss(d_out.float(), b, self.cfg.ambient.sigma_data)
+        loss, per_sample = ambient.batch_loss(
+            d_out.float(), b, self.cfg.ambient.sigma_data, extra_weight=self.extra_weight
+        )
         if u is not None:  # EDM2 Sec. 2.5: the ambient loss ℓ(σ) weighted by 1/e^u(σ), plus u(σ)
             loss = (per_sample / u.reshape(-1).exp() + u.reshape(-1)).mean()
         return loss, per_sample

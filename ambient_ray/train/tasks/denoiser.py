@@ -33,6 +33,7 @@ class DenoiserTask:
     """A denoiser objective's task, less its loss (:meth:`objective`)."""
 
     name = "train"
+    observed_noisy = False  # the rows hold their σ_n noise already (y = x_{σ_n}: objective noisy)
 
     def __init__(self, cfg, rows: DenoiserRows):
         self.cfg, self.rows = cfg, rows
@@ -69,7 +70,7 @@ class DenoiserTask:
         self.smin, smax = cols["sigma_min"], cols["sigma_max"]
         a = cfg.ambient
         crop = ambient.CropTable(a.crop_sigmas, a.crop_sizes) if a.crop_sigmas else None
-        kw = dict(lambda_max=a.lambda_max, p_mean=a.p_mean, p_std=a.p_std, crop=crop)
+        kw = dict(lambda_max=self.lambda_max(), p_mean=a.p_mean, p_std=a.p_std, crop=crop)
         self.sampler = ambient.SigmaSampler(self.smin, smax, **kw)
         # rank 0's dataset-wide view for the σ donut: eligible counts over all rows, draws summed over ranks
         self.view = None
@@ -169,6 +170,10 @@ class DenoiserTask:
                 self.val = picks[0]
                 self.val_rows = torch.arange(cfg.val_rows)
 
+    def lambda_max(self) -> float:
+        """The buffer's λ_max (Eq. D.2): σ > sqrt(1 + 1/(λ_max − 1))·σ_min; inf: σ > σ_min."""
+        return self.cfg.ambient.lambda_max
+
     def extra_columns(self) -> dict[str, list[int]]:
         """More tensor columns an objective reads per row, ``{name: shape}`` (in memory: ``self.columns[name]``)."""
         return {}
@@ -266,7 +271,9 @@ class DenoiserTask:
         """A micro-batch: (the noised batch, class labels, captions, source codes), each None where absent."""
         if self.pools is not None:
             return self.stream_batch(w)
-        b = ambient.ambient_batch(self.sampler, self.images, self.smin, self.cfg.batch_size, w.generator)
+        b = ambient.ambient_batch(
+            self.sampler, self.images, self.smin, self.cfg.batch_size, w.generator, self.observed_noisy
+        )
         cl = self.labels[b.index] if self.labels is not None else None
         caps = (self.captions[0][b.index], self.captions[1][b.index]) if self.captions is not None else None
         src = self.source[b.index] if self.source is not None else None

@@ -90,6 +90,22 @@ class MaskedConfig(Strict):
     )
 
 
+class NoisyConfig(Strict):
+    """DSD's Phase I on data observed with Gaussian noise (``objective: noisy``; seed paper 004, Sec. 3.1;
+    docs/stages/train.md, "Noisy data")."""
+
+    way: Literal["adjusted", "standard"] = Field(
+        "adjusted",
+        description="adjusted: the ambient loss with each row at σ_min = σ_n (learns the clean data's denoiser above "
+        "σ_n; DSD's Eq. 3); standard: the plain EDM loss on y as if it were clean (learns the noisy data's; Eq. 1)",
+    )
+    extra_weight: bool = Field(
+        False,
+        description="multiply the loss by Ambient-o's σ⁴/(σ² − σ_n²)² (Eq. D.1; then σ keeps the buffer of "
+        "ambient.lambda_max above σ_n); off: DSD's Phase-I loss, σ drawn anywhere above σ_n",
+    )
+
+
 class TrainConfig(EngineConfig):
     """Config of ``ambient-ray train`` (the engine's keys, plus the model, the objective and its sections)."""
 
@@ -98,7 +114,8 @@ class TrainConfig(EngineConfig):
         "ambient",
         description="the training objective (ambient_ray.train.objectives): ambient, Ambient-o's loss (Eq. 3.2-3.3 "
         "with the buffer of Eq. D.2); masked, Ambient Diffusion on masked rows (seed 003 Eq. 3.2), every other row "
-        "with its own loss; 'ambient-ray train --help' lists every registered one",
+        "with its own loss; noisy, DSD's Phase I on rows observed with Gaussian noise (seed 004); 'ambient-ray train "
+        "--help' lists every registered one",
         json_schema_extra=flag("--objective", "the training objective (ambient: Ambient-o's loss)"),
     )
 
@@ -115,3 +132,4 @@ class TrainConfig(EngineConfig):
     stream: StreamConfig = Field(default_factory=StreamConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     masked: MaskedConfig = Field(default_factory=MaskedConfig)
+    noisy: NoisyConfig = Field(default_factory=NoisyConfig)

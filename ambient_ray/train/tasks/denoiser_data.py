@@ -177,6 +177,7 @@ class DenoiserRows:
     stream: dict | None = None  # streamed: the strata's edges and dataset-wide counts (:func:`strata_counts`)
     group: str = "source"  # what ``sources`` name: values of the 'source' column, or row kinds (objective masked)
     masks: dict | None = None  # objective masked: {"shape": [1, H, W] or None (no mask column), "meta": ...}
+    noisy: dict | None = None  # objective noisy: {"shape": [C, H, W] of the noisy column, "meta": ...}
 
 
 KINDS = ("clean", "annotated", "masked")  # the row kinds of one masked run, each trained by its own loss
@@ -217,12 +218,70 @@ def mask_kinds(cfg: TrainConfig, meta, smin: np.ndarray, latents: dict | None) -
     return observed, kind, has_column
 
 
+def noisy_rows(cfg: TrainConfig, meta, latents: dict | None, streaming: bool) -> tuple[np.ndarray, dict, str]:
+    """Objective noisy (DSD's Phase I, seed 004): each row's σ_min is its own ``sigma_n`` (the noise its ``noisy``
+    column holds; 0: clean), the noisy column's shape, and the run's description. Pixel data in memory only."""
+    from ambient_ray.data.noisy import noisy_shape
+
+    if latents:
+        raise ConfigError(
+            f"config key 'objective': noisy trains on the float 'noisy' column of pixel data, and {cfg.data} holds "
+            "VAE latents; train it on the corrupt stage's output (noise:sigma=...)"
+        )
+    if streaming:
+        raise ConfigError(
+            "config key 'stream.mode': the noisy objective reads its rows in memory; set --data-path memory"
+        )
+    shape = noisy_shape(cfg.data)
+    if shape is None:
+        raise ConfigError(
+            f"config key 'objective': noisy needs a 'noisy' tensor column and 'sigma_n' per row; {cfg.data} has "
+            "none (corrupt with --corruption noise:sigma=S, or bring noisy data: docs/stages/corrupt.md)"
+        )
+    sn = meta["sigma_n"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(sn) | (sn < 0)
+    if bad.any():
+        raise ConfigError(
+            f"{cfg.data}: sigma_n must be finite and >= 0; rows {meta['id'][bad].head(5).tolist()} are not"
+        )
+    noisy = sn > 0
+    levels = sorted({round(float(v), 6) for v in sn[noisy]})
+    info = {
+        "sigma_n": float(np.median(sn[noisy])) if noisy.any() else 0.0,
+        "sigma_n_levels": levels[:16],
+        "rows_noisy": int(noisy.sum()),
+        "rows_clean": int((~noisy).sum()),
+        "extra_weight": cfg.noisy.extra_weight,
+        "way": cfg.noisy.way,
+    }
+    if cfg.noisy.way == "standard":  # the noisy rows as if clean: the EDM loss on y at every σ
+        return (
+            np.zeros_like(sn, dtype=np.float32),
+            {"shape": list(shape), "meta": info},
+            (f"noisy objective, standard way (DSD Eq. 1): {info['rows_noisy']} noisy rows trained as if clean"),
+        )
+    how = (
+        f"noisy objective (DSD Phase I): {info['rows_noisy']} rows observed with noise σ_n "
+        + ("= " + ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "") if levels else "")
+        + f", {info['rows_clean']} clean; σ > σ_n"
+        + (
+            f" above the λ_max={cfg.ambient.lambda_max:g} buffer, with the ambient weight"
+            if cfg.noisy.extra_weight
+            else ""
+        )
+    )
+    return sn.astype(np.float32), {"shape": list(shape), "meta": info}, how
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
     """The driver side of a denoiser objective, before any worker starts: the rows (the ``rows`` filter), the
     crop table, the σ annotations (:func:`resolve_sigmas`), the network's interface from the data, in memory or
     streamed; the run's description for the MLflow run and the progress line."""
     no_mask = "mask_input" in cfg.model.model_fields_set and not cfg.model.mask_input  # set false by the user
-    meta = load_metadata(cfg.data, (cfg.ambient.quality_score,) if cfg.ambient.quality_score else ())
+    extra = ((cfg.ambient.quality_score,) if cfg.ambient.quality_score else ()) + (
+        ("sigma_n",) if cfg.objective == "noisy" else ()
+    )
+    meta = load_metadata(cfg.data, extra)
     if cfg.rows:
         meta = meta[match(meta, cfg.rows)].reset_index(drop=True)
         if meta.empty:
@@ -250,6 +309,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if len(sources) > 1:  # per-source loss, draws and donut
             code = {name: i for i, name in enumerate(sources)}
             rows.source = dict(zip(ids, meta["source"].map(code).fillna(-1).astype(int).tolist()))
+    if cfg.objective == "noisy":  # σ_min is each row's own noise level; y = x_{σ_n} is the row as observed
+        smin, rows.noisy, origin = noisy_rows(cfg, meta, latents, streaming)
+        if not streaming:
+            rows.sigma_min = dict(zip(ids, smin.tolist()))
+        columns.append("noisy")
     how = "streamed" if streaming else "in memory"
     params, tags = {}, {"sigma_min": origin, "space": space, "data_path": how}
     if cfg.objective == "masked":
@@ -296,6 +360,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     model = model_meta(cfg, latents)
     if rows.masks:
         model["masked"] = rows.masks["meta"]
+    if rows.noisy:
+        model["noisy"] = rows.noisy["meta"]
+        params = {"rows_noisy": rows.noisy["meta"]["rows_noisy"], "sigma_n": rows.noisy["meta"]["sigma_n"]}
     return Prepared(
         meta=model,
         rows=rows,
