@@ -132,7 +132,8 @@ def latest_checkpoint(out: str) -> str | None:
     """The newest Ray Train checkpoint folder under OUT/ray/train, if any."""
     root = storage.join(storage.normalize(out), "ray", "train")
     files = storage.list_files(root, ("model.json",))
-    ckpts = sorted({f.rsplit("/", 2)[-2] for f in files if "/checkpoint_" in f})
+    # a checkpoint's own model.json (another part's, under parts/NAME/, names no checkpoint)
+    ckpts = sorted({d for d in (f.rsplit("/", 2)[-2] for f in files) if d.startswith("checkpoint_")})
     return storage.join(root, ckpts[-1]) if ckpts else None
 
 

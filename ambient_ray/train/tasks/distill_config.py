@@ -112,6 +112,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
     from ambient_ray.models import registry, weights
     from ambient_ray.train.tasks.denoiser_data import denoiser_costs
 
+    from ambient_ray.io import storage
+
+    # absolute: the workers run elsewhere (their own folder) and read the teacher, the rows, and write OUT/picked
+    cfg.out = storage.normalize(cfg.out)
+    cfg.data = storage.normalize(cfg.data) if cfg.data else None
     try:
         d, tmeta = weights.model_dir(cfg.teacher)
     except FileNotFoundError as e:
@@ -134,10 +139,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
     columns: list[str] = []
     if cfg.data:
         from ambient_ray.data.metadata import load_metadata
+        from ambient_ray.data.noisy import noisy_shape
         from ambient_ray.train.tasks.denoiser_config import TrainConfig
         from ambient_ray.train.tasks.denoiser_data import resolve_sigmas
 
-        meta = load_metadata(cfg.data)
+        meta = load_metadata(cfg.data, ("sigma_n",) if noisy_shape(cfg.data) is not None else ())
         ids = meta["id"].tolist()
         if "sigma_n" in meta:
             sn = meta["sigma_n"].to_numpy(dtype=np.float64, na_value=0.0)
