@@ -109,10 +109,9 @@ def teacher_sigma_n(meta: dict) -> float | None:
 
 def prepare(cfg: DistillConfig) -> Prepared:
     """The driver side: the teacher (a denoiser, not itself a generator), σ_n, the rows' labels and σ_n."""
+    from ambient_ray.io import storage
     from ambient_ray.models import registry, weights
     from ambient_ray.train.tasks.denoiser_data import denoiser_costs
-
-    from ambient_ray.io import storage
 
     # absolute: the workers run elsewhere (their own folder) and read the teacher, the rows, and write OUT/picked
     cfg.out = storage.normalize(cfg.out)
