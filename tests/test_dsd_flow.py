@@ -74,12 +74,14 @@ def test_proximal_fd_is_logged_every_eval_every_steps_and_the_pick_is_kept(flow)
 
     summary = json.loads((flow / "dsd" / "summary.json").read_text())
     client = MlflowClient()
-    hist = client.get_metric_history(summary["mlflow_run_id"], "proximal_fd")
+    hist = sorted(client.get_metric_history(summary["mlflow_run_id"], "proximal_fd"), key=lambda m: m.step)
     assert sorted(m.step for m in hist) == [4, 8] and all(m.value >= 0 for m in hist)
     best = min(hist, key=lambda m: m.value)
     picked = json.loads((flow / "dsd" / "picked" / "picked.json").read_text())
     assert picked["step"] == best.step and picked["proximal_fd"] == pytest.approx(best.value)
     assert summary["picked"]["step"] == best.step
+    evals = json.loads((flow / "dsd" / "proximal.json").read_text())
+    assert [r["step"] for r in evals] == [4, 8] and [r["proximal_fd"] for r in evals] == [m.value for m in hist]
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.metrics["proximal_fd_best_step"] == best.step
     arts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}

@@ -232,7 +232,9 @@ class DistillTask:
 
     def proximal_fd(self, w: Worker) -> dict:
         """Collective: proximal FD of the EMA generator (seed 004 Sec. 4: samples re-noised to σ_n against the noisy
-        training rows), the best so far and its step; a new best's weights go to ``OUT/picked/``."""
+        training rows), with ``distill.eval_reference`` the FD of the samples themselves against those clean rows,
+        the best proximal FD so far and its step; a new best's weights go to ``OUT/picked/``, every evaluation to
+        ``OUT/proximal.json``."""
         from ambient_ray.evaluation import metrics as fdm
         from ambient_ray.models import features
 
@@ -243,19 +245,41 @@ class DistillTask:
             extract = features.load(d.features)
             if self.reference is None:
                 self.reference = extract(self.reference_images())
+                self.clean = extract(self.clean_images()) if d.eval_reference else None
             imgs = self.samples(net, d.eval_images, w.device)
             g = torch.Generator().manual_seed(self.cfg.seed + 4242)
             x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             noisy = dsd.renoise(x, torch.full((len(x),), self.rows.sigma_n), g)
             q = ((noisy.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             fd = fdm.frechet_distance(extract(q), self.reference)
+            out = {"proximal_fd": fd}
+            if self.clean is not None:
+                out["fd"] = fdm.frechet_distance(extract(imgs), self.clean)
             if fd < float(self.best[0]):
                 self.best = torch.tensor([fd, float(w.step)], dtype=torch.float64)
                 self.save_picked(net, fd, w.step)
-            out = {"proximal_fd": fd}
+            self.record({"step": w.step, **out})
         best = w.all_reduce(self.best.clone() if w.rank == 0 else torch.zeros(2, dtype=torch.float64))
         self.best = best.clone()
         return {**out, "proximal_fd_best": float(best[0]), "proximal_fd_best_step": float(best[1])}
+
+    def record(self, entry: dict) -> None:
+        """Rank 0: ``OUT/proximal.json``, every evaluation so far (a restarted run drops the steps it re-runs)."""
+        from ambient_ray.io import storage
+
+        path = storage.join(storage.normalize(self.cfg.out), "proximal.json")
+        old = json.loads(storage.read_bytes(path)) if storage.exists(path) else []
+        rows = [r for r in old if r["step"] < entry["step"]] + [entry]
+        storage.write_bytes(path, json.dumps(rows, indent=1).encode())
+
+    def clean_images(self) -> np.ndarray:
+        """Up to ``eval_images`` rows of ``distill.eval_reference`` (a fixed pick), uint8 (N, H, W, C)."""
+        from ambient_ray.data.images import read_images
+
+        _, imgs = read_images(self.cfg.distill.eval_reference)
+        rng = np.random.default_rng(self.cfg.seed)
+        pick = rng.choice(len(imgs), size=min(self.cfg.distill.eval_images, len(imgs)), replace=False)
+        return imgs[torch.from_numpy(np.sort(pick))].permute(0, 2, 3, 1).numpy()
 
     def reference_images(self) -> np.ndarray:
         """Up to ``eval_images`` noisy training rows (σ_n > 0), as stored for viewing (clipped, quantised: as the

@@ -54,6 +54,11 @@ class DistillSection(Strict):
         "generator's samples re-noised to σ_n against the noisy training rows (0: off)",
     )
     eval_images: int = Field(256, ge=8, description="samples (and noisy rows at most) of each proximal FD")
+    eval_reference: str | None = Field(
+        None,
+        description="clean rows (a dataset) to measure FD against beside proximal FD at each evaluation (an "
+        "experiment's check of the pick; real noisy data has none)",
+    )
     features: str = Field(
         "pixels",
         description="the feature spec of proximal FD (pixels, net@FOLDER, inception@WEIGHTS: evaluate's features)",
@@ -116,6 +121,8 @@ def prepare(cfg: DistillConfig) -> Prepared:
     # absolute: the workers run elsewhere (their own folder) and read the teacher, the rows, and write OUT/picked
     cfg.out = storage.normalize(cfg.out)
     cfg.data = storage.normalize(cfg.data) if cfg.data else None
+    if cfg.distill.eval_reference:
+        cfg.distill.eval_reference = storage.normalize(cfg.distill.eval_reference)
     try:
         d, tmeta = weights.model_dir(cfg.teacher)
     except FileNotFoundError as e:
