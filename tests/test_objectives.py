@@ -10,12 +10,14 @@ from ambient_ray import cli
 from ambient_ray.train import objectives
 from ambient_ray.train.tasks.classifier_config import ClassifierTrainConfig
 from ambient_ray.train.tasks.denoiser_config import TrainConfig
+from ambient_ray.train.tasks.distill_config import DistillConfig
 
-STAGE_OF = {"train": TrainConfig, "train-classifier": ClassifierTrainConfig}
+STAGE_OF = {"train": TrainConfig, "train-classifier": ClassifierTrainConfig, "distill": DistillConfig}
 
 
 def test_every_objective_belongs_to_a_training_stage_and_its_config():
-    assert objectives.names("train") == ["ambient", "masked"] and objectives.names("train-classifier") == ["classifier"]
+    assert objectives.names("train") == ["ambient", "masked", "noisy"]
+    assert objectives.names("train-classifier") == ["classifier"] and objectives.names("distill") == ["distill"]
     for name, o in objectives.OBJECTIVES.items():
         assert o.config is STAGE_OF[o.stage], name
         assert o.config.model_fields["objective"].default in objectives.names(o.stage)

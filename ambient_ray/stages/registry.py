@@ -315,6 +315,16 @@ STAGES.register(
     ),
 )
 STAGES.register(
+    "experiment-dsd",
+    Stage(
+        "the DSD experiment (Denoising Score Distillation): observations, Ambient-Full/Truncated, DSD and oracle at each σ_n",
+        "ambient_ray.workflows.experiment_dsd",
+        "DsdExperimentConfig",
+        progress=True,
+        report=lambda cfg, s: _load("ambient_ray.workflows.experiment_dsd:report")(cfg, s),
+    ),
+)
+STAGES.register(
     "tune",
     Stage(
         "Ray Tune search over λ_max, τ, the crop-size threshold and training keys, logged to MLflow",

@@ -173,6 +173,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
             "(the teacher is no Phase-I teacher and no data row has σ_n): set distill.sigma_n or --way standard"
         )
     how += f"; {d_cfg.way} way, σ_n = {rows.sigma_n:g}" + (" (plain SiD)" if not known else "")
+    if d_cfg.eval_every and tmeta.get("latents"):
+        raise ConfigError(
+            "config key 'distill.eval_every': proximal FD re-noises pixels to σ_n, and this teacher generates VAE "
+            "latents; evaluate the decoded samples with 'ambient-ray evaluate' instead"
+        )
     if d_cfg.eval_every and not rows.reference:
         raise ConfigError("config key 'distill.eval_every': proximal FD needs the noisy training rows: set data")
     from ambient_ray.train.tasks.distill import generator_meta
