@@ -1,7 +1,8 @@
 """``python -m jobs.experiment --config FILE [--set key=value ...]``: the experiment stage as a Ray job.
 
 A config with ``kind: masked`` (``jobs/configs/experiment_masked.yaml``), or ``--kind masked``, runs the masked
-experiment (the ``experiment-masked`` stage, ``jobs.experiment_masked``) instead."""
+experiment (the ``experiment-masked`` stage, ``jobs.experiment_masked``) instead; ``kind: dsd``
+(``jobs/configs/experiment_dsd.yaml``) the DSD experiment (``experiment-dsd``, ``jobs.experiment_dsd``)."""
 
 import sys
 
@@ -9,7 +10,7 @@ import yaml
 
 from ambient_ray.cli import main
 
-KINDS = ("masked",)  # a config's kind: its stage's job module is jobs.experiment_KIND
+KINDS = ("masked", "dsd")  # a config's kind: its stage's job module is jobs.experiment_KIND
 
 
 def _kind(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -49,4 +50,8 @@ if __name__ == "__main__":
         from jobs import experiment_masked
 
         sys.exit(experiment_masked.run(args))
+    if kind == "dsd":
+        from jobs import experiment_dsd
+
+        sys.exit(experiment_dsd.run(args))
     sys.exit(main(["experiment", *args]))

@@ -92,6 +92,12 @@ FLAGS = {
             "resume": True,
         },
     ),
+    "distill": (
+        ["--teacher", "/t", "--data", "/d", "--out", "/o", "--way", "standard", "--sigma-n", "0.2", "--steps", "5"]
+        + ["--num-workers", "2", "--zero-stage", "3", "--resume", "--init-from", "/i"],
+        {"teacher": "/t", "data": "/d", "out": "/o", "distill.way": "standard", "distill.sigma_n": 0.2, "steps": 5}
+        | {"num_workers": 2, "zero_stage": 3, "resume": True, "init_from": "/i"},
+    ),
     "sample": (
         ["--checkpoint", "/c", "--num", "5", "--out", "/o", "--steps", "4", "--stochastic", "--seed", "2"]
         + ["--sampler", "autoguidance", "--guide", "/g", "--guidance", "1.5"]
@@ -111,6 +117,10 @@ FLAGS = {
         + ["--samplers", "fixed-mask", "--out", "/o"],
         {"dataset": "faces", "p": [0.4, 0.8], "delta": 0.2, "seeds": [0, 1], "arms": ["ambient", "naive"]}
         | {"samplers": ["fixed-mask"], "out": "/o"},
+    ),
+    "experiment-dsd": (
+        ["--dataset", "faces", "--sigmas", "0.1,0.4", "--seeds", "0,2", "--arms", "observations,oracle", "--out", "/o"],
+        {"dataset": "faces", "sigmas": [0.1, 0.4], "seeds": [0, 2], "arms": ["observations", "oracle"], "out": "/o"},
     ),
     "phema": (
         ["--run", "/r", "--std", "0.075", "--at", "120", "--out", "/o", "--profiles", "0.05, 0.1"],
@@ -193,6 +203,7 @@ FLAGS = {
 # flags count as the table's
 EXCLUSIVE = {
     "sample": [(["--checkpoint", "/c", "--out", "/o", "--one-step"], {"one_step": True, "sampler.name": "one-step"})],
+    "plan": [(["--model", "edm2-xxl", "--distill"], {"model": "edm2-xxl", "distill": True})],  # no patch masking
 }
 
 

@@ -317,7 +317,7 @@ STAGES.register(
 STAGES.register(
     "experiment-dsd",
     Stage(
-        "the DSD experiment (Denoising Score Distillation): observations, Ambient-Full/Truncated, DSD and oracle at each σ_n",
+        "the DSD experiment (Denoising Score Distillation): observations, Ambient-Full/-Truncated, DSD, oracle per σ_n",
         "ambient_ray.workflows.experiment_dsd",
         "DsdExperimentConfig",
         progress=True,

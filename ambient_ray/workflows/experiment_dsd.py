@@ -521,7 +521,7 @@ def markdown(table: list[dict], checks: list[dict], cfg: DsdExperimentConfig, mi
     heads = {
         "fd": "FD (clean train) ↓",
         "fd_holdout": "FD (held-out) ↓",
-        "proximal_fd": f"proximal FD (noise:sigma=σ_n) ↓",
+        "proximal_fd": "proximal FD (noise:sigma=σ_n) ↓",
         "nfe": "NFE",
         "seconds_per_1000_images": "s / 1,000 images",
     }
