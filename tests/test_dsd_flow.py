@@ -109,3 +109,30 @@ def test_distill_refuses_what_it_cannot_distil(flow, tmp_path):
         prepare(DistillConfig(teacher=str(flow / "dsd"), out=str(tmp_path / "o")))
     with pytest.raises(ConfigError, match="proximal FD needs the noisy training rows"):
         prepare(DistillConfig(teacher=str(flow / "teacher"), out=str(tmp_path / "o"), distill={"eval_every": 2}))
+
+
+def test_an_ambient_o_teacher_distils_the_adjusted_way_per_row(flow, blurred_digits, tmp_path):
+    """Any teacher: rows annotated with σ_min (Ambient-o's blurred data) give each draw its own σ_n (the adjusted
+    way re-noises G's samples to it; a clean row trains plain SiD); distill.sigma_n overrides the annotated ones."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ambient_ray.data.metadata import parquet_files
+    from ambient_ray.train.tasks.distill_config import DistillConfig, prepare
+
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(blurred_digits)])
+    corrupted = np.array(table.column("quality").to_pylist()) == "corrupted"
+    (tmp_path / "annotated").mkdir()
+    pq.write_table(
+        table.append_column("sigma_min", pa.array(np.where(corrupted, 0.3, 0.0))), tmp_path / "annotated" / "a.parquet"
+    )
+    data = str(tmp_path / "annotated")
+    teacher = str(flow / "teacher")
+    rows = prepare(DistillConfig(teacher=teacher, data=data, out=str(tmp_path / "o"), mlflow={"enabled": False})).rows
+    ids = table.column("id").to_pylist()
+    got = np.array([rows.row_sigma_n[i] for i in ids])
+    assert np.array_equal(got, np.where(corrupted, 0.3, 0.0)) and 0 < corrupted.mean() < 1
+    cfg = DistillConfig(teacher=teacher, data=data, out=str(tmp_path / "o"), distill={"sigma_n": 0.1})
+    rows = prepare(cfg).rows
+    assert sorted(set(rows.row_sigma_n.values())) == [0.0, 0.1]
