@@ -302,38 +302,29 @@ def part_weights(w) -> dict:
     return out
 
 
-def parts_run(zero: int, root: str) -> dict:
-    """The toy task of three parts on the engine's own loop under ZeRO ``zero``, 6 steps: once left alone, once
-    killed in step 5 (a planted failure) and restarted from its step-4 checkpoint on a fresh worker."""
+def alone_and_killed(zero: int, out: str, make, more) -> dict:
+    """The task ``make(kind, keys)`` gives, (its config, the task), on the engine's own loop under ZeRO ``zero``, 6
+    steps (``keys``: the config's schedule, into ``out``-KIND): kind ``alone`` left alone, kind ``killed`` (a task
+    with a planted failure) killed and restarted from its step-4 checkpoint on a fresh worker. Rank 0 gets per kind
+    every part's weights (and EMAs) before and after, the last step and ``more(task, the step-4 checkpoint
+    folder)``; the other ranks {}."""
     import ray.train
     import torch.distributed as dist
 
     from ambient_ray.train import loop
-    from ambient_ray.train.config import EngineConfig
     from ambient_ray.train.worker import Worker
 
     rank = ray.train.get_context().get_world_rank()
     runs = {}
     for kind in ("alone", "killed"):
-        out = os.path.join(root, f"zero{zero}-{kind}")
-        cfg = EngineConfig(
-            data="-",
-            out=out,
-            steps=6,
-            batch_size=8,
-            zero_stage=zero,
-            log_every=2,
-            checkpoint_every=2,
-            optim=dict(lr=0.05, warmup_steps=0, decay="none", grad_clip=0),
-            ema_decay=0.5,
-            mlflow=dict(enabled=False),
-        )
-        task = ToyParts(cfg, fail_at=5 if kind == "killed" else None)
+        keys = dict(out=f"{out}-{kind}", steps=6, batch_size=8, zero_stage=zero, log_every=2, checkpoint_every=2)
+        keys |= dict(ema_decay=0.5, mlflow=dict(enabled=False))
+        cfg, task = make(kind, keys)
         w = Worker(cfg, task.parts(), task.meta(), {})
         before = part_weights(w)
         saved = {}
 
-        def save_here(metrics, state=None, files=None, _w=w, _out=out, _saved=saved):
+        def save_here(metrics, state=None, files=None, _w=w, _out=keys["out"], _saved=saved):
             d = os.path.join(_out, f"ckpt-{_w.step}")
             _w.save(d, state, files)
             dist.barrier()
@@ -347,11 +338,23 @@ def parts_run(zero: int, root: str) -> dict:
             w = Worker(cfg, task.parts(), task.meta(), {})  # a restart: fresh workers, the last checkpoint
             w.save_and_report = lambda *a, **k: None
             loop.steps(task, cfg, w, ckpt=ray.train.Checkpoint.from_directory(saved[4]))
-        runs[kind] = {"before": before, "after": part_weights(w), "step": w.step}
-        runs[kind]["files"] = sorted(
-            os.path.relpath(os.path.join(d, f), saved[4]) for d, _, fs in os.walk(saved[4]) for f in fs
-        )
+        runs[kind] = {"before": before, "after": part_weights(w), "step": w.step, **more(task, saved[4])}
     return runs if rank == 0 else {}
+
+
+def parts_run(zero: int, root: str) -> dict:
+    """The toy task of three parts on the engine's own loop under ZeRO ``zero``, 6 steps: once left alone, once
+    killed in step 5 (a planted failure) and restarted from its step-4 checkpoint on a fresh worker."""
+    from ambient_ray.train.config import EngineConfig
+
+    def make(kind: str, keys: dict):
+        cfg = EngineConfig(data="-", optim=dict(lr=0.05, warmup_steps=0, decay="none", grad_clip=0), **keys)
+        return cfg, ToyParts(cfg, fail_at=5 if kind == "killed" else None)
+
+    def files(task, ckpt: str) -> dict:
+        return {"files": sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)}
+
+    return alone_and_killed(zero, os.path.join(root, f"zero{zero}"), make, files)
 
 
 class FailingDistill:
@@ -424,52 +427,17 @@ def distill_run(zero: int, teacher: str, root: str) -> dict:
     """``distill`` of the tiny EDM2 teacher on the engine's own loop under ZeRO ``zero``, 6 steps (adjusted way,
     σ_n 0.2): once left alone, once killed in step 5 and restarted from its step-4 checkpoint on a fresh worker;
     rank 0 keeps every part's weights (and EMAs) before and after, and the generator's model.json."""
-    import ray.train
-    import torch.distributed as dist
-
-    from ambient_ray.train import loop
     from ambient_ray.train.tasks.distill_config import DistillConfig, prepare
-    from ambient_ray.train.worker import Worker
 
-    rank = ray.train.get_context().get_world_rank()
-    runs = {}
-    for kind in ("alone", "killed"):
-        out = os.path.join(root, f"distill{zero}-{kind}")
-        cfg = DistillConfig(
-            teacher=teacher,
-            out=out,
-            steps=6,
-            batch_size=8,
-            zero_stage=zero,
-            log_every=2,
-            checkpoint_every=2,
-            optim=dict(lr=0.01),
-            ema_decay=0.5,
-            distill=dict(way="adjusted", sigma_n=0.2, fake_lr=0.02),
-            mlflow=dict(enabled=False),
-        )
-        rows = prepare(cfg).rows
-        task = FailingDistill.make(cfg, rows, 5 if kind == "killed" else None)
-        w = Worker(cfg, task.parts(), task.meta(), {})
-        before = part_weights(w)
-        saved = {}
+    def make(kind: str, keys: dict):
+        way = dict(way="adjusted", sigma_n=0.2, fake_lr=0.02)
+        cfg = DistillConfig(teacher=teacher, optim=dict(lr=0.01), distill=way, **keys)
+        return cfg, FailingDistill.make(cfg, prepare(cfg).rows, 5 if kind == "killed" else None)
 
-        def save_here(metrics, state=None, files=None, _w=w, _out=out, _saved=saved):
-            d = os.path.join(_out, f"ckpt-{_w.step}")
-            _w.save(d, state, files)
-            dist.barrier()
-            _saved[_w.step] = d
+    def meta(task, ckpt: str) -> dict:
+        return {"meta": task.meta()}
 
-        w.save_and_report = save_here
-        try:
-            loop.steps(task, cfg, w)
-        except RuntimeError as e:
-            assert kind == "killed" and "planted failure" in str(e), e
-            w = Worker(cfg, task.parts(), task.meta(), {})  # a restart: fresh workers, the last checkpoint
-            w.save_and_report = lambda *a, **k: None
-            loop.steps(task, cfg, w, ckpt=ray.train.Checkpoint.from_directory(saved[4]))
-        runs[kind] = {"before": before, "after": part_weights(w), "step": w.step, "meta": task.meta()}
-    return runs if rank == 0 else {}
+    return alone_and_killed(zero, os.path.join(root, f"distill{zero}"), make, meta)
 
 
 def stages_loop(config: dict) -> None:

@@ -36,13 +36,15 @@ config or inputs changed (a changed train key: every arm's train, sample and eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ambient_ray import config as cfgmod
 from ambient_ray.config import Strict, csv, flag
@@ -155,9 +157,7 @@ class ExperimentConfig(Strict):
     @field_validator("seeds", "arms")
     @classmethod
     def _unique(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"repeated entries in {v}")
-        return v
+        return unique(v)
 
     @field_validator("arms")
     @classmethod
@@ -189,6 +189,9 @@ _ALSO_OWNED = {  # keys the experiment sets itself in each section, besides the 
 }
 
 
+OWNER = "the experiment itself (per arm and seed)"  # who sets the keys a section's stage is wired by
+
+
 def _owned(section: str) -> set[str]:
     return registry.owned(SECTIONS[section], *_ALSO_OWNED[section])
 
@@ -208,7 +211,7 @@ def check(cfg: ExperimentConfig) -> None:
             section,
             getattr(cfg, section),
             owned=_owned(section),
-            owner="the experiment itself (per arm and seed)",
+            owner=OWNER,
             fill=fill,
         )
     for rule, keys in cfg.rule_annotate.items():
@@ -219,9 +222,62 @@ def check(cfg: ExperimentConfig) -> None:
             f"rule_annotate.{rule}",
             {**cfg.annotate, **keys},
             owned=_owned("annotate"),
-            owner="the experiment itself (per arm and seed)",
+            owner=OWNER,
             fill={"data": "x", "out": "x"},
         )
+
+
+def unique(v: list) -> list:
+    """A config list's entries, refused when one repeats."""
+    if len(set(v)) != len(v):
+        raise ValueError(f"repeated entries in {v}")
+    return v
+
+
+def lists_validator(arms: tuple[str, ...]) -> Any:
+    """A preset config's validator of ``seeds`` (no repeats) and ``arms`` (some of ``arms``, no repeats)."""
+
+    def lists(cls, v: list, info: ValidationInfo) -> list:
+        bad = [a for a in v if a not in arms] if info.field_name == "arms" else []
+        if bad:
+            raise ValueError(f"unknown arms {bad}: expected some of {', '.join(arms)}")
+        return unique(v)
+
+    return field_validator("seeds", "arms")(lists)
+
+
+def over(sub: Any, keys: dict) -> Any:
+    """A sub-section with ``keys`` set in it; anything but a mapping unchanged (its stage's config refuses it)."""
+    return {**sub, **keys} if isinstance(sub, dict) else sub
+
+
+def refuse_owned(owned: list[tuple[str, dict, set[str]]], nested: list[tuple[str, dict, str, str, str]], owner: str):
+    """Refuse the keys an experiment preset sets itself: ``owned``, (label, a section's keys, the keys ``owner``
+    sets in it); ``nested``, (label, a section's keys, sub-section, key, what sets it)."""
+    for label, keys, mine in owned:
+        clash = sorted(mine & set(keys))
+        if clash:
+            raise cfgmod.ConfigError(f"config key '{label}.{clash[0]}': set by {owner}")
+    for label, keys, sub, key, where in nested:
+        value = keys.get(sub)
+        if isinstance(value, dict) and key in value:
+            raise cfgmod.ConfigError(f"config key '{label}.{sub}.{key}': set by the experiment (from {where})")
+
+
+_PLACEHOLDERS = dict.fromkeys(("data", "out", "checkpoint", "samples", "reference", "dataset", "teacher"), "x")
+
+
+def check_section(stage: str, label: str, keys: dict, owner: str) -> Any:
+    """The config of the registered ``stage`` from the keys of the config section ``label`` (its paths
+    placeholders), as a preset's run will build it: a bad key refused before any work starts."""
+    model = registry.get(stage).model()
+    fill = {k: v for k, v in _PLACEHOLDERS.items() if k in model.model_fields}
+    return cfgmod.build_section(model, label, keys, owned=set(), owner=owner, fill=fill)
+
+
+# the clean splits of the experiment presets: no row is corrupted at clean fraction 1, so the corruption list is
+# neither used nor fingerprinted; the experiment stage's default keeps these splits the very steps of its prep/
+CLEAN_SPLIT = {"part": "train", "clean_fraction": 1.0, "seed": 0, "corruptions": ["blur:sigma=1"]}
 
 
 # ------------------------------------------------------------------------------ running the stages
@@ -293,6 +349,19 @@ class Runner:
     def call(self, stage: str, cfg):
         return registry.get(stage).call(cfg, progress=self.progress)
 
+    def finished(self, out: str, fp: str) -> dict | None:
+        """The summary of the unit ``out`` (an arm, a model: steps under one MLflow child run) if it finished
+        with fingerprint ``fp``, here or in a reuse folder (then its ``result.json`` copied here); else None."""
+        kept = self.find(out, fp)
+        if kept is not None and "reused_from" in kept:
+            shards.write_json(storage.join(out, "result.json"), kept)
+        return kept
+
+    def keep(self, out: str, fp: str, summary: dict) -> None:
+        """The unit ``out`` finished: ``summary`` in its ``result.json`` and its done-marker (fingerprint ``fp``)."""
+        shards.write_json(storage.join(out, "result.json"), summary)
+        shards.mark_done(out, steps.STEP, fp, summary)
+
     def corrupt(
         self,
         name: str,
@@ -350,6 +419,13 @@ class Runner:
         spec = f"net@{self.loc(out)}"
         self.prints[spec] = self.prints[out]
         return spec
+
+    def clean_refs(self) -> dict:
+        """The experiment presets' references (``prep/``): {"clean": the clean training part, "holdout": the
+        held-out part, "features": the feature spec (trained on the clean part unless the config names one)}."""
+        clean = self.corrupt("prep/clean-train", **CLEAN_SPLIT)
+        holdout = self.corrupt("prep/clean-holdout", **{**CLEAN_SPLIT, "part": "holdout"})
+        return {"clean": clean, "holdout": holdout, "features": self.features(clean)}
 
     def classifier(self, data: str, seed: int) -> str:
         out = storage.join(self.out, f"seed-{seed}", registry.get("train-classifier").folder)
@@ -476,10 +552,8 @@ class Runner:
         inputs = (sample_fp, data_fp, p[refs["clean"]], p[refs["holdout"]], p[refs["features"]])
         eval_fp = self.print_of(ecfg(None), *inputs)
         arm_fp = shards.fingerprint({"evaluate": eval_fp, "sigma": sigma})
-        kept = self.find(out, arm_fp)
+        kept = self.finished(out, arm_fp)
         if kept is not None:
-            if "reused_from" in kept:
-                shards.write_json(storage.join(out, "result.json"), kept)
             return kept
         params = {"arm": arm, "seed": seed, "data": data, "rows": rows or ""}
         tags = {"stage": "experiment-arm", "arm": arm}
@@ -504,8 +578,7 @@ class Runner:
             }
             tracking.log_metrics(child, uri, values)
             tracking.log_files(child, uri, {"grid.png": storage.read_bytes(r["grid"])})
-        shards.write_json(storage.join(out, "result.json"), result)
-        shards.mark_done(out, steps.STEP, arm_fp, result)
+        self.keep(out, arm_fp, result)
         return result
 
 
@@ -652,6 +725,52 @@ def plot(table: dict, title: str) -> bytes:
 # ------------------------------------------------------------------------------ driver
 
 
+@contextlib.contextmanager
+def parent_run(r: Runner, cfg, name: str, tags: dict) -> Iterator[None]:
+    """The experiment's parent MLflow run (named ``cfg.mlflow.run_name``, else ``name``; every config key but
+    mlflow's as a param), its id and URI in ``r.parent_id`` and ``r.uri``."""
+    params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] != "mlflow"}
+    name = cfg.mlflow.run_name or name
+    with tracking.run(cfg.mlflow, r.out, name=name, parent="", params=params, tags=tags) as (r.parent_id, r.uri):
+        yield
+
+
+def publish(r: Runner, cfg, results: list[dict], minutes: float, tables: dict, md: str, png: bytes, flat: dict):
+    """``results.json`` (the config, ``tables`` in order, every result), ``results.md`` and ``results.png`` under
+    OUT, and on the parent MLflow run with the metrics ``flat``."""
+    report = {"config": cfg.model_dump(mode="json"), **tables, "results": results, "minutes": minutes}
+    report["mlflow_run_id"] = r.parent_id
+    files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
+    for name, blob in files.items():
+        storage.write_bytes(storage.join(r.out, name), blob)
+    tracking.log_metrics(r.parent_id, r.uri, flat)
+    tracking.log_files(r.parent_id, r.uri, files)
+
+
+def report_tables(stage: str, s: dict) -> None:
+    """A preset's command-line lines after a run (``stage``: its name): the minutes, the tables, the MLflow run."""
+    from ambient_ray.stages import reports
+
+    print(f"{stage}: {s['minutes']:.0f} min; tables: {s['out']}/results.md, results.json, results.png")
+    reports.mlflow_line(s, tree=True)
+
+
+def finish(r: Runner, tables: dict, md: str, minutes: float) -> dict:
+    """Print ``results.md``; what a run returns: {"out", ``tables`` in order, "markdown", "mlflow_run_id",
+    "mlflow_uri", "minutes", "ran", "reused"}."""
+    print(md)
+    return {
+        "out": r.out,
+        **tables,
+        "markdown": md,
+        "mlflow_run_id": r.parent_id,
+        "mlflow_uri": r.uri,
+        "minutes": minutes,
+        "ran": r.ran,
+        "reused": r.reused,
+    }
+
+
 def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run every (arm, seed); returns {"out", "table", "markdown", "mlflow_run_id", "minutes", "ran"}
     ("ran": the steps done by this call, those skipped as finished left out)."""
@@ -661,10 +780,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     cfgmod.save_resolved(cfg, r.out)
     t0 = time.perf_counter()
     tags = {"stage": "experiment", "dataset": cfg.dataset, "corruption": ",".join(cfg.corruption)}
-    params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] not in ("mlflow",)}
-    with tracking.run(
-        cfg.mlflow, r.out, name=cfg.mlflow.run_name or "experiment", parent="", params=params, tags=tags
-    ) as (r.parent_id, r.uri):
+    with parent_run(r, cfg, "experiment", tags):
         print(
             f"experiment: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds on {cfg.dataset}, {', '.join(cfg.corruption)}, "
             f"{cfg.clean_fraction:.0%} clean -> {r.out}" + (f"; MLflow run {r.parent_id}" if r.parent_id else "")
@@ -712,28 +828,6 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         png = plot(
             table, f"{cfg.dataset}, {', '.join(cfg.corruption)}, {cfg.clean_fraction:.0%} clean, {len(cfg.seeds)} seeds"
         )
-        report = {
-            "config": cfg.model_dump(mode="json"),
-            "table": table,
-            "paired": diffs,
-            "results": results,
-            "minutes": minutes,
-            "mlflow_run_id": r.parent_id,
-        }
-        files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
-        for name, data in files.items():
-            storage.write_bytes(storage.join(r.out, name), data)
         flat = {f"{m}.{arm}": e[m]["mean"] for arm, e in table.items() for m in e}
-        tracking.log_metrics(r.parent_id, r.uri, flat)
-        tracking.log_files(r.parent_id, r.uri, files)
-    print(md)
-    return {
-        "out": r.out,
-        "table": table,
-        "markdown": md,
-        "mlflow_run_id": r.parent_id,
-        "mlflow_uri": r.uri,
-        "minutes": minutes,
-        "ran": r.ran,
-        "reused": r.reused,
-    }
+        publish(r, cfg, results, minutes, {"table": table, "paired": diffs}, md, png, flat)
+    return finish(r, {"table": table}, md, minutes)

@@ -48,7 +48,7 @@ from ambient_ray.config import Strict, csv, flag
 from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages import registry
-from ambient_ray.workflows import experiment, steps
+from ambient_ray.workflows import experiment
 
 ARMS: tuple[str, ...] = ("observations", "ambient-full", "ambient-truncated", "dsd-adjusted", "dsd-standard", "oracle")
 TEACHER_ARMS = {  # the arms each Phase-I teacher serves: way -> {arm: how it is sampled}
@@ -59,12 +59,6 @@ DSD_ARMS = ("dsd-adjusted", "dsd-standard")
 TABLE_METRICS = ("fd", "fd_holdout", "proximal_fd", "nfe", "seconds_per_1000_images")
 PICK_METRICS = ("picked_step", "picked_fd_at_step", "best_fd_over_evals", "best_fd_step", "picked_fd", "fd")
 EVAL_METRICS = ("fd", "fd_holdout", "proximal_fd", "precision", "recall")
-
-
-def _unique(v: list) -> list:
-    if len(set(v)) != len(v):
-        raise ValueError(f"repeated entries in {v}")
-    return v
 
 
 class DsdExperimentConfig(Strict):
@@ -129,20 +123,9 @@ class DsdExperimentConfig(Strict):
         bad = [s for s in v if not 0.0 < s < 2.0]
         if bad:
             raise ValueError(f"a noise level σ_n is in (0, 2) (the [-1, 1] data scale): got {bad}")
-        return _unique(v)
+        return experiment.unique(v)
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        return _unique(v)
-
-    @field_validator("arms")
-    @classmethod
-    def _arms(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ARMS]
-        if bad:
-            raise ValueError(f"unknown arms {bad}: expected some of {', '.join(ARMS)}")
-        return _unique(v)
+    _lists = experiment.lists_validator(ARMS)
 
     @field_validator("oracle_sampler")
     @classmethod
@@ -192,51 +175,38 @@ _NESTED_OWNED = (  # (section, sub-section, key, what sets it)
     ("distill", "distill", "features", "the experiment's features"),
     ("sample", "sampler", "name", "the arm / oracle_sampler"),
 )
-_OWNER = "the experiment itself (per arm and seed)"
 
 
 def _owned(section: str) -> set[str]:
     return registry.owned(SECTIONS[section], *_ALSO_OWNED[section])
 
 
-def _over(sub: Any, keys: dict) -> Any:
-    """A sub-section with ``keys`` set in it; anything but a mapping unchanged (its stage's config refuses it)."""
-    return {**sub, **keys} if isinstance(sub, dict) else sub
-
-
 def train_flags(cfg: DsdExperimentConfig, way: str | None) -> dict:
     """A teacher's train keys (the noisy objective, ``way``), or the oracle's (None: the plain EDM loss)."""
     if way is None:
         return {**cfg.train, "objective": "ambient"}  # every row clean: the plain EDM loss
-    return {**cfg.train, "objective": "noisy", "noisy": _over(cfg.train.get("noisy", {}), {"way": way})}
+    return {**cfg.train, "objective": "noisy", "noisy": experiment.over(cfg.train.get("noisy", {}), {"way": way})}
 
 
 def distill_flags(cfg: DsdExperimentConfig, way: str, clean: str, features: str) -> dict:
-    sub = _over(cfg.distill.get("distill", {}), {"way": way, "eval_reference": clean, "features": features})
+    sub = experiment.over(cfg.distill.get("distill", {}), {"way": way, "eval_reference": clean, "features": features})
     return {**cfg.distill, "distill": sub}
 
 
 def sample_flags(cfg: DsdExperimentConfig, sampler: str) -> dict:
-    return {**cfg.sample, "sampler": _over(cfg.sample.get("sampler", {}), {"name": sampler})}
+    return {**cfg.sample, "sampler": experiment.over(cfg.sample.get("sampler", {}), {"name": sampler})}
 
 
 def check(cfg: DsdExperimentConfig) -> None:
     """Refuse bad stage sections (as each arm will build them) before any work starts."""
-    for section in SECTIONS:
-        clash = sorted(_owned(section) & set(getattr(cfg, section)))
-        if clash:
-            raise cfgmod.ConfigError(f"config key '{section}.{clash[0]}': set by {_OWNER}")
-    for section, sub, key, where in _NESTED_OWNED:
-        value = getattr(cfg, section).get(sub)
-        if isinstance(value, dict) and key in value:
-            raise cfgmod.ConfigError(f"config key '{section}.{sub}.{key}': set by the experiment (from {where})")
-    dummy = {"data": "x", "out": "x", "checkpoint": "x", "samples": "x", "reference": "x", "dataset": "x"}
-    dummy["teacher"] = "x"
+    experiment.refuse_owned(
+        [(s, getattr(cfg, s), _owned(s)) for s in SECTIONS],
+        [(s, getattr(cfg, s), sub, key, where) for s, sub, key, where in _NESTED_OWNED],
+        experiment.OWNER,
+    )
 
     def build(section: str, keys: dict) -> Any:
-        model = registry.get(SECTIONS[section]).model()
-        fill = {k: v for k, v in dummy.items() if k in model.model_fields}
-        return cfgmod.build_section(model, section, keys, owned=set(), owner=_OWNER, fill=fill)
+        return experiment.check_section(SECTIONS[section], section, keys, experiment.OWNER)
 
     build("features_stage", cfg.features_stage)
     build("evaluate", {**cfg.evaluate, "proximal": spec(cfg.sigmas[0])})
@@ -308,10 +278,8 @@ class Runner(experiment.Runner):
         """``work(child)`` (a list of results) under one MLflow child run, unless the unit finished with these
         fingerprints; results kept in ``out/result.json``."""
         fp = shards.fingerprint({"evaluate": fps})
-        kept = self.find(out, fp)
+        kept = self.finished(out, fp)
         if kept is not None:
-            if "reused_from" in kept:
-                shards.write_json(storage.join(out, "result.json"), kept)
             return kept["results"]
         with tracking.run(self.mlflow, out, name=label, parent=self.parent_id, params=params, tags=tags) as (
             child,
@@ -323,9 +291,7 @@ class Runner(experiment.Runner):
                 suffix = res["arm"] + (".picked" if res.get("picked") else "")
                 logged.update({f"{m}.{suffix}": v for m, v in res["metrics"].items()})
             tracking.log_metrics(child, uri, logged)
-        summary = {"results": results}
-        shards.write_json(storage.join(out, "result.json"), summary)
-        shards.mark_done(out, steps.STEP, fp, summary)
+        self.keep(out, fp, {"results": results})
         return results
 
     @staticmethod
@@ -552,7 +518,9 @@ def markdown(table: list[dict], checks: list[dict], cfg: DsdExperimentConfig, mi
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in dsd:
-            cells = [_cell(row["metrics"].get(m), 0 if m.endswith("step") else 2) for m in PICK_METRICS]
+            cells = [
+                _cell(row["metrics"].get(m), 0 if m in ("picked_step", "best_fd_step") else 2) for m in PICK_METRICS
+            ]
             lines.append(f"| {_sig(row['sigma'])} | {row['arm']} | " + " | ".join(cells) + " |")
     if checks:
         lines += ["", "The paper's orderings (seed paper 004), by mean FD against the clean training part:", ""]
@@ -620,23 +588,17 @@ def run(cfg: DsdExperimentConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     sig = ",".join(f"{s:g}" for s in cfg.sigmas)
     tags = {"stage": "experiment-dsd", "dataset": cfg.dataset, "sigma_n": sig}
-    params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] != "mlflow"}
     ways = cfg.ways()
     per = len(ways) + ("observations" in cfg.arms)
     total = len(cfg.seeds) * (len(cfg.sigmas) * per + ("oracle" in cfg.arms))
     results: list[dict] = []
-    with tracking.run(
-        cfg.mlflow, r.out, name=cfg.mlflow.run_name or "experiment-dsd", parent="", params=params, tags=tags
-    ) as (r.parent_id, r.uri):
+    with experiment.parent_run(r, cfg, "experiment-dsd", tags):
         print(
             f"experiment-dsd: {total} units (arms {','.join(cfg.arms)}) on {cfg.dataset}, σ_n {sig} -> {r.out}"
             + (f"; MLflow run {r.parent_id}" if r.parent_id else "")
         )
-        # the clean splits, as the other experiments make them (no row corrupted at clean fraction 1)
-        clean_split = {"part": "train", "clean_fraction": 1.0, "seed": 0, "corruptions": ["blur:sigma=1"]}
-        clean = r.corrupt("prep/clean-train", **clean_split)
-        holdout = r.corrupt("prep/clean-holdout", **{**clean_split, "part": "holdout"})
-        refs = {"clean": clean, "holdout": holdout, "features": r.features(clean)}
+        refs = r.clean_refs()  # the clean splits, as the other experiments make them
+        clean = refs["clean"]
         k = 0
 
         def done(what: str, got: list[dict]) -> None:
@@ -674,41 +636,16 @@ def run(cfg: DsdExperimentConfig, progress: bool = True) -> dict:
         checks = orderings(table, cfg.picked_tolerance)
         md = markdown(table, checks, cfg, minutes)
         png = plot(table, f"{cfg.dataset}, DSD at σ_n {sig}, {len(cfg.seeds)} seeds")
-        report = {
-            "config": cfg.model_dump(mode="json"),
-            "table": table,
-            "checks": checks,
-            "results": results,
-            "minutes": minutes,
-            "mlflow_run_id": r.parent_id,
-        }
-        files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
-        for name, blob in files.items():
-            storage.write_bytes(storage.join(r.out, name), blob)
         flat = {}
         for row in table:
             for m in ("fd", "fd_holdout", "proximal_fd", "picked_fd"):
                 if m in row["metrics"]:
                     flat[f"{m}.{row['arm']}.{_sig(row['sigma'])}"] = row["metrics"][m]["mean"]
-        tracking.log_metrics(r.parent_id, r.uri, flat)
-        tracking.log_files(r.parent_id, r.uri, files)
-    print(md)
-    return {
-        "out": r.out,
-        "table": table,
-        "checks": checks,
-        "markdown": md,
-        "mlflow_run_id": r.parent_id,
-        "mlflow_uri": r.uri,
-        "minutes": minutes,
-        "ran": r.ran,
-        "reused": r.reused,
-    }
+        tables = {"table": table, "checks": checks}
+        experiment.publish(r, cfg, results, minutes, tables, md, png, flat)
+    return experiment.finish(r, tables, md, minutes)
 
 
 def report(cfg: DsdExperimentConfig, s: dict) -> None:
     """The command line's lines after a run."""
-    from ambient_ray.stages import reports
-
-    print(f"experiment-dsd: {s['minutes']:.0f} min; tables: {s['out']}/results.md, results.json, results.png")
-    reports.mlflow_line(s, tree=True)
+    experiment.report_tables("experiment-dsd", s)

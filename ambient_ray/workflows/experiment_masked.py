@@ -39,7 +39,6 @@ A re-run skips every finished step (the experiment stage's done-markers and fing
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -51,7 +50,7 @@ from ambient_ray.config import Strict, csv, flag
 from ambient_ray.io import shards, storage, tracking
 from ambient_ray.io.tracking import MlflowConfig
 from ambient_ray.stages import registry
-from ambient_ray.workflows import chain, experiment, steps
+from ambient_ray.workflows import chain, experiment
 
 ARMS: tuple[str, ...] = ("ambient", "naive", "oracle")
 MASKED_SAMPLERS: tuple[str, ...] = ("fixed-mask", "reconstruction-guidance")
@@ -60,17 +59,11 @@ TABLE_METRICS = ("fd", "fd_holdout", "precision", "recall", "memorization_top1_m
 MEMO_METRICS = ("memorization_top1_mean", "memorization_share_above", "holdout_share_above", "fd")
 
 
-def _unique(v: list) -> list:
-    if len(set(v)) != len(v):
-        raise ValueError(f"repeated entries in {v}")
-    return v
-
-
 def _probabilities(v: list[float]) -> list[float]:
     bad = [p for p in v if not 0.0 < p < 1.0]
     if bad:
         raise ValueError(f"a missing probability is in (0, 1): got {bad}")
-    return _unique(v)
+    return experiment.unique(v)
 
 
 class MemorizationBlock(Strict):
@@ -116,7 +109,7 @@ class MemorizationBlock(Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int] | None) -> list[int] | None:
-        return None if v is None else _unique(v)
+        return None if v is None else experiment.unique(v)
 
     @field_validator("sampler")
     @classmethod
@@ -196,18 +189,7 @@ class MaskedExperimentConfig(Strict):
     def _p(cls, v: list[float]) -> list[float]:
         return _probabilities(v)
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        return _unique(v)
-
-    @field_validator("arms")
-    @classmethod
-    def _arms(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ARMS]
-        if bad:
-            raise ValueError(f"unknown arms {bad}: expected some of {', '.join(ARMS)}")
-        return _unique(v)
+    _lists = experiment.lists_validator(ARMS)
 
     @field_validator("samplers")
     @classmethod
@@ -218,7 +200,7 @@ class MaskedExperimentConfig(Strict):
                 f"{bad}: the masked arms sample with a masked sampler, of {', '.join(MASKED_SAMPLERS)} "
                 "(the oracle's is oracle_sampler)"
             )
-        return _unique(v)
+        return experiment.unique(v)
 
     @field_validator("oracle_sampler")
     @classmethod
@@ -270,16 +252,10 @@ _NESTED_OWNED = (
     ("evaluate", "memorization", "features", "memorization.features"),
     ("evaluate", "memorization", "threshold", "memorization.threshold"),
 )
-_OWNER = "the experiment itself (per arm and seed)"
 
 
 def _owned(section: str) -> set[str]:
     return registry.owned(SECTIONS[section], *_ALSO_OWNED[section])
-
-
-def _over(sub: Any, keys: dict) -> Any:
-    """A sub-section with ``keys`` set in it; anything but a mapping unchanged (its stage's config refuses it)."""
-    return {**sub, **keys} if isinstance(sub, dict) else sub
 
 
 def train_flags(cfg: MaskedExperimentConfig, block: str, delta: float | None) -> dict:
@@ -288,41 +264,31 @@ def train_flags(cfg: MaskedExperimentConfig, block: str, delta: float | None) ->
     keys = {**cfg.train, **(cfg.memorization.train if block == MEMO else {})}
     if delta is None:
         return {**keys, "objective": "ambient"}  # every row clean: the plain EDM loss
-    return {**keys, "objective": "masked", "masked": _over(keys.get("masked", {}), {"delta": delta})}
+    return {**keys, "objective": "masked", "masked": experiment.over(keys.get("masked", {}), {"delta": delta})}
 
 
 def sample_flags(cfg: MaskedExperimentConfig, sampler: str) -> dict:
-    return {**cfg.sample, "sampler": _over(cfg.sample.get("sampler", {}), {"name": sampler})}
+    return {**cfg.sample, "sampler": experiment.over(cfg.sample.get("sampler", {}), {"name": sampler})}
 
 
 def evaluate_flags(cfg: MaskedExperimentConfig) -> dict:
     mem = cfg.memorization
-    memo = _over(cfg.evaluate.get("memorization", {}), {"features": mem.features, "threshold": mem.threshold})
+    memo = experiment.over(cfg.evaluate.get("memorization", {}), {"features": mem.features, "threshold": mem.threshold})
     return {**cfg.evaluate, "memorization": memo}
 
 
 def check(cfg: MaskedExperimentConfig) -> None:
     """Refuse bad stage sections (as each arm and sampler will build them) before any work starts."""
-    for section in SECTIONS:
-        clash = sorted(_owned(section) & set(getattr(cfg, section)))
-        if clash:
-            raise cfgmod.ConfigError(f"config key '{section}.{clash[0]}': set by {_OWNER}")
-    clash = sorted(_owned("train") & set(cfg.memorization.train))
-    if clash:
-        raise cfgmod.ConfigError(f"config key 'memorization.train.{clash[0]}': set by {_OWNER}")
-    for section, sub, key, where in _NESTED_OWNED:
-        value = getattr(cfg, section).get(sub)
-        if isinstance(value, dict) and key in value:
-            raise cfgmod.ConfigError(f"config key '{section}.{sub}.{key}': set by the experiment (from {where})")
-    value = cfg.memorization.train.get("masked")
-    if isinstance(value, dict) and "delta" in value:
-        raise cfgmod.ConfigError("config key 'memorization.train.masked.delta': set by the experiment (from delta)")
-    dummy = {"data": "x", "out": "x", "checkpoint": "x", "samples": "x", "reference": "x", "dataset": "x"}
+    memo = cfg.memorization.train
+    experiment.refuse_owned(
+        [(s, getattr(cfg, s), _owned(s)) for s in SECTIONS] + [("memorization.train", memo, _owned("train"))],
+        [(s, getattr(cfg, s), sub, key, where) for s, sub, key, where in _NESTED_OWNED]
+        + [("memorization.train", memo, "masked", "delta", "delta")],
+        experiment.OWNER,
+    )
 
     def build(section: str, keys: dict, label: str) -> None:
-        model = registry.get(SECTIONS[section]).model()
-        fill = {k: v for k, v in dummy.items() if k in model.model_fields}
-        cfgmod.build_section(model, label, keys, owned=set(), owner=_OWNER, fill=fill)
+        experiment.check_section(SECTIONS[section], label, keys, experiment.OWNER)
 
     build("features_stage", cfg.features_stage, "features_stage")
     build("evaluate", evaluate_flags(cfg), "evaluate")
@@ -407,10 +373,8 @@ class Runner(experiment.Runner):
         inputs = (pr[refs["clean"]], pr[refs["holdout"]], pr[refs["features"]], pr[copies_of])
         eval_fps = {s: self.print_of(ecfg(None, s), sample_fps[s], *inputs) for s in samplers}
         model_fp = shards.fingerprint({"evaluate": [eval_fps[s] for s in samplers]})
-        kept = self.find(out, model_fp)
+        kept = self.finished(out, model_fp)
         if kept is not None:
-            if "reused_from" in kept:
-                shards.write_json(storage.join(out, "result.json"), kept)
             return kept["results"]
         params = {"block": block, "arm": arm, "p": "" if p is None else p, "seed": seed, "data": data}
         params["delta"] = "" if delta is None else delta
@@ -457,9 +421,7 @@ class Runner(experiment.Runner):
             for res in results:
                 res["seconds"] = seconds / len(results)
             tracking.log_metrics(child, uri, logged)
-        summary = {"results": results}
-        shards.write_json(storage.join(out, "result.json"), summary)
-        shards.mark_done(out, steps.STEP, model_fp, summary)
+        self.keep(out, model_fp, {"results": results})
         return results
 
 
@@ -645,14 +607,11 @@ def run(cfg: MaskedExperimentConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     mem = cfg.memorization
     tags = {"stage": "experiment-masked", "dataset": cfg.dataset, "p": ",".join(f"{p:g}" for p in cfg.p)}
-    params = {k: v for k, v in cfgmod.flatten(cfg).items() if k.split(".")[0] != "mlflow"}
     masked_arms = [a for a in cfg.arms if a != "oracle"]
     n_main = len(cfg.seeds) * (len(cfg.p) * len(masked_arms) + ("oracle" in cfg.arms))
     n_memo = len(cfg.memo_seeds()) * (1 + len(cfg.memo_p())) if mem.run else 0
     results: list[dict] = []
-    with tracking.run(
-        cfg.mlflow, r.out, name=cfg.mlflow.run_name or "experiment-masked", parent="", params=params, tags=tags
-    ) as (r.parent_id, r.uri):
+    with experiment.parent_run(r, cfg, "experiment-masked", tags):
         print(
             f"experiment-masked: {n_main} models (arms {','.join(cfg.arms) or 'none'}) + {n_memo} of the memorization "
             f"block on {cfg.dataset}, p {','.join(f'{p:g}' for p in cfg.p)} -> {r.out}"
@@ -661,12 +620,8 @@ def run(cfg: MaskedExperimentConfig, progress: bool = True) -> dict:
         unused = sorted(set(cfg.delta_per_p) - set(cfg.p) - set(cfg.memo_p()))
         if unused:  # the shipped 0.9 when --p leaves it out, or a typo of a p
             print(f"experiment-masked: delta_per_p at p = {', '.join(f'{p:g}' for p in unused)}: no arm runs there")
-        # the clean splits: no row is corrupted at clean fraction 1, so the corruption list is neither used nor
-        # fingerprinted; the experiment stage's default keeps these splits the very steps of its prep/
-        clean_split = {"part": "train", "clean_fraction": 1.0, "seed": 0, "corruptions": ["blur:sigma=1"]}
-        clean = r.corrupt("prep/clean-train", **clean_split)
-        holdout = r.corrupt("prep/clean-holdout", **{**clean_split, "part": "holdout"})
-        refs = {"clean": clean, "holdout": holdout, "features": r.features(clean)}
+        refs = r.clean_refs()
+        clean = refs["clean"]
         k, total = 0, n_main + n_memo
 
         def one(block: str, p: float | None, arm: str, seed: int, data: str, **kw) -> None:
@@ -701,7 +656,7 @@ def run(cfg: MaskedExperimentConfig, progress: bool = True) -> dict:
                     delta = cfg.delta_at(p) if arm == "ambient" else 0.0
                     one(MAIN, p, arm, seed, data, delta=delta, samplers=cfg.samplers, num=cfg.samples, copies_of=clean)
         if mem.run:
-            small = r.corrupt(f"prep/{MEMO}-clean", **clean_split, limit=mem.rows)
+            small = r.corrupt(f"prep/{MEMO}-clean", **experiment.CLEAN_SPLIT, limit=mem.rows)
             for seed in cfg.memo_seeds():
                 one(MEMO, None, "clean", seed, small, delta=None, samplers=[cfg.oracle_sampler], num=mem.samples,
                     copies_of=small)  # fmt: skip
@@ -721,42 +676,17 @@ def run(cfg: MaskedExperimentConfig, progress: bool = True) -> dict:
         diffs = paired(results)
         md = markdown(table, diffs, cfg, minutes)
         png = plot(table, f"{cfg.dataset}, {_deltas(cfg)}, {len(cfg.seeds)} seeds")
-        report = {
-            "config": cfg.model_dump(mode="json"),
-            "table": table,
-            "paired": diffs,
-            "results": results,
-            "minutes": minutes,
-            "mlflow_run_id": r.parent_id,
-        }
-        files = {"results.json": json.dumps(report, indent=1).encode(), "results.md": md.encode(), "results.png": png}
-        for name, data in files.items():
-            storage.write_bytes(storage.join(r.out, name), data)
         flat = {}
         for row in table:
             p = "clean" if row["p"] is None else f"{row['p']:g}"
             for m in ("fd", "fd_holdout", "memorization_share_above"):
                 if m in row["metrics"]:
                     flat[f"{m}.{row['block']}.{row['arm']}.{p}.{row['sampler']}"] = row["metrics"][m]["mean"]
-        tracking.log_metrics(r.parent_id, r.uri, flat)
-        tracking.log_files(r.parent_id, r.uri, files)
-    print(md)
-    return {
-        "out": r.out,
-        "table": table,
-        "paired": diffs,
-        "markdown": md,
-        "mlflow_run_id": r.parent_id,
-        "mlflow_uri": r.uri,
-        "minutes": minutes,
-        "ran": r.ran,
-        "reused": r.reused,
-    }
+        tables = {"table": table, "paired": diffs}
+        experiment.publish(r, cfg, results, minutes, tables, md, png, flat)
+    return experiment.finish(r, tables, md, minutes)
 
 
 def report(cfg: MaskedExperimentConfig, s: dict) -> None:
     """The command line's lines after a run."""
-    from ambient_ray.stages import reports
-
-    print(f"experiment-masked: {s['minutes']:.0f} min; tables: {s['out']}/results.md, results.json, results.png")
-    reports.mlflow_line(s, tree=True)
+    experiment.report_tables("experiment-masked", s)
