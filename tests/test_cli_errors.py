@@ -76,8 +76,10 @@ def _expected(stage: str, kind: str, inputs: dict) -> list[str]:
         return [inputs["missing"], "no such file or folder"]
     column = FIRST_MISSING.get(stage, "id")
     where = inputs["file"] if kind == "file" else os.path.join(inputs["folder"], "part-0.parquet")
-    # a single Parquet file is accepted where a folder of shards is read: its columns are what is refused
-    return [f"{where}: missing column '{column}' (columns: foo, bar)"]
+    # a single Parquet file is accepted where a folder of shards is read: its columns are what is refused (corrupt
+    # reads images, or noisy arrays in their place)
+    alternative = " (or 'noisy' for noisy data)" if stage == "corrupt" else ""
+    return [f"{where}: missing column '{column}'{alternative} (columns: foo, bar)"]
 
 
 @pytest.mark.parametrize("kind", ["folder", "file", "missing", "typo"])

@@ -151,3 +151,19 @@ def test_a_rank_restores_from_its_own_files_only(tmp_path):
         got = sorted(str(p.relative_to(d)) for p in pathlib.Path(d).rglob("*") if p.is_file())
         assert got == sorted(shared + own)
         assert (pathlib.Path(d) / "rank-0001.safetensors").read_text() == "rank-0001.safetensors"
+
+
+def test_deepspeed_is_told_grad_clip_0_since_its_own_default_clips_at_1():
+    """``optim.grad_clip: 0`` means no clipping; DeepSpeed's default for a config without ``gradient_clipping`` is
+    1.0 (deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT), so the key is always written (issue 33 found the
+    distillation, which clips nothing, clipped at norm 1)."""
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    from ambient_ray.train.parts import deepspeed_config
+
+    assert GRADIENT_CLIPPING_DEFAULT == 1.0  # what an absent key would give
+    for clip in (0.0, 0.5):
+        cfg = EngineConfig(data="d", out="o", optim={"grad_clip": clip})
+        assert deepspeed_config(cfg, bf16=False)["gradient_clipping"] == clip
+    other = OptimConfig(grad_clip=0.0)
+    assert deepspeed_config(EngineConfig(data="d", out="o"), False, other)["gradient_clipping"] == 0.0

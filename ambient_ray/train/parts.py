@@ -63,8 +63,7 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool, optim: OptimConfig | None = 
         "wall_clock_breakdown": False,
     }
     o = optim or cfg.optim
-    if o.grad_clip > 0:
-        ds["gradient_clipping"] = o.grad_clip
+    ds["gradient_clipping"] = o.grad_clip  # always: DeepSpeed's own default clips at 1.0, so 0 must be said
     if cfg.offload_optimizer:  # DeepSpeed builds its CPU Adam for offloaded states
         o = optim or cfg.optim
         ds["optimizer"] = {
