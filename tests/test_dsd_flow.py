@@ -132,7 +132,8 @@ def test_an_ambient_o_teacher_distils_the_adjusted_way_per_row(flow, blurred_dig
     rows = prepare(DistillConfig(teacher=teacher, data=data, out=str(tmp_path / "o"), mlflow={"enabled": False})).rows
     ids = table.column("id").to_pylist()
     got = np.array([rows.row_sigma_n[i] for i in ids])
-    assert np.array_equal(got, np.where(corrupted, 0.3, 0.0)) and 0 < corrupted.mean() < 1
+    np.testing.assert_allclose(got, np.where(corrupted, 0.3, 0.0), rtol=1e-6)  # σ_min is float32 on the driver
+    assert 0 < corrupted.mean() < 1
     cfg = DistillConfig(teacher=teacher, data=data, out=str(tmp_path / "o"), distill={"sigma_n": 0.1})
     rows = prepare(cfg).rows
     assert sorted(set(rows.row_sigma_n.values())) == [0.0, 0.1]
