@@ -86,6 +86,9 @@ class DistillTask:
         self.row_sn = torch.tensor([r.row_sigma_n[i] for i in self.ids]) if self.ids else None
         self.row_labels = torch.tensor([r.labels[i] for i in self.ids]) if r.labels and self.ids else None
         self.captions = self.read_captions(w) if registry.takes_captions(registry.arch_of(self.tmeta)) else None
+        self.caption_sn = None  # σ_n of this rank's caption rows, in their order (looked up once, not per draw)
+        if self.captions is not None and self.row_sn is not None:
+            self.caption_sn = torch.tensor([r.row_sigma_n[i] for i in self.captions[0]])
         self.sums = torch.zeros(5, dtype=torch.float64)  # fake loss, fake n, generator loss, generator n, images
         self.best = torch.tensor([float("inf"), -1.0], dtype=torch.float64)  # proximal FD, its step
         self.reference = None
@@ -123,9 +126,8 @@ class DistillTask:
         if self.captions is not None:
             ids, emb, mask = self.captions
             k = torch.randint(len(ids), (b,), generator=g)
-            if self.row_sn is not None:
-                pos = {i: n for n, i in enumerate(self.ids)}
-                sn = self.row_sn[torch.tensor([pos[ids[i]] for i in k.tolist()])]
+            if self.caption_sn is not None:
+                sn = self.caption_sn[k]
             args = (emb[k].to(w.device), mask[k].to(w.device))
         else:
             if self.row_sn is not None:
