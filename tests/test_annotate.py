@@ -127,6 +127,39 @@ def test_mlflow_gets_histogram_and_curves(annotated):
     assert {"sigma_min.png", "curves.png", "annotation.json"} <= names
 
 
+def test_theory_reads_the_classifier_curves(annotated, tmp_path, capsys):
+    """``ambient-ray theory --curves``: d_TV(p_σ, q_σ) per blur from the stored curves (mean P(clean) of the clean
+    rows − that of the set's rows), larger for stronger blur and contracted by noise; annotation's σ_min beside."""
+    from ambient_ray import cli
+    from ambient_ray.theory import annotation
+
+    out, s = annotated
+    found = annotation.read(out)
+    assert found.estimator == "clean rows" and found.clean_rows == 539 and found.tau == 0.45
+    by = {t.name: t for t in found.sets}
+    assert set(by) == {f"blur:sigma={b}" for b in BLURS} and sum(t.rows for t in by.values()) == 1797 - 539
+    df = rows_of(out).set_index("id")
+    curves = rows_of(s["provenance"]["curves"], "curves").set_index("id").loc[df.index, "noise_curve"]
+    c = np.stack(curves.to_numpy())
+    strong = (df.corruption == "blur:sigma=2.5").to_numpy()
+    by_hand = c[(df.quality == "clean").to_numpy()].mean(axis=0) - c[strong].mean(axis=0)
+    np.testing.assert_allclose(by["blur:sigma=2.5"].tv, np.clip(by_hand, 0, 1), atol=1e-6)
+    tv = np.array(by["blur:sigma=2.5"].tv)
+    assert tv[-1] < tv.max() / 2  # noise contracts the distance
+    assert by["blur:sigma=0.3"].contraction < by["blur:sigma=2.5"].contraction
+    for name, t in by.items():
+        assert t.sigma_min_mean == pytest.approx(s["mean_sigma_min_by_group"][name], rel=1e-5)
+    code = cli.main(
+        ["theory", "--curves", out, "--out", str(tmp_path), "--seeds", "5", "--set", "mlflow.enabled=false"]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "blur:sigma=2.5" in text and "σ where TV̂ = 1 − 2τ" in text
+    assert (tmp_path / "theory-curves.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "theory.json").read_text())
+    assert summary["curves"]["sets"][0]["tv"] == found.to_dict()["sets"][0]["tv"]
+
+
 def test_new_tau_and_per_dataset_mode_reuse_the_curves(annotated, blurred, noise_clf, tmp_path):
     out, first = annotated
     again = annotate.run(acfg(blurred, out, classifier=noise_clf[0], mode="per-dataset", tau=0.4), progress=False)

@@ -196,6 +196,15 @@ FLAGS = {
         | {"resolution": 32, "channels": 3, "label_dim": 0, "precision": "fp32", "offload": True, "ema": "power"}
         | {"mask_ratio": 0.5},
     ),
+    "theory": (
+        ["--n1", "10", "--n2", "90", "--lambda1", "2", "--lambda2", "3", "--d-tv", "0.4", "--diameter", "2"]
+        + ["--delta", "0.05", "--form", "rate", "--p0", "uniform:lo=0,hi=1", "--q0", "blurred:width=0.1"]
+        + ["--sigma-lo", "0.1", "--sigma-hi", "5", "--points", "7", "--seeds", "3", "--seed", "4"]
+        + ["--curves", "/a", "--out", "/o"],
+        {"n1": 10, "n2": 90, "lambda1": 2.0, "lambda2": 3.0, "d_tv": 0.4, "diameter": 2.0, "delta": 0.05}
+        | {"form": "rate", "p0": "uniform:lo=0,hi=1", "q0": "blurred:width=0.1", "sigma_lo": 0.1, "sigma_hi": 5.0}
+        | {"points": 7, "seeds": 3, "seed": 4, "curves": "/a", "out": "/o"},
+    ),
 }
 
 

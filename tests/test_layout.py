@@ -30,7 +30,7 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("sub", ["models", "diffusion", "evaluation", "sampling"])
+@pytest.mark.parametrize("sub", ["models", "diffusion", "evaluation", "sampling", "theory"])
 def test_math_and_networks_import_no_ray_deepspeed_or_mlflow(sub):
     files = sorted((PKG / sub).rglob("*.py"))
     assert files
@@ -141,6 +141,7 @@ LAYER_RULES = {
         "diffusion",
         "evaluation",
         "sampling",
+        "theory",
         "train",
         "stages",
         "workflows",
@@ -150,6 +151,7 @@ LAYER_RULES = {
     "diffusion": ("train", "stages", "workflows", "cli", RAY_GLUE),
     "sampling": ("train", "stages", "workflows", "cli", RAY_GLUE),
     "evaluation": (RAY_GLUE,),
+    "theory": ("data", "models", "train", "stages", "workflows", "cli", RAY_GLUE),
 }
 
 

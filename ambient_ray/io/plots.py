@@ -350,3 +350,71 @@ def similarity_histogram(
 ) -> bytes:
     """PNG of :func:`similarity_histogram_figure`."""
     return figure_png(similarity_histogram_figure(groups, threshold, title, kinds))
+
+
+def theory_figure(sigmas, bound_curves: dict, simulated: dict, marks: dict, title: str = ""):
+    """The theory's picture: the bounds (dashed) and the simulated TVs (solid) against σ, log-log, with each
+    crossover σ* a dotted vertical line (an infinite one is named in the legend as "none")."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), layout="constrained")
+    xs = np.asarray(sigmas, dtype=float)
+    colours = ("tab:blue", "tab:orange")
+    for (name, ys), c in zip(bound_curves.items(), colours):
+        ax.plot(xs, np.asarray(ys, dtype=float), linestyle="--", color=c, label=name)
+    for (name, ys), c in zip(simulated.items(), colours):
+        ax.plot(xs, np.asarray(ys, dtype=float), marker=".", color=c, label=name)
+    ax.axhline(1.0, color="grey", linewidth=0.8, label="TV = 1 (a bound above it is vacuous)")
+    for (name, at), style in zip(marks.items(), (":", "-.")):
+        if np.isfinite(at) and xs[0] <= at <= xs[-1]:
+            ax.axvline(at, color="black", linestyle=style, linewidth=1.2, label=f"{name} = {at:.3g}")
+        else:
+            ax.plot(
+                [],
+                [],
+                color="black",
+                linestyle=style,
+                label=f"{name}: " + ("none" if not np.isfinite(at) else f"{at:.3g} (off the plot)"),
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("d_TV(p_σ, estimate)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def theory_plot(sigmas, bound_curves: dict, simulated: dict, marks: dict, title: str = "") -> bytes:
+    """PNG of :func:`theory_figure`."""
+    return figure_png(theory_figure(sigmas, bound_curves, simulated, marks, title))
+
+
+def tv_curves_figure(found):
+    """An annotated dataset's TV̂(σ) per corrupted set (points), its fitted contraction min(1, C/σ) (dashed), and
+    the level 1 − 2τ where an optimal classifier is fooled to τ; ``found``: a theory.annotation.AnnotationTheory."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 3.8), layout="constrained")
+    grid = np.asarray(found.grid, dtype=float)
+    for i, s in enumerate(found.sets):  # one colour per set (sets of one corruption family differ by strength)
+        c = f"C{i % 10}"
+        ax.plot(grid, s.tv, marker=".", color=c, label=f"{s.name} (n={s.rows})")
+        ax.plot(
+            grid, np.minimum(1.0, s.contraction / grid), linestyle="--", color=c, label=f"min(1, {s.contraction:.3g}/σ)"
+        )
+    level = 1.0 - 2.0 * found.tau
+    ax.axhline(level, color=THRESHOLD_COLOUR, linestyle=":", linewidth=1, label=f"1 − 2τ = {level:g}")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("σ")
+    ax.set_ylabel("estimated d_TV(p_σ, q_σ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(f"classifier-estimated TV ({found.estimator}) and Theorem 4.2's shape", fontsize=9)
+    return fig
+
+
+def tv_curves_plot(found) -> bytes:
+    """PNG of :func:`tv_curves_figure`."""
+    return figure_png(tv_curves_figure(found))

@@ -356,6 +356,16 @@ STAGES.register(
     ),
 )
 STAGES.register(
+    "theory",
+    Stage(
+        "what Ambient-o's theory says: the KDE and contraction bounds, their crossover σ*, a 1-D simulation that "
+        "checks them, and (--curves) an annotated dataset's TV per σ",
+        "ambient_ray.stages.theory",
+        "TheoryConfig",
+        report=reports.theory,
+    ),
+)
+STAGES.register(
     "jobs",
     Stage(
         "follow, stop and trace the Ray jobs of a cluster (list, logs, stop, runs)",
