@@ -392,7 +392,7 @@ def theory_plot(sigmas, bound_curves: dict, simulated: dict, marks: dict, title:
 
 
 def tv_curves_figure(found):
-    """An annotated dataset's TV̂(σ) per corrupted set (points), its fitted contraction min(1, C/σ) (dashed), and
+    """An annotated dataset's TV̂(σ) per corrupted set (points), its fitted contraction min(d₀, C/σ) (dashed), and
     the level 1 − 2τ where an optimal classifier is fooled to τ; ``found``: a theory.annotation.AnnotationTheory."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 3.8), layout="constrained")
@@ -400,9 +400,8 @@ def tv_curves_figure(found):
     for i, s in enumerate(found.sets):  # one colour per set (sets of one corruption family differ by strength)
         c = f"C{i % 10}"
         ax.plot(grid, s.tv, marker=".", color=c, label=f"{s.name} (n={s.rows})")
-        ax.plot(
-            grid, np.minimum(1.0, s.contraction / grid), linestyle="--", color=c, label=f"min(1, {s.contraction:.3g}/σ)"
-        )
+        fit = np.minimum(s.d0, s.contraction / grid)
+        ax.plot(grid, fit, linestyle="--", color=c, label=f"min({s.d0:.2f}, {s.contraction:.3g}/σ)")
     level = 1.0 - 2.0 * found.tau
     ax.axhline(level, color=THRESHOLD_COLOUR, linestyle=":", linewidth=1, label=f"1 − 2τ = {level:g}")
     ax.set_xscale("log")

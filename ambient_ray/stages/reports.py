@@ -235,9 +235,11 @@ def theory(cfg, s) -> None:
         )
         for t in c["sets"]:
             power = f", TV̂ ≈ {t['power'][0]:.3g}·σ^-{t['power'][1]:.2f}" if t["power"] else ""
+            diameter = 2 * t["contraction"] / t["d0"] if t["d0"] else 0.0
             print(
                 f"    {t['name']} ({t['rows']} rows): TV̂ at σ={c['grid'][0]:.3g}: {t['tv'][0]:.3f}; contraction "
-                f"min(1, {t['contraction']:.3g}/σ){power}\n"
+                f"min({t['d0']:.3f}, {t['contraction']:.3g}/σ) (effective D {diameter:.3g})"
+                f"{power}\n"
                 f"      σ where TV̂ = 1 − 2τ: {_sigma_text(t['sigma_tv'])} (fit: {_sigma_text(t['sigma_fit'])}); "
                 f"annotation: set curve crosses τ at {_sigma_text(t['sigma_annotation'])}, rows' σ_min mean "
                 f"{t['sigma_min_mean']:.3g}, median {t['sigma_min_median']:.3g}"

@@ -12,10 +12,10 @@ is 1 − 2·mean c(σ) over the corrupted rows ("symmetric": assumes the classif
 
 Then, per corrupted set:
 
-- the contraction fitted to TV̂ (Theorem 4.2's shape): TV̂(σ) ≈ min(1, C/σ), C by least squares; the theorem's
-  C is D·d_TV(p₀, q₀)/2, so C/d_TV(p₀, q₀)·2 is the support's *effective* diameter;
-- a free power law TV̂(σ) ≈ K·σ^(−k) on the points with 0.02 < TV̂ < 0.98 (k = 1 is Theorem 4.2's rate; a
-  corruption that keeps the mean contracts faster);
+- the contraction fitted to TV̂ (Theorem 4.2's shape): TV̂(σ) ≈ min(d₀, C/σ), d₀ = max TV̂, C by least squares;
+  the theorem's C is D·d_TV(p₀, q₀)/2, so 2C/d₀ is the support's *effective* diameter;
+- a free power law TV̂(σ) ≈ K·σ^(−k) on the decay beyond the peak (0.02 < TV̂ < 0.9·peak; k = 1 is Theorem
+  4.2's rate; a corruption that keeps the mean contracts faster);
 - the σ where TV̂ falls to 1 − 2τ (the σ where an optimal classifier is fooled to τ: annotation's σ_min, Eq. 3.2
   with this set's mean curve), the same from the fitted contraction (C/(1 − 2τ)), against what annotation chose
   (the set's per-dataset crossing, and the mean and median of its rows' σ_min).
@@ -37,7 +37,7 @@ from ambient_ray.io import storage
 from ambient_ray.theory.simulation import sigma_at_tv
 
 ROW_COLUMNS = ("id", "quality", "corruption", "sigma_min")
-FIT_RANGE = (0.02, 0.98)  # the power law is fitted where TV̂ is neither at its floor nor saturated
+FIT_RANGE = (0.02, 0.98)  # the power law is fitted where TV̂ is above its floor (and below its plateau)
 
 
 @dataclass
@@ -47,10 +47,11 @@ class SetTheory:
     name: str
     rows: int
     tv: list[float]  # TV̂ per grid σ
-    contraction: float  # C of min(1, C/σ)
+    d0: float  # max TV̂: the classifier's estimate of d_TV(p₀, q₀) (from below)
+    contraction: float  # C of min(d₀, C/σ); Theorem 4.2's C is D·d_TV(p₀, q₀)/2
     power: tuple[float, float] | None  # (K, k) of K·σ^(−k), None with fewer than 2 points in FIT_RANGE
     sigma_tv: float  # σ where TV̂ falls to 1 − 2τ
-    sigma_fit: float  # C/(1 − 2τ)
+    sigma_fit: float  # C/(1 − 2τ), where min(d₀, C/σ) falls to 1 − 2τ (0 when d₀ is already below it)
     sigma_annotation: float  # the set's mean curve's first crossing of τ (annotate's per-dataset σ_min)
     sigma_min_mean: float  # the mean of the rows' σ_min as annotated
     sigma_min_median: float
@@ -76,21 +77,26 @@ def tv_estimate(clean: np.ndarray | None, corrupted: np.ndarray) -> tuple[np.nda
     return np.clip(1.0 - 2.0 * corrupted.mean(axis=0), 0.0, 1.0), "symmetric"
 
 
-def fit_contraction(grid: np.ndarray, tv: np.ndarray) -> float:
-    """C minimising Σ (TV̂(σ) − min(1, C/σ))² over the grid (bounded scalar search over log C)."""
+def fit_contraction(grid: np.ndarray, tv: np.ndarray) -> tuple[float, float]:
+    """(d₀, C) of Theorem 4.2's shape TV̂(σ) ≈ min(d₀, C/σ): d₀ = max TV̂ (the estimate of d_TV(p₀, q₀) a classifier
+    of this strength gives), C by least squares over the grid (bounded scalar search over log C)."""
     grid, tv = np.asarray(grid, dtype=np.float64), np.asarray(tv, dtype=np.float64)
-    if not np.any(tv > 0):
-        return 0.0
-    loss = lambda lc: float(np.sum((tv - np.minimum(1.0, math.exp(lc) / grid)) ** 2))  # noqa: E731
+    top = float(tv.max()) if tv.size else 0.0
+    if not top > 0:
+        return 0.0, 0.0
+    loss = lambda lc: float(np.sum((tv - np.minimum(top, math.exp(lc) / grid)) ** 2))  # noqa: E731
     lo, hi = math.log(grid[0] * 1e-4), math.log(grid[-1] * 10)
     res = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
-    return float(math.exp(res.x))
+    return top, float(math.exp(res.x))
 
 
 def fit_power(grid: np.ndarray, tv: np.ndarray) -> tuple[float, float] | None:
-    """(K, k) of TV̂ ≈ K·σ^(−k) by least squares in log-log on the points with TV̂ in FIT_RANGE."""
+    """(K, k) of TV̂ ≈ K·σ^(−k) by least squares in log-log on the decay: the points beyond TV̂'s peak with
+    FIT_RANGE[0] < TV̂ < 0.9·peak (not the plateau, not the floor)."""
     grid, tv = np.asarray(grid, dtype=np.float64), np.asarray(tv, dtype=np.float64)
-    sel = (tv > FIT_RANGE[0]) & (tv < FIT_RANGE[1]) & (grid > 0)
+    if not tv.size or not tv.max() > 0:
+        return None
+    sel = (np.arange(len(tv)) > int(np.argmax(tv))) & (tv > FIT_RANGE[0]) & (tv < 0.9 * tv.max())
     if sel.sum() < 2:
         return None
     slope, icpt = np.polyfit(np.log(grid[sel]), np.log(tv[sel]), 1)
@@ -136,17 +142,18 @@ def read(dataset: str) -> AnnotationTheory:
         sel = bad & (group == name)
         cur = curve_of(sel)
         tv, estimator = tv_estimate(clean_curves, cur)
-        cfit = fit_contraction(grid, tv)
+        d0, cfit = fit_contraction(grid, tv)
         level = 1.0 - 2.0 * tau
         sets.append(
             SetTheory(
                 name=str(name),
                 rows=int(sel.sum()),
                 tv=[float(v) for v in tv],
+                d0=d0,
                 contraction=cfit,
                 power=fit_power(grid, tv),
                 sigma_tv=sigma_at_tv(grid, tv, level),
-                sigma_fit=cfit / level if level > 0 else 0.0,
+                sigma_fit=cfit / level if 0 < level < d0 else 0.0,  # the fit is below 1 − 2τ everywhere otherwise
                 sigma_annotation=first_crossing(grid, cur.mean(axis=0), tau),
                 sigma_min_mean=float(np.mean(smin[sel])),
                 sigma_min_median=float(np.median(smin[sel])),
