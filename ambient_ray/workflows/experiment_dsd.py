@@ -502,7 +502,7 @@ def markdown(table: list[dict], checks: list[dict], cfg: DsdExperimentConfig, mi
     ]
     for row in table:
         cells = [
-            _cell(row["metrics"].get(m), 1 if m in ("nfe", "seconds_per_1000_images") else 2) for m in TABLE_METRICS
+            _cell(row["metrics"].get(m), 1 if m in ("nfe", "seconds_per_1000_images") else 3) for m in TABLE_METRICS
         ]
         lines.append(f"| {_sig(row['sigma'])} | {row['arm']} | " + " | ".join(cells) + " |")
     dsd = [row for row in table if row["arm"] in DSD_ARMS]
@@ -519,7 +519,7 @@ def markdown(table: list[dict], checks: list[dict], cfg: DsdExperimentConfig, mi
         ]
         for row in dsd:
             cells = [
-                _cell(row["metrics"].get(m), 0 if m in ("picked_step", "best_fd_step") else 2) for m in PICK_METRICS
+                _cell(row["metrics"].get(m), 0 if m in ("picked_step", "best_fd_step") else 3) for m in PICK_METRICS
             ]
             lines.append(f"| {_sig(row['sigma'])} | {row['arm']} | " + " | ".join(cells) + " |")
     if checks:
@@ -527,7 +527,7 @@ def markdown(table: list[dict], checks: list[dict], cfg: DsdExperimentConfig, mi
         for c in checks:
             verdict = {True: "agrees", False: "disagrees", None: "not checked (an arm is missing)"}[c["holds"]]
             values = ", ".join(
-                f"{k} {v:.3g}" if k == "relative_gap" else f"{k} {v:.2f}" for k, v in c["values"].items()
+                f"{k} {v:.3g}" if k == "relative_gap" else f"{k} {v:.3f}" for k, v in c["values"].items()
             )
             lines.append(f"- σ_n = {c['sigma']:g}, {c['claim']}: {verdict}" + (f" ({values})" if values else ""))
     return "\n".join(lines) + "\n"
