@@ -210,6 +210,11 @@ def theory(cfg, s) -> None:
         f"λ̄={st['lambda_mix']:.4g}, d_TV(p₀, q₀)={st['d_tv']:.4g} ({src['d_tv']}), D={st['diameter']:.4g} "
         f"({src['diameter']}), δ={st['delta']:g}"
     )
+    print(f"  {'σ':>9} {'U₁':>9} {'U₂':>9} {'TV₁ sim':>9} {'TV₂ sim':>9} {'bias':>9}   ({s['form']} bounds)")
+    n = len(s["sigmas"])
+    for i in sorted({*range(0, n, max(1, n // 10)), n - 1}):  # about ten rows, the last σ included
+        row = (s["sigmas"][i], s["u1"][i], s["u2"][i], sim["tv1"][i], sim["tv2"][i], sim["bias"][i])
+        print("  " + " ".join(f"{v:9.3g}" for v in row))
     for form, at in s["crossover"].items():
         print(f"  bound crossover σ* ({form}): {_sigma_text(at)}  (U₂ < U₁ for every σ above it)")
     print(
