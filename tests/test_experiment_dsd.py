@@ -143,6 +143,6 @@ def test_dsd_tables_every_arm():
     assert not ed.orderings(table, tolerance=0.01)[2]["holds"]  # a 5 % gap is not within 1 %
     cfg = cfgmod.build(ed.DsdExperimentConfig, flags={"out": "/o", "distill": {"distill": {"eval_every": 5}}})
     md = ed.markdown(table, ed.orderings(table, 0.1), cfg, 1.0)
-    assert "| 0.2 | dsd-standard | 12.50 ± 0.50 |" in md and "| clean | oracle |" in md
+    assert "| 0.2 | dsd-standard | 12.500 ± 0.500 |" in md and "| clean | oracle |" in md
     assert "σ_n = 0.2, DSD < Truncated < Full < observations: agrees" in md
     assert ed.plot(table, "t")[:8] == b"\x89PNG\r\n\x1a\n"
