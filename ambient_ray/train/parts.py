@@ -65,7 +65,6 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool, optim: OptimConfig | None = 
     o = optim or cfg.optim
     ds["gradient_clipping"] = o.grad_clip  # always: DeepSpeed's own default clips at 1.0, so 0 must be said
     if cfg.offload_optimizer:  # DeepSpeed builds its CPU Adam for offloaded states
-        o = optim or cfg.optim
         ds["optimizer"] = {
             "type": DEEPSPEED_OPTIMIZERS[o.name],
             "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay},
