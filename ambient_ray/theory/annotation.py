@@ -31,8 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from scipy.optimize import minimize_scalar
 
+from ambient_ray.diffusion import thresholds
 from ambient_ray.io import storage
 from ambient_ray.theory.simulation import sigma_at_tv
 
@@ -103,10 +105,11 @@ def fit_power(grid: np.ndarray, tv: np.ndarray) -> tuple[float, float] | None:
     return float(math.exp(icpt)), float(-slope)
 
 
-def first_crossing(grid: np.ndarray, curve: np.ndarray, tau: float) -> float:
-    """The first grid σ with curve > τ (Eq. 3.2 on a mean curve); inf if none."""
-    above = np.flatnonzero(np.asarray(curve) > tau)
-    return float(grid[above[0]]) if above.size else math.inf
+def annotation_crossing(grid: np.ndarray, curve: np.ndarray, tau: float) -> float:
+    """Annotate's per-dataset σ_min for one mean curve (:func:`ambient_ray.diffusion.thresholds.first_crossing`,
+    Eq. 3.2); inf where the curve never exceeds τ (annotate gives those the top of the grid, marked not crossed)."""
+    sigma, crossed = thresholds.first_crossing(torch.from_numpy(curve)[None], torch.from_numpy(grid), tau)
+    return float(sigma[0]) if bool(crossed[0]) else math.inf
 
 
 def read(dataset: str) -> AnnotationTheory:
@@ -154,7 +157,7 @@ def read(dataset: str) -> AnnotationTheory:
                 power=fit_power(grid, tv),
                 sigma_tv=sigma_at_tv(grid, tv, level),
                 sigma_fit=cfit / level if 0 < level < d0 else 0.0,  # the fit is below 1 − 2τ everywhere otherwise
-                sigma_annotation=first_crossing(grid, cur.mean(axis=0), tau),
+                sigma_annotation=annotation_crossing(grid, cur.mean(axis=0), tau),
                 sigma_min_mean=float(np.mean(smin[sel])),
                 sigma_min_median=float(np.median(smin[sel])),
             )
