@@ -32,21 +32,30 @@ def state_file(d: str, rank: int) -> str:
 def save_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
     """A checkpoint's EMA files in folder ``d``. Collective under ZeRO-3 (every profile is gathered a parameter
     at a time). Rank 0 writes ``ema.safetensors`` (the first profile: what sampling loads) and, with several
-    profiles (the power EMA), ``ema-profiles.safetensors`` (profile k's tensors as ``k/NAME``); under ZeRO-3
-    every rank also writes its own partitions of every profile (``ema-rank-NNNN.safetensors``), which a restore
-    on as many ranks loads alone. Each file carries the EMA's kind (and profiles) in its metadata."""
+    profiles (the power EMA), ``ema-profiles.safetensors`` (profile k's tensors as ``k/NAME``), each a tensor at a
+    time as it is gathered (:class:`~ambient_ray.io.safetensors_stream.StreamWriter`: never the whole EMA at
+    once); under ZeRO-3 every rank also writes its own partitions of every profile (``ema-rank-NNNN.safetensors``),
+    which a restore on as many ranks loads alone. Each file carries the EMA's kind (and profiles) in its metadata."""
+    import torch
     from safetensors.torch import save_file
 
-    keep = rank == 0
-    full = [dict(zip(names, ema.export(keep=keep, profile=k))) for k in range(len(ema.profiles))]
+    from ambient_ray.io.safetensors_stream import StreamWriter
+
+    keep, shapes = rank == 0, ema.shapes()
     if zero3:
         part = {profile_key(k, n): t.cpu().contiguous() for k, p in enumerate(ema.profiles) for n, t in zip(names, p)}
         save_file(part, ema_rank_file(d, rank), metadata={**ema.meta(), **ema.describe()})
-    if keep:
-        save_file(full[0], os.path.join(d, "ema.safetensors"), metadata=ema.describe())
-        if len(full) > 1:
-            more = {profile_key(k, n): t for k in range(1, len(full)) for n, t in full[k].items()}
-            save_file(more, os.path.join(d, "ema-profiles.safetensors"), metadata=ema.describe())
+    files = {"ema.safetensors": [0]}
+    if len(ema.profiles) > 1:
+        files["ema-profiles.safetensors"] = list(range(1, len(ema.profiles)))
+    for fname, profiles in files.items():
+        specs = [(profile_key(k, n), torch.float32, s) for k in profiles for n, s in zip(names, shapes)]
+        out = StreamWriter(os.path.join(d, fname), specs, ema.describe()) if keep else contextlib.nullcontext()
+        with out:
+            for k in profiles:
+                for n, t in zip(names, ema.stream(keep, k)):
+                    if keep:
+                        out.write(profile_key(k, n), t)
 
 
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|^rank-|^ema-rank-)(\d+)")

@@ -25,6 +25,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from ambient_ray.models.ddpmpp_config import PRESETS, UNetConfig  # noqa: F401 (re-exported)
+from ambient_ray.models.layers import zeroed
 from ambient_ray.models.precond import EDMPrecond
 
 # ------------------------------------------------------------------------------ building blocks
@@ -152,9 +153,7 @@ class UNet(nn.Module):
                 self.dec.append(Upsample(c))
         assert not skips
         self.norm_out = nn.GroupNorm(g, c)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)  # F = 0 at init, so D(x; σ) = c_skip·x
-        nn.init.zeros_(self.conv_out.bias)
+        self.conv_out = zeroed(nn.Conv2d(c, cfg.in_channels, 3, padding=1))  # F = 0 at init: D(x; σ) = c_skip·x
 
     def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The conditioning vector: SiLU(MLP(sinusoidal(c_noise) + label embedding))."""

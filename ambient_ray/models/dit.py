@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ambient_ray.models.dit_config import PAPER_INTERFACE, PRESETS, DiTConfig, kept_tokens  # noqa: F401 (re-exported)
+from ambient_ray.models.layers import zeroed
 from ambient_ray.models.precond import EDMPrecond
 
 
@@ -134,9 +135,7 @@ class Block(nn.Module):
             if moe
             else SwiGLU(dim, dim * ffn, cfg.multiple_of)
         )
-        self.ada = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(cond, 6 * dim))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        self.ada = nn.Sequential(nn.GELU(approximate="tanh"), zeroed(nn.Linear(cond, 6 * dim)))
 
     def forward(self, x, c, ctx, ctx_mask):
         s1, sc1, g1, s2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
@@ -155,8 +154,8 @@ class CaptionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
         self.attn = Attention(dim, dim, cfg.head_dim, cfg.norm_eps)
         self.ffn = SwiGLU(dim, 4 * dim, cfg.multiple_of)
-        nn.init.zeros_(self.attn.proj.weight)
-        nn.init.zeros_(self.ffn.w3.weight)
+        zeroed(self.attn.proj)
+        zeroed(self.ffn.w3)
 
     def forward(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         y = y + self.attn(self.norm1(y), key_mask=mask)
@@ -225,11 +224,8 @@ class DiT(nn.Module):
         moe = moe_blocks(cfg.depth, cfg.moe_every, last_dense=True)
         self.blocks = nn.ModuleList(Block(w, w, qkv[i], ffn[i], moe[i], cfg) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(w, eps=eps, bias=False)
-        self.final_ada = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(w, 2 * w))
-        self.final = nn.Linear(w, cfg.patch**2 * cfg.in_channels)
-        for m in (self.final_ada[1], self.final):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.final_ada = nn.Sequential(nn.GELU(approximate="tanh"), zeroed(nn.Linear(w, 2 * w)))
+        self.final = zeroed(nn.Linear(w, cfg.patch**2 * cfg.in_channels))
 
     def moe_layers(self) -> list[ExpertChoiceMoE]:
         return [m for m in self.modules() if isinstance(m, ExpertChoiceMoE)]

@@ -41,24 +41,54 @@ def check_kind(uri: str, meta: dict, wanted: str) -> None:
 
 
 def load_into(net: torch.nn.Module, d: str, weights: str = "ema") -> torch.nn.Module:
-    """Load ``d/{ema,model}.safetensors`` into ``net`` (every tensor must fit); returns it in eval mode."""
-    from safetensors.torch import load
+    """Load ``d/{ema,model}.safetensors`` into ``net`` (every tensor must fit) a tensor at a time (a DeepSpeed
+    ZeRO-3 partitioned parameter takes only this rank's partition: :func:`assign_`); returns it in eval mode."""
+    import tempfile
+
+    from safetensors import safe_open
 
     fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    state = load(storage.read_bytes(storage.join(d, fname)))
-    own = dict(net.named_parameters())
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"weights in {d}/{fname} do not fit the model of its model.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
-        )
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])
+    path, own = storage.join(d, fname), dict(net.named_parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        if storage.is_s3(path):  # a local copy, read a tensor at a time like a local file
+            storage.download(path, local := f"{tmp}/{fname}")
+            path = local
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
+            wrong = [k for k in own if k in names and tuple(f.get_slice(k).get_shape()) != full_shape(own[k])]
+            if missing or unexpected or wrong:
+                raise ValueError(
+                    f"weights in {d}/{fname} do not fit the model of its model.json: "
+                    f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
+                )
+            for k, p in own.items():
+                assign_(p, f.get_tensor(k))
     return net.eval()
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape (a DeepSpeed ZeRO-3 parameter's ``ds_shape``: its ``shape`` is a placeholder)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+@torch.no_grad()
+def assign_(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Set parameter ``p`` to ``full`` (its whole value). A DeepSpeed ZeRO-3 parameter (``p.ds_tensor``: this
+    rank's flat slice [r·s, (r + 1)·s) of the parameter padded to a multiple of the group's size; plain
+    attributes, no DeepSpeed import) takes its slice alone, and its whole copy too where one is gathered."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        p.copy_(full)
+        return
+    import torch.distributed as dist
+
+    flat, s = full.reshape(-1), part.numel()
+    start = min(dist.get_rank(group=getattr(p, "ds_process_group", None)) * s, flat.numel())
+    n = min(s, flat.numel() - start)
+    part.data.view(-1)[:n].copy_(flat[start : start + n])
+    if p.data.numel() == flat.numel():
+        p.data.copy_(full.view(p.data.shape))
 
 
 def load(

@@ -84,6 +84,11 @@ class EngineConfig(Strict):
         json_schema_extra=flag("--zero-stage", "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)),
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1)")
+    offload_params: bool = Field(
+        False,
+        description="ZeRO-Infinity's parameter offload: each rank keeps its ZeRO-3 partitions of the parameters in "
+        "CPU memory and gathers a layer at a time onto the GPU for its forward and backward (zero_stage 3)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     ema: Literal["warmup", "power"] = Field(
         "warmup",
@@ -166,6 +171,10 @@ def check_run(cfg: EngineConfig, meta, shape: tuple[int, int] | None = None) -> 
             )
     if cfg.zero_stage == 0 and cfg.offload_optimizer:
         raise ConfigError("config key 'offload_optimizer': needs zero_stage >= 1")
+    if cfg.zero_stage != 3 and cfg.offload_params:
+        raise ConfigError(
+            f"config key 'offload_params': needs zero_stage 3 (the parameters' partitions), not {cfg.zero_stage}"
+        )
     if cfg.min_workers is not None and cfg.min_workers > cfg.num_workers:
         raise ConfigError(f"config key 'min_workers': {cfg.min_workers} is more than num_workers={cfg.num_workers}")
     if cfg.min_workers is not None and cfg.min_workers < cfg.num_workers and cfg.zero_stage > 0:

@@ -19,7 +19,7 @@ attributes it reads (``ds_tensor``, ``ds_numel``, ``ds_shape``, ``ds_process_gro
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,8 +46,13 @@ class Whole:
             raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
         return loaded
 
-    def gather(self, tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
-        return [e.cpu().contiguous() for e in tensors] if keep else []
+    def stream(self, tensors: list[torch.Tensor], keep: bool) -> Iterator[torch.Tensor | None]:
+        """Each full tensor in turn (None where not ``keep``); no communication."""
+        for e in tensors:
+            yield e.cpu().contiguous() if keep else None
+
+    def shapes(self, tensors: list[torch.Tensor]) -> list[tuple[int, ...]]:
+        return [tuple(e.shape) for e in tensors]
 
 
 class Partitions:
@@ -106,11 +111,14 @@ class Partitions:
     def fits(self, meta: dict[str, str] | None) -> bool:
         return (meta or {}).get("rank") == str(self.rank) and (meta or {}).get("world") == str(self.world)
 
+    def shapes(self, tensors=None) -> list[tuple[int, ...]]:
+        return [tuple(shape) for *_, shape in self.layout]
+
     @torch.no_grad()
-    def gather(self, tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
-        """Collective over the partition group: full tensors from every rank's partitions, one all-gather per
-        parameter (at most one whole parameter is on the device at a time); kept only where ``keep``."""
-        out = []
+    def stream(self, tensors: list[torch.Tensor], keep: bool) -> Iterator[torch.Tensor | None]:
+        """Collective over the partition group (every rank iterates to the end): the full tensors from every
+        rank's partitions in turn, one all-gather per parameter (one whole parameter at a time); None where
+        not ``keep``."""
         for e, (_, count, size, shape) in zip(tensors, self.layout):
             mine = torch.zeros(size, dtype=torch.float32, device=self.device)
             mine[:count] = e
@@ -119,9 +127,7 @@ class Partitions:
             else:
                 slices = [torch.empty_like(mine) for _ in range(self.world)]
                 dist.all_gather(slices, mine, group=self.group)
-            if keep:
-                out.append(torch.cat(slices)[: shape.numel()].view(shape).cpu())
-        return out
+            yield torch.cat(slices)[: shape.numel()].view(shape).cpu() if keep else None
 
 
 class _EMA:
@@ -144,7 +150,16 @@ class _EMA:
     def export(self, keep: bool = True, profile: int = 0) -> list[torch.Tensor]:
         """The full EMA of profile ``profile`` as fp32 CPU tensors, [] unless ``keep``. Under ZeRO-3 a collective
         (every rank takes part), gathered parameter by parameter; else no communication."""
-        return self.space.gather(self.profiles[profile], keep)
+        return [t for t in self.stream(keep, profile) if t is not None]
+
+    def stream(self, keep: bool = True, profile: int = 0) -> Iterator[torch.Tensor | None]:
+        """:meth:`export` one tensor at a time (None where not ``keep``; every rank iterates to the end): what
+        a file written a tensor at a time takes, without the whole EMA held at once."""
+        return self.space.stream(self.profiles[profile], keep)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The full shape of each EMA tensor (of each parameter)."""
+        return self.space.shapes(self.profiles[0])
 
     def describe(self) -> dict[str, str]:
         return {"ema": self.kind}

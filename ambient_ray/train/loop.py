@@ -70,7 +70,7 @@ class Task(Protocol):
 def run(task: Task, cfg: EngineConfig, config: dict) -> None:
     """A Ray Train worker's whole run of ``task`` (``config``: the loop config of :func:`driver.fit`)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    w = Worker(cfg, task.parts(), task.meta(), config)
+    w = Worker(cfg, task.parts, task.meta(), config)  # under ZeRO-3 built partitioned
     try:
         steps(task, cfg, w)
     finally:

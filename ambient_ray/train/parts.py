@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ambient_ray.models.edm2 import force_normalize_, mp_weights
+from ambient_ray.models.edm2 import mp_weights, normalize
 from ambient_ray.registry import Registry
 from ambient_ray.train.config import EngineConfig, OptimConfig
 from ambient_ray.train.ema import EMAS
@@ -53,6 +53,8 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool, optim: OptimConfig | None = 
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.offload_params and cfg.zero_stage == 3:  # ZeRO-Infinity: the partitions live in CPU memory
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
@@ -82,11 +84,11 @@ class TrainedPart:
         cfg, net = w.cfg, part.module
         self.name, self.part, self.net, self.trained = name, part, net, True
         uri = part.init_from or (cfg.init_from if part.export else None)
-        if uri and init is not None:  # before DeepSpeed: ZeRO-3 partitions these
+        if uri and init is not None:  # before DeepSpeed; a partitioned build loads each rank's partitions only
             init(net, uri)
         mp = mp_weights(net)
         if mp:  # forced weight normalisation starts from unit-magnitude rows (the same on every rank)
-            force_normalize_(net)
+            normalize_built(mp)
         # fp32, on the device: of the full weights, or under ZeRO-3 of this rank's partitions (after initialize)
         self.ema = None if w.zero3 or not part.ema else EMAS.get(cfg.ema)(net.parameters(), w.device, cfg)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -118,6 +120,31 @@ class TrainedPart:
 
     def names(self) -> list[str]:
         return [n for n, _ in self.net.named_parameters()]
+
+
+def build(w, parts: Callable[[], dict[str, Part] | torch.nn.Module]) -> dict[str, Part] | torch.nn.Module:
+    """A task's parts built on worker ``w``: under ZeRO-3 inside ``deepspeed.zero.Init`` (the partitioned build:
+    each module's parameters are cut into this rank's partitions as soon as the module is built, so no rank
+    holds more of the whole fp32 network than its largest module; with ``offload_params`` the partitions go to
+    CPU memory), else as they are."""
+    import deepspeed
+
+    if not w.zero3:
+        return parts()
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(w.cfg, w.bf16)):
+        return parts()
+
+
+@torch.no_grad()
+def normalize_built(weights: list[torch.nn.Parameter]) -> None:
+    """EDM2's forced weight normalisation of freshly built (or loaded) weights, a parameter at a time: a ZeRO-3
+    partitioned one gathered, normalised on rank 0 and cut back into every rank's partition (DeepSpeed's
+    ``GatheredParameters`` with ``modifier_rank=0``); any other in place."""
+    import deepspeed
+
+    for p in weights:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(normalize(p.data.float()).to(p.dtype))
 
 
 class FrozenPart:

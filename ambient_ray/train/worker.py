@@ -24,15 +24,16 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from ambient_ray.io import checkpoint, storage, tracking
 from ambient_ray.io.snapshots import write_snapshot
+from ambient_ray.models.weights import full_shape
 from ambient_ray.train import perf
 from ambient_ray.train.config import EngineConfig
-from ambient_ray.train.parts import FrozenPart, Part, TrainedPart
+from ambient_ray.train.parts import FrozenPart, Part, TrainedPart, build
 
 
 def worker_cpus(cfg: EngineConfig, config: dict) -> float:
@@ -54,21 +55,25 @@ def setup_threads(cpus: float) -> int:
 class Worker:
     """One Ray Train worker's engine: device, the task's parts, checkpoints, metrics.
 
-    ``parts``: the task's ``{name: Part}`` (or one network: the part ``net``, exported), built under
-    ``torch.manual_seed(cfg.seed)`` (identical initial weights on every rank); ``meta`` is the export part's
-    ``model.json``. ``engine``, ``ema``, ``scheduler`` and ``net`` are the export part's.
+    ``parts``: what builds the task's ``{name: Part}`` (or one network: the part ``net``, exported), called here
+    under ``torch.manual_seed(cfg.seed)`` (identical initial weights on every rank) and, under ZeRO-3, inside
+    ``deepspeed.zero.Init`` (:func:`ambient_ray.train.parts.build`: no rank holds the whole fp32 network); the
+    parts themselves, built already, are taken as they are (whole on every rank until DeepSpeed partitions
+    them). ``meta`` is the export part's ``model.json``. ``engine``, ``ema``, ``scheduler`` and ``net`` are the
+    export part's.
     """
 
-    def __init__(self, cfg: EngineConfig, parts: dict[str, Part] | torch.nn.Module, meta: dict, config: dict):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        parts: Callable[[], dict[str, Part] | torch.nn.Module] | dict[str, Part] | torch.nn.Module,
+        meta: dict,
+        config: dict,
+    ):
         import deepspeed
         import ray.train
 
-        if isinstance(parts, torch.nn.Module):
-            parts = {"net": Part(parts, export=True)}
-        exported = [n for n, p in parts.items() if p.export]
-        if len(exported) != 1 or not parts[exported[0]].trained:
-            raise ValueError(f"a task needs exactly one trained part marked export; got {exported or 'none'}")
-        self.cfg, self.meta, self.main = cfg, meta, exported[0]
+        self.cfg, self.meta = cfg, meta
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         cuda = cfg.use_gpu and torch.cuda.is_available()
@@ -81,6 +86,14 @@ class Worker:
             # virtual environment) and loaded by every worker.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.zero3 = cfg.zero_stage == 3
+        if not isinstance(parts, (dict, torch.nn.Module)):
+            parts = build(self, parts)
+        if isinstance(parts, torch.nn.Module):
+            parts = {"net": Part(parts, export=True)}
+        exported = [n for n, p in parts.items() if p.export]
+        if len(exported) != 1 or not parts[exported[0]].trained:
+            raise ValueError(f"a task needs exactly one trained part marked export; got {exported or 'none'}")
+        self.main = exported[0]
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         fresh = ray.train.get_checkpoint() is None  # init_from only on a fresh start
         self.parts: dict[str, TrainedPart | FrozenPart] = {
@@ -289,24 +302,32 @@ class Worker:
             pd = checkpoint.part_dir(d, p.name, p.part.export)
             os.makedirs(pd, exist_ok=True)
             p.engine.save_checkpoint(pd, tag="ds")
-            raw = {}
-            for n, t in p.engine.module.named_parameters():  # one parameter whole at a time
-                with self.gathered([t]):
-                    if self.rank == 0:
-                        raw[n] = t.detach().float().cpu().clone()
+            self.write_raw(p, os.path.join(pd, "model.safetensors"))
             if p.ema is not None:
                 checkpoint.save_ema(pd, p.names(), p.ema, self.rank, self.zero3)
             meta = self.meta if p.part.export else p.part.meta
-            if self.rank == 0:
-                save_file(raw, os.path.join(pd, "model.safetensors"))
-                if meta is not None:
-                    with open(os.path.join(pd, "model.json"), "w") as f:
-                        json.dump(meta, f)
+            if self.rank == 0 and meta is not None:
+                with open(os.path.join(pd, "model.json"), "w") as f:
+                    json.dump(meta, f)
         save_file(own, checkpoint.state_file(d, self.rank))
         if self.rank == 0:
             for name, text in (files or {}).items():
                 with open(os.path.join(d, name), "w") as f:
                     f.write(text)
+
+    def write_raw(self, p: TrainedPart, path: str) -> None:
+        """Part ``p``'s raw weights as fp32 safetensors at ``path`` on rank 0, written a parameter at a time as each
+        is gathered (a collective under ZeRO-3): no rank ever holds the whole fp32 network."""
+        from ambient_ray.io.safetensors_stream import StreamWriter
+
+        params = list(p.engine.module.named_parameters())
+        specs = [(n, torch.float32, full_shape(t)) for n, t in params]
+        out = StreamWriter(path, specs) if self.rank == 0 else contextlib.nullcontext()
+        with out:
+            for n, t in params:
+                with self.gathered([t]):
+                    if self.rank == 0:
+                        out.write(n, t.detach().float())
 
     def save_and_report(
         self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
