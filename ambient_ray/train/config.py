@@ -89,6 +89,13 @@ class EngineConfig(Strict):
         description="ZeRO-Infinity's parameter offload: each rank keeps its ZeRO-3 partitions of the parameters in "
         "CPU memory and gathers a layer at a time onto the GPU for its forward and backward (zero_stage 3)",
     )
+    reduce_bucket_size: int | None = Field(
+        None,
+        ge=1,
+        description="DeepSpeed's zero_optimization.reduce_bucket_size in elements: the gradient buffer each trained "
+        "part's engine reduces through (ZeRO >= 1); None: DeepSpeed's default, 5e8 (2 GB in fp32, 1 GB in bf16, per "
+        "rank; 'ambient-ray plan --reduce-bucket' shows the difference)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     ema: Literal["warmup", "power"] = Field(
         "warmup",

@@ -53,6 +53,8 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool, optim: OptimConfig | None = 
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.reduce_bucket_size:
+        zero["reduce_bucket_size"] = cfg.reduce_bucket_size
     if cfg.offload_params and cfg.zero_stage == 3:  # ZeRO-Infinity: the partitions live in CPU memory
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ds = {
@@ -110,6 +112,7 @@ class TrainedPart:
             config=deepspeed_config(cfg, w.bf16, o),
             dist_init_required=False,
         )
+        mmap_loads(self.engine)
         if w.zero3 and part.ema:  # the partitions exist from here on
             self.ema = EMAS.get(cfg.ema)(self.engine.module.parameters(), w.device, cfg, sharded=True)
         self.hooks: list[Callable] = [ForcedWeightNorm(w, mp)] if mp else []  # before the EMA update of every step
@@ -120,6 +123,18 @@ class TrainedPart:
 
     def names(self) -> list[str]:
         return [n for n, _ in self.net.named_parameters()]
+
+
+def mmap_loads(engine) -> None:
+    """Make ``engine`` restore its checkpoint files memory-mapped (``torch.load(mmap=True)``): a rank's optimizer
+    file (its fp32 master weights and Adam states, 12·P/N bytes) is read page by page as DeepSpeed copies it into
+    the engine's own buffers, never held whole in anonymous memory beside them; with DeepSpeed's own loader a
+    restore needed that much host memory on top of the run's peak on every rank at once."""
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    engine.checkpoint_engine.load = load
 
 
 def build(w, parts: Callable[[], dict[str, Part] | torch.nn.Module]) -> dict[str, Part] | torch.nn.Module:

@@ -61,6 +61,19 @@ class PlanConfig(Strict):
         description="ZeRO-Offload of the optimizer states to CPU (stages 1-3)",
         json_schema_extra=flag("--offload"),
     )
+    offload_params: bool = Field(
+        False,
+        description="ZeRO-Infinity's parameter offload to CPU (ZeRO-3 only): each rank's partition of the parameters "
+        "in host memory (the train stage's offload_params)",
+        json_schema_extra=flag("--offload-params"),
+    )
+    reduce_bucket: int | None = Field(
+        None,
+        ge=1,
+        description="DeepSpeed's reduce bucket in elements (the train stage's reduce_bucket_size); None: DeepSpeed's "
+        "default, 5e8 (1 GB in bf16, allocated once per trained engine under ZeRO-3)",
+        json_schema_extra=flag("--reduce-bucket"),
+    )
     ema: Literal["auto", "warmup", "power"] = Field(
         "auto",
         description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup (with --distill "

@@ -25,8 +25,12 @@ measured (tensor storages per rank, DeepSpeed 0.19 on CPU over gloo, fp32 and bf
 by ``tests/test_planner.py``). DeepSpeed's count-based estimators (``estimate_zero2_model_states_mem_needs``
 in ``deepspeed.runtime.zero.stage_1_and_2``, ``estimate_zero3_model_states_mem_needs`` in
 ``deepspeed.runtime.zero.stage3``) assume bf16 mixed precision: 2 + 18/N and 18/N + 4·largest layer; the plan
-shows them beside ours, and takes them for optimizer offload (measured here only without offload), where the
-GPU keeps the bf16/fp32 parameters (and ZeRO-3 its partition) and the host the rest, 16·P/N per rank.
+shows them beside ours. Optimizer offload (``--offload``, the engine's ``offload_optimizer``): the host holds the
+fp32 master weights, the Adam states and the fp32 gradient partition, 16·P/N per rank, and under ZeRO-1/2 a
+second fp32 gradient partition, 20·P/N; the GPU the parameters (ZeRO-1/2: whole, w·P; ZeRO-3: the partition, the
+persistent ones and the partition's gradients, w·P/N + w·persistent + w·P/N). Parameter offload
+(``--offload-params``, ZeRO-3, the engine's ``offload_params``) moves the partition of the parameters, w·P/N, to
+the host. Measured on CPU (fp32, 2 ranks, every combination): within 2.4% (``tests/test_planner.py``).
 
 DeepSpeed's working buffers on top (its config defaults; the engine's ``deepspeed_config`` sets none): the
 gradient reduce bucket of ``reduce_bucket_size`` elements in the gradient dtype (5e8: 1 GB in bf16, 2 GB in
@@ -291,19 +295,31 @@ def _has_checkpoint(meta: dict) -> bool:
 @dataclass(frozen=True)
 class States:
     gpu: int  # bytes per GPU at the optimizer step: parameters, gradients, master weights, optimizer states
-    cpu: int  # bytes per rank in host memory (offloaded optimizer states)
+    cpu: int  # bytes per rank in host memory (offloaded optimizer states, offloaded parameter partitions)
     buffers: int  # DeepSpeed's working buffers on the GPU (reduce bucket; ZeRO-3's gathered parameters)
     deepspeed: int | None = None  # DeepSpeed's own estimate of ``gpu`` (bf16, ZeRO-2/3), for comparison
 
 
-def model_states(c: Counts, stage: int, world: int, precision: Precision = "bf16", offload: bool = False) -> States:
+def model_states(
+    c: Counts,
+    stage: int,
+    world: int,
+    precision: Precision = "bf16",
+    offload: bool = False,
+    offload_params: bool = False,
+    bucket: int = REDUCE_BUCKET,
+) -> States:
     """Per-rank bytes of the model states under ZeRO ``stage`` on ``world`` data-parallel ranks (the
     formulas of the module docstring); ``offload``: DeepSpeed's ZeRO-Offload of the optimizer states (the
-    engine's ``offload_optimizer``, stage >= 1)."""
+    engine's ``offload_optimizer``, stage >= 1); ``offload_params``: ZeRO-Infinity's parameter offload (the
+    engine's ``offload_params``, stage 3); ``bucket``: the reduce bucket's elements (the engine's
+    ``reduce_bucket_size``)."""
     if stage not in STAGES:
         raise ConfigError(f"config key 'zero_stage': {stage} is not a ZeRO stage (0-3)")
     if offload and stage == 0:
         raise ConfigError("config key 'offload': optimizer offload needs ZeRO stage >= 1")
+    if offload_params and stage != 3:
+        raise ConfigError("config key 'offload_params': parameter offload needs ZeRO stage 3")
     p, w, n = c.params, dtype_bytes(precision), world
     bf16 = precision == "bf16"
     shard = p if stage == 0 else p / n
@@ -319,16 +335,21 @@ def model_states(c: Counts, stage: int, world: int, precision: Precision = "bf16
         grads = w * p / n
     master = 4 * shard if (bf16 or stage > 0) else 0
     adam = 8 * shard
-    buffers = 0 if stage == 0 else w * REDUCE_BUCKET
+    buffers = 0 if stage == 0 else w * bucket
     if stage == 3:
         buffers += 4 * c.largest_layer + w * min(PREFETCH_BUCKET, p)
-    ds = _deepspeed_estimate(c, stage, n, offload) if bf16 else None
-    if offload:  # the GPU keeps the parameters; the host the fp32 gradients, master weights and Adam states
-        return States(int(params + whole), int(16 * p / n), int(buffers), ds)
-    return States(int(params + grads + master + adam + max(whole, step_copy)), 0, int(buffers), ds)
+    ds = _deepspeed_estimate(c, stage, n, offload, offload_params) if bf16 else None
+    host = w * p / n if offload_params else 0  # ZeRO-Infinity: this rank's parameter partitions in host memory
+    gpu_params = 0 if offload_params else params
+    if offload:  # the host holds the fp32 master weights, the Adam states and the fp32 gradient partition
+        if stage == 3:  # the GPU its partitions (unless offloaded), the persistent ones and the gradient partition
+            return States(int(gpu_params + whole + w * p / n), int(host + 16 * p / n), int(buffers), ds)
+        # ZeRO-1/2: the whole parameters on the GPU; the host a second fp32 gradient partition too (measured)
+        return States(int(params), int(20 * p / n), int(buffers), ds)
+    return States(int(gpu_params + grads + master + adam + max(whole, step_copy)), int(host), int(buffers), ds)
 
 
-def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool) -> int | None:
+def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool, offload_params: bool = False) -> int | None:
     """DeepSpeed's count-based estimate of the GPU's model states (bf16 mixed precision), without its
     largest-layer term (a buffer here); None for stages it has no estimator for."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -341,7 +362,7 @@ def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool) -> int
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         _, gpu, largest = estimate_zero3_model_states_mem_needs(
-            c.params, c.largest_layer, world, 1, cpu_offload=offload, cpu_offload_params=False
+            c.params, c.largest_layer, world, 1, cpu_offload=offload, cpu_offload_params=offload_params
         )
         return gpu - largest
     return None
@@ -368,7 +389,9 @@ def frozen_bytes(c: Counts, stage: int, world: int, precision: Precision = "bf16
 PartSpec = tuple  # a task's part as the planner sees it: (Counts, trained) or (Counts, trained, keeps an EMA)
 
 
-def task_buffers(parts: dict[str, PartSpec], stage: int, precision: Precision = "bf16") -> int:
+def task_buffers(
+    parts: dict[str, PartSpec], stage: int, precision: Precision = "bf16", bucket: int = REDUCE_BUCKET
+) -> int:
     """DeepSpeed's working buffers of a task's engines on one rank, at their peak (one part: as
     :func:`model_states`). ZeRO-0: none. ZeRO-1/2: one reduce bucket: each trained engine allocates its own at its
     backward's first gradient and frees it when the backward ends (``setup_buckets``, ``_release_ipg_buffers``
@@ -382,9 +405,9 @@ def task_buffers(parts: dict[str, PartSpec], stage: int, precision: Precision = 
         return 0
     w = dtype_bytes(precision)
     if stage < 3:
-        return w * REDUCE_BUCKET
+        return w * bucket
     gathered = max(4 * p[0].largest_layer + w * min(PREFETCH_BUCKET, p[0].params) for p in parts.values())
-    return len(trained) * w * REDUCE_BUCKET + gathered
+    return len(trained) * w * bucket + gathered
 
 
 @dataclass(frozen=True)
@@ -394,7 +417,7 @@ class PartsBytes:
     states: dict[str, int]  # per part: a trained one's model states, a frozen one's weights
     ema: int  # the fp32 EMAs of the trained parts that keep one
     buffers: int  # DeepSpeed's working buffers (:func:`task_buffers`)
-    cpu: int = 0  # host memory per rank: the offloaded optimizer states
+    cpu: int = 0  # host memory per rank: the offloaded optimizer states and parameter partitions
     deepspeed: dict[str, int | None] | None = None  # DeepSpeed's estimate of each trained part's states
 
     @property
@@ -410,6 +433,8 @@ def parts_bytes(
     precision: Precision = "bf16",
     ema: str = "warmup",
     offload: bool = False,
+    offload_params: bool = False,
+    bucket: int = REDUCE_BUCKET,
 ) -> PartsBytes:
     """Per-rank bytes of a task's parts (``{name: (counts, trained[, keeps an EMA])}``, as its
     :class:`ambient_ray.train.parts.Part`): a trained part has its own DeepSpeed engine, so its own model states
@@ -419,12 +444,14 @@ def parts_bytes(
     states, emas, cpu, ds = {}, 0, 0, {}
     for name, (c, trained, *keeps) in parts.items():
         if trained:
-            s = model_states(c, stage, world, precision, offload)
+            s = model_states(c, stage, world, precision, offload, offload_params, bucket)
             states[name], cpu, ds[name] = s.gpu, cpu + s.cpu, s.deepspeed
             emas += ema_bytes(c, stage, world, EMA_COPIES[ema]) if (keeps[0] if keeps else True) else 0
         else:
-            states[name] = frozen_bytes(c, stage, world, precision)
-    return PartsBytes(states, emas, task_buffers(parts, stage, precision), cpu, ds)
+            frozen = frozen_bytes(c, stage, world, precision)
+            moved = int(dtype_bytes(precision) * c.params / world) if offload_params else 0  # its partition
+            states[name], cpu = frozen - moved, cpu + moved
+    return PartsBytes(states, emas, task_buffers(parts, stage, precision, bucket), cpu, ds)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -501,12 +528,14 @@ def per_gpu_bytes(
     cfg: PlanConfig, c: Counts, act: Activations, ema: str, stage: int, nodes: int, checkpoint: bool
 ) -> int:
     world = cfg.gpus * nodes
-    if cfg.offload and stage == 0:
-        return 1 << 62  # offload needs stage >= 1: never chosen
+    if (cfg.offload and stage == 0) or (cfg.offload_params and stage != 3):
+        return 1 << 62  # offload needs stage >= 1, parameter offload stage 3: never chosen
     a = step_activations(act, checkpoint, cfg.distill)
     if a is None:
         return 1 << 62
-    return parts_bytes(task_parts(c, cfg.distill), stage, world, cfg.precision, ema, cfg.offload).total + a
+    parts = task_parts(c, cfg.distill)
+    bucket = cfg.reduce_bucket or REDUCE_BUCKET
+    return parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, bucket).total + a
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -541,9 +570,11 @@ def plan(cfg: PlanConfig) -> Plan:
     rows = {}
     for stage in STAGES:
         world = cfg.gpus * nodes
-        if cfg.offload and stage == 0:
+        if (cfg.offload and stage == 0) or (cfg.offload_params and stage != 3):
             continue
-        pb = parts_bytes(task_parts(c, cfg.distill), stage, world, cfg.precision, ema, cfg.offload)
+        bucket = cfg.reduce_bucket or REDUCE_BUCKET
+        parts = task_parts(c, cfg.distill)
+        pb = parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, bucket)
         if cfg.distill:
             states = {
                 "generator: model states": pb.states["generator"],
@@ -561,7 +592,7 @@ def plan(cfg: PlanConfig) -> Plan:
             "  with checkpointing": step_activations(act, True, cfg.distill),
             "total": fits(stage, nodes, False),
             "  with checkpointing ": fits(stage, nodes, True) if act.checkpointed is not None else None,
-            "host memory per node (offload)": pb.cpu * cfg.gpus if cfg.offload else None,
+            "host memory per node (offload)": pb.cpu * cfg.gpus if cfg.offload or cfg.offload_params else None,
         }
     per_token = net.active_parameters(per_token=True) if c.active is not None else None
     flops = flops_per_image(meta, mask)
@@ -612,7 +643,8 @@ def format_plan(p: Plan) -> str:
         )
     world = cfg.gpus * p.nodes
     lines.append(
-        f"per GPU in GiB: {cfg.precision}{', optimizer offloaded to CPU' if cfg.offload else ''}, "
+        f"per GPU in GiB: {cfg.precision}{', optimizer offloaded to CPU' if cfg.offload else ''}"
+        f"{', parameters offloaded to CPU' if cfg.offload_params else ''}, "
         f"{cfg.gpus} GPUs x {p.nodes} node{'s' if p.nodes > 1 else ''} = {world} ranks, micro-batch {cfg.batch}, "
         f"{'generator ' if cfg.distill else ''}EMA {p.ema} ({EMA_COPIES[p.ema]} fp32 "
         f"cop{'ies' if EMA_COPIES[p.ema] > 1 else 'y'})"
