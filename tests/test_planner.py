@@ -355,7 +355,12 @@ def test_model_states_and_ema_within_10_percent_of_what_each_rank_holds(ray_clus
 
     trainer = TorchTrainer(
         _measure,
-        train_loop_config={"meta": DS_META, "out": str(tmp_path), "stages": OFFLOADS, "result": str(tmp_path / "r.json")},
+        train_loop_config={
+            "meta": DS_META,
+            "out": str(tmp_path),
+            "stages": OFFLOADS,
+            "result": str(tmp_path / "r.json"),
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(name="plan", storage_path=str(tmp_path / "ray")),

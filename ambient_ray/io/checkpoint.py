@@ -147,7 +147,7 @@ def latest_checkpoint(out: str) -> str | None:
 
 
 def export_weights(out: str, ckpt: str | None) -> None:
-    """Copy the inference weights of the last checkpoint to ``OUT/model/``."""
+    """Copy the inference weights of the last checkpoint to ``OUT/model/``, streamed (a file is never held whole)."""
     if ckpt:
         for name in ("ema.safetensors", "model.safetensors", "model.json"):
-            storage.write_bytes(storage.join(out, "model", name), storage.read_bytes(storage.join(ckpt, name)))
+            storage.copy(storage.join(ckpt, name), storage.join(out, "model", name))
