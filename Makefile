@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/feed.py
 	$(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/threads_under_load.py
+	$(PY) benchmarks/scale.py --resolution 64
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache mlruns mlflow.db

@@ -4,9 +4,9 @@ per rank measured beside the planner's prediction for the same configuration.
 CPU path (the default; 2 CPU workers of a local Ray cluster, gloo): for each preset, one Ray Train run of the
 engine's :class:`~ambient_ray.train.worker.Worker` under ZeRO-3 with optimizer and parameter offload
 (``offload_optimizer``, ``offload_params``), the network built partitioned (``deepspeed.zero.Init``) at the preset's
-size (the image side ``--resolution``, which changes the activations, not the parameters; activation
-checkpointing on), and on it in turn: the build; one full training step (forward, backward, the optimizer step,
-EDM2's forced weight normalisation, the EMA update); a checkpoint save (DeepSpeed's partitions, the raw weights and
+size (at the image side ``--resolution``; activation checkpointing on), and on it in turn: the build; ``--steps``
+full training steps (forward, backward, the optimizer step, EDM2's forced weight normalisation, the EMA update;
+DeepSpeed prefetches and keeps gathered layers from the second step on); a checkpoint save (DeepSpeed's partitions, the raw weights and
 the EMA gathered a parameter at a time); a restore from it; then, on the driver, the weight export (the copy to
 ``OUT/model/``). Each rank's peak RSS per phase is the kernel's high-water mark (``VmHWM`` in /proc/self/status,
 reset through /proc/self/clear_refs before each phase), beside the planner's per-rank bytes
@@ -19,8 +19,8 @@ GPU path (``--gpu``, one CUDA device, one worker): ``edm2-xxl`` and ``microdit-x
 GPU, ``--gpu-steps`` steps at the planner's micro-batch, MFU (the planner's FLOPs per image × 3, over the step time
 and the device's bf16 peak) and ``torch.cuda.max_memory_allocated`` beside the planner's per-GPU total.
 
-    python benchmarks/scale.py [--presets edm2-l,edm2-xl,microdit-xl-2] [--workers 2] [--precision bf16]
-        [--resolution 32] [--batch 1] [--reduce-bucket 50000000] [--tmp DIR] [--keep]
+    python benchmarks/scale.py [--presets edm2-m,edm2-l] [--workers 2] [--steps 2] [--precision bf16]
+        [--resolution 32] [--batch 1] [--reduce-bucket 50000000] [--live-params 50000000] [--tmp DIR] [--keep]
     python benchmarks/scale.py --gpu [--presets edm2-xxl,microdit-xl-2] [--gpu-batch 32] [--gpu-steps 6]
 """
 
@@ -66,6 +66,7 @@ def engine_config(args, out: str, gpu: bool = False):
         use_gpu=gpu,
         ema="warmup",
         reduce_bucket_size=None if gpu else args.reduce_bucket,
+        zero3_live_parameters=None if gpu else args.live_params,
         optim=dict(name="adamw", lr=1e-4, warmup_steps=0, decay="none"),
         mlflow=dict(enabled=False),
     )
@@ -113,12 +114,15 @@ def cpu_worker(config: dict) -> None:
         out = fn()
         dist.barrier()
         peaks[name], seconds[name] = hwm(), time.perf_counter() - t
+        with open(os.path.join(config["out"], f"progress-{dist.get_rank()}.txt"), "a") as f:
+            f.write(f"{name} {peaks[name] / GIB:.2f} GiB {seconds[name]:.1f} s\n")
         return out
 
     torch.manual_seed(0)
     w = phase("build", lambda: Worker(cfg, lambda: registry.build(meta), meta, {}))
     g = torch.Generator().manual_seed(w.rank)
-    loss = phase("step", lambda: step(w, meta, cfg.batch_size, g))
+    # the first step traces the order of the layers; from the second on DeepSpeed prefetches and keeps layers
+    loss = phase("step", lambda: [step(w, meta, cfg.batch_size, g) for _ in range(config["args"]["steps"])][-1])
     ckpt = os.path.join(config["out"], "checkpoint")
     phase("save", lambda: w.save(ckpt))
     phase("restore", lambda: w.restore(ray.train.Checkpoint.from_directory(ckpt)))
@@ -147,6 +151,7 @@ def planned(meta: dict, args, world: int, base: int, gpu: bool = False) -> dict[
         cfg.offload_optimizer,
         cfg.offload_params,
         cfg.reduce_bucket_size or planner.REDUCE_BUCKET,
+        cfg.zero3_live_parameters or planner.MAX_LIVE,
     )
     act = planner.activations(meta, cfg.batch_size, prec).checkpointed
     full = base + pb.total + pb.cpu + act
@@ -166,6 +171,9 @@ def run_cpu(args) -> list[dict]:
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))  # CPU Adam
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Ray's memory monitor counts the checkpoint's dirty page cache as used and kills a worker at 95 % of the
+    # machine; the kernel writes those pages back under pressure instead
+    os.environ.setdefault("RAY_memory_usage_threshold", "0.99")
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     rows = []
     for name in args.presets.split(","):
@@ -316,12 +324,16 @@ def gpu_worker(config: dict) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default=None, help="comma-separated presets (CPU: edm2-l,edm2-xl,microdit-xl-2)")
+    ap.add_argument(
+        "--presets", default=None, help="comma-separated presets (CPU: edm2-m,edm2-l; GPU: edm2-xxl,microdit-xl-2)"
+    )
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="training steps on CPU (the peak is the second's)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--resolution", type=int, default=32, help="image (latent) side on CPU")
     ap.add_argument("--batch", type=int, default=1, help="micro-batch per CPU worker")
     ap.add_argument("--reduce-bucket", type=int, default=50_000_000, help="reduce_bucket_size on CPU (elements)")
+    ap.add_argument("--live-params", type=int, default=50_000_000, help="zero3_live_parameters on CPU (elements)")
     ap.add_argument("--tmp", default=None, help="folder for the checkpoints (tens of GB at these sizes)")
     ap.add_argument("--keep", action="store_true", help="keep each preset's checkpoint and export")
     ap.add_argument("--gpu", action="store_true", help="the GPU path: one CUDA device")
@@ -329,7 +341,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-steps", type=int, default=6)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    args.presets = args.presets or ("edm2-xxl,microdit-xl-2" if args.gpu else "edm2-l,edm2-xl,microdit-xl-2")
+    args.presets = args.presets or ("edm2-xxl,microdit-xl-2" if args.gpu else "edm2-m,edm2-l")
     rows = run_gpu(args) if args.gpu else run_cpu(args)
     if args.json:
         with open(args.json, "w") as f:

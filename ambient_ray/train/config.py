@@ -96,6 +96,14 @@ class EngineConfig(Strict):
         "part's engine reduces through (ZeRO >= 1); None: DeepSpeed's default, 5e8 (2 GB in fp32, 1 GB in bf16, per "
         "rank; 'ambient-ray plan --reduce-bucket' shows the difference)",
     )
+    zero3_live_parameters: int | None = Field(
+        None,
+        ge=1,
+        description="ZeRO-3: the most parameters (elements) kept gathered, DeepSpeed's stage3_max_live_parameters "
+        "and stage3_max_reuse_distance; None: DeepSpeed's 1e9, which keeps a network below a billion parameters "
+        "gathered whole from each forward to its backward (w bytes per parameter per rank); lower it where memory "
+        "is short, at the cost of gathering each layer again in the backward",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     ema: Literal["warmup", "power"] = Field(
         "warmup",

@@ -55,6 +55,8 @@ def deepspeed_config(cfg: EngineConfig, bf16: bool, optim: OptimConfig | None = 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if cfg.reduce_bucket_size:
         zero["reduce_bucket_size"] = cfg.reduce_bucket_size
+    if cfg.zero3_live_parameters and cfg.zero_stage == 3:
+        zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = cfg.zero3_live_parameters
     if cfg.offload_params and cfg.zero_stage == 3:  # ZeRO-Infinity: the partitions live in CPU memory
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ds = {
@@ -146,6 +148,10 @@ def build(w, parts: Callable[[], dict[str, Part] | torch.nn.Module]) -> dict[str
 
     if not w.zero3:
         return parts()
+    # zero.Init replaces torch.Tensor.__new__ (bf16: new tensors in the run's dtype); torch._dynamo, when first
+    # imported under it (timm imports torchvision, which imports it), refuses that signature: import it first
+    import torch._dynamo  # noqa: F401
+
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(w.cfg, w.bf16)):
         return parts()
 

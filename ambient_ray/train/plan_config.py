@@ -74,6 +74,13 @@ class PlanConfig(Strict):
         "default, 5e8 (1 GB in bf16, allocated once per trained engine under ZeRO-3)",
         json_schema_extra=flag("--reduce-bucket"),
     )
+    live_params: int | None = Field(
+        None,
+        ge=1,
+        description="ZeRO-3's most parameters kept gathered (the train stage's zero3_live_parameters); None: "
+        "DeepSpeed's default, 1e9 (the whole network below a billion parameters, from the forward to the backward)",
+        json_schema_extra=flag("--live-params"),
+    )
     ema: Literal["auto", "warmup", "power"] = Field(
         "auto",
         description="the EMA (fp32 copies: warmup 1, power 2); auto: power for edm2, else warmup (with --distill "

@@ -309,12 +309,14 @@ def model_states(
     offload: bool = False,
     offload_params: bool = False,
     bucket: int = REDUCE_BUCKET,
+    live: int = MAX_LIVE,
 ) -> States:
     """Per-rank bytes of the model states under ZeRO ``stage`` on ``world`` data-parallel ranks (the
     formulas of the module docstring); ``offload``: DeepSpeed's ZeRO-Offload of the optimizer states (the
     engine's ``offload_optimizer``, stage >= 1); ``offload_params``: ZeRO-Infinity's parameter offload (the
     engine's ``offload_params``, stage 3); ``bucket``: the reduce bucket's elements (the engine's
-    ``reduce_bucket_size``)."""
+    ``reduce_bucket_size``); ``live``: ZeRO-3's most parameters kept gathered (the engine's
+    ``zero3_live_parameters``)."""
     if stage not in STAGES:
         raise ConfigError(f"config key 'zero_stage': {stage} is not a ZeRO stage (0-3)")
     if offload and stage == 0:
@@ -338,7 +340,7 @@ def model_states(
     adam = 8 * shard
     buffers = 0 if stage == 0 else w * bucket
     if stage == 3:
-        buffers += gathered_bytes(c, w)
+        buffers += gathered_bytes(c, w, live)
     ds = _deepspeed_estimate(c, stage, n, offload, offload_params) if bf16 else None
     host = w * p / n if offload_params else 0  # ZeRO-Infinity: this rank's parameter partitions in host memory
     gpu_params = 0 if offload_params else params
@@ -350,14 +352,15 @@ def model_states(
     return States(int(gpu_params + grads + master + adam + max(whole, step_copy)), int(host), int(buffers), ds)
 
 
-def gathered_bytes(c: Counts, w: int) -> int:
+def gathered_bytes(c: Counts, w: int, live: int = MAX_LIVE) -> int:
     """ZeRO-3's gathered parameters at their peak, between a step's forward and its backward: DeepSpeed keeps every
     parameter it gathered for the forward until the backward has used it again (``stage3_max_reuse_distance``,
     1e9 elements by default), up to ``stage3_max_live_parameters`` (1e9) elements in the compute dtype (``w``
     bytes): the whole network below a billion parameters (measured: EDM2-XS on 2 CPU ranks held its whole fp32
     model gathered from the second step's forward on); plus DeepSpeed's own term for gathering a layer, 4 bytes
-    per parameter of the largest."""
-    return int(w * min(c.params, MAX_LIVE) + 4 * c.largest_layer)
+    per parameter of the largest. ``live``: that limit where the run sets it (the engine's
+    ``zero3_live_parameters`` sets both)."""
+    return int(w * min(c.params, live) + 4 * c.largest_layer)
 
 
 def _deepspeed_estimate(c: Counts, stage: int, world: int, offload: bool, offload_params: bool = False) -> int | None:
@@ -401,7 +404,11 @@ PartSpec = tuple  # a task's part as the planner sees it: (Counts, trained) or (
 
 
 def task_buffers(
-    parts: dict[str, PartSpec], stage: int, precision: Precision = "bf16", bucket: int = REDUCE_BUCKET
+    parts: dict[str, PartSpec],
+    stage: int,
+    precision: Precision = "bf16",
+    bucket: int = REDUCE_BUCKET,
+    live: int = MAX_LIVE,
 ) -> int:
     """DeepSpeed's working buffers of a task's engines on one rank, at their peak (one part: as
     :func:`model_states`). ZeRO-0: none. ZeRO-1/2: one reduce bucket: each trained engine allocates its own at its
@@ -417,7 +424,7 @@ def task_buffers(
     w = dtype_bytes(precision)
     if stage < 3:
         return w * bucket
-    gathered = max(gathered_bytes(p[0], w) for p in parts.values())
+    gathered = max(gathered_bytes(p[0], w, live) for p in parts.values())
     return len(trained) * w * bucket + gathered
 
 
@@ -446,6 +453,7 @@ def parts_bytes(
     offload: bool = False,
     offload_params: bool = False,
     bucket: int = REDUCE_BUCKET,
+    live: int = MAX_LIVE,
 ) -> PartsBytes:
     """Per-rank bytes of a task's parts (``{name: (counts, trained[, keeps an EMA])}``, as its
     :class:`ambient_ray.train.parts.Part`): a trained part has its own DeepSpeed engine, so its own model states
@@ -455,14 +463,14 @@ def parts_bytes(
     states, emas, cpu, ds = {}, 0, 0, {}
     for name, (c, trained, *keeps) in parts.items():
         if trained:
-            s = model_states(c, stage, world, precision, offload, offload_params, bucket)
+            s = model_states(c, stage, world, precision, offload, offload_params, bucket, live)
             states[name], cpu, ds[name] = s.gpu, cpu + s.cpu, s.deepspeed
             emas += ema_bytes(c, stage, world, EMA_COPIES[ema]) if (keeps[0] if keeps else True) else 0
         else:
             frozen = frozen_bytes(c, stage, world, precision)
             moved = int(dtype_bytes(precision) * c.params / world) if offload_params else 0  # its partition
             states[name], cpu = frozen - moved, cpu + moved
-    return PartsBytes(states, emas, task_buffers(parts, stage, precision, bucket), cpu, ds)
+    return PartsBytes(states, emas, task_buffers(parts, stage, precision, bucket, live), cpu, ds)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -545,8 +553,8 @@ def per_gpu_bytes(
     if a is None:
         return 1 << 62
     parts = task_parts(c, cfg.distill)
-    bucket = cfg.reduce_bucket or REDUCE_BUCKET
-    return parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, bucket).total + a
+    sizes = cfg.reduce_bucket or REDUCE_BUCKET, cfg.live_params or MAX_LIVE
+    return parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, *sizes).total + a
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -583,9 +591,9 @@ def plan(cfg: PlanConfig) -> Plan:
         world = cfg.gpus * nodes
         if (cfg.offload and stage == 0) or (cfg.offload_params and stage != 3):
             continue
-        bucket = cfg.reduce_bucket or REDUCE_BUCKET
+        sizes = cfg.reduce_bucket or REDUCE_BUCKET, cfg.live_params or MAX_LIVE
         parts = task_parts(c, cfg.distill)
-        pb = parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, bucket)
+        pb = parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, *sizes)
         if cfg.distill:
             states = {
                 "generator: model states": pb.states["generator"],
