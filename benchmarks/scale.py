@@ -6,7 +6,8 @@ engine's :class:`~ambient_ray.train.worker.Worker` under ZeRO-3 with optimizer a
 (``offload_optimizer``, ``offload_params``), the network built partitioned (``deepspeed.zero.Init``) at the preset's
 size (at the image side ``--resolution``; activation checkpointing on), and on it in turn: the build; ``--steps``
 full training steps (forward, backward, the optimizer step, EDM2's forced weight normalisation, the EMA update;
-DeepSpeed prefetches and keeps gathered layers from the second step on); a checkpoint save (DeepSpeed's partitions, the raw weights and
+DeepSpeed prefetches and keeps gathered layers from the second step on); a checkpoint save (DeepSpeed's
+partitions, the raw weights and
 the EMA gathered a parameter at a time); a restore from it; then, on the driver, the weight export (the copy to
 ``OUT/model/``). Each rank's peak RSS per phase is the kernel's high-water mark (``VmHWM`` in /proc/self/status,
 reset through /proc/self/clear_refs before each phase), beside the planner's per-rank bytes
