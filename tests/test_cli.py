@@ -191,10 +191,11 @@ FLAGS = {
     "plan": (
         ["--model", "edm2-xxl", "--gpus", "4", "--nodes", "2", "--gpu-mem", "40", "--batch", "16"]
         + ["--global-batch", "512", "--resolution", "32", "--channels", "3", "--label-dim", "0"]
-        + ["--precision", "fp32", "--offload", "--ema", "power", "--mask-ratio", "0.5"],
+        + ["--precision", "fp32", "--offload", "--ema", "power", "--mask-ratio", "0.5", "--offload-params"]
+        + ["--reduce-bucket", "1000", "--live-params", "2000"],
         {"model": "edm2-xxl", "gpus": 4, "nodes": 2, "gpu_mem": 40.0, "batch": 16, "global_batch": 512}
         | {"resolution": 32, "channels": 3, "label_dim": 0, "precision": "fp32", "offload": True, "ema": "power"}
-        | {"mask_ratio": 0.5},
+        | {"mask_ratio": 0.5, "offload_params": True, "reduce_bucket": 1000, "live_params": 2000},
     ),
     "theory": (
         ["--n1", "10", "--n2", "90", "--lambda1", "2", "--lambda2", "3", "--d-tv", "0.4", "--diameter", "2"]
