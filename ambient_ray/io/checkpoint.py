@@ -104,14 +104,13 @@ def restore_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
     own partitions where they were cut for it, else the gathered files a tensor at a time (under ZeRO-3, from any
     world size: this rank's slices). A checkpoint of another EMA kind or other profiles is refused."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     own = ema_rank_file(d, rank)
     if zero3 and os.path.exists(own) and ema.fits(metadata_of(own)):
-        ema.check(metadata_of(own))
-        part = load_file(own)
-        for k in range(len(ema.profiles)):
-            ema.load_partitions((part[profile_key(k, n)] for n in names), profile=k)
+        with safe_open(own, framework="pt") as f:  # a tensor at a time, into the EMA in place
+            ema.check(f.metadata())
+            for k in range(len(ema.profiles)):
+                ema.load_partitions((f.get_tensor(profile_key(k, n)) for n in names), profile=k)
         return
     for k in range(len(ema.profiles)):
         path = os.path.join(d, "ema.safetensors" if k == 0 else "ema-profiles.safetensors")

@@ -35,16 +35,24 @@ class Whole:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def local(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """fp32 views (or copies) of the parameters on the EMA's device."""
-        return [p.detach().float().to(self.device) for p in params]
+    def local(self, params: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """fp32 views (or copies) of the parameters on the EMA's device, one at a time (a bf16 run's fp32 copies of
+        every parameter at once would be 4 bytes per parameter on top of the EMA itself)."""
+        for p in params:
+            yield p.detach().float().to(self.device)
 
     def cut(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Full saved EMA tensors as the EMA of parameters shaped like ``like``."""
-        loaded = [t.float().to(self.device) for t in tensors]
-        if [tuple(t.shape) for t in loaded] != [tuple(e.shape) for e in like]:
+        """Full saved EMA tensors copied into ``like`` (the EMA of those parameters) a tensor at a time, in place:
+        never a second EMA beside the first. A failed load leaves ``like`` part-copied (the restore fails)."""
+        n = 0
+        for t in tensors:
+            if n >= len(like) or tuple(t.shape) != tuple(like[n].shape):
+                raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
+            like[n].copy_(t)
+            n += 1
+        if n != len(like):
             raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
-        return loaded
+        return like
 
     def stream(self, tensors: list[torch.Tensor], keep: bool) -> Iterator[torch.Tensor | None]:
         """Each full tensor in turn (None where not ``keep``); no communication."""
@@ -80,30 +88,38 @@ class Partitions:
             start = min(self.rank * size, p.ds_numel)
             self.layout.append((start, min(size, p.ds_numel - start), size, torch.Size(p.ds_shape)))
 
-    def local(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's real elements of each parameter (``p.ds_tensor``), fp32 on the EMA's device."""
-        return [
-            p.ds_tensor.detach().narrow(0, 0, count).float().to(self.device)
-            for p, (_, count, _, _) in zip(params, self.layout)
-        ]
+    def local(self, params: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """This rank's real elements of each parameter (``p.ds_tensor``), fp32 on the EMA's device, one at a time
+        (measured: holding them all at once was the peak of a bf16 step, 4 bytes per partitioned parameter)."""
+        for p, (_, count, _, _) in zip(params, self.layout):
+            yield p.ds_tensor.detach().narrow(0, 0, count).float().to(self.device)
 
-    def cut(self, tensors: Iterable[torch.Tensor], like=None) -> list[torch.Tensor]:
-        """This rank's slices of full EMA tensors (any world size may have written them), one at a time."""
-        loaded = []
-        for t, (start, count, _, shape) in zip(tensors, self.layout):
-            if t.numel() != shape.numel():
-                raise ValueError(f"an EMA tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(shape)}")
-            loaded.append(t.reshape(-1).narrow(0, start, count).float().to(self.device).clone())
-        if len(loaded) != len(self.layout):
-            raise ValueError(f"{len(loaded)} EMA tensors for {len(self.layout)} parameters")
-        return loaded
+    def cut(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's slices of full EMA tensors (any world size may have written them) copied into ``like`` (this
+        rank's EMA tensors) a tensor at a time, in place. A failed load leaves ``like`` part-copied."""
+        n = 0
+        for t in tensors:
+            if n < len(self.layout):
+                start, count, _, shape = self.layout[n]
+                if t.numel() != shape.numel():
+                    raise ValueError(f"an EMA tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(shape)}")
+                like[n].copy_(t.reshape(-1).narrow(0, start, count))
+            n += 1
+        if n != len(self.layout):
+            raise ValueError(f"{n} EMA tensors for {len(self.layout)} parameters")
+        return like
 
-    def own(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's own saved partitions, checked against the layout."""
-        loaded = [t.float().reshape(-1).to(self.device).clone() for t in tensors]
-        if [t.numel() for t in loaded] != [count for _, count, _, _ in self.layout]:
+    def own(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's own saved partitions, checked against the layout, copied into ``like`` in place."""
+        n = 0
+        for t in tensors:
+            if n >= len(self.layout) or t.numel() != self.layout[n][1]:
+                raise ValueError("saved EMA partitions that do not fit this rank's partitions")
+            like[n].copy_(t.reshape(-1))
+            n += 1
+        if n != len(self.layout):
             raise ValueError("saved EMA partitions that do not fit this rank's partitions")
-        return loaded
+        return like
 
     def meta(self) -> dict[str, str]:
         return {"rank": str(self.rank), "world": str(self.world)}
@@ -193,7 +209,7 @@ class _Sharded:
 
     def load_partitions(self, tensors: Iterable[torch.Tensor], profile: int = 0) -> None:
         """This rank's own saved partitions (``tensors`` as saved, where :meth:`fits` their ``meta``)."""
-        self.profiles[profile] = self.space.own(tensors)
+        self.profiles[profile] = self.space.own(tensors, self.profiles[profile])
 
 
 class WarmupEMA(_EMA):
@@ -237,16 +253,17 @@ class PowerEMA(_EMA):
         self.stds = [float(s) for s in stds]
         self.gammas = [phema.gamma_of(s) for s in self.stds]
         self.space = space or Whole(device)
-        first = self.space.local(params)
-        self.profiles = [[t.clone() for t in first] for _ in self.stds]
+        self.profiles = [[] for _ in self.stds]
+        for t in self.space.local(params):
+            for profile in self.profiles:
+                profile.append(t.clone())
 
     @torch.no_grad()
     def update(self, params: Iterable[torch.Tensor], step: int) -> None:
-        x = self.space.local(params)
-        for gamma, profile in zip(self.gammas, self.profiles):
-            b = phema.power_beta(gamma, step)
-            for e, xi in zip(profile, x):
-                e.mul_(b).add_(xi, alpha=1 - b)
+        betas = [phema.power_beta(gamma, step) for gamma in self.gammas]
+        for i, xi in enumerate(self.space.local(params)):  # a parameter at a time, into every profile
+            for b, profile in zip(betas, self.profiles):
+                profile[i].mul_(b).add_(xi, alpha=1 - b)
 
     def describe(self) -> dict[str, str]:
         return {"ema": self.kind, "stds": json.dumps(self.stds)}
