@@ -543,18 +543,35 @@ def step_activations(act: Activations, checkpoint: bool, distill: bool = False) 
     return act.checkpointed if checkpoint else act.saved
 
 
+def offload_allows(cfg: PlanConfig, stage: int) -> bool:
+    """Whether ``stage`` can run the plan's offload: optimizer offload needs stage >= 1, parameter offload stage 3."""
+    return not ((cfg.offload and stage == 0) or (cfg.offload_params and stage != 3))
+
+
+def plan_parts_bytes(cfg: PlanConfig, c: Counts, ema: str, stage: int, world: int) -> PartsBytes:
+    """:func:`parts_bytes` of the plan's task (training or distilling the preset) with the plan's settings."""
+    return parts_bytes(
+        task_parts(c, cfg.distill),
+        stage,
+        world,
+        cfg.precision,
+        ema,
+        cfg.offload,
+        cfg.offload_params,
+        cfg.reduce_bucket or REDUCE_BUCKET,
+        cfg.live_params or MAX_LIVE,
+    )
+
+
 def per_gpu_bytes(
     cfg: PlanConfig, c: Counts, act: Activations, ema: str, stage: int, nodes: int, checkpoint: bool
 ) -> int:
-    world = cfg.gpus * nodes
-    if (cfg.offload and stage == 0) or (cfg.offload_params and stage != 3):
-        return 1 << 62  # offload needs stage >= 1, parameter offload stage 3: never chosen
+    if not offload_allows(cfg, stage):
+        return 1 << 62  # never chosen
     a = step_activations(act, checkpoint, cfg.distill)
     if a is None:
         return 1 << 62
-    parts = task_parts(c, cfg.distill)
-    sizes = cfg.reduce_bucket or REDUCE_BUCKET, cfg.live_params or MAX_LIVE
-    return parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, *sizes).total + a
+    return plan_parts_bytes(cfg, c, ema, stage, cfg.gpus * nodes).total + a
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -588,12 +605,9 @@ def plan(cfg: PlanConfig) -> Plan:
     nodes = cfg.nodes or (choice.nodes if choice else 1)
     rows = {}
     for stage in STAGES:
-        world = cfg.gpus * nodes
-        if (cfg.offload and stage == 0) or (cfg.offload_params and stage != 3):
+        if not offload_allows(cfg, stage):
             continue
-        sizes = cfg.reduce_bucket or REDUCE_BUCKET, cfg.live_params or MAX_LIVE
-        parts = task_parts(c, cfg.distill)
-        pb = parts_bytes(parts, stage, world, cfg.precision, ema, cfg.offload, cfg.offload_params, *sizes)
+        pb = plan_parts_bytes(cfg, c, ema, stage, cfg.gpus * nodes)
         if cfg.distill:
             states = {
                 "generator: model states": pb.states["generator"],
