@@ -197,21 +197,16 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def copy(src: str, dst: str) -> None:
     """Copy the file ``src`` to ``dst`` (local or S3 either way), streamed (it may be larger than memory); a local
-    ``dst`` atomically (:func:`write_bytes`)."""
+    ``dst`` atomically (:func:`download`)."""
+    if not is_s3(dst):
+        download(src, dst)
+        return
     fs_in, path_in = filesystem(src)
     fs_out, path_out = filesystem(dst)
-    local = not is_s3(dst)
-    tmp = f"{path_out}.tmp-{uuid.uuid4().hex[:8]}" if local else path_out
     try:
-        if local:
-            os.makedirs(os.path.dirname(path_out), exist_ok=True)
-        with fs_in.open_input_stream(path_in) as f, fs_out.open_output_stream(tmp) as out:
+        with fs_in.open_input_stream(path_in) as f, fs_out.open_output_stream(path_out) as out:
             shutil.copyfileobj(f, out, 16 << 20)
-        if local:
-            os.replace(tmp, path_out)
     except OSError as e:
-        if local and os.path.exists(tmp):
-            os.remove(tmp)
         raise _wrap(dst, e) from None
 
 
