@@ -33,13 +33,13 @@ def save_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
     """A checkpoint's EMA files in folder ``d``. Collective under ZeRO-3 (every profile is gathered a parameter
     at a time). Rank 0 writes ``ema.safetensors`` (the first profile: what sampling loads) and, with several
     profiles (the power EMA), ``ema-profiles.safetensors`` (profile k's tensors as ``k/NAME``), each a tensor at a
-    time as it is gathered (:class:`~ambient_ray.io.safetensors_stream.StreamWriter`: never the whole EMA at
+    time as it is gathered (:func:`~ambient_ray.io.safetensors_stream.write_streamed`: never the whole EMA at
     once); under ZeRO-3 every rank also writes its own partitions of every profile (``ema-rank-NNNN.safetensors``),
     which a restore on as many ranks loads alone. Each file carries the EMA's kind (and profiles) in its metadata."""
     import torch
     from safetensors.torch import save_file
 
-    from ambient_ray.io.safetensors_stream import StreamWriter
+    from ambient_ray.io.safetensors_stream import write_streamed
 
     keep, shapes = rank == 0, ema.shapes()
     if zero3:
@@ -50,12 +50,8 @@ def save_ema(d: str, names: list[str], ema, rank: int, zero3: bool) -> None:
         files["ema-profiles.safetensors"] = list(range(1, len(ema.profiles)))
     for fname, profiles in files.items():
         specs = [(profile_key(k, n), torch.float32, s) for k in profiles for n, s in zip(names, shapes)]
-        out = StreamWriter(os.path.join(d, fname), specs, ema.describe()) if keep else contextlib.nullcontext()
-        with out:
-            for k in profiles:
-                for n, t in zip(names, ema.stream(keep, k)):
-                    if keep:
-                        out.write(profile_key(k, n), t)
+        tensors = (t for k in profiles for t in ema.stream(keep, k))
+        write_streamed(os.path.join(d, fname) if keep else None, specs, tensors, ema.describe())
 
 
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|^rank-|^ema-rank-)(\d+)")

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -77,3 +77,18 @@ class StreamWriter:
         else:
             self.file.close()
             os.remove(self.path)
+
+
+def write_streamed(
+    path: str | None, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], tensors: Iterable, metadata=None
+) -> None:
+    """The tensors ``specs`` announces, taken from ``tensors`` one at a time, written to ``path`` as each arrives
+    (:class:`StreamWriter`). ``path`` None (a rank that writes nothing): ``tensors`` is only run to its end, for
+    whatever each of its steps does on every rank (a ZeRO-3 gather is a collective)."""
+    if path is None:
+        for _ in tensors:
+            pass
+        return
+    with StreamWriter(path, specs, metadata) as out:
+        for i, t in enumerate(tensors):
+            out.write(specs[i][0] if i < len(specs) else "", t)

@@ -72,20 +72,31 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
+def partition_span(p: torch.Tensor, rank: int | None = None) -> tuple[int, int]:
+    """A DeepSpeed ZeRO-3 parameter's partition on ``rank`` (default this process's rank in its partition group):
+    the index of its first element in the flat parameter and its real elements. ZeRO-3 pads the flattened
+    parameter to a multiple of the group's size and gives rank r the slice [r·s, (r + 1)·s) in ``p.ds_tensor``
+    (``s`` elements; the padding at the end of the last ranks' slices, none real where the parameter is small).
+    Plain attributes (``ds_tensor``, ``ds_numel``, ``ds_process_group``): no DeepSpeed import."""
+    import torch.distributed as dist
+
+    size = p.ds_tensor.numel()
+    if rank is None:
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
+    start = min(rank * size, p.ds_numel)
+    return start, min(size, p.ds_numel - start)
+
+
 @torch.no_grad()
 def assign_(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Set parameter ``p`` to ``full`` (its whole value). A DeepSpeed ZeRO-3 parameter (``p.ds_tensor``: this
-    rank's flat slice [r·s, (r + 1)·s) of the parameter padded to a multiple of the group's size; plain
-    attributes, no DeepSpeed import) takes its slice alone, and its whole copy too where one is gathered."""
+    """Set parameter ``p`` to ``full`` (its whole value). A DeepSpeed ZeRO-3 parameter takes its partition's slice
+    alone (:func:`partition_span`), and its whole copy too where one is gathered."""
     part = getattr(p, "ds_tensor", None)
     if part is None:
         p.copy_(full)
         return
-    import torch.distributed as dist
-
-    flat, s = full.reshape(-1), part.numel()
-    start = min(dist.get_rank(group=getattr(p, "ds_process_group", None)) * s, flat.numel())
-    n = min(s, flat.numel() - start)
+    flat = full.reshape(-1)
+    start, n = partition_span(p)
     part.data.view(-1)[:n].copy_(flat[start : start + n])
     if p.data.numel() == flat.numel():
         p.data.copy_(full.view(p.data.shape))

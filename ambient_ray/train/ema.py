@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ambient_ray.config import ConfigError
 from ambient_ray.diffusion import phema
+from ambient_ray.models.weights import partition_span
 from ambient_ray.registry import Registry
 
 
@@ -44,15 +45,13 @@ class Whole:
     def cut(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full saved EMA tensors copied into ``like`` (the EMA of those parameters) a tensor at a time, in place:
         never a second EMA beside the first. A failed load leaves ``like`` part-copied (the restore fails)."""
-        n = 0
-        for t in tensors:
-            if n >= len(like) or tuple(t.shape) != tuple(like[n].shape):
+
+        def fit(i: int, t: torch.Tensor) -> torch.Tensor:
+            if tuple(t.shape) != tuple(like[i].shape):
                 raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
-            like[n].copy_(t)
-            n += 1
-        if n != len(like):
-            raise ValueError(f"saved EMA tensors that do not fit the {len(like)} parameters")
-        return like
+            return t
+
+        return fill(like, tensors, fit, lambda n: f"saved EMA tensors that do not fit the {len(like)} parameters")
 
     def stream(self, tensors: list[torch.Tensor], keep: bool) -> Iterator[torch.Tensor | None]:
         """Each full tensor in turn (None where not ``keep``); no communication."""
@@ -61,6 +60,25 @@ class Whole:
 
     def shapes(self, tensors: list[torch.Tensor]) -> list[tuple[int, ...]]:
         return [tuple(e.shape) for e in tensors]
+
+
+def fill(
+    like: list[torch.Tensor],
+    tensors: Iterable[torch.Tensor],
+    fit: Callable[[int, torch.Tensor], torch.Tensor],
+    wrong_count: Callable[[int], str],
+) -> list[torch.Tensor]:
+    """Copy saved tensors into ``like`` in place, one at a time: the i-th through ``fit(i, t)`` (what of it goes
+    into ``like[i]``; it raises where ``t`` does not fit); a ValueError of ``wrong_count(n)`` where ``tensors`` holds
+    n != len(like). Returns ``like``."""
+    n = 0
+    for t in tensors:
+        if n < len(like):
+            like[n].copy_(fit(n, t))
+        n += 1
+    if n != len(like):
+        raise ValueError(wrong_count(n))
+    return like
 
 
 class Partitions:
@@ -85,8 +103,7 @@ class Partitions:
             size = p.ds_tensor.numel()
             if size * self.world < p.ds_numel:
                 raise ValueError(f"a partition of {size} elements on {self.world} ranks cannot hold {p.ds_numel}")
-            start = min(self.rank * size, p.ds_numel)
-            self.layout.append((start, min(size, p.ds_numel - start), size, torch.Size(p.ds_shape)))
+            self.layout.append((*partition_span(p, self.rank), size, torch.Size(p.ds_shape)))
 
     def local(self, params: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """This rank's real elements of each parameter (``p.ds_tensor``), fp32 on the EMA's device, one at a time
@@ -97,29 +114,25 @@ class Partitions:
     def cut(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's slices of full EMA tensors (any world size may have written them) copied into ``like`` (this
         rank's EMA tensors) a tensor at a time, in place. A failed load leaves ``like`` part-copied."""
-        n = 0
-        for t in tensors:
-            if n < len(self.layout):
-                start, count, _, shape = self.layout[n]
-                if t.numel() != shape.numel():
-                    raise ValueError(f"an EMA tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(shape)}")
-                like[n].copy_(t.reshape(-1).narrow(0, start, count))
-            n += 1
-        if n != len(self.layout):
-            raise ValueError(f"{n} EMA tensors for {len(self.layout)} parameters")
-        return like
+
+        def fit(i: int, t: torch.Tensor) -> torch.Tensor:
+            start, count, _, shape = self.layout[i]
+            if t.numel() != shape.numel():
+                raise ValueError(f"an EMA tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(shape)}")
+            return t.reshape(-1).narrow(0, start, count)
+
+        return fill(like, tensors, fit, lambda n: f"{n} EMA tensors for {len(self.layout)} parameters")
 
     def own(self, tensors: Iterable[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's own saved partitions, checked against the layout, copied into ``like`` in place."""
-        n = 0
-        for t in tensors:
-            if n >= len(self.layout) or t.numel() != self.layout[n][1]:
-                raise ValueError("saved EMA partitions that do not fit this rank's partitions")
-            like[n].copy_(t.reshape(-1))
-            n += 1
-        if n != len(self.layout):
-            raise ValueError("saved EMA partitions that do not fit this rank's partitions")
-        return like
+        wrong = "saved EMA partitions that do not fit this rank's partitions"
+
+        def fit(i: int, t: torch.Tensor) -> torch.Tensor:
+            if t.numel() != self.layout[i][1]:
+                raise ValueError(wrong)
+            return t.reshape(-1)
+
+        return fill(like, tensors, fit, lambda n: wrong)
 
     def meta(self) -> dict[str, str]:
         return {"rank": str(self.rank), "world": str(self.world)}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ambient_ray.models.edm2 import row_scale
+from ambient_ray.models.weights import partition_span
 
 
 class ForcedWeightNorm:
@@ -48,9 +49,7 @@ class ForcedWeightNorm:
                 if m is not None:
                     yield i, p, m.get_hp_fragment().view(-1), m.lp_fragment_address.start
             else:
-                s = p.ds_tensor.numel()
-                start = dist_rank(p) * s
-                n = max(0, min(s, p.ds_numel - start))  # the last ranks' slices end in padding
+                start, n = partition_span(p)  # the last ranks' slices end in padding
                 if n:
                     yield i, p, safe_get_local_fp32_param(p).view(-1)[:n], start
 
@@ -102,9 +101,3 @@ def row_spans(start: int, n: int, fan_in: int) -> list[tuple[int, int, int, int]
     if pos < n:
         spans.append(((start + pos) // fan_in, pos, n, 1))
     return spans
-
-
-def dist_rank(p) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group=getattr(p, "ds_process_group", None))

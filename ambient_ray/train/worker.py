@@ -334,16 +334,17 @@ class Worker:
     def write_raw(self, p: TrainedPart, path: str) -> None:
         """Part ``p``'s raw weights as fp32 safetensors at ``path`` on rank 0, written a parameter at a time as each
         is gathered (a collective under ZeRO-3): no rank ever holds the whole fp32 network."""
-        from ambient_ray.io.safetensors_stream import StreamWriter
+        from ambient_ray.io.safetensors_stream import write_streamed
 
         params = list(p.engine.module.named_parameters())
+
+        def gathered():
+            for _, t in params:
+                with self.gathered([t]):  # one parameter whole at a time
+                    yield t.detach().float() if self.rank == 0 else None
+
         specs = [(n, torch.float32, full_shape(t)) for n, t in params]
-        out = StreamWriter(path, specs) if self.rank == 0 else contextlib.nullcontext()
-        with out:
-            for n, t in params:
-                with self.gathered([t]):
-                    if self.rank == 0:
-                        out.write(n, t.detach().float())
+        write_streamed(path if self.rank == 0 else None, specs, gathered())
 
     def save_and_report(
         self, metrics: dict, state: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None
